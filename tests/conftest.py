@@ -1,0 +1,34 @@
+"""Shared fixtures: every test gets its own loader cache, never the user's ~/.cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path_factory.mktemp("trainer-cache")
+    monkeypatch.setenv("ORCH_TRAINER_CACHE", str(cache))
+    return cache
+
+
+def frames(t: int = 5, d: int = 8, seed: int = 0, value: float | None = None) -> np.ndarray:
+    """A small (T, D) float32 array; constant when ``value`` is given."""
+    if value is not None:
+        return np.full((t, d), value, dtype=np.float32)
+    return np.random.default_rng(seed).standard_normal((t, d)).astype(np.float32)
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def write_npy(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+    return path

@@ -1,0 +1,112 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import frames, write_npy
+from trainer.cli import main
+from trainer.data import load_dataset
+from trainer.labels import label_from_path
+from trainer.synth import MARKER
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def mixed_dir(tmp_path: Path) -> Path:
+    for i, emo in enumerate(["HAP", "SAD", "ANG"]):
+        write_npy(tmp_path / f"cremad_10{i:02d}_TSI_{emo}_XX.npy", frames(3 + i, 8, seed=i))
+    write_npy(tmp_path / "ravdess_03-01-02-01-01-01-05.npy", frames(2, 8))
+    write_npy(tmp_path / "ravdess_03-01-08-01-01-01-05.npy", frames(2, 8))
+    write_npy(tmp_path / "mystery.npy", frames(2, 8))
+    (tmp_path / "broken_cremad_1001_TSI_HAP_XX.npz").write_bytes(b"nope")
+    (tmp_path / "cremad_1009_TSI_SAD_XX.npz").write_bytes(b"nope")
+    write_npy(tmp_path / "wav2vec_mean.npy", np.zeros(8, np.float32))
+    write_npy(tmp_path / "wav2vec_std.npy", np.ones(8, np.float32))
+    return tmp_path
+
+
+def test_check_data_json(capsys, mixed_dir: Path) -> None:
+    code, out, _ = run(capsys, "check-data", str(mixed_dir), "--json")
+    assert code == 0
+    rep = json.loads(out)
+    assert rep["usable"] == 4 and rep["skipped"] == 4
+    assert rep["files"] == {"npy": 6, "npz": 2, "stats": 2}
+    assert rep["patterns"] == {"cremad": 4, "ravdess": 2, "none": 2}
+    assert rep["labels"] == {"cremad": {"angry": 1, "happy": 1, "sad": 1}, "ravdess": {"calm": 1}}
+    assert rep["speakers"] == {"cremad": 3, "ravdess": 1}
+    assert rep["array_keys"] == {"npy": 4} and rep["shapes"] == {"(T, 8)": 4}
+    assert rep["feature_shape"] == [8] and rep["frames"] == {"min": 2, "median": 3.5, "max": 5}
+    assert {k: v["count"] for k, v in rep["skip_reasons"].items()} == {
+        "unrecognized_name": 2, "label_not_in_classes": 1, "unreadable": 1}
+    assert rep["skip_reasons"]["label_not_in_classes"]["examples"] == [
+        "ravdess_03-01-08-01-01-01-05.npy (surprise)"]
+    assert set(rep["unrecognized_examples"]) == {"broken_cremad_1001_TSI_HAP_XX.npz", "mystery.npy"}
+    assert rep["stats_files"] == {
+        "found": True, "dir": str(mixed_dir.resolve()), "valid": True, "problem": None}
+
+
+def test_check_data_reports_bad_stats(capsys, mixed_dir: Path) -> None:
+    np.save(mixed_dir / "wav2vec_std.npy", np.ones(3, np.float32))
+    code, out, _ = run(capsys, "check-data", str(mixed_dir), "--json")
+    assert code == 0
+    stats = json.loads(out)["stats_files"]
+    assert stats["found"] and not stats["valid"] and "does not match" in stats["problem"]
+
+
+def test_check_data_tables(capsys, mixed_dir: Path) -> None:
+    code, out, _ = run(capsys, "check-data", str(mixed_dir))
+    assert code == 0
+    for text in ("Usable samples by label (4 in all)", "cremad (3 speakers)", "unrecognized_name",
+                 "not recognised: mystery.npy", "Skipped files (4)", "found and valid"):
+        assert text in out, text
+
+
+def test_check_data_exit_codes(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "check-data", str(tmp_path / "nowhere"))
+    assert code == 3 and err.count("\n") == 1 and "does not exist" in err
+    code, _, err = run(capsys, "check-data", str(tmp_path))
+    assert code == 3 and "no .npz/.npy feature files found" in err
+    write_npy(tmp_path / "x.npy", frames(2, 8))
+    code, out, err = run(capsys, "check-data", str(tmp_path), "--json")
+    assert code == 3 and json.loads(out)["usable"] == 0
+    assert err.startswith("trainer: error: no usable feature files") and err.count("\n") == 1
+
+
+def test_synth_writes_realistic_labelled_synthetic_data(capsys, tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "synth", str(tmp_path), "--n", "300", "--dim", "768",
+                       "--min-frames", "5", "--max-frames", "9", "--dtype", "float16")
+    assert code == 0 and "SYNTHETIC" in out
+    assert "SYNTHETIC" in (tmp_path / MARKER).read_text()
+    files = [p for p in tmp_path.iterdir() if p.suffix in (".npz", ".npy")]
+    assert len(files) == 300
+    infos = [label_from_path(p.name) for p in files]
+    assert {i.corpus for i in infos} == {"ravdess", "cremad"}
+    assert all(i.label is not None for i in infos)
+    ds = load_dataset(tmp_path, use_cache=False)
+    assert ds.feature_shape == (768,)
+    assert set(ds.scan.array_keys) == {"emb", "embedding", "features", "wav2vec", "npy"}
+    lengths = ds.lengths()
+    assert lengths.min() >= 5 and lengths.max() <= 9 and len(set(lengths)) > 1
+    labels = [s.label for s in ds.samples]
+    assert set(labels) == {"neutral", "calm", "happy", "sad", "angry", "fear", "disgust"}
+    assert labels.count("calm") * 3 < labels.count("happy")  # calm is the rare class
+    assert {r.reason.value for r in ds.skipped} <= {"label_not_in_classes"}  # surprise only
+    assert len({s.speaker for s in ds.samples}) >= 4
+    assert np.load(files[0]).__class__.__name__ in ("NpzFile", "ndarray")
+
+
+def test_synth_rejects_bad_options(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "synth", str(tmp_path), "--n", "0")
+    assert code == 2 and err.startswith("trainer: error:")
+
+
+def test_help_says_synthetic(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    assert "SYNTHETIC" in capsys.readouterr().out

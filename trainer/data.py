@@ -1,0 +1,492 @@
+"""Feature files -> one compact, validated in-memory (or memory-mapped) dataset.
+
+Two passes keep memory at one copy of the data: a cheap header pass decides the majority
+feature shape and every sample's offset, then each file is decoded once, straight into its
+slice of a single float16 array. With a cache directory that array is a ``.npy`` memmap
+inside the cache, so the next run over the same files decodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.errors import DataError
+from trainer.labels import DEFAULT_CLASSES, label_from_path
+
+# Bump when what the loader stores changes, so old caches are not trusted.
+LOADER_VERSION = 1
+ARRAY_KEYS: tuple[str, ...] = ("emb", "embedding", "features", "wav2vec")
+FEATURE_EXTENSIONS = (".npz", ".npy")
+STORE_DTYPE = np.float16  # wav2vec features are O(1): float16 halves memory at no real cost
+CACHE_ENV = "ORCH_TRAINER_CACHE"
+
+ProgressFn = Callable[[int, int], None]
+
+
+class SkipReason(str, Enum):
+    """Why a feature file was left out; the value is what reports and JSON show."""
+
+    UNREADABLE = "unreadable"
+    NO_ARRAY = "no_array"
+    EMPTY = "empty"
+    BAD_SHAPE = "bad_shape"
+    NON_FINITE = "non_finite"
+    WRONG_DIM = "wrong_dim"
+    UNRECOGNIZED_NAME = "unrecognized_name"
+    LABEL_NOT_IN_CLASSES = "label_not_in_classes"
+
+    @property
+    def description(self) -> str:
+        return _SKIP_DESCRIPTIONS[self]
+
+
+_SKIP_DESCRIPTIONS = {
+    SkipReason.UNREADABLE: "cannot be read (corrupt, truncated or not a numpy file)",
+    SkipReason.NO_ARRAY: "no numeric array inside",
+    SkipReason.EMPTY: "the array is empty",
+    SkipReason.BAD_SHAPE: "the array is not (D,), (T, D) or (L, T, D)",
+    SkipReason.NON_FINITE: "NaN or Inf values (or values beyond float16 range)",
+    SkipReason.WRONG_DIM: "feature shape differs from the majority of files",
+    SkipReason.UNRECOGNIZED_NAME: "name matches no RAVDESS/CREMA-D pattern and no label folder",
+    SkipReason.LABEL_NOT_IN_CLASSES: "label is not in the class list",
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable utterance: its frames are ``frames[offset : offset + length]``."""
+
+    rel: str
+    label: str
+    corpus: str
+    speaker: str | None
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    rel: str
+    reason: SkipReason
+    detail: str = ""
+
+
+@dataclass
+class ScanInfo:
+    """What the directory walk saw, before any array was read (for check-data)."""
+
+    files_by_kind: dict[str, int] = field(default_factory=dict)
+    patterns: dict[str, int] = field(default_factory=dict)
+    stats_files: list[str] = field(default_factory=list)
+    array_keys: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    """All usable samples of a data directory, their frames stored once, contiguously."""
+
+    root: Path
+    classes: tuple[str, ...]
+    feature_shape: tuple[int, ...]
+    samples: list[Sample]
+    skipped: list[Skipped]
+    frames: np.ndarray  # (total_frames, *feature_shape), float16
+    scan: ScanInfo
+    cache: str = "off"  # "off" | "miss" (built now) | "hit" (memory-mapped from the cache)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sequence(self, i: int) -> np.ndarray:
+        s = self.samples[i]
+        return self.frames[s.offset : s.offset + s.length]
+
+    def label_ids(self) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[s.label] for s in self.samples], dtype=np.int64)
+
+    def lengths(self) -> np.ndarray:
+        return np.array([s.length for s in self.samples], dtype=np.int64)
+
+    def index_of(self) -> dict[str, int]:
+        return {s.rel: i for i, s in enumerate(self.samples)}
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def is_stats_file(name: str) -> bool:
+    """Normalization statistics (wav2vec_mean.npy, *_std.npy) are never samples."""
+    lower = name.lower()
+    return lower.endswith("_mean.npy") or lower.endswith("_std.npy")
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+def _walk(root: Path) -> tuple[list[_Candidate], ScanInfo]:
+    """List feature files below root (sorted, hidden folders skipped) and count the rest."""
+    candidates: list[_Candidate] = []
+    kinds: Counter[str] = Counter()
+    stats: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Hidden folders hold caches and tool state, never samples.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            ext = path.suffix.lower()
+            if ext not in FEATURE_EXTENSIONS:
+                kinds["other"] += 1
+            elif is_stats_file(name):
+                kinds["stats"] += 1
+                stats.append(rel)
+            else:
+                kinds[ext[1:]] += 1
+                st = path.stat()
+                candidates.append(_Candidate(rel, st.st_size, st.st_mtime_ns))
+    return candidates, ScanInfo(files_by_kind=dict(kinds), stats_files=stats)
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+class _NoArray(Exception):
+    pass
+
+
+def _choose_key(names: list[str]) -> str | None:
+    for key in ARRAY_KEYS:
+        if key in names:
+            return key
+    return names[0] if names else None
+
+
+def load_array(path: Path) -> tuple[str, np.ndarray]:
+    """Decode the array a feature file contributes, with the key it came from ("emb", ...,
+    "first:<name>" when no known key exists, "npy" for .npy files). Never unpickles."""
+    if path.suffix.lower() == ".npy":
+        return "npy", np.load(path, allow_pickle=False)
+    with zipfile.ZipFile(path) as zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        key = _choose_key(names)
+        if key is None:
+            raise _NoArray("the .npz archive holds no array")
+        with zf.open(key + ".npy") as fh:
+            array = np.lib.format.read_array(fh, allow_pickle=False)
+    return (key if key in ARRAY_KEYS else f"first:{key}"), array
+
+
+def as_frames(arr: np.ndarray) -> np.ndarray:
+    """(D,) -> (1, D); (T, D) stays; (L, T, D) -> (T, L, D) so frames come first."""
+    if arr.ndim == 1:
+        return arr[None, :]
+    if arr.ndim == 3:
+        return np.moveaxis(arr, 1, 0)
+    return arr
+
+
+def describe_shape(shape: tuple[int, ...]) -> str:
+    """A shape as users think of it: (768,) / (T, 768) / (L=13, T, 768)."""
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    if len(shape) == 2:
+        return f"(T, {shape[1]})"
+    if len(shape) == 3:
+        return f"(L={shape[0]}, T, {shape[2]})"
+    return str(shape)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One file after decoding: its frames (float16, frames first) or why it was skipped."""
+
+    key: str | None
+    shape: str | None
+    frames: np.ndarray | None
+    skip: SkipReason | None = None
+    detail: str = ""
+
+
+def _load_one(path: Path) -> _Loaded:
+    """Decode, check and convert one file; every problem becomes a skip, never an error."""
+    try:
+        key, arr = load_array(path)
+    except _NoArray as exc:
+        return _Loaded(None, None, None, SkipReason.NO_ARRAY, str(exc))
+    except Exception as exc:  # any decoding problem means the file is unusable
+        return _Loaded(None, None, None, SkipReason.UNREADABLE, _short(exc))
+    shape = describe_shape(arr.shape)
+    if arr.dtype.kind not in "fiu":
+        return _Loaded(key, shape, None, SkipReason.NO_ARRAY, f"array dtype {arr.dtype} is not numeric")
+    if arr.ndim == 0 or arr.ndim > 3:
+        return _Loaded(key, shape, None, SkipReason.BAD_SHAPE, f"shape {arr.shape}")
+    if arr.size == 0:
+        return _Loaded(key, shape, None, SkipReason.EMPTY, f"shape {arr.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = as_frames(arr).astype(STORE_DTYPE)
+    # Checking the stored float16 values catches NaN/Inf and float16 overflow at once.
+    if not np.isfinite(stored).all():
+        return _Loaded(key, shape, None, SkipReason.NON_FINITE)
+    return _Loaded(key, shape, stored)
+
+
+def _load_chunk(paths: list[str]) -> list[_Loaded]:
+    return [_load_one(Path(p)) for p in paths]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:160]
+
+
+# --------------------------------------------------------------------------- loading
+
+# Below this many files, or with 2 cores or fewer, worker processes cost more than they save
+# (measured with bench/bench_load.py); threads never help: numpy's decoding holds the GIL.
+PARALLEL_MIN_FILES = 2000
+CHUNK = 256
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "orch-trainer")
+
+
+def default_workers(n_files: int) -> int:
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 or n_files < PARALLEL_MIN_FILES else min(cores, 16)
+
+
+def _decode_all(paths: list[str], workers: int, progress: ProgressFn | None) -> Iterator[_Loaded]:
+    """Decode files in chunks, in worker processes when ``workers > 1``, in order."""
+    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    done = 0
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver/spawn: never fork a process that may already hold TensorFlow's threads.
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
+            for results in pool.map(_load_chunk, chunks):
+                done += len(results)
+                if progress is not None:
+                    progress(done, len(paths))
+                yield from results
+        return
+    for chunk in chunks:
+        results = _load_chunk(chunk)
+        done += len(results)
+        if progress is not None:
+            progress(done, len(paths))
+        yield from results
+
+
+def load_dataset(
+    data_dir: str | Path,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+) -> Dataset:
+    """Discover, label, validate and load every feature file below ``data_dir``.
+
+    Bad files are skipped and recorded with a reason; only a missing directory raises.
+    """
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist or is not a directory")
+    candidates, scan = _walk(root)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = _cache_entry(cache_root, root, classes, candidates) if use_cache else None
+    if entry is not None:
+        cached = _read_cache(entry, root, classes, scan)
+        if cached is not None:
+            return cached
+    return _build(root, classes, candidates, scan, entry, progress, workers)
+
+
+def _build(
+    root: Path,
+    classes: tuple[str, ...],
+    candidates: list[_Candidate],
+    scan: ScanInfo,
+    entry: Path | None,
+    progress: ProgressFn | None,
+    workers: int | None,
+) -> Dataset:
+    skipped: list[Skipped] = []
+    patterns: Counter[str] = Counter()
+    labelled: list[tuple[str, Any]] = []
+    for cand in candidates:
+        info = label_from_path(cand.rel)
+        patterns[info.pattern] += 1
+        if info.label is None:
+            detail = f"emotion code {info.code!r} is unknown" if info.code else ""
+            skipped.append(Skipped(cand.rel, SkipReason.UNRECOGNIZED_NAME, detail))
+        elif info.label not in classes:
+            skipped.append(Skipped(cand.rel, SkipReason.LABEL_NOT_IN_CLASSES, info.label))
+        else:
+            labelled.append((cand.rel, info))
+    scan.patterns = dict(patterns)
+
+    # One decode per file; the float16 pieces are the only copy until they move below.
+    paths = [str(root / rel) for rel, _ in labelled]
+    n_workers = workers if workers is not None else default_workers(len(paths))
+    loaded = list(_decode_all(paths, n_workers, progress))
+    scan.array_keys = dict(Counter(item.key for item in loaded if item.key is not None))
+    scan.shapes = dict(Counter(item.shape for item in loaded if item.shape is not None))
+    shapes = Counter(item.frames.shape[1:] for item in loaded if item.frames is not None)
+    feature_shape: tuple[int, ...] = tuple(shapes.most_common(1)[0][0]) if shapes else ()
+
+    keep: list[int] = []
+    for i, ((rel, _info), item) in enumerate(zip(labelled, loaded, strict=True)):
+        if item.frames is None:
+            skipped.append(Skipped(rel, item.skip or SkipReason.UNREADABLE, item.detail))
+        elif item.frames.shape[1:] != feature_shape:
+            detail = f"per-frame shape {item.frames.shape[1:]} vs majority {feature_shape}"
+            skipped.append(Skipped(rel, SkipReason.WRONG_DIM, detail))
+        else:
+            keep.append(i)
+
+    # Move each piece into its slice of the single frame array, dropping it as we go, so
+    # memory holds one copy of the data (the target's pages only exist once written).
+    total = sum(len(loaded[i].frames) for i in keep)  # type: ignore[arg-type]
+    tmp_entry = _new_tmp_entry(entry) if entry is not None and keep else None
+    frames = _allocate(tmp_entry, (total, *feature_shape))
+    samples: list[Sample] = []
+    offset = 0
+    for i in keep:
+        piece = loaded[i].frames
+        assert piece is not None
+        rel, info = labelled[i]
+        frames[offset : offset + len(piece)] = piece
+        loaded[i] = _DROPPED
+        samples.append(Sample(rel, info.label, info.corpus, info.speaker, offset, len(piece)))
+        offset += len(piece)
+    skipped.sort(key=lambda s: s.rel)
+    ds = Dataset(root, classes, feature_shape, samples, skipped, frames, scan)
+    if tmp_entry is not None and entry is not None:
+        ds = _commit_cache(ds, tmp_entry, entry)
+    return ds
+
+
+_DROPPED = _Loaded(None, None, None)
+
+
+# --------------------------------------------------------------------------- cache
+
+_INDEX = "index.json"
+_FRAMES = "frames.npy"
+
+
+def _cache_entry(
+    cache_root: Path, root: Path, classes: tuple[str, ...], candidates: list[_Candidate]
+) -> Path:
+    """The cache folder for exactly this file list (names, sizes, mtimes) and class list."""
+    root_key = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    h = hashlib.sha256(json.dumps([LOADER_VERSION, str(root), list(classes)]).encode())
+    for c in candidates:
+        h.update(f"{c.rel}\0{c.size}\0{c.mtime_ns}\n".encode())
+    return cache_root / f"{root_key}-{h.hexdigest()[:20]}"
+
+
+def _new_tmp_entry(entry: Path) -> Path:
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _allocate(tmp_entry: Path | None, shape: tuple[int, ...]) -> np.ndarray:
+    if tmp_entry is None:
+        return np.empty(shape, dtype=STORE_DTYPE)
+    return np.lib.format.open_memmap(tmp_entry / _FRAMES, mode="w+", dtype=STORE_DTYPE, shape=shape)
+
+
+def _commit_cache(ds: Dataset, tmp_entry: Path, entry: Path) -> Dataset:
+    """Write the index, rename the temp folder into place, drop older caches of this root."""
+    frames = ds.frames
+    if isinstance(frames, np.memmap):
+        frames.flush()
+    index = {
+        "loader_version": LOADER_VERSION,
+        "root": str(ds.root),
+        "classes": list(ds.classes),
+        "feature_shape": list(ds.feature_shape),
+        "samples": [asdict(s) for s in ds.samples],
+        "skipped": [[s.rel, s.reason.value, s.detail] for s in ds.skipped],
+        "patterns": ds.scan.patterns,
+        "array_keys": ds.scan.array_keys,
+        "shapes": ds.scan.shapes,
+    }
+    (tmp_entry / _INDEX).write_text(json.dumps(index))
+    try:
+        os.rename(tmp_entry, entry)
+    except OSError:  # another process cached the same data first: theirs is as good
+        shutil.rmtree(tmp_entry, ignore_errors=True)
+        ds.cache = "miss"
+        return ds
+    prefix = entry.name.split("-", 1)[0] + "-"
+    for old in entry.parent.iterdir():
+        if old.name.startswith(prefix) and old != entry and ".tmp-" not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
+    ds.frames = np.load(entry / _FRAMES, mmap_mode="r")
+    ds.cache = "miss"
+    return ds
+
+
+def _read_cache(
+    entry: Path, root: Path, classes: tuple[str, ...], scan: ScanInfo
+) -> Dataset | None:
+    """The cached dataset, or None when there is none or it is unreadable."""
+    try:
+        index = json.loads((entry / _INDEX).read_text())
+        if index.get("loader_version") != LOADER_VERSION:
+            return None
+        frames = np.load(entry / _FRAMES, mmap_mode="r")
+        samples = [Sample(**s) for s in index["samples"]]
+        skipped = [Skipped(rel, SkipReason(reason), detail) for rel, reason, detail in index["skipped"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    scan.patterns = index["patterns"]
+    scan.array_keys = index["array_keys"]
+    scan.shapes = index["shapes"]
+    feature_shape = tuple(index["feature_shape"])
+    return Dataset(root, classes, feature_shape, samples, skipped, frames, scan, cache="hit")
+
+
+def require_samples(ds: Dataset) -> None:
+    """Raise a one-line DataError when nothing in the directory is usable."""
+    if ds.samples:
+        return
+    n = sum(ds.scan.files_by_kind.get(k, 0) for k in ("npz", "npy"))
+    if n == 0:
+        raise DataError(
+            f"no .npz/.npy feature files found under {ds.root}; "
+            "check the path (python -m trainer check-data DIR shows what is there)"
+        )
+    reasons = Counter(s.reason.value for s in ds.skipped).most_common(2)
+    why = ", ".join(f"{count} {reason}" for reason, count in reasons)
+    raise DataError(
+        f"no usable feature files under {ds.root}: all {n} were skipped ({why}); "
+        f"run python -m trainer check-data {ds.root} for details"
+    )
