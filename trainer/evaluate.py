@@ -1,0 +1,154 @@
+"""Evaluation report (confusion matrix, per-class P/R/F1, macro F1, accuracy, unweighted
+accuracy), plots, and running a model over sequences. numpy only at import time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.stats import Stats
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Everything the evaluation report holds, JSON-ready."""
+    k = len(classes)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    present = support > 0
+    return {
+        "classes": list(classes),
+        "samples": int(cm.sum()),
+        "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        # Mean recall over the classes present: the "UA" of emotion recognition papers.
+        "unweighted_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": cm.tolist(),  # rows: true class, columns: predicted class
+    }
+
+
+def predict_probabilities(model: Any, sequences: Sequence[np.ndarray], stats: Stats,
+                          batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, K) for sequences of frames, batched by similar length."""
+    from trainer.pipeline import length_sorted_batches, pad_batch
+
+    lengths = np.array([len(s) for s in sequences])
+    probs: np.ndarray | None = None
+    for idx in length_sorted_batches(np.arange(len(sequences)), lengths, batch_size, None):
+        logits = np.asarray(model.predict_on_batch(pad_batch([sequences[i] for i in idx], stats)))
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        if probs is None:
+            probs = np.zeros((len(sequences), p.shape[1]), dtype=np.float32)
+        probs[idx] = p
+    return probs if probs is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def render_report(report: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    console.print(
+        f"{report['samples']} samples: accuracy {report['accuracy']:.4f}, unweighted accuracy "
+        f"{report['unweighted_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
+    )
+    table = Table(title="Per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c, m in report["per_class"].items():
+        table.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console.print(table)
+    cm = Table(title="Confusion matrix (rows: true, columns: predicted)")
+    cm.add_column("")
+    for c in report["classes"]:
+        cm.add_column(c[:7], justify="right")
+    for c, row in zip(report["classes"], report["confusion_matrix"], strict=True):
+        cm.add_row(c, *map(str, row))
+    console.print(cm)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the training box has no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy per epoch (train and validation) as a PNG."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.plot(epochs, [h[key] for h in history], label=f"train {key}")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], label=f"validation {key}")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def plot_confusion(report: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    cm = np.array(report["confusion_matrix"])
+    classes = report["classes"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(classes), 0.8 + 0.8 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"validation: accuracy {report['accuracy']:.3f}, UA {report['unweighted_accuracy']:.3f}")
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    from trainer.fsutil import atomic_write
+
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    _pyplot().close(fig)
+
+
+def load_run_model(run_dir: Path) -> tuple[Any, Stats, tuple[str, ...], tuple[int, ...]]:
+    """(model with the best weights, stats, classes, per-frame shape) of a finished run."""
+    import json
+
+    from trainer import layout
+    from trainer.config import TrainConfig
+    from trainer.errors import UsageError
+    from trainer.model import build_model
+    from trainer.stats import load_stats
+
+    try:
+        doc = json.loads((run_dir / layout.RUN_JSON).read_text())
+        cfg = TrainConfig.from_json(doc["config"])
+        feature_shape = tuple(doc["feature_shape"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"{run_dir}: not a run directory ({layout.RUN_JSON} unreadable: {exc})") from exc
+    best = run_dir / layout.BEST_WEIGHTS
+    if not best.is_file():
+        raise UsageError(f"{run_dir}: no {layout.BEST_WEIGHTS} yet (has an epoch finished?)")
+    model = build_model(cfg.architecture, feature_shape, len(cfg.classes))
+    model.load_weights(best)
+    return model, load_stats(run_dir / layout.STATS_DIR, feature_shape), cfg.classes, feature_shape

@@ -1,0 +1,258 @@
+"""``python -m trainer train``: from a data directory to a finished run directory.
+
+Read top to bottom: resolve the config (a new run, a continued one, or one extended from a
+parent) -> load data -> split -> normalization stats -> model -> fit, recording every epoch
+-> evaluate the best checkpoint -> finished. Each epoch leaves the run directory consistent
+(see trainer/layout.py), so a kill at any moment loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer import layout
+from trainer.config import TrainConfig
+from trainer.data import load_dataset, require_samples
+from trainer.errors import DataError, ExitCode, TrainingFailed, UsageError
+from trainer.fsutil import atomic_write_json
+from trainer.rundir import RunDir, code_version, now_iso
+from trainer.split import Split, load_split, make_split, save_split
+from trainer.stats import Stats, compute_stats, find_stats, load_stats, save_stats
+
+Log = Callable[[str], None]
+
+
+
+def _log(msg: str) -> None:
+    print(f"[trainer] {msg}", flush=True)
+
+
+def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
+    """Train (or continue) the run in ``cfg.run_dir``; returns the exit code for the CLI."""
+    run = RunDir(Path(cfg.run_dir))
+    # ---- a run directory that already has a run.json is continued, with its own config
+    previous = run.read_json(layout.RUN_JSON)
+    state = run.read_json(layout.LAST_STATE)
+    if previous is not None:
+        cfg = TrainConfig.from_json(previous["config"])
+        status = run.read_json(layout.STATUS) or {}
+        if status.get("state") == layout.FINISHED:
+            log(f"run {run.path.name} already finished; nothing to do (extend it with --init-from)")
+            return ExitCode.OK
+    run.create()
+    run.write_pid()
+    epoch0 = state["epoch"] if state else 0
+    # status.json first, before the slow imports, so a launcher sees the run start at once.
+    run.write_status(layout.RUNNING, epoch=epoch0, epochs=cfg.epochs, phase="loading data",
+                     best_val_accuracy=state["best_val_accuracy"] if state else cfg.parent_best_val_accuracy,
+                     best_epoch=state["best_epoch"] if state else (0 if cfg.parent_run else None),
+                     run_id=run.path.name, parent=cfg.parent_run)
+    try:
+        return _train(cfg, run, previous, state, log)
+    except (DataError, UsageError, TrainingFailed) as exc:
+        run.write_status(layout.FAILED, error=str(exc), phase=None)
+        raise
+    except Exception as exc:
+        run.write_status(layout.FAILED, error=f"{type(exc).__name__}: {exc}", phase=None)
+        raise
+
+
+def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | None, log: Log) -> ExitCode:
+    # ---- data, split and statistics (reused from this run or the parent when they exist)
+    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=not cfg.no_cache)
+    require_samples(ds)
+    log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
+        f"(cache: {ds.cache})")
+    split = _split(cfg, run, ds, log)
+    stats = _stats(cfg, run, ds, split, log)
+    atomic_write_json(run.file(layout.stats_path(layout.CLASSES_JSON)), list(cfg.classes))
+
+    # ---- model and optimizer (TensorFlow/Keras imported only now)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from trainer.model import WarmupCosine, build_model
+    from trainer.pipeline import BatchSequence, balanced_class_weights
+    from trainer.recorder import RunRecorder
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    labels = ds.label_ids()
+    weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
+    epoch0 = state["epoch"] if state else 0
+    train_seq = BatchSequence(ds, split.train, stats, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              epoch=epoch0, class_weights=weights)
+    val_seq = BatchSequence(ds, split.val, stats, cfg.batch_size, shuffle=False)
+    steps = len(train_seq)
+    scope, devices = _distribution()
+    with scope:
+        model = build_model(cfg.architecture, ds.feature_shape, len(cfg.classes))
+        schedule = WarmupCosine(cfg.learning_rate, cfg.warmup_epochs * steps, cfg.epochs * steps)
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay,
+                                           global_clipnorm=cfg.clip_norm)
+        model.compile(optimizer=optimizer,
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                                label_smoothing=cfg.label_smoothing),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    log(f"model: {model.count_params():,} parameters on {devices}; {steps} batches per epoch")
+
+    # ---- starting point: our own last checkpoint, the parent's best, or scratch
+    if state is not None:
+        optimizer.build(model.trainable_variables)
+        model.load_weights(run.file(layout.LAST_WEIGHTS))
+        log(f"continuing from epoch {state['epoch']} (best val_accuracy {state['best_val_accuracy']})")
+    elif cfg.init_from:
+        _init_from(cfg, run, model, log)
+    if previous is None:
+        atomic_write_json(run.file(layout.RUN_JSON), {
+            "run_id": run.path.name,
+            "config": cfg.to_json(),
+            "classes": list(cfg.classes),
+            "feature_shape": list(ds.feature_shape),
+            "parent_run": cfg.parent_run,
+            "code_version": code_version(),
+            "started_at": now_iso(),
+            "backend": keras.backend.backend(),
+            "keras_version": keras.__version__,
+            "samples": {"train": int(len(split.train)), "validation": int(len(split.val)),
+                        "skipped_files": len(ds.skipped)},
+        })
+
+    # ---- fit, recording every finished epoch; SIGTERM stops after the current batch
+    recorder = RunRecorder(run, cfg, state, log)
+    callbacks: list[Any] = [recorder]
+    if keras.backend.backend() == "tensorflow":
+        callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
+                                                     write_graph=False, profile_batch=0))
+    if cfg.patience:
+        callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max"))
+    run.write_status(layout.RUNNING, phase="training")
+    with _stop_on_signals(recorder, model):
+        model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=epoch0,
+                  callbacks=callbacks, verbose=2)
+
+    if recorder.failure:
+        raise TrainingFailed(recorder.failure)
+    if recorder.stop_signal is not None:
+        run.write_status(layout.STOPPED, phase=None, error=None)
+        run.refresh_manifest()
+        log(f"stopped by signal {recorder.stop_signal} after epoch {recorder.epoch}; "
+            "start the same command again to continue")
+        return ExitCode.STOPPED
+
+    # ---- evaluate the best checkpoint on the validation split, then finish
+    _final_evaluation(run, model, ds, split, stats, recorder.history, log)
+    run.write_status(layout.FINISHED, phase=None, epoch=recorder.epoch)
+    run.refresh_manifest()
+    log(f"finished: best val_accuracy {recorder.best} at epoch {recorder.best_epoch}")
+    return ExitCode.OK
+
+
+def _split(cfg: TrainConfig, run: RunDir, ds: Any, log: Log) -> Split:
+    """This run's split.json, else the parent's, else a new split (saved either way)."""
+    own = run.file(layout.stats_path(layout.SPLIT_JSON))
+    parent = Path(cfg.init_from) / layout.stats_path(layout.SPLIT_JSON) if cfg.parent_run else None
+    source = own if own.is_file() else parent if parent is not None and parent.is_file() else None
+    if source is not None:
+        split, missing = load_split(source, ds)
+        if missing:
+            log(f"warning: {len(missing)} files of {source} are no longer usable, e.g. {missing[0]}")
+    else:
+        split = make_split(ds, cfg.split, cfg.val_fraction, cfg.seed)
+    if source != own:
+        save_split(split, ds, own)
+    log(f"split {split.method}: {len(split.train)} train, {len(split.val)} validation")
+    return split
+
+
+def _stats(cfg: TrainConfig, run: RunDir, ds: Any, split: Split, log: Log) -> Stats:
+    """This run's stats, else --stats-dir (or the parent's), else the data dir's, else computed
+    on the training split. Whatever is used is saved into the run's stats/."""
+    own = run.file(layout.STATS_DIR)
+    candidates = [own, Path(cfg.stats_dir) if cfg.stats_dir else None, Path(cfg.data_dir)]
+    for where in candidates:
+        if where is not None and find_stats(where) is not None:
+            stats = load_stats(where, ds.feature_shape)
+            log(f"normalization statistics from {where}")
+            break
+    else:
+        if cfg.stats_dir:
+            raise DataError(f"--stats-dir {cfg.stats_dir}: no {layout.STATS_MEAN} / {layout.STATS_STD} there")
+        stats = compute_stats(ds, split.train)
+        log("normalization statistics computed on the training split")
+    if where != own:
+        save_stats(stats, own)
+    return stats
+
+
+def _init_from(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
+    """Load the parent's best weights (not its optimizer state); the parent's best checkpoint
+    becomes this run's starting best, so 'best' only changes when this run beats it."""
+    source = Path(cfg.init_from)
+    weights = source / layout.BEST_WEIGHTS if source.is_dir() else source
+    try:
+        model.load_weights(weights, objects_to_skip=[model.optimizer])
+    except (ValueError, KeyError, OSError) as exc:
+        raise UsageError(f"--init-from {weights}: weights do not fit this architecture ({exc})") from exc
+    if cfg.parent_run:
+        best = run.file(layout.BEST_WEIGHTS)
+        tmp = best.with_name(f".{best.name}.tmp")
+        shutil.copyfile(weights, tmp)
+        os.replace(tmp, best)
+    log(f"initialized from {weights}" + (f" (parent best val_accuracy {cfg.parent_best_val_accuracy})"
+                                         if cfg.parent_run else ""))
+
+
+def _distribution() -> tuple[Any, str]:
+    """MirroredStrategy across GPUs when more than one is visible (TensorFlow backend)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) > 1:
+            strategy = tf.distribute.MirroredStrategy()
+            return strategy.scope(), f"{len(gpus)} GPUs (MirroredStrategy)"
+        return contextlib.nullcontext(), "1 GPU" if gpus else "CPU"
+    return contextlib.nullcontext(), keras.backend.backend()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(recorder: Any, model: Any):
+    """SIGTERM/SIGINT: finish the current batch, keep the last finished epoch, mark stopped."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        recorder.stop_signal = signum
+        model.stop_training = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _final_evaluation(run: RunDir, model: Any, ds: Any, split: Split, stats: Stats,
+                      history: list[dict[str, Any]], log: Log) -> None:
+    from trainer.evaluate import classification_report, plot_confusion, plot_curves, predict_probabilities
+
+    best = run.file(layout.BEST_WEIGHTS)
+    if best.is_file():
+        model.load_weights(best, objects_to_skip=[model.optimizer])
+    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in split.val], stats)
+    report = classification_report(ds.label_ids()[split.val], probs.argmax(axis=1), ds.classes)
+    atomic_write_json(run.file(layout.stats_path(layout.EVALUATION_JSON)), report)
+    if history:
+        plot_curves(history, run.file(layout.stats_path(layout.CURVES_PNG)))
+    plot_confusion(report, run.file(layout.stats_path(layout.CONFUSION_PNG)))
+    log(f"validation: accuracy {report['accuracy']:.4f}, unweighted accuracy "
+        f"{report['unweighted_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}")
