@@ -250,6 +250,12 @@ def _usage(message: str) -> TrainerError:
     return UsageError(message)
 
 
+def one_line(text: str, limit: int = 400) -> str:
+    """Errors are one line: library messages (Keras's span dozens) are cut at the first line."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -258,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainerError as exc:
         if args.debug:
             raise
-        print(f"trainer: error: {exc}", file=sys.stderr)
+        print(f"trainer: error: {one_line(str(exc))}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr)
@@ -266,6 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, no traceback
         if args.debug:
             raise
-        print(f"trainer: error: unexpected {type(exc).__name__}: {exc} (run with --debug for "
-              "the traceback)", file=sys.stderr)
+        print(f"trainer: error: unexpected {type(exc).__name__}: {one_line(str(exc))} (run with "
+              "--debug for the traceback)", file=sys.stderr)
         return int(ExitCode.ERROR)

@@ -21,10 +21,14 @@ PAD_MULTIPLE = 8
 SORT_CHUNK_BATCHES = 32  # batches per shuffled chunk that is sorted by length
 
 
+def padded_length(longest: int) -> int:
+    return PAD_MULTIPLE * math.ceil(longest / PAD_MULTIPLE)
+
+
 def pad_batch(sequences: Sequence[np.ndarray], stats: Stats) -> dict[str, np.ndarray]:
     """Normalize and zero-pad sequences (T_i, *F) into {"frames": (B, T, *F), "lengths": (B,)}."""
     lengths = np.array([len(s) for s in sequences], dtype=np.int32)
-    t = PAD_MULTIPLE * math.ceil(int(lengths.max()) / PAD_MULTIPLE)
+    t = padded_length(int(lengths.max()))
     out = np.zeros((len(sequences), t, *stats.mean.shape), dtype=np.float32)
     for row, seq in zip(out, sequences, strict=True):
         valid = row[: len(seq)]
@@ -70,7 +74,15 @@ class BatchSequence(keras.utils.PyDataset):
 
     def _plan(self) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
-        return length_sorted_batches(self.indices, self.lengths, self.batch_size, rng)
+        batches = length_sorted_batches(self.indices, self.lengths, self.batch_size, rng)
+        # Keras (TensorFlow backend) infers the input signature from the first 2 batches: a
+        # time axis of equal length in both would be fixed for the whole run. So the second
+        # batch is one of another padded length whenever there is one.
+        padded = [padded_length(int(self.lengths[b].max())) for b in batches]
+        other = next((k for k in range(1, len(batches)) if padded[k] != padded[0]), None)
+        if other is not None and other != 1:
+            batches[1], batches[other] = batches[other], batches[1]
+        return batches
 
     def __len__(self) -> int:
         return len(self.plan)

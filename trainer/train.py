@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -198,9 +199,12 @@ def _init_from(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
     source = Path(cfg.init_from)
     weights = source / layout.BEST_WEIGHTS if source.is_dir() else source
     try:
-        model.load_weights(weights, objects_to_skip=[model.optimizer])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns once per layer it cannot match
+            model.load_weights(weights, objects_to_skip=[model.optimizer])
     except (ValueError, KeyError, OSError) as exc:
-        raise UsageError(f"--init-from {weights}: weights do not fit this architecture ({exc})") from exc
+        raise UsageError(f"--init-from {weights}: weights do not fit this architecture "
+                         f"(--hidden/--attention must match the run that wrote them): {exc}") from exc
     if cfg.parent_run:
         best = run.file(layout.BEST_WEIGHTS)
         tmp = best.with_name(f".{best.name}.tmp")

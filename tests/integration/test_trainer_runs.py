@@ -1,0 +1,192 @@
+"""Real training runs (TensorFlow, tiny SYNTHETIC data): the run directory contract,
+continue after SIGKILL, SIGTERM, extended training, predict vs evaluate, NaN."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.integration.trainer_proc import metrics, run_trainer, start_trainer, status, wait_for_epochs
+from trainer import layout
+from trainer.synth import synth
+
+pytestmark = pytest.mark.slow
+TINY = ["--batch-size", "16", "--hidden", "32", "--attention", "16", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    synth(root, n=360, dim=24, seed=3, min_frames=8, max_frames=24)
+    return root
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    """One finished run that several tests read."""
+    run = tmp_path_factory.mktemp("runs") / "parent"
+    run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "12", "--learning-rate", "0.003",
+                "--warmup-epochs", "1", *TINY)
+    return run
+
+
+def test_training_writes_every_file_of_the_contract(parent: Path) -> None:
+    st = status(parent)
+    assert st["state"] == "finished" and st["epoch"] == st["epochs"] == 12 and st["error"] is None
+    assert set(st) >= {"state", "epoch", "epochs", "best_val_accuracy", "best_epoch", "error", "updated_at"}
+    rows = metrics(parent)
+    assert [r["epoch"] for r in rows] == list(range(1, 13))
+    for row in rows:
+        assert set(row) >= set(layout.METRIC_KEYS) and all(np.isfinite(row[k]) for k in layout.METRIC_KEYS)
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    assert st["best_val_accuracy"] == best["val_accuracy"] and st["best_epoch"] == best["epoch"]
+    assert rows[0]["lr"] < rows[1]["lr"] or rows[0]["lr"] > rows[-1]["lr"]  # warm-up, then decay
+
+    run_json = json.loads((parent / layout.RUN_JSON).read_text())
+    assert run_json["classes"] == json.loads((parent / "stats/classes.json").read_text())
+    assert run_json["feature_shape"] == [24] and run_json["parent_run"] is None
+    assert run_json["config"]["epochs"] == 12 and len(run_json["code_version"]) == 12
+    assert run_json["started_at"] and run_json["backend"] == "tensorflow"
+    pid, start = (parent / layout.PID_FILE).read_text().split()
+    assert int(pid) > 0 and int(start) > 0
+
+    for rel in (layout.BEST_WEIGHTS, layout.LAST_WEIGHTS, layout.LAST_STATE):
+        assert (parent / rel).stat().st_size > 0
+    assert (parent / layout.BEST_WEIGHTS).read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    stats = parent / layout.STATS_DIR
+    assert np.load(stats / layout.STATS_MEAN).shape == (24,) and (np.load(stats / layout.STATS_STD) > 0).all()
+    split = json.loads((stats / layout.SPLIT_JSON).read_text())
+    assert split["method"] == "random" and not set(split["train"]) & set(split["validation"])
+    report = json.loads((stats / layout.EVALUATION_JSON).read_text())
+    assert set(report) >= {"confusion_matrix", "per_class", "macro_f1", "unweighted_accuracy", "accuracy"}
+    assert report["samples"] == len(split["validation"])
+    assert report["accuracy"] == pytest.approx(st["best_val_accuracy"], abs=1e-6)
+    for png in (layout.CURVES_PNG, layout.CONFUSION_PNG):
+        assert (stats / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((parent / layout.TENSORBOARD_DIR).rglob("events.out.tfevents.*"))
+    assert not list(parent.rglob(".tmp*")) and not list(parent.rglob("*.tmp"))  # no temp leftovers
+
+
+def test_manifest_verifies_with_sha256sum(parent: Path) -> None:
+    listed = layout.parse_manifest((parent / layout.MANIFEST).read_text())
+    assert set(listed) >= {layout.BEST_WEIGHTS, layout.RUN_JSON, layout.STATUS, layout.METRICS}
+    assert {p.relative_to(parent).as_posix() for p in (parent / "stats").iterdir()} <= set(listed)
+    check = subprocess.run(["sha256sum", "-c", layout.MANIFEST], cwd=parent, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count(": OK") == len(listed)
+
+
+def test_sigkill_then_restart_continues_without_losing_or_repeating_epochs(tmp_path: Path, data: Path) -> None:
+    run = tmp_path / "killed"
+    args = ["train", "--data-dir", data, "--run-dir", run, "--epochs", "10", *TINY]
+    proc = start_trainer(*args, log=tmp_path / "first.log")
+    wait_for_epochs(run, 3, proc)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    killed_at = len(metrics(run))
+    assert status(run)["state"] == "running" and killed_at < 10
+    best_before = json.loads((run / layout.LAST_STATE).read_text())["best_val_accuracy"]
+
+    result = run_trainer(*args)
+    assert f"continuing from epoch {killed_at}" in result.stdout or "continuing from epoch" in result.stdout
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == list(range(1, 11))  # same count as uninterrupted, no duplicates
+    st = status(run)
+    assert st["state"] == "finished" and st["best_val_accuracy"] >= best_before
+    assert st["best_val_accuracy"] == max(r["val_accuracy"] for r in rows)
+
+
+def test_sigterm_marks_stopped_and_the_run_can_continue(tmp_path: Path, data: Path) -> None:
+    run = tmp_path / "term"
+    args = ["train", "--data-dir", data, "--run-dir", run, "--epochs", "30", *TINY]
+    proc = start_trainer(*args, log=tmp_path / "term.log")
+    wait_for_epochs(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 5
+    st = status(run)
+    assert st["state"] == "stopped" and st["error"] is None
+    done = len(metrics(run))
+    assert st["epoch"] == done and done < 30
+    assert "stopped by signal" in (tmp_path / "term.log").read_text()
+    # Continue to the end (fewer epochs to keep the test short is not allowed: config is kept).
+    run_trainer(*args)
+    assert [r["epoch"] for r in metrics(run)] == list(range(1, 31))
+    assert status(run)["state"] == "finished"
+
+
+def test_init_from_starts_at_the_parents_level(tmp_path: Path, data: Path, parent: Path) -> None:
+    parent_status = status(parent)
+    parent_cfg = json.loads((parent / layout.RUN_JSON).read_text())["config"]
+    child = tmp_path / "child"
+    run_trainer("train", "--data-dir", data, "--run-dir", child, "--init-from", parent, "--epochs", "2")
+    run_json = json.loads((child / layout.RUN_JSON).read_text())
+    cfg = run_json["config"]
+    assert run_json["parent_run"] == "parent"
+    assert cfg["learning_rate"] == pytest.approx(parent_cfg["learning_rate"] / 2)
+    assert cfg["warmup_epochs"] == 1 and cfg["architecture"] == parent_cfg["architecture"]
+    for rel in (layout.SPLIT_JSON, layout.STATS_MEAN, layout.STATS_STD):
+        assert (child / "stats" / rel).read_bytes() == (parent / "stats" / rel).read_bytes()
+
+    first = metrics(child)[0]["val_accuracy"]
+    scratch = metrics(parent)[0]["val_accuracy"]
+    assert first >= parent_status["best_val_accuracy"] - 0.1  # the parent's level ...
+    assert first > scratch + 0.1  # ... not a fresh start
+    st = status(child)
+    # "best" starts at the parent's best and only moves when the child beats it.
+    assert st["best_val_accuracy"] >= parent_status["best_val_accuracy"]
+    if st["best_epoch"] == 0:
+        assert (child / layout.BEST_WEIGHTS).read_bytes() == (parent / layout.BEST_WEIGHTS).read_bytes()
+
+
+def test_init_from_refuses_an_incompatible_architecture(tmp_path: Path, data: Path, parent: Path) -> None:
+    proc = run_trainer("train", "--data-dir", data, "--run-dir", tmp_path / "bad", "--init-from", parent,
+                       "--hidden", "64", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("trainer: error: --hidden 64 conflicts with the parent run's architecture "
+                                   "(hidden=32); an extended run keeps the parent's architecture: drop the option")
+    # A bare weights file is checked against the architecture built from the options.
+    proc = run_trainer("train", "--data-dir", data, "--run-dir", tmp_path / "bad2", "--init-from",
+                       parent / layout.BEST_WEIGHTS, "--hidden", "64", "--epochs", "1", check=False)
+    last = proc.stderr.strip().splitlines()[-1]  # (TensorFlow's own start-up banner comes before)
+    assert proc.returncode == 2 and last.startswith("trainer: error: --init-from ")
+    assert "weights do not fit this architecture" in last and "UserWarning" not in proc.stderr
+    assert status(tmp_path / "bad2")["state"] == "failed"
+
+
+def test_predict_matches_evaluate(tmp_path: Path, data: Path, parent: Path) -> None:
+    evaluated = json.loads(run_trainer("evaluate", "--run-dir", parent, "--data-dir", data, "--json").stdout)
+    lines = run_trainer("predict", "--run-dir", parent, data, "--json").stdout.splitlines()
+    predictions = [json.loads(line) for line in lines]
+    classes = evaluated["classes"]
+    from trainer.labels import label_from_path
+
+    scored = [(label_from_path(Path(p["path"]).name).label, p) for p in predictions]
+    scored = [(truth, p) for truth, p in scored if truth in classes]  # surprise files are not in the classes
+    assert len(scored) == evaluated["samples"]
+    correct = sum(truth == p["label"] for truth, p in scored)
+    assert correct / len(scored) == pytest.approx(evaluated["accuracy"])
+    cm = np.zeros((len(classes), len(classes)), int)
+    for truth, p in scored:
+        cm[classes.index(truth), classes.index(p["label"])] += 1
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert max(p["probabilities"], key=p["probabilities"].get) == p["label"]
+    assert cm.tolist() == evaluated["confusion_matrix"]
+    human = run_trainer("evaluate", "--run-dir", parent, "--data-dir", data).stdout
+    assert "Confusion matrix" in human and "unweighted accuracy" in human
+
+
+def test_nan_loss_ends_in_failed_with_a_message(tmp_path: Path, data: Path) -> None:
+    run = tmp_path / "nan"
+    proc = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "3",
+                       "--learning-rate", "1e30", "--warmup-epochs", "0", *TINY, check=False)
+    assert proc.returncode == 4
+    st = status(run)
+    assert st["state"] == "failed" and "loss became nan at epoch 1" in st["error"]
+    assert proc.stderr.strip().splitlines()[-1] == f"trainer: error: {st['error']}"
+    assert not (run / layout.BEST_WEIGHTS).exists()  # never a NaN checkpoint as "best"
+    assert metrics(run) == []
