@@ -79,13 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats-dir", type=str, help="use the normalization stats in this folder")
     g.add_argument("--init-from", type=str, metavar="RUN_OR_WEIGHTS",
                    help="start from another run's best weights (extended training)")
-    g.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute on GPU")
+    g.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 compute on GPU (off)")
     g.add_argument("--patience", type=int, help="stop after N epochs without a better val accuracy (off)")
     g.add_argument("--label-smoothing", type=float, help="(0.0)")
     g.add_argument("--clip-norm", type=float, help="global gradient-norm clipping (1.0)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (1e-4)")
-    g.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None,
-                   help="do not weight rare classes up")
+    g.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight rare classes up (on)")
     a = p.add_argument_group("architecture")
     a.add_argument("--hidden", type=int, help="frame projection width (256)")
     a.add_argument("--attention", type=int, help="attention pooling width (128)")

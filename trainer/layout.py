@@ -4,7 +4,7 @@ Pure Python (no numpy, no TensorFlow): both halves import it, so every file name
 down here exactly once.
 
     <remote_root>/runs/<run_id>/
-      run.json  pid  train.log  metrics.jsonl  status.json  MANIFEST.sha256
+      run.json  deploy.json  pid  train.log  metrics.jsonl  status.json  MANIFEST.sha256
       checkpoints/best.weights.h5  checkpoints/last.weights.h5  checkpoints/last.state.json
       stats/wav2vec_mean.npy  wav2vec_std.npy  classes.json  split.json
             evaluation.json  training_curves.png  confusion_matrix.png
@@ -19,6 +19,7 @@ RUNS_DIR = "runs"
 CODE_DIR = "code"
 
 RUN_JSON = "run.json"
+DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
 PID_FILE = "pid"
 TRAIN_LOG = "train.log"
 METRICS = "metrics.jsonl"

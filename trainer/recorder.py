@@ -22,7 +22,7 @@ class RunRecorder(keras.callbacks.Callback):
     best checkpoint (if improved) -> last checkpoint -> last.state.json -> metrics, status,
     manifest. On restart, metrics.jsonl is rewritten from last.state.json's history."""
 
-    def __init__(self, run: RunDir, cfg: TrainConfig, state: dict | None, log: Log) -> None:
+    def __init__(self, run: RunDir, cfg: TrainConfig, state: dict | None, stopper: Any, log: Log) -> None:
         super().__init__()
         self.run, self.cfg, self.log = run, cfg, log
         self.history: list[dict[str, Any]] = list(state["history"]) if state else []
@@ -30,7 +30,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.best: float | None = state["best_val_accuracy"] if state else cfg.parent_best_val_accuracy
         self.best_epoch: int | None = state["best_epoch"] if state else (0 if cfg.parent_run else None)
         self.failure: str | None = None
-        self.stop_signal: int | None = None
+        self.stopper = stopper
         self.clock = Stopwatch()
         run.write_metrics(self.history)
 
@@ -38,7 +38,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.clock.lap()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.stop_signal is not None:
+        if self.stopper.signum is not None:
             return  # a partial epoch (stopped mid-way) is not a finished epoch
         logs = logs or {}
         row = {"epoch": epoch + 1}

@@ -26,8 +26,11 @@ _CREMAD_LEVELS = ("LO", "MD", "HI", "XX")
 _RAVDESS_WEIGHTS = {"neutral": 0.5} | {e: 1.0 for e in ALL_EMOTIONS[1:]}
 _CREMAD_WEIGHTS = {"neutral": 0.86} | {e: 1.0 for e in ("happy", "sad", "angry", "fear", "disgust")}
 _RAVDESS_SHARE = 0.16
-# How far each speaker bends a class direction (relative to the shared prototype).
-BEND = 0.7
+# The signal's knobs (in units of the per-frame noise's standard deviation).
+BEND = 0.7  # how far each speaker bends a class direction, relative to the shared prototype
+SPEAKER_OFFSET = 0.6  # per-speaker constant shift of every feature
+MEAN_SHIFT = 0.25  # weak shift along the class direction: what mean pooling sees
+BURST_P, BURST_AMP = 0.35, 2.2  # share of frames with a burst of random sign along it
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def synth(
     prototypes = _unit(rng.standard_normal((len(ALL_EMOTIONS), dim)))
     # Calm is a quieter neutral: the pair real models confuse most.
     prototypes[1] = _unit(prototypes[0] + 0.8 * prototypes[1])
-    speaker_offsets = {s: 0.6 * rng.standard_normal(dim) for c in speakers for s in speakers[c]}
+    speaker_offsets = {s: SPEAKER_OFFSET * rng.standard_normal(dim) for c in speakers for s in speakers[c]}
     speaker_bends = {s: _unit(rng.standard_normal((len(ALL_EMOTIONS), dim)))
                      for c in speakers for s in speakers[c]}
 
@@ -98,9 +101,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def _frames(rng: np.random.Generator, direction: np.ndarray, offset: np.ndarray, t: int,
             dim: int) -> np.ndarray:
     x = rng.standard_normal((t, dim)) + offset
-    x += 0.25 * direction  # weak mean shift: what mean pooling can see
-    bursts = rng.random(t) < 0.35
-    signs = rng.choice((-2.2, 2.2), size=t)
+    x += MEAN_SHIFT * direction
+    bursts = rng.random(t) < BURST_P
+    signs = rng.choice((-BURST_AMP, BURST_AMP), size=t)
     x += (bursts * signs)[:, None] * direction  # variance only: what it cannot
     return x
 

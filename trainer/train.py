@@ -55,7 +55,12 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
                      best_epoch=state["best_epoch"] if state else (0 if cfg.parent_run else None),
                      run_id=run.path.name, parent=cfg.parent_run)
     try:
-        return _train(cfg, run, previous, state, log)
+        with _Stopper() as stopper:
+            return _train(cfg, run, previous, state, stopper, log)
+    except StopRequested as stop:
+        run.write_status(layout.STOPPED, phase=None, error=None)
+        log(f"stopped by signal {stop.signum} before training began")
+        return ExitCode.STOPPED
     except (DataError, UsageError, TrainingFailed) as exc:
         run.write_status(layout.FAILED, error=str(exc), phase=None)
         raise
@@ -64,7 +69,8 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
         raise
 
 
-def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | None, log: Log) -> ExitCode:
+def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | None, stopper: _Stopper,
+           log: Log) -> ExitCode:
     # ---- data, split and statistics (reused from this run or the parent when they exist)
     ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=not cfg.no_cache)
     require_samples(ds)
@@ -127,7 +133,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
         })
 
     # ---- fit, recording every finished epoch; SIGTERM stops after the current batch
-    recorder = RunRecorder(run, cfg, state, log)
+    recorder = RunRecorder(run, cfg, state, stopper, log)
     callbacks: list[Any] = [recorder]
     if keras.backend.backend() == "tensorflow":
         callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
@@ -135,16 +141,17 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
     if cfg.patience:
         callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max"))
     run.write_status(layout.RUNNING, phase="training")
-    with _stop_on_signals(recorder, model):
-        model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=epoch0,
-                  callbacks=callbacks, verbose=2)
+    stopper.model = model  # from now on a signal stops fit after the current batch
+    model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=epoch0,
+              callbacks=callbacks, verbose=2)
+    stopper.model = None
 
     if recorder.failure:
         raise TrainingFailed(recorder.failure)
-    if recorder.stop_signal is not None:
+    if stopper.signum is not None:
         run.write_status(layout.STOPPED, phase=None, error=None)
         run.refresh_manifest()
-        log(f"stopped by signal {recorder.stop_signal} after epoch {recorder.epoch}; "
+        log(f"stopped by signal {stopper.signum} after epoch {recorder.epoch}; "
             "start the same command again to continue")
         return ExitCode.STOPPED
 
@@ -229,19 +236,33 @@ def _distribution() -> tuple[Any, str]:
     return contextlib.nullcontext(), keras.backend.backend()
 
 
-@contextlib.contextmanager
-def _stop_on_signals(recorder: Any, model: Any):
-    """SIGTERM/SIGINT: finish the current batch, keep the last finished epoch, mark stopped."""
+class StopRequested(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
-    def handler(signum: int, _frame: Any) -> None:
-        recorder.stop_signal = signum
-        model.stop_training = True
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
+class _Stopper:
+    """SIGTERM/SIGINT at any time: before training, stop at once (state ``stopped``); during
+    ``fit``, finish the current batch, keep the last finished epoch, then stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.model: Any = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if self.model is None:
+            raise StopRequested(signum)
+        self.model.stop_training = True
+
+    def __enter__(self) -> _Stopper:
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
             signal.signal(s, h)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,17 @@ def test_sigterm_marks_stopped_and_the_run_can_continue(tmp_path: Path, data: Pa
     run_trainer(*args)
     assert [r["epoch"] for r in metrics(run)] == list(range(1, 31))
     assert status(run)["state"] == "finished"
+
+
+def test_sigterm_during_start_up_marks_stopped(tmp_path: Path, data: Path) -> None:
+    run = tmp_path / "early"
+    proc = start_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "5", *TINY, log=tmp_path / "early.log")
+    while not (run / layout.STATUS).exists():  # written first, before TensorFlow is imported
+        assert proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 5
+    assert status(run)["state"] == "stopped" and metrics(run) == []
 
 
 def test_init_from_starts_at_the_parents_level(tmp_path: Path, data: Path, parent: Path) -> None:

@@ -1,0 +1,148 @@
+"""deploy.yaml: a pydantic model (unknown keys are errors) with a description per field."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import ConfigError
+
+DEFAULT_CONFIG = "deploy.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Ec2Config(_Section):
+    region: str = Field("us-east-1", description="AWS region of the instance")
+    profile: str | None = Field(None, description="AWS profile name (credentials never live in this file)")
+    instance_id: str | None = Field(None, description="the instance id (i-...); or give `name`")
+    name: str | None = Field(None, description="the instance's Name tag; or give `instance_id`")
+    start_if_stopped: bool = Field(True, description="start a stopped instance on deploy")
+    endpoint_url: str | None = Field(None, description="an EC2-compatible endpoint (tests use moto's server)")
+
+
+class SshConfig(_Section):
+    host: str | None = Field(None, description="target ssh: required; target ec2: overrides the instance's address")
+    port: int = Field(22, ge=1, le=65535, description="SSH port")
+    user: str = Field("ubuntu", description="login user")
+    key_file: str | None = Field(None, description="private key path; null means ssh-agent / default keys")
+    known_hosts: str | None = Field(None, description="known_hosts file (default ~/.ssh/known_hosts)")
+    connect_timeout: float = Field(10, gt=0, description="seconds to wait for the SSH connection")
+
+
+class RemoteConfig(_Section):
+    root: str = Field("~/audio_emotion", description="where code, runs and (by default) data live on the machine")
+    python: str | None = Field(None, description="interpreter with TensorFlow on the machine (default python3; "
+                               "for target local, the Python running orch)")
+    setup: str | None = Field(None, description="shell command run once per code version, in the code folder "
+                              "(e.g. `pip install -r requirements.txt`)")
+
+
+class DataConfig(_Section):
+    remote_dir: str = Field("models/wav2vec",
+                            description="feature folder on the machine: relative to remote.root, or absolute")
+    local_dir: str | None = Field(None, description="local feature folder that `orch deploy --sync-data` uploads")
+
+
+class DeployConfig(_Section):
+    target: Literal["ec2", "ssh", "local"] = Field("ec2", description="where training runs")
+    ec2: Ec2Config = Field(default_factory=Ec2Config)
+    ssh: SshConfig = Field(default_factory=SshConfig)
+    remote: RemoteConfig = Field(default_factory=RemoteConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="defaults for `python -m trainer train`, keyed by option name (epochs: 100, split: speaker)",
+    )
+    # Not a key of the file: where it was read from, to resolve relative local paths.
+    base_dir: Path = Field(default=Path("."), exclude=True, description="folder of the config file")
+
+    @model_validator(mode="after")
+    def _check_target(self) -> DeployConfig:
+        if self.target == "ssh" and not self.ssh.host:
+            raise ValueError("ssh.host: required when target is ssh")
+        if self.target == "ec2" and not (self.ec2.instance_id or self.ec2.name):
+            raise ValueError("ec2: give instance_id or name when target is ec2")
+        if self.ec2.instance_id and self.ec2.name:
+            raise ValueError("ec2: give instance_id or name, not both")
+        for key, value in self.train.items():
+            if key in ("data_dir", "run_dir", "init_from"):
+                raise ValueError(f"train.{key}: set by orch itself, remove it")
+            if not isinstance(value, str | int | float | bool) or value is None:
+                raise ValueError(f"train.{key}: must be a string, number or boolean")
+        return self
+
+    def local_path(self, path: str) -> Path:
+        """A local path from the file, relative to the file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def remote_root(self) -> str:
+        """remote.root; for target local, made absolute against the config file's folder."""
+        if self.target == "local" and not self.remote.root.startswith("~"):
+            return str(self.local_path(self.remote.root).resolve())
+        return self.remote.root.rstrip("/") or "/"
+
+    @property
+    def remote_python(self) -> str:
+        if self.remote.python:
+            return self.remote.python
+        return sys.executable if self.target == "local" else "python3"
+
+    @property
+    def remote_data_dir(self) -> str:
+        d = self.data.remote_dir
+        if d.startswith(("/", "~")):
+            return d
+        return f"{self.remote_root}/{d}"
+
+
+def load_config(path: str | Path) -> DeployConfig:
+    """Read and validate deploy.yaml; every problem is one line naming the file and key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.exists() else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file; copy the commented deploy.yaml from the orch repository "
+                          "or pass -c PATH")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (target, ec2, ssh, ...)")
+    try:
+        return DeployConfig.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_problem(exc)}") from exc
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p != "base_dir")
+    if err["type"] == "missing":
+        msg = "field required"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key (see `orch config schema`)"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+def json_schema() -> dict[str, Any]:
+    schema = DeployConfig.model_json_schema()
+    schema.get("properties", {}).pop("base_dir", None)
+    return schema
