@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import shlex
+import os
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.remote import LocalRemote, Remote, SshRemote, q, which
+from orchestrator.remote import Remote, SshRemote, q, which
 from trainer import layout
 
+Log = Callable[[str], None]
 SETUP_LOG = "setup.log"
 _COMPLETE = ".complete"
 _SETUP_DONE = ".setup-done"
@@ -63,7 +65,7 @@ class CodeSync:
     setup_ran: bool
 
 
-def sync_code(remote: Remote, cfg: DeployConfig, log: callable) -> CodeSync:
+def sync_code(remote: Remote, cfg: DeployConfig, log: Log) -> CodeSync:
     """Make ROOT/code/<version>/ exist on the machine; transfer only if it does not yet."""
     bundle = code_bundle()
     root = remote.expand(cfg.remote_root)
@@ -101,31 +103,70 @@ class DataSync:
     files: int  # files sent
     bytes: int
     seconds: float
-    method: str  # "rsync" | "tar"
+    method: str  # "ssh" (tar over the OpenSSH client) | "channel" (tar over our connection)
 
 
-def sync_data(remote: Remote, cfg: DeployConfig, log: callable) -> DataSync:
-    """Upload data.local_dir to data.remote_dir: new or changed files only (size and mtime),
-    each written under a temporary name and renamed, so an interruption leaves no partial file."""
+def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bool = True) -> DataSync:
+    """Upload data.local_dir to data.remote_dir: new or changed files only (size and mtime).
+
+    One listing, then ONE tar stream of what changed into a hidden staging folder beside the
+    data, then one rename per file on the machine: an interruption leaves no partial file
+    under a final name, and running it again finishes the job.
+    """
     if not cfg.data.local_dir:
         raise ConfigError("--sync-data needs data.local_dir in the config")
     local = cfg.local_path(cfg.data.local_dir).resolve()
     if not local.is_dir():
         raise ConfigError(f"data.local_dir: {local} is not a folder")
     dest = remote.expand(cfg.remote_data_dir)
+    python = cfg.remote_python
     start = time.perf_counter()
-    if which("rsync") and remote.run("command -v rsync", check=False).code == 0:
-        files, sent = _rsync(remote, local, dest)
-        method = "rsync"
-    else:
-        files, sent = _tar_changed(remote, cfg, local, dest)
-        method = "tar"
+    parent, name = dest.rstrip("/").rsplit("/", 1)
+    incoming = f".{name}.orch-incoming-"
+    # Also clears what an interrupted upload left in its staging folder.
+    listing = remote.run(f"rm -rf -- {q(parent)}/{q(incoming)}*; mkdir -p {q(dest)} && "
+                         f"{q(python)} -c {q(_LIST)} {q(dest)}", what="listing the data").stdout
+    have = {}
+    for line in listing.splitlines():
+        rel, size, mtime = line.rsplit("\t", 2)
+        have[rel] = (int(size), int(mtime))
+    changed_stats = [(rel, st) for rel, st in _local_files(local) if have.get(rel) != (st.st_size, int(st.st_mtime))]
+    changed = [rel for rel, _ in changed_stats]
+    method = "ssh" if use_ssh_client and isinstance(remote, SshRemote) and which("ssh") and which("tar") else "channel"
+    if changed:
+        # A hidden sibling of the data folder: same file system, never read as data.
+        staging = f"{parent}/{incoming}{time.time_ns()}"
+        unpack = (f"set -e; mkdir -p {q(staging)}; tar -xf - -C {q(staging)}; "
+                  f"{q(python)} -c {q(_MOVE)} {q(staging)} {q(dest)}")
+        if method == "ssh":
+            _tar_over_ssh_client(remote, local, changed, unpack)  # type: ignore[arg-type]
+        else:
+            remote.run(unpack, write=lambda fh: _write_tar(fh, local, changed), what="unpacking the data")
+    sent = sum(st.st_size for _, st in changed_stats)
     seconds = time.perf_counter() - start
-    log(f"data: {files} files ({sent / 1e6:.1f} MB) sent to {dest} in {seconds:.1f} s ({method})")
-    return DataSync(files, sent, seconds, method)
+    log(f"data: {len(changed)} new or changed files ({sent / 1e6:.1f} MB) sent to {dest} in {seconds:.1f} s")
+    return DataSync(len(changed), sent, seconds, method)
 
 
-def _ssh_command(remote: SshRemote) -> list[str]:
+def _local_files(local: Path) -> list[tuple[str, os.stat_result]]:
+    """Every file below ``local`` except hidden ones (caches, partial uploads)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(local):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                path = Path(dirpath, name)
+                out.append((path.relative_to(local).as_posix(), path.stat()))
+    return sorted(out)
+
+
+def _write_tar(fh: BinaryIO, local: Path, rels: list[str]) -> None:
+    with tarfile.open(fileobj=fh, mode="w|") as tar:
+        for rel in rels:
+            tar.add(local / rel, arcname=rel, recursive=False)
+
+
+def ssh_command(remote: SshRemote) -> list[str]:
     """OpenSSH with the very settings of our paramiko connection (same key, same known_hosts,
     strict host key checking: the key was verified when we connected)."""
     t = remote.target
@@ -134,66 +175,36 @@ def _ssh_command(remote: SshRemote) -> list[str]:
            "-o", "ServerAliveInterval=15"]
     if t.key_file:
         cmd += ["-i", t.key_file, "-o", "IdentitiesOnly=yes"]
-    return cmd
+    return [*cmd, t.host]
 
 
-def _rsync(remote: Remote, local: Path, dest: str) -> tuple[int, int]:
-    remote.run(f"mkdir -p {q(dest)}", what="creating the data folder")
-    # -a keeps mtimes (the "unchanged" test next time); rsync writes each file to a temp
-    # name and renames it, and never keeps partial files.
-    args = ["rsync", "-a", "--exclude=.*", "--stats", f"{local}/"]
-    if isinstance(remote, SshRemote):
-        args[1:1] = ["-e", shlex.join(_ssh_command(remote))]
-        target = f"{remote.target.host}:{dest}/"
-    elif isinstance(remote, LocalRemote):
-        target = f"{dest}/"
-    else:  # pragma: no cover - only two kinds of Remote exist
-        raise RemoteError("rsync is not supported for this target")
-    proc = subprocess.run([*args, target], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        raise RemoteError(f"rsync to {remote.host} failed: {lines[-1] if lines else proc.returncode}")
-    return _stat(proc.stdout, "Number of regular files transferred"), _stat(proc.stdout, "Total transferred file size")
-
-
-def _stat(text: str, key: str) -> int:
-    for line in text.splitlines():
-        if line.startswith(key):
-            return int(line.split(":", 1)[1].split()[0].replace(",", ""))
-    return 0
+def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[str], unpack: str) -> None:
+    """`tar c | ssh host unpack`: OpenSSH moves bulk data about twice as fast as paramiko."""
+    tar = subprocess.Popen(["tar", "-C", str(local), "--null", "-T", "-", "-cf", "-"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ssh = subprocess.Popen([*ssh_command(remote), unpack], stdin=tar.stdout, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    assert tar.stdin is not None and tar.stdout is not None
+    tar.stdout.close()  # ssh holds it now; tar sees SIGPIPE if ssh dies
+    tar.stdin.write(b"\0".join(r.encode() for r in rels) + b"\0")
+    tar.stdin.close()
+    _, ssh_err = ssh.communicate()
+    tar_err = tar.stderr.read() if tar.stderr else b""
+    tar.wait()
+    if tar.returncode != 0 or ssh.returncode != 0:
+        why = (ssh_err or tar_err).decode(errors="replace").strip().splitlines()
+        raise RemoteError(f"uploading the data to {remote.host} failed: {why[-1] if why else 'no message'}")
 
 
 _LIST = ("import os,sys\nroot=sys.argv[1]\nfor d,ds,fs in os.walk(root):\n"
          " ds[:]=[x for x in ds if not x.startswith('.')]\n"
          " for f in fs:\n  p=os.path.join(d,f);s=os.stat(p)\n"
          "  print(os.path.relpath(p,root),s.st_size,int(s.st_mtime),sep='\\t')\n")
-_MOVE = ("import os,sys,shutil\nsrc,dst=sys.argv[1],sys.argv[2]\nfor d,ds,fs in os.walk(src):\n"
-         " for f in fs:\n  a=os.path.join(d,f);b=os.path.join(dst,os.path.relpath(a,src))\n"
-         "  os.makedirs(os.path.dirname(b),exist_ok=True);os.replace(a,b)\n"
+# Into an empty data folder, the staging folder is renamed as a whole; otherwise each file is
+# renamed into place (os.replace: atomic per file).
+_MOVE = ("import os,sys,shutil\nsrc,dst=sys.argv[1],sys.argv[2]\n"
+         "if not os.listdir(dst):\n os.rmdir(dst);os.rename(src,dst);sys.exit()\n"
+         "for d,ds,fs in os.walk(src):\n"
+         " t=os.path.join(dst,os.path.relpath(d,src));os.makedirs(t,exist_ok=True)\n"
+         " for f in fs:\n  os.replace(os.path.join(d,f),os.path.join(t,f))\n"
          "shutil.rmtree(src)\n")
-
-
-def _tar_changed(remote: Remote, cfg: DeployConfig, local: Path, dest: str) -> tuple[int, int]:
-    """Without rsync: one listing, one tar stream of what changed into a hidden staging
-    folder beside the data, then one rename per file on the machine."""
-    python = cfg.remote_python
-    listing = remote.run(f"mkdir -p {q(dest)} && {q(python)} -c {q(_LIST)} {q(dest)}", what="listing the data").stdout
-    have = {}
-    for line in listing.splitlines():
-        rel, size, mtime = line.rsplit("\t", 2)
-        have[rel] = (int(size), int(mtime))
-    changed = [p for p in sorted(local.rglob("*"))
-               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)
-               and have.get(p.relative_to(local).as_posix()) != (p.stat().st_size, int(p.stat().st_mtime))]
-    if not changed:
-        return 0, 0
-    staging = f"{dest}/.orch-incoming-{time.time_ns()}"
-
-    def write(fh: BinaryIO) -> None:
-        with tarfile.open(fileobj=fh, mode="w|") as tar:
-            for p in changed:
-                tar.add(p, arcname=p.relative_to(local).as_posix(), recursive=False)
-
-    remote.run(f"set -e; mkdir -p {q(staging)}; tar -xf - -C {q(staging)}; "
-               f"{q(python)} -c {q(_MOVE)} {q(staging)} {q(dest)}", write=write, what="unpacking the data")
-    return len(changed), sum(p.stat().st_size for p in changed)

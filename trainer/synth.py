@@ -30,7 +30,7 @@ _RAVDESS_SHARE = 0.16
 BEND = 0.7  # how far each speaker bends a class direction, relative to the shared prototype
 SPEAKER_OFFSET = 0.6  # per-speaker constant shift of every feature
 MEAN_SHIFT = 0.25  # weak shift along the class direction: what mean pooling sees
-BURST_P, BURST_AMP = 0.35, 2.2  # share of frames with a burst of random sign along it
+BURST_P, BURST_AMP = 0.5, 3.0  # share of frames with a burst of random sign along it, its size
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""deploy.yaml: every problem is one line naming the file and key, exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import load_config
+from orchestrator.deploy import check_run_id, new_run_id, trainer_options
+from orchestrator.errors import ConfigError
+
+CASES = {
+    "missing file": (None, "no such file"),
+    "not YAML": ("target: [local\n", "line 2 not valid YAML"),
+    "a list": ("- local\n", "the top level must be a mapping"),
+    "unknown top key": ("target: local\ntargett: x\n", "targett: unknown key"),
+    "unknown nested key": ("target: local\nssh:\n  hots: x\n", "ssh.hots: unknown key"),
+    "bad target": ("target: gcp\n", "target: Input should be 'ec2', 'ssh' or 'local'"),
+    "bad port": ("target: local\nssh:\n  port: 70000\n", "ssh.port: Input should be less than or equal to 65535"),
+    "port not a number": ("target: local\nssh:\n  port: twenty\n", "ssh.port: Input should be a valid integer"),
+    "ssh without host": ("target: ssh\n", "ssh.host: required when target is ssh"),
+    "ec2 without instance": ("target: ec2\n", "ec2: give instance_id or name"),
+    "ec2 with both": ("target: ec2\nec2:\n  instance_id: i-1\n  name: gpu\n", "give instance_id or name, not both"),
+    "train sets data_dir": ("target: local\ntrain:\n  data_dir: /x\n", "train.data_dir: set by orch itself"),
+    "train value a list": ("target: local\ntrain:\n  epochs: [1, 2]\n", "train.epochs: must be a string, number"),
+    "section not a mapping": ("target: local\nremote: 3\n", "remote: Input should be a valid dictionary"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("command", [["config", "check"], ["deploy"]])
+def test_every_config_error_is_one_line_and_exit_2(case: str, command: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    text, expected = CASES[case]
+    path = tmp_path / "deploy.yaml"
+    if text is not None:
+        path.write_text(text)
+    code = main([*command, "-c", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"orch: error: {path}:"), err
+    assert expected in err
+
+
+def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: ssh\nssh:\n  host: gpu.example.com\ntrain:\n  epochs: 5\n")
+    assert main(["config", "check", "-c", str(path)]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["ssh"] == {"host": "gpu.example.com", "port": 22, "user": "ubuntu", "key_file": None,
+                               "known_hosts": None, "connect_timeout": 10.0}
+    assert resolved["remote"]["root"] == "~/audio_emotion" and resolved["train"] == {"epochs": 5}
+    assert "base_dir" not in resolved
+
+
+def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "train"}
+    for section in ("Ec2Config", "SshConfig", "RemoteConfig", "DataConfig"):
+        for name, field in schema["$defs"][section]["properties"].items():
+            assert field.get("description"), f"{section}.{name} has no description"
+
+
+def test_shipped_example_is_valid() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "deploy.yaml")
+    assert cfg.target == "local" and cfg.remote_root.endswith("demo/remote")
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "deploy.yaml"
+    path.parent.mkdir()
+    path.write_text("target: local\nremote:\n  root: r\ndata:\n  remote_dir: d\n  local_dir: ../local\n")
+    cfg = load_config(path)
+    assert cfg.remote_root == str((tmp_path / "sub" / "r").resolve())
+    assert cfg.remote_data_dir == f"{cfg.remote_root}/d"
+    assert cfg.local_path(cfg.data.local_dir) == tmp_path / "sub" / "../local"
+
+
+def test_run_ids_sort_by_time_and_are_shell_safe() -> None:
+    a = new_run_id()
+    assert check_run_id(a) == a and len(a) == len("20261121-103015-a3f9")
+    for bad in ("", "-rf", "a b", "x;rm", "$(id)", "a/b", "../up", "é"):
+        with pytest.raises(ConfigError):
+            check_run_id(bad)
+
+
+def test_trainer_options_from_the_train_mapping() -> None:
+    assert trainer_options({"epochs": 5, "split": "speaker", "mixed_precision": True, "class_weights": False},
+                           ["--seed", "3"]) == ["--epochs", "5", "--split", "speaker", "--mixed-precision",
+                                                "--no-class-weights", "--seed", "3"]
