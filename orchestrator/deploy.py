@@ -14,9 +14,9 @@ from typing import Any
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import BusyError, ConfigError, RemoteError
+from orchestrator.machine import Machine, connect
 from orchestrator.remote import Remote, q
-from orchestrator.sync import CodeSync, DataSync, sync_code, sync_data
-from orchestrator.target import open_remote
+from orchestrator.sync import DataSync, sync_data
 from trainer import layout
 
 Log = Callable[[str], None]
@@ -69,49 +69,42 @@ def trainer_options(train: dict[str, Any], extra: Sequence[str]) -> list[str]:
     return options + list(extra)
 
 
-def probe_runs(remote: Remote, cfg: DeployConfig, code: CodeSync | str) -> list[dict[str, Any]]:
-    """Every run on the machine, with liveness, in one remote command."""
-    code_path = code.path if isinstance(code, CodeSync) else code
-    root = remote.expand(cfg.remote_root)
-    out = remote.run(f"PYTHONPATH={q(code_path)} {q(cfg.remote_python)} -m trainer.probe {q(root)}",
-                     what="listing runs").stdout
-    return json.loads(out)["runs"]
+def launch(m: Machine, run_id: str, options: Sequence[str], *, force: bool, fresh: bool, log: Log) -> int:
+    """Start ``python -m trainer train`` detached (it survives the SSH session); its pid.
 
-
-def active_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in runs if r["state"] == layout.RUNNING and r["alive"]]
-
-
-def launch(remote: Remote, cfg: DeployConfig, code: CodeSync, run_id: str, options: Sequence[str],
-           *, force: bool, log: Log) -> tuple[str, int]:
-    """Start ``python -m trainer train`` detached (it survives the SSH session); (run dir, pid)."""
-    busy = active_runs(probe_runs(remote, cfg, code))
+    ``fresh``: a new run (its folder must not exist); else the run folder is continued.
+    """
+    busy = [r for r in m.runs() if r["state"] == layout.RUNNING and r["alive"]]
     if busy and not force:
         ids = ", ".join(r["run_id"] for r in busy)
-        raise BusyError(f"run {ids} is still running on {remote.host}; wait for it, `orch stop` it, "
+        raise BusyError(f"run {ids} is still running on {m.remote.host}; wait for it, `orch stop` it, "
                         "or pass --force to start another beside it")
-    root = remote.expand(cfg.remote_root)
-    run_dir = layout.run_dir(root, run_id)
-    if remote.run(f"test -e {q(run_dir)}", check=False).code == 0:
-        raise ConfigError(f"run {run_id} already exists on {remote.host}; choose another --run-id")
-    resolved = cfg.model_dump(mode="json") | {"resolved": {"root": root, "code": code.path}}
-    remote.run(f"mkdir -p {q(run_dir)} && cat > {q(run_dir + '/' + layout.DEPLOY_JSON)}",
-               write=lambda fh: fh.write(json.dumps(resolved, indent=2).encode()), what="creating the run")
-    argv = [cfg.remote_python, "-m", "trainer", "train", "--data-dir", remote.expand(cfg.remote_data_dir),
+    remote, run_dir = m.remote, m.run_dir(run_id)
+    if fresh:
+        if remote.run(f"test -e {q(run_dir)}", check=False).code == 0:
+            raise ConfigError(f"run {run_id} already exists on {remote.host}; choose another --run-id")
+        resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
+        remote.run(f"mkdir -p {q(run_dir)} && cat > {q(run_dir + '/' + layout.DEPLOY_JSON)}",
+                   write=lambda fh: fh.write(json.dumps(resolved, indent=2).encode()), what="creating the run")
+    argv = [m.cfg.remote_python, "-m", "trainer", "train", "--data-dir", remote.expand(m.cfg.remote_data_dir),
             "--run-dir", run_dir, *options]
     log_path = f"{run_dir}/{layout.TRAIN_LOG}"
     # setsid + nohup + redirections: the process owns nothing of this SSH session. The `cd`
     # is a statement of its own: `cd X && cmd &` would background a shell that keeps the
     # session's stdout open (bash does not exec the last command) until training ends.
-    command = (f"cd {q(run_dir)} || exit 1; PYTHONPATH={q(code.path)} setsid nohup {' '.join(q(a) for a in argv)} "
-               f"> {q(log_path)} 2>&1 < /dev/null & echo $!")
+    # A continued run appends to its log.
+    redirect = ">" if fresh else ">>"
+    command = (f"cd {q(run_dir)} || exit 1; PYTHONPATH={q(m.code.path)} setsid nohup {' '.join(q(a) for a in argv)} "
+               f"{redirect} {q(log_path)} 2>&1 < /dev/null & echo $!")
     pid = int(remote.run(command, what="launching the trainer").stdout.split()[-1])
     log(f"launched run {run_id} (pid {pid}) on {remote.host}")
-    return run_dir, pid
+    wait_started(remote, run_dir, pid)
+    return pid
 
 
 def wait_started(remote: Remote, run_dir: str, pid: int, timeout: float = START_TIMEOUT) -> None:
-    """Succeed once status.json exists and the run has not failed; else show the log's tail."""
+    """Succeed once the new process (``pid``) wrote status.json and has not failed; else show
+    the log's tail. (A continued run's folder holds the status of the previous process.)"""
     status = f"{run_dir}/{layout.STATUS}"
     check = (f"cat {q(status)} 2>/dev/null || echo '{{}}'; echo; "
              f"kill -0 {pid} 2>/dev/null && echo ALIVE || echo GONE")
@@ -120,9 +113,10 @@ def wait_started(remote: Remote, run_dir: str, pid: int, timeout: float = START_
         out = remote.run(check, what="checking the run").stdout.strip().splitlines()
         alive = out[-1] == "ALIVE"
         try:
-            state = json.loads("\n".join(out[:-1]) or "{}").get("state")
+            status_doc = json.loads("\n".join(out[:-1]) or "{}")
         except ValueError:
-            state = None  # caught mid-rename: look again
+            status_doc = {}  # caught mid-rename: look again
+        state = status_doc.get("state") if status_doc.get("pid") == pid else None
         if state in (layout.RUNNING, layout.FINISHED, layout.STOPPED):
             return
         if state == layout.FAILED or not alive or time.monotonic() > deadline:
@@ -138,10 +132,42 @@ def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = Fa
            trainer_args: Sequence[str] = (), trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
     """The whole of ``orch deploy`` over one connection."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
-    with open_remote(cfg, trust_new_host=trust_new_host, log=log) as remote:
-        code = sync_code(remote, cfg, log)
-        data = sync_data(remote, cfg, log) if with_data else None
-        options = trainer_options(cfg.train, trainer_args)
-        run_dir, pid = launch(remote, cfg, code, run_id, options, force=force, log=log)
-        wait_started(remote, run_dir, pid)
-        return Launched(run_id, run_dir, remote.host, pid, code.version, code.transferred, data)
+    with connect(cfg, trust_new_host=trust_new_host, setup=True, log=log) as m:
+        data = sync_data(m.remote, cfg, log) if with_data else None
+        pid = launch(m, run_id, trainer_options(cfg.train, trainer_args), force=force, fresh=True, log=log)
+        return Launched(run_id, m.run_dir(run_id), m.remote.host, pid, m.code.version, m.code.transferred, data)
+
+
+# deploy.yaml `train:` keys an extended run takes over; the rest (epochs, learning rate,
+# warm-up, architecture, split...) come from the parent and the extension recipe.
+RESUME_KEEPS = ("cache_dir", "no_cache", "mixed_precision", "patience", "label_smoothing")
+
+
+def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None = None,
+           learning_rate: float | None = None, warmup_epochs: int | None = None, in_place: bool = False,
+           force: bool = False, trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
+    """Extend a finished run from its best checkpoint as a new run (default: the best
+    finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
+    with connect(cfg, trust_new_host=trust_new_host, setup=True, log=log) as m:
+        if in_place:
+            run = m.choose(run_id)
+            if run["state"] == layout.FINISHED:
+                raise ConfigError(f"run {run['run_id']} is finished; extend it with `orch resume {run['run_id']}`")
+            if run["alive"]:
+                raise BusyError(f"run {run['run_id']} is still running; nothing to continue")
+            target, options, fresh = run["run_id"], [], False
+        else:
+            parent = m.choose(run_id, best=True)
+            if parent["state"] != layout.FINISHED:
+                raise ConfigError(f"run {parent['run_id']} is {parent['state']}, not finished; continue it with "
+                                  f"`orch resume {parent['run_id']} --continue`")
+            overrides = {"epochs": epochs, "learning_rate": learning_rate, "warmup_epochs": warmup_epochs}
+            kept = {k: v for k, v in cfg.train.items() if k in RESUME_KEEPS}
+            options = ["--init-from", m.run_dir(parent["run_id"]),
+                       *trainer_options(kept | {k: v for k, v in overrides.items() if v is not None}, [])]
+            target, fresh = new_run_id(), True
+            log(f"extending run {parent['run_id']} (best val_accuracy {parent['best_val_accuracy']:.4f})")
+        pid = launch(m, target, options, force=force, fresh=fresh, log=log)
+        extra = {} if in_place else {"parent": parent["run_id"]}
+        return Launched(target, m.run_dir(target), m.remote.host, pid, m.code.version, m.code.transferred,
+                        extra=extra)

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 from orchestrator.errors import ConnectError, HostKeyError, RemoteError
 
 Writer = Callable[[BinaryIO], None]
-Progress = Callable[[int], None]  # bytes done so far
+BLOCK = 1 << 20
 
 
 def q(word: str) -> str:
@@ -70,8 +70,9 @@ class Remote(ABC):
         return path
 
     @abstractmethod
-    def get_file(self, path: str, local: Path, progress: Progress | None = None) -> None:
-        """Copy a remote file to ``local`` (the caller handles temp names and checksums)."""
+    def read_file(self, path: str, sink: Callable[[bytes], None]) -> None:
+        """Stream a remote file's bytes to ``sink`` in blocks (checksums and temp names are
+        the caller's)."""
 
     def close(self) -> None:  # noqa: B027 (nothing to release for the local target)
         """Release the connection."""
@@ -105,15 +106,13 @@ class LocalRemote(Remote):
         out, err = proc.communicate(timeout=timeout)
         return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
-    def get_file(self, path: str, local: Path, progress: Progress | None = None) -> None:
-        src = Path(self.expand(path))
-        with open(src, "rb") as fin, open(local, "wb") as fout:
-            done = 0
-            while block := fin.read(1 << 20):
-                fout.write(block)
-                done += len(block)
-                if progress is not None:
-                    progress(done)
+    def read_file(self, path: str, sink: Callable[[bytes], None]) -> None:
+        try:
+            with open(self.expand(path), "rb") as fh:
+                while block := fh.read(BLOCK):
+                    sink(block)
+        except OSError as exc:
+            raise RemoteError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def fingerprint(key: Any) -> str:
@@ -194,15 +193,40 @@ class SshRemote(Remote):
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise ConnectError(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
 
-    @property
-    def sftp(self) -> Any:
+    def openssh_argv(self) -> list[str]:
+        """OpenSSH with the very settings of this connection (same key, same known_hosts,
+        strict host key checking: the key was verified when we connected). For bulk data:
+        OpenSSH moves it about twice as fast as paramiko."""
+        t = self.target
+        cmd = ["ssh", "-p", str(t.port), "-l", t.user, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+               "-o", f"UserKnownHostsFile={t.known_hosts}", "-o", f"ConnectTimeout={int(t.connect_timeout)}",
+               "-o", "ServerAliveInterval=15"]
+        if t.key_file:
+            cmd += ["-i", t.key_file, "-o", "IdentitiesOnly=yes"]
+        return [*cmd, t.host]
+
+    def read_file(self, path: str, sink: Callable[[bytes], None]) -> None:
+        path = self.expand(path)
+        if which("ssh"):
+            proc = subprocess.Popen([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            assert proc.stdout is not None
+            while block := proc.stdout.read(BLOCK):
+                sink(block)
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            if proc.wait() != 0:
+                why = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
+                raise RemoteError(f"cannot read {path} on {self.host}: {why}")
+            return
         if self._sftp is None:
             self._sftp = self.client.open_sftp()
-        return self._sftp
-
-    def get_file(self, path: str, local: Path, progress: Progress | None = None) -> None:
-        self.sftp.get(self.expand(path), str(local),
-                      callback=(lambda done, _total: progress(done)) if progress else None)
+        try:
+            with self._sftp.open(path, "rb") as fh:
+                fh.prefetch()  # pipelined reads: paramiko's one-request-at-a-time is slow
+                while block := fh.read(BLOCK):
+                    sink(block)
+        except OSError as exc:
+            raise RemoteError(f"cannot read {path} on {self.host}: {exc}") from exc
 
     def close(self) -> None:
         if self._sftp is not None:

@@ -65,7 +65,7 @@ class CodeSync:
     setup_ran: bool
 
 
-def sync_code(remote: Remote, cfg: DeployConfig, log: Log) -> CodeSync:
+def sync_code(remote: Remote, cfg: DeployConfig, log: Log, *, run_setup: bool = True) -> CodeSync:
     """Make ROOT/code/<version>/ exist on the machine; transfer only if it does not yet."""
     bundle = code_bundle()
     root = remote.expand(cfg.remote_root)
@@ -82,10 +82,8 @@ def sync_code(remote: Remote, cfg: DeployConfig, log: Log) -> CodeSync:
             f"rm -rf {q(code_dir)}; mv {q(tmp)} {q(code_dir)}",
             write=lambda fh: fh.write(payload), what="unpacking the code",
         )
-    else:
-        log(f"code version {bundle.version} already on the machine")
     setup_ran = False
-    if cfg.remote.setup and (transferred or _SETUP_DONE not in probe):
+    if run_setup and cfg.remote.setup and (transferred or _SETUP_DONE not in probe):
         log(f"running remote.setup for code version {bundle.version}")
         # remote.setup is the user's own shell command: it is run as written, on purpose.
         result = remote.run(f"cd {q(code_dir)} && ( {cfg.remote.setup} ) > {SETUP_LOG} 2>&1 && touch {_SETUP_DONE}",
@@ -166,23 +164,11 @@ def _write_tar(fh: BinaryIO, local: Path, rels: list[str]) -> None:
             tar.add(local / rel, arcname=rel, recursive=False)
 
 
-def ssh_command(remote: SshRemote) -> list[str]:
-    """OpenSSH with the very settings of our paramiko connection (same key, same known_hosts,
-    strict host key checking: the key was verified when we connected)."""
-    t = remote.target
-    cmd = ["ssh", "-p", str(t.port), "-l", t.user, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-           "-o", f"UserKnownHostsFile={t.known_hosts}", "-o", f"ConnectTimeout={int(t.connect_timeout)}",
-           "-o", "ServerAliveInterval=15"]
-    if t.key_file:
-        cmd += ["-i", t.key_file, "-o", "IdentitiesOnly=yes"]
-    return [*cmd, t.host]
-
-
 def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[str], unpack: str) -> None:
     """`tar c | ssh host unpack`: OpenSSH moves bulk data about twice as fast as paramiko."""
     tar = subprocess.Popen(["tar", "-C", str(local), "--null", "-T", "-", "-cf", "-"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ssh = subprocess.Popen([*ssh_command(remote), unpack], stdin=tar.stdout, stdout=subprocess.PIPE,
+    ssh = subprocess.Popen([*remote.openssh_argv(), unpack], stdin=tar.stdout, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
     assert tar.stdin is not None and tar.stdout is not None
     tar.stdout.close()  # ssh holds it now; tar sees SIGPIPE if ssh dies

@@ -1,0 +1,72 @@
+"""An open connection to the training machine plus what every command asks of it: the
+runs there, one run's snapshot, choosing a run. Each question is ONE remote command."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config import DeployConfig
+from orchestrator.errors import ConfigError
+from orchestrator.remote import Remote, q
+from orchestrator.sync import CodeSync, sync_code
+from orchestrator.target import open_remote
+from trainer import layout
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Machine:
+    cfg: DeployConfig
+    remote: Remote
+    code: CodeSync
+    root: str  # remote.root, absolute
+
+    def run_dir(self, run_id: str) -> str:
+        return layout.run_dir(self.root, run_id)
+
+    def probe(self, *args: str | int) -> dict[str, Any]:
+        command = (f"PYTHONPATH={q(self.code.path)} {q(self.cfg.remote_python)} -m trainer.probe "
+                   + " ".join(q(str(a)) for a in args))
+        return json.loads(self.remote.run(command, what="asking the machine").stdout)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run, oldest first."""
+        runs = self.probe("runs", self.root)["runs"]
+        return sorted(runs, key=lambda r: (r.get("created") or 0, r["run_id"]))
+
+    def snapshot(self, run_id: str, metrics_offset: int = 0, log_lines: int = 10) -> dict[str, Any]:
+        return self.probe("snapshot", self.run_dir(run_id), metrics_offset, log_lines)
+
+    def choose(self, run_id: str | None, *, best: bool = False, finished: bool = False) -> dict[str, Any]:
+        """The named run; else the finished run with the highest best val accuracy (``best``);
+        else the latest run."""
+        runs = self.runs()
+        if run_id is not None:
+            for r in runs:
+                if r["run_id"] == run_id:
+                    return r
+            raise ConfigError(f"no run {run_id!r} on {self.remote.host}; `orch runs` lists them")
+        pool = [r for r in runs if r["state"] == layout.FINISHED] if finished or best else runs
+        if best:
+            pool = [r for r in pool if r.get("best_val_accuracy") is not None]
+            if pool:
+                return max(pool, key=lambda r: r["best_val_accuracy"])
+        elif pool:
+            return pool[-1]
+        kind = "finished run with a best checkpoint" if best or finished else "run"
+        raise ConfigError(f"no {kind} on {self.remote.host}; start one with `orch deploy`")
+
+
+@contextmanager
+def connect(cfg: DeployConfig, *, trust_new_host: bool = False, setup: bool = False,
+            log: Log = lambda _m: None) -> Iterator[Machine]:
+    """Open the machine, making sure the current code version is there (sending it only if
+    not: it is tiny); ``setup`` also runs remote.setup for a new version."""
+    with open_remote(cfg, trust_new_host=trust_new_host, log=log) as remote:
+        code = sync_code(remote, cfg, log, run_setup=setup)
+        yield Machine(cfg, remote, code, remote.expand(cfg.remote_root))

@@ -1,0 +1,223 @@
+"""``orch monitor``: a live view of one run, refreshed with ONE remote command each time."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from orchestrator.config import DeployConfig
+from orchestrator.errors import ConnectError, ExitCode
+from orchestrator.machine import connect
+from trainer import layout
+
+DIED = "died"  # the process is gone but status.json still says running
+EXIT_CODES = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED,
+              layout.STOPPED: ExitCode.RUN_STOPPED, DIED: ExitCode.RUN_DIED}
+LOG_LINES = 10
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    utilization: float | None  # %
+    memory_used: float | None  # MiB
+    memory_total: float | None  # MiB
+    temperature: float | None  # C
+    power: float | None  # W
+
+
+def parse_nvidia_smi(csv_text: str) -> list[Gpu]:
+    """Rows of `nvidia-smi --query-gpu=index,name,utilization.gpu,memory.used,memory.total,
+    temperature.gpu,power.draw --format=csv,noheader,nounits`; "[N/A]" and the like -> None."""
+
+    def number(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:
+            return None  # [N/A], [Not Supported], [Unknown Error]
+
+    gpus = []
+    for line in csv_text.splitlines():
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 7:
+            continue
+        # A GPU name may itself hold commas: the name is everything between the first field
+        # and the last five.
+        index, name, rest = parts[0], ", ".join(parts[1:-5]), parts[-5:]
+        gpus.append(Gpu(int(index), name, *(number(x) for x in rest)))
+    return gpus
+
+
+def sparkline(values: list[float], width: int = 30) -> str:
+    values = [v for v in values[-width:] if v == v]  # drop NaN
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in values)
+
+
+@dataclass
+class RunView:
+    """What monitor knows of a run, grown one snapshot at a time."""
+
+    run_id: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    alive: bool = False
+    gpus: list[Gpu] = field(default_factory=list)
+    gpu_error: str | None = None
+    load: dict[str, Any] = field(default_factory=dict)
+    log_tail: list[str] = field(default_factory=list)
+    note: str | None = None  # e.g. "reconnecting"
+
+    def update(self, snap: dict[str, Any]) -> None:
+        if snap["metrics_count"] < len(self.history):  # metrics.jsonl was rewritten (a continued run)
+            self.history = self.history[: snap["metrics_count"] - len(snap["metrics"])]
+        self.history += snap["metrics"]
+        self.status, self.alive = snap["status"], snap["run"]["alive"]
+        self.log_tail = snap["log_tail"]
+        smi = snap["nvidia_smi"]
+        self.gpus = parse_nvidia_smi(smi["csv"]) if smi.get("csv") else []
+        self.gpu_error = smi.get("error")
+        self.load = snap.get("load") or {}
+        self.note = None
+
+    @property
+    def state(self) -> str | None:
+        state = self.status.get("state")
+        return DIED if state == layout.RUNNING and not self.alive else state
+
+    @property
+    def final(self) -> bool:
+        return self.state in EXIT_CODES
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return EXIT_CODES.get(self.state or "", ExitCode.OK)
+
+    def eta_seconds(self) -> float | None:
+        epoch, epochs = self.status.get("epoch") or 0, self.status.get("epochs")
+        seconds = [h["seconds"] for h in self.history[-10:] if "seconds" in h]
+        if not epochs or not seconds or self.final:
+            return None
+        return statistics.median(seconds) * (epochs - epoch)
+
+    def to_json(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "run_id": self.run_id, "state": self.state, "epoch": self.status.get("epoch"),
+            "epochs": self.status.get("epochs"), "val_accuracy": last.get("val_accuracy"),
+            "best_val_accuracy": self.status.get("best_val_accuracy"), "best_epoch": self.status.get("best_epoch"),
+            "alive": self.alive, "error": self.status.get("error"), "eta_seconds": self.eta_seconds(),
+            "gpus": [asdict(g) for g in self.gpus], "load": self.load, "log_tail": self.log_tail,
+        }
+
+    def summary(self) -> str:
+        best = self.status.get("best_val_accuracy")
+        best_text = f"best val_accuracy {best:.4f} (epoch {self.status.get('best_epoch')})" if best is not None \
+            else "no best checkpoint"
+        where = f"epoch {self.status.get('epoch')}/{self.status.get('epochs')}"
+        text = f"run {self.run_id} {self.state} at {where}: {best_text}"
+        if self.state == layout.FAILED and self.status.get("error"):
+            text += f"; error: {self.status['error']}"
+        if self.state == DIED:
+            text += "; the process is gone without a final state (killed? out of memory?): " \
+                    f"`orch resume {self.run_id} --continue` picks it up from its last epoch"
+        return text
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        st = self.status
+        epoch, epochs = st.get("epoch") or 0, st.get("epochs") or 0
+        color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", layout.STOPPED: "yellow"}.get(
+            self.state or "", "cyan")
+        head = Text.assemble(("run ", "bold"), (self.run_id, "bold"), "  ", (str(self.state), f"bold {color}"),
+                             "  process " + ("alive" if self.alive else "not running"),
+                             f"  ({self.note})" if self.note else "")
+        eta = self.eta_seconds()
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(f"epoch {epoch}/{epochs}", ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
+                    f"ETA {_duration(eta)}" if eta is not None else "")
+        last = self.history[-1] if self.history else {}
+        acc = Table.grid(padding=(0, 2))
+        best = st.get("best_val_accuracy")
+        acc.add_row("val_accuracy", _fmt(last.get("val_accuracy")),
+                    "best", f"{_fmt(best)} (epoch {st.get('best_epoch')})" if best is not None else "-")
+        acc.add_row("val_acc trend", sparkline([h["val_accuracy"] for h in self.history]), "", "")
+        acc.add_row("loss trend", sparkline([h["loss"] for h in self.history]), "last", _fmt(last.get("loss")))
+        parts: list[Any] = [head, bar, acc, self._machine_table()]
+        if st.get("error"):
+            parts.append(Text(f"error: {st['error']}", style="red"))
+        parts.append(Text("\n".join(self.log_tail[-LOG_LINES:]), style="dim"))
+        return Group(*parts)
+
+    def _machine_table(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        if not self.gpus:
+            load = self.load
+            mem = (f", memory {load['mem_total_mb'] - load['mem_available_mb']}/{load['mem_total_mb']} MiB"
+                   if "mem_total_mb" in load else "")
+            avg = load.get("loadavg") or ["?"]
+            return Text(f"no GPU ({self.gpu_error or 'nvidia-smi found none'}); CPU load {avg[0]} "
+                        f"on {load.get('cpus', '?')} cores{mem}")
+        table = Table("GPU", "name", "util %", "memory MiB", "temp °C", "power W", box=None)
+        for g in self.gpus:
+            memory = f"{_fmt(g.memory_used, 0)}/{_fmt(g.memory_total, 0)}"
+            table.add_row(str(g.index), g.name, _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
+                          _fmt(g.power, 1))
+        return table
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def monitor(cfg: DeployConfig, run_id: str | None, *, interval: float = 5.0, once: bool = False,
+            show: Callable[[RunView], None] | None = None, trust_new_host: bool = False,
+            log: Callable[[str], None] = lambda _m: None, max_backoff: float = 30.0) -> RunView:
+    """Follow a run until it ends (or one snapshot with ``once``). ``show`` draws each refresh.
+    A dropped connection is retried with backoff; the run itself is never touched."""
+    view: RunView | None = None
+    backoff = 1.0
+    while True:
+        try:
+            with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+                if view is None:
+                    view = RunView(m.choose(run_id)["run_id"])
+                backoff = 1.0
+                while True:
+                    view.update(m.snapshot(view.run_id, len(view.history), LOG_LINES))
+                    if show is not None:
+                        show(view)
+                    if once or view.final:
+                        return view
+                    time.sleep(interval)
+        except ConnectError as exc:
+            if view is None:
+                raise  # never connected: nothing to keep watching
+            view.note = f"connection lost ({exc}); reconnecting in {backoff:.0f} s"
+            log(view.note)
+            if show is not None:
+                show(view)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)

@@ -1,0 +1,116 @@
+"""The companions of deploy and monitor: ``orch runs``, ``status``, ``logs``, ``stop``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from orchestrator import ec2
+from orchestrator.config import DeployConfig
+from orchestrator.errors import ConfigError, RemoteError
+from orchestrator.machine import Machine, connect
+from orchestrator.monitor import DIED, parse_nvidia_smi
+from orchestrator.remote import q
+from trainer import layout
+
+Log = Callable[[str], None]
+STOP_TIMEOUT = 120.0
+
+
+def state_of(run: dict[str, Any]) -> str | None:
+    """The run's state as users see it: ``died`` when the process is gone mid-run."""
+    return DIED if run["state"] == layout.RUNNING and not run["alive"] else run["state"]
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def list_runs(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> list[dict[str, Any]]:
+    """Every run on the machine, oldest first, with ``state`` as users see it and a duration."""
+    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+        runs = m.runs()
+    return [r | {"state": state_of(r), "seconds": _seconds_between(r.get("started_at"), r.get("updated_at"))}
+            for r in runs]
+
+
+def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> dict[str, Any]:
+    """Instance state and address, GPUs (or load), and the active run. A stopped instance is
+    reported as it is, not started."""
+    out: dict[str, Any] = {"target": cfg.target}
+    if cfg.target == "ec2":
+        inst = ec2.find_instance(ec2.client(cfg.ec2), cfg.ec2)
+        out["instance"] = {"id": inst.instance_id, "state": inst.state, "address": cfg.ssh.host or inst.address}
+        if inst.state != "running":
+            return out
+    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+        host = m.probe("host")
+        runs = m.runs()
+        out["host"] = m.remote.host
+    smi = host["nvidia_smi"]
+    out["gpus"] = [g.__dict__ for g in parse_nvidia_smi(smi["csv"])] if smi.get("csv") else []
+    out["gpu_error"] = smi.get("error")
+    out["load"] = host["load"]
+    active = [r for r in runs if r["state"] == layout.RUNNING and r["alive"]]
+    out["active_runs"] = [{"run_id": r["run_id"], "epoch": r["epoch"], "epochs": r["epochs"],
+                           "best_val_accuracy": r["best_val_accuracy"]} for r in active]
+    return out
+
+
+def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable[[str], None],
+         interval: float = 1.0, trust_new_host: bool = False, log: Log = lambda _m: None) -> str:
+    """Print train.log (default: the latest run); ``follow`` keeps printing until the run ends."""
+    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+        run_id = m.choose(run_id)["run_id"]
+        path = f"{m.run_dir(run_id)}/{layout.TRAIN_LOG}"
+        offset = 0
+        while True:
+            chunk = m.remote.run(f"tail -c +{offset + 1} {q(path)} 2>/dev/null", check=False).stdout
+            if chunk:
+                write(chunk)
+                offset += len(chunk.encode())
+            if not follow:
+                return run_id
+            run = m.choose(run_id)
+            if not (run["state"] == layout.RUNNING and run["alive"]):
+                rest = m.remote.run(f"tail -c +{offset + 1} {q(path)} 2>/dev/null", check=False).stdout
+                if rest:
+                    write(rest)
+                return run_id
+            time.sleep(interval)
+
+
+def stop(cfg: DeployConfig, run_id: str | None, *, timeout: float = STOP_TIMEOUT, trust_new_host: bool = False,
+         log: Log = lambda _m: None) -> dict[str, Any]:
+    """SIGTERM the run's process (default: the running one), wait for its final state."""
+    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+        run = _running(m, run_id)
+        # The probe just matched pid and start time: this pid is the trainer, not a reused one.
+        m.remote.run(f"kill -TERM {int(run['pid'])}", what="stopping the run")
+        log(f"sent SIGTERM to run {run['run_id']} (pid {run['pid']}); waiting for it to save and stop")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = m.choose(run["run_id"])
+            if not now["alive"]:
+                return now | {"state": state_of(now)}
+            time.sleep(1.0)
+    raise RemoteError(f"run {run['run_id']} did not stop within {timeout:.0f} s; it is still running")
+
+
+def _running(m: Machine, run_id: str | None) -> dict[str, Any]:
+    if run_id is not None:
+        run = m.choose(run_id)
+        if not run["alive"]:
+            raise ConfigError(f"run {run_id} is not running (state {state_of(run)})")
+        return run
+    active = [r for r in m.runs() if r["alive"]]
+    if not active:
+        raise ConfigError(f"no run is running on {m.remote.host}")
+    if len(active) > 1:
+        raise ConfigError(f"{len(active)} runs are running ({', '.join(r['run_id'] for r in active)}); name one")
+    return active[0]
