@@ -38,6 +38,10 @@ class ConnectError(OrchError):
     exit_code = ExitCode.CONNECT
 
 
+class ConnectionLost(ConnectError):
+    """An established connection dropped in the middle of a command."""
+
+
 class HostKeyError(OrchError):
     exit_code = ExitCode.HOST_KEY
 

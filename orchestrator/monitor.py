@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.config import DeployConfig
-from orchestrator.errors import ConnectError, ExitCode
+from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
 from orchestrator.machine import connect
 from trainer import layout
 
@@ -213,11 +213,13 @@ def monitor(cfg: DeployConfig, run_id: str | None, *, interval: float = 5.0, onc
                         return view
                     time.sleep(interval)
         except ConnectError as exc:
-            if view is None:
-                raise  # never connected: nothing to keep watching
-            view.note = f"connection lost ({exc}); reconnecting in {backoff:.0f} s"
-            log(view.note)
-            if show is not None:
-                show(view)
+            if view is None and not isinstance(exc, ConnectionLost):
+                raise  # cannot connect at all (wrong host, key, port): say so at once
+            note = f"connection lost ({exc}); reconnecting in {backoff:.0f} s"
+            log(note)
+            if view is not None:
+                view.note = note
+                if show is not None:
+                    show(view)
             time.sleep(backoff)
             backoff = min(backoff * 2, max_backoff)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from orchestrator.errors import ConnectError, HostKeyError, RemoteError
+from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
 
 Writer = Callable[[BinaryIO], None]
 BLOCK = 1 << 20
@@ -178,7 +178,7 @@ class SshRemote(Remote):
 
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
-            raise ConnectError(f"the connection to {self.host} was lost")
+            raise ConnectionLost(f"the connection to {self.host} was lost")
         try:
             chan = transport.open_session(timeout=self.target.connect_timeout)
             chan.settimeout(timeout)
@@ -189,9 +189,12 @@ class SshRemote(Remote):
             chan.shutdown_write()
             out_f, err_f = chan.makefile("rb"), chan.makefile_stderr("rb")
             out = _drain(chan, out_f, err_f)
-            return Result(chan.recv_exit_status(), out[0].decode(errors="replace"), out[1].decode(errors="replace"))
+            code = chan.recv_exit_status()
+            if code == -1:  # the channel closed without an exit status: the connection went away
+                raise ConnectionLost(f"the connection to {self.host} was lost during a command")
+            return Result(code, out[0].decode(errors="replace"), out[1].decode(errors="replace"))
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise ConnectError(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
 
     def openssh_argv(self) -> list[str]:
         """OpenSSH with the very settings of this connection (same key, same known_hosts,

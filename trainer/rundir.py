@@ -23,13 +23,16 @@ def now_iso() -> str:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), to tell pid reuse apart."""
+    """The kernel's start time of a living ``pid`` (clock ticks since boot), to tell pid
+    reuse apart; None when there is no such process, or only its zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Field 22; the command name (field 2) may hold spaces, so count after its ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    # The command name (field 2) may hold spaces, so count after its ')': field 3 is the
+    # state (Z/X: dead, waiting to be reaped), field 22 the start time.
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,79 @@
+"""Monitor's pure parts: nvidia-smi CSV, run state, trends, JSON snapshot."""
+
+from pathlib import Path
+
+from orchestrator.errors import ExitCode
+from orchestrator.monitor import RunView, parse_nvidia_smi, sparkline
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "nvidia-smi-4gpu.csv"
+
+
+def test_parses_several_gpus_from_real_csv() -> None:
+    gpus = parse_nvidia_smi(FIXTURE.read_text())
+    assert [g.index for g in gpus] == [0, 1, 2, 3]
+    assert gpus[0].name == "NVIDIA A10G" and gpus[0].utilization == 97 and gpus[0].memory_used == 21413
+    assert gpus[0].memory_total == 23028 and gpus[0].temperature == 71 and gpus[0].power == 205.31
+    assert gpus[2].power is None  # [N/A]
+    assert gpus[3].name == "NVIDIA A100-SXM4-40GB" and gpus[3].utilization is None  # [Not Supported]
+
+
+def test_names_with_commas_and_blank_lines() -> None:
+    gpus = parse_nvidia_smi("\n0, Tesla T4, rev 2, 10, 100, 15360, 40, 30.5\n\n")
+    assert len(gpus) == 1 and gpus[0].name == "Tesla T4, rev 2" and gpus[0].power == 30.5
+    assert parse_nvidia_smi("") == []
+
+
+def snap(state: str, alive: bool, metrics: list, count: int, smi: dict | None = None) -> dict:
+    return {"run": {"alive": alive}, "status": {"state": state, "epoch": count, "epochs": 10,
+                                                "best_val_accuracy": 0.5, "best_epoch": 1},
+            "metrics": metrics, "metrics_count": count, "log_tail": ["line"],
+            "nvidia_smi": smi or {"csv": None, "error": "no nvidia-smi"}, "load": {"cpus": 2, "loadavg": [0.5]}}
+
+
+def row(epoch: int, acc: float) -> dict:
+    return {"epoch": epoch, "loss": 1.0 / epoch, "accuracy": acc, "val_loss": 1.0, "val_accuracy": acc, "seconds": 2.0}
+
+
+def test_view_accumulates_metrics_and_knows_the_state() -> None:
+    view = RunView("r")
+    view.update(snap("running", True, [row(1, 0.3), row(2, 0.4)], 2, {"csv": FIXTURE.read_text(), "error": None}))
+    view.update(snap("running", True, [row(3, 0.5)], 3))
+    assert [h["epoch"] for h in view.history] == [1, 2, 3]
+    assert view.state == "running" and not view.final and view.eta_seconds() == 14.0
+    doc = view.to_json()
+    assert doc["val_accuracy"] == 0.5 and doc["gpus"] == [] and doc["alive"] is True
+    assert set(doc) >= {"state", "epoch", "epochs", "val_accuracy", "best_val_accuracy", "best_epoch",
+                        "alive", "gpus", "log_tail"}
+    view.update(snap("running", False, [], 3))
+    assert view.state == "died" and view.final and view.exit_code == ExitCode.RUN_DIED
+    assert "--continue" in view.summary()
+    # A continued run rewrites metrics.jsonl: monitor re-syncs instead of double counting.
+    view.update(snap("running", True, [row(1, 0.3), row(2, 0.4)], 2))
+    assert [h["epoch"] for h in view.history] == [1, 2]
+
+
+def test_exit_codes_per_final_state() -> None:
+    for state, code in (("finished", 0), ("failed", 8), ("stopped", 9)):
+        view = RunView("r")
+        view.update(snap(state, False, [], 0))
+        assert view.final and int(view.exit_code) == code
+
+
+def test_render_with_and_without_gpus() -> None:
+    from rich.console import Console
+
+    view = RunView("r")
+    view.update(snap("running", True, [row(1, 0.3)], 1, {"csv": FIXTURE.read_text(), "error": None}))
+    console = Console(record=True, width=120)
+    console.print(view.render())
+    text = console.export_text()
+    assert "NVIDIA A100-SXM4-40GB" in text and "21413/23028" in text and "epoch 1/10" in text
+    view.update(snap("running", True, [], 1))
+    console = Console(record=True, width=120)
+    console.print(view.render())
+    assert "no GPU (no nvidia-smi); CPU load 0.5 on 2 cores" in console.export_text()
+
+
+def test_sparkline() -> None:
+    assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
+    assert sparkline([]) == "" and sparkline([1.0, 1.0]) == "▁▁"
