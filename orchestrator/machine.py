@@ -23,8 +23,17 @@ Log = Callable[[str], None]
 class Machine:
     cfg: DeployConfig
     remote: Remote
-    code: CodeSync
     root: str  # remote.root, absolute
+    log: Log = lambda _m: None
+    setup: bool = False
+    _code: CodeSync | None = None
+
+    @property
+    def code(self) -> CodeSync:
+        """The current code version on the machine, sent (tiny) the first time it is needed."""
+        if self._code is None:
+            self._code = sync_code(self.remote, self.cfg, self.log, run_setup=self.setup)
+        return self._code
 
     def run_dir(self, run_id: str) -> str:
         return layout.run_dir(self.root, run_id)
@@ -65,8 +74,7 @@ class Machine:
 @contextmanager
 def connect(cfg: DeployConfig, *, trust_new_host: bool = False, setup: bool = False,
             log: Log = lambda _m: None) -> Iterator[Machine]:
-    """Open the machine, making sure the current code version is there (sending it only if
-    not: it is tiny); ``setup`` also runs remote.setup for a new version."""
+    """Open the machine. The current code version is made sure of when first needed (sent
+    only if missing); ``setup`` also runs remote.setup for a new version."""
     with open_remote(cfg, trust_new_host=trust_new_host, log=log) as remote:
-        code = sync_code(remote, cfg, log, run_setup=setup)
-        yield Machine(cfg, remote, code, remote.expand(cfg.remote_root))
+        yield Machine(cfg, remote, remote.expand(cfg.remote_root), log, setup)

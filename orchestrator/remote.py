@@ -12,6 +12,7 @@ import hashlib
 import shlex
 import shutil
 import subprocess
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, BinaryIO
 from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
 
 Writer = Callable[[BinaryIO], None]
+Progress = Callable[[int], None]  # bytes received so far
 BLOCK = 1 << 20
 
 
@@ -70,9 +72,9 @@ class Remote(ABC):
         return path
 
     @abstractmethod
-    def read_file(self, path: str, sink: Callable[[bytes], None]) -> None:
-        """Stream a remote file's bytes to ``sink`` in blocks (checksums and temp names are
-        the caller's)."""
+    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
+        """Copy a remote file to ``local`` (a temp name: renaming is the caller's); returns the
+        sha256 of the bytes received, computed on the way."""
 
     def close(self) -> None:  # noqa: B027 (nothing to release for the local target)
         """Release the connection."""
@@ -106,11 +108,10 @@ class LocalRemote(Remote):
         out, err = proc.communicate(timeout=timeout)
         return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
-    def read_file(self, path: str, sink: Callable[[bytes], None]) -> None:
+    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
         try:
-            with open(self.expand(path), "rb") as fh:
-                while block := fh.read(BLOCK):
-                    sink(block)
+            with open(self.expand(path), "rb") as src:
+                return _copy_hashing(src, local, progress)
         except OSError as exc:
             raise RemoteError(f"cannot read {path}: {exc.strerror}") from exc
 
@@ -203,31 +204,35 @@ class SshRemote(Remote):
         t = self.target
         cmd = ["ssh", "-p", str(t.port), "-l", t.user, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                "-o", f"UserKnownHostsFile={t.known_hosts}", "-o", f"ConnectTimeout={int(t.connect_timeout)}",
-               "-o", "ServerAliveInterval=15"]
+               "-o", "ServerAliveInterval=15",
+               # AES-GCM first: with the AES instructions of any recent x86 or ARM server it moves
+               # bulk data ~1.5x faster than OpenSSH's default chacha20 (bench/bench_download.py).
+               "-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
         if t.key_file:
             cmd += ["-i", t.key_file, "-o", "IdentitiesOnly=yes"]
         return [*cmd, t.host]
 
-    def read_file(self, path: str, sink: Callable[[bytes], None]) -> None:
+    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
         path = self.expand(path)
         if which("ssh"):
-            proc = subprocess.Popen([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
-            assert proc.stdout is not None
-            while block := proc.stdout.read(BLOCK):
-                sink(block)
+            # ssh writes straight into the file; a thread hashes what has landed, from the page
+            # cache, meanwhile: no copy through Python (measured: the difference between 1.5x
+            # and 1x of scp's time on 2 cores).
+            with open(local, "wb") as out:
+                proc = subprocess.Popen([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=out,
+                                        stderr=subprocess.PIPE)
+                digest = _hash_growing(local, proc, progress)
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            if proc.wait() != 0:
+            if proc.returncode != 0:
                 why = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
                 raise RemoteError(f"cannot read {path} on {self.host}: {why}")
-            return
+            return digest
         if self._sftp is None:
             self._sftp = self.client.open_sftp()
         try:
-            with self._sftp.open(path, "rb") as fh:
-                fh.prefetch()  # pipelined reads: paramiko's one-request-at-a-time is slow
-                while block := fh.read(BLOCK):
-                    sink(block)
+            with self._sftp.open(path, "rb") as src:
+                src.prefetch()  # pipelined reads: paramiko's one-request-at-a-time is slow
+                return _copy_hashing(src, local, progress)
         except OSError as exc:
             raise RemoteError(f"cannot read {path} on {self.host}: {exc}") from exc
 
@@ -235,6 +240,36 @@ class SshRemote(Remote):
         if self._sftp is not None:
             self._sftp.close()
         self.client.close()
+
+
+def _copy_hashing(src: Any, local: Path, progress: Progress | None) -> str:
+    h = hashlib.sha256()
+    done = 0
+    with open(local, "wb") as out:
+        while block := src.read(BLOCK):
+            out.write(block)
+            h.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(done)
+    return h.hexdigest()
+
+
+def _hash_growing(local: Path, proc: subprocess.Popen[bytes], progress: Progress | None) -> str:
+    """sha256 of a file another process is still writing, read as it grows, until it exits."""
+    h = hashlib.sha256()
+    done = 0
+    with open(local, "rb") as fh:
+        while True:
+            finished = proc.poll() is not None  # look before reading: then nothing is missed
+            while block := fh.read(BLOCK):
+                h.update(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done)
+            if finished:
+                return h.hexdigest()
+            time.sleep(0.005)
 
 
 def _drain(chan: Any, out_f: Any, err_f: Any) -> tuple[bytes, bytes]:
