@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+ORCH   := $(VENV)/bin/orch
 DEMO   ?= demo
 
 .PHONY: demo test lint bench clean
@@ -13,10 +14,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,trainer]'
 	touch $@
 
-## demo: SYNTHETIC data -> check it -> train on the local target
+## demo: the whole loop on the local target (deploy.yaml), on a SYNTHETIC data set
 demo: $(VENV)/.installed
 	$(PY) -m trainer synth $(DEMO)/data --n 1000 --seed 0
 	$(PY) -m trainer check-data $(DEMO)/data
+	$(ORCH) deploy --sync-data
+	$(ORCH) monitor --interval 2
+	$(ORCH) download --best
+	$(ORCH) resume --epochs 5
+	$(ORCH) monitor --interval 2
+	$(ORCH) runs
 
 ## test: the whole test suite (unit + integration)
 test: $(VENV)/.installed
@@ -24,6 +31,13 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+## bench: every benchmark (each prints ratios against its named baseline; ~10 minutes)
+bench: $(VENV)/.installed
+	$(PY) bench/bench_load.py
+	$(PY) bench/bench_train.py --n 3000 --epochs 25
+	$(PY) bench/bench_sync.py
+	$(PY) bench/bench_download.py
 
 clean:
 	rm -rf $(DEMO) artifacts .pytest_cache

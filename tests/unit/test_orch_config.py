@@ -66,8 +66,11 @@ def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_shipped_example_is_valid() -> None:
+    import sys
+
     cfg = load_config(Path(__file__).parents[2] / "deploy.yaml")
     assert cfg.target == "local" and cfg.remote_root.endswith("demo/remote")
+    assert cfg.remote_python == sys.executable  # the demo trains with the Python that has TensorFlow
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
