@@ -67,7 +67,7 @@ def version() -> None:
 def config_check(config: str = ConfigOpt) -> None:
     """Validate the file and print the resolved configuration (defaults filled in)."""
     cfg = _load(config)
-    env.out.print_json(json.dumps(cfg.model_dump(mode="json")))
+    _print_json(cfg.model_dump(mode="json"))
 
 
 @config_app.command("schema")
@@ -75,7 +75,7 @@ def config_schema() -> None:
     """Print the JSON schema of deploy.yaml (for editor completion)."""
     from orchestrator.config import json_schema
 
-    env.out.print_json(json.dumps(json_schema()))
+    _print_json(json_schema())
 
 
 @app.command()
@@ -132,11 +132,19 @@ def deploy(
 
     launched = run_deploy(_load(config), run_id=run_id, with_data=sync_data, force=force,
                           trainer_args=ctx.args, trust_new_host=trust_new_host, log=env.log)
+    _show_launched(launched, json_out)
+
+
+def _show_launched(launched: Any, json_out: bool, how: str = "") -> None:
     if json_out:
-        env.out.print_json(json.dumps(launched.to_json()))
+        _print_json(launched.to_json())
     else:
-        env.out.print(f"run {launched.run_id} started on {launched.host} (pid {launched.pid}); "
+        env.out.print(f"run {launched.run_id} started on {launched.host} (pid {launched.pid}{how}); "
                       f"watch it with: orch monitor {launched.run_id}")
+
+
+def _print_json(obj: Any) -> None:
+    env.out.print_json(json.dumps(obj))
 
 
 @app.command()
@@ -159,12 +167,7 @@ def resume(
     launched = run_resume(_load(config), run, epochs=epochs, learning_rate=learning_rate,
                           warmup_epochs=warmup_epochs, in_place=in_place, force=force,
                           trust_new_host=trust_new_host, log=env.log)
-    if json_out:
-        env.out.print_json(json.dumps(launched.to_json()))
-    else:
-        what = "continued" if in_place else f"extends {launched.extra.get('parent')}"
-        env.out.print(f"run {launched.run_id} started on {launched.host} (pid {launched.pid}; {what}); "
-                      f"watch it with: orch monitor {launched.run_id}")
+    _show_launched(launched, json_out, "; continued" if in_place else f"; extends {launched.extra.get('parent')}")
 
 
 @app.command()
@@ -186,7 +189,7 @@ def monitor(
     if json_out or once:
         view = run_monitor(cfg, run, once=True, trust_new_host=trust_new_host, log=env.log)
         if json_out:
-            env.out.print_json(json.dumps(view.to_json()))
+            _print_json(view.to_json())
         else:
             env.out.print(view.render())
         return int(view.exit_code)
@@ -225,7 +228,7 @@ def download(
         got = run_download(_load(config), run, latest=latest, dest=dest, progress=progress,
                            trust_new_host=trust_new_host, log=env.log)
     if json_out:
-        env.out.print_json(json.dumps(got.to_json()))
+        _print_json(got.to_json())
         return
     acc = f"{got.best_val_accuracy:.4f}" if got.best_val_accuracy is not None else "n/a"
     env.out.print(f"run {got.run_id}: best val_accuracy {acc}; {len(got.fetched)} files fetched, "
@@ -241,7 +244,7 @@ def runs_cmd(config: str = ConfigOpt, json_out: bool = JsonOpt, trust_new_host: 
 
     runs = list_runs(_load(config), trust_new_host=trust_new_host, log=env.log)
     if json_out:
-        env.out.print_json(json.dumps(runs))
+        _print_json(runs)
         return
     table = Table("run", "parent", "state", "epoch", "best val acc", "started", "duration")
     for r in runs:
@@ -259,7 +262,7 @@ def status(config: str = ConfigOpt, json_out: bool = JsonOpt, trust_new_host: bo
 
     st = machine_status(_load(config), trust_new_host=trust_new_host, log=env.log)
     if json_out:
-        env.out.print_json(json.dumps(st))
+        _print_json(st)
         return
     if "instance" in st:
         i = st["instance"]
@@ -305,7 +308,7 @@ def stop(
 
     final = run_stop(_load(config), run, trust_new_host=trust_new_host, log=env.log)
     if json_out:
-        env.out.print_json(json.dumps(final))
+        _print_json(final)
     else:
         env.out.print(f"run {final['run_id']} {final['state']} at epoch {final.get('epoch')}/{final.get('epochs')}")
     return 0 if final["state"] == "stopped" else int(EXIT_CODES.get(final["state"] or "", 1))
