@@ -1,6 +1,6 @@
 """The local half of orch: config, EC2, SSH, sync, deploy, monitor, download.
 
-Never imports TensorFlow. boto3 and fabric are imported lazily inside the functions that
+Never imports TensorFlow. boto3 and paramiko are imported lazily inside the functions that
 need them, so ``orch --help`` starts fast.
 """
 
