@@ -192,6 +192,34 @@ def test_predict_matches_evaluate(tmp_path: Path, data: Path, parent: Path) -> N
     assert "Confusion matrix" in human and "unweighted accuracy" in human
 
 
+def test_given_statistics_are_used_not_recomputed(tmp_path: Path, data: Path) -> None:
+    given = tmp_path / "given"
+    given.mkdir()
+    np.save(given / layout.STATS_MEAN, np.full(24, 0.5, np.float32))
+    np.save(given / layout.STATS_STD, np.full(24, 2.0, np.float32))
+    run = tmp_path / "with-stats"
+    out = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "1", "--stats-dir", given, *TINY)
+    assert f"normalization statistics from {given}" in out.stdout
+    assert (np.load(run / "stats" / layout.STATS_MEAN) == 0.5).all()
+    assert (np.load(run / "stats" / layout.STATS_STD) == 2.0).all()
+    # Found in the data folder itself (the old scripts' layout), they are used too.
+    import shutil
+
+    local = tmp_path / "data-with-stats"
+    shutil.copytree(data, local)
+    shutil.copy(given / layout.STATS_MEAN, local)
+    shutil.copy(given / layout.STATS_STD, local)
+    run2 = tmp_path / "found-stats"
+    out = run_trainer("train", "--data-dir", local, "--run-dir", run2, "--epochs", "1", *TINY)
+    assert f"normalization statistics from {local}\n" in out.stdout
+    assert (np.load(run2 / "stats" / layout.STATS_STD) == 2.0).all()
+    # Wrong shape: one clear error, state failed.
+    np.save(given / layout.STATS_MEAN, np.zeros(5, np.float32))
+    bad = run_trainer("train", "--data-dir", data, "--run-dir", tmp_path / "bad-stats", "--stats-dir", given,
+                      "--epochs", "1", *TINY, check=False)
+    assert bad.returncode == 3 and "does not match the features' per-frame shape" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_nan_loss_ends_in_failed_with_a_message(tmp_path: Path, data: Path) -> None:
     run = tmp_path / "nan"
     proc = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "3",
