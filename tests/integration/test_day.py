@@ -41,7 +41,7 @@ def day(tmp_path_factory: pytest.TempPathFactory, sshd: Sshd, moto_endpoint: str
              "key_file": str(sshd.client_key), "known_hosts": str(work / "known_hosts")},
         remote={"root": str(work / "remote"), "python": sys.executable},
         data={"remote_dir": "data", "local_dir": "features"},
-        train={"epochs": 25, "learning_rate": 0.003, "warmup_epochs": 1, "batch_size": 16, "hidden": 32,
+        train={"epochs": 60, "learning_rate": 0.003, "warmup_epochs": 1, "batch_size": 16, "hidden": 32,
                "attention": 16, "seed": 1, "cache_dir": str(work / "cache")})
     return {"work": work, "cfg": cfg, "env": env}
 
@@ -91,7 +91,8 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     assert all(s["alive"] and s["run_id"] == "first" for s in snaps)
     assert snaps[-1]["gpus"] == [] and "loadavg" in snaps[-1]["load"] and snaps[-1]["log_tail"]
 
-    # monitor until the end, while its SSH connection is killed under it
+    # monitor until the end, while its SSH connection is killed under it (60 epochs: the run
+    # outlasts monitor's start-up and the kill by far, even on a slow machine)
     mon = subprocess.Popen([sys.executable, "-m", "orchestrator", "monitor", "first", "-c", str(day["cfg"]),
                             "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=trainer_env() | day["env"])
@@ -109,7 +110,7 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     assert killed, "monitor had no SSH connection to kill"
     assert mon.returncode == 0, err
     assert "reconnecting" in err
-    assert "run first finished at epoch 25/25" in out
+    assert "run first finished at epoch 60/60" in out
     parent = status(run_dir)
     assert parent["state"] == "finished"
 
