@@ -140,7 +140,7 @@ def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = Fa
 
 # deploy.yaml `train:` keys an extended run takes over; the rest (epochs, learning rate,
 # warm-up, architecture, split...) come from the parent and the extension recipe.
-RESUME_KEEPS = ("cache_dir", "no_cache", "mixed_precision", "patience", "label_smoothing")
+RESUME_KEEPS = ("cache_dir", "no_cache", "mixed_precision", "patience")
 
 
 def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None = None,
