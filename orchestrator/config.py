@@ -10,8 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator.errors import ConfigError
 
-DEFAULT_CONFIG = "deploy.yaml"
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import tarfile
 import time
@@ -16,7 +17,7 @@ from typing import BinaryIO
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.remote import Remote, SshRemote, q, which
+from orchestrator.remote import Remote, SshRemote, q
 from trainer import layout
 
 Log = Callable[[str], None]
@@ -62,7 +63,6 @@ class CodeSync:
     version: str
     path: str  # absolute code folder on the machine (its parent of trainer/)
     transferred: bool
-    setup_ran: bool
 
 
 def sync_code(remote: Remote, cfg: DeployConfig, log: Log, *, run_setup: bool = True) -> CodeSync:
@@ -82,7 +82,6 @@ def sync_code(remote: Remote, cfg: DeployConfig, log: Log, *, run_setup: bool = 
             f"rm -rf {q(code_dir)}; mv {q(tmp)} {q(code_dir)}",
             write=lambda fh: fh.write(payload), what="unpacking the code",
         )
-    setup_ran = False
     if run_setup and cfg.remote.setup and (transferred or _SETUP_DONE not in probe):
         log(f"running remote.setup for code version {bundle.version}")
         # remote.setup is the user's own shell command: it is run as written, on purpose.
@@ -92,8 +91,7 @@ def sync_code(remote: Remote, cfg: DeployConfig, log: Log, *, run_setup: bool = 
             tail = remote.run(f"tail -n 5 {q(code_dir + '/' + SETUP_LOG)}", check=False).stdout.strip()
             raise RemoteError(f"remote.setup failed (exit {result.code}); last lines of "
                               f"{code_dir}/{SETUP_LOG}: {' | '.join(tail.splitlines())}")
-        setup_ran = True
-    return CodeSync(bundle.version, code_dir, transferred, setup_ran)
+    return CodeSync(bundle.version, code_dir, transferred)
 
 
 @dataclass(frozen=True)
@@ -130,7 +128,8 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
         have[rel] = (int(size), int(mtime))
     changed_stats = [(rel, st) for rel, st in _local_files(local) if have.get(rel) != (st.st_size, int(st.st_mtime))]
     changed = [rel for rel, _ in changed_stats]
-    method = "ssh" if use_ssh_client and isinstance(remote, SshRemote) and which("ssh") and which("tar") else "channel"
+    over_openssh = isinstance(remote, SshRemote) and shutil.which("ssh") and shutil.which("tar")
+    method = "ssh" if use_ssh_client and over_openssh else "channel"
     if changed:
         # A hidden sibling of the data folder: same file system, never read as data.
         staging = f"{parent}/{incoming}{time.time_ns()}"

@@ -89,7 +89,6 @@ class ScanInfo:
 
     files_by_kind: dict[str, int] = field(default_factory=dict)
     patterns: dict[str, int] = field(default_factory=dict)
-    stats_files: list[str] = field(default_factory=list)
     array_keys: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, int] = field(default_factory=dict)
 
@@ -145,7 +144,6 @@ def _walk(root: Path) -> tuple[list[_Candidate], ScanInfo]:
     """List feature files below root (sorted, hidden folders skipped) and count the rest."""
     candidates: list[_Candidate] = []
     kinds: Counter[str] = Counter()
-    stats: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # Hidden folders hold caches and tool state, never samples.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -157,12 +155,11 @@ def _walk(root: Path) -> tuple[list[_Candidate], ScanInfo]:
                 kinds["other"] += 1
             elif is_stats_file(name):
                 kinds["stats"] += 1
-                stats.append(rel)
             else:
                 kinds[ext[1:]] += 1
                 st = path.stat()
                 candidates.append(_Candidate(rel, st.st_size, st.st_mtime_ns))
-    return candidates, ScanInfo(files_by_kind=dict(kinds), stats_files=stats)
+    return candidates, ScanInfo(files_by_kind=dict(kinds))
 
 
 # --------------------------------------------------------------------------- arrays

@@ -32,7 +32,6 @@ BEST_WEIGHTS = f"{CHECKPOINTS_DIR}/best.weights.h5"
 LAST_WEIGHTS = f"{CHECKPOINTS_DIR}/last.weights.h5"
 # Epoch, best-so-far and optimizer step of last.weights.h5: what a killed run continues from.
 LAST_STATE = f"{CHECKPOINTS_DIR}/last.state.json"
-LAST_OPTIMIZER = f"{CHECKPOINTS_DIR}/last.optimizer.npz"
 
 STATS_DIR = "stats"
 STATS_MEAN = "wav2vec_mean.npy"
@@ -48,7 +47,6 @@ RUNNING = "running"
 FINISHED = "finished"
 FAILED = "failed"
 STOPPED = "stopped"
-STATES = (RUNNING, FINISHED, FAILED, STOPPED)
 FINAL_STATES = (FINISHED, FAILED, STOPPED)
 
 # Keys of one metrics.jsonl line (more may follow; readers must ignore unknown keys).
