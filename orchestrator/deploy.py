@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import BusyError, ConfigError, RemoteError
-from orchestrator.machine import Machine, connect
+from orchestrator.machine import Machine, connect, is_active
 from orchestrator.remote import Remote, q
 from orchestrator.sync import DataSync, sync_data
 from trainer import layout
@@ -74,7 +74,7 @@ def launch(m: Machine, run_id: str, options: Sequence[str], *, force: bool, fres
 
     ``fresh``: a new run (its folder must not exist); else the run folder is continued.
     """
-    busy = [r for r in m.runs() if r["state"] == layout.RUNNING and r["alive"]]
+    busy = [r for r in m.runs() if is_active(r)]
     if busy and not force:
         ids = ", ".join(r["run_id"] for r in busy)
         raise BusyError(f"run {ids} is still running on {m.remote.host}; wait for it, `orch stop` it, "

@@ -17,6 +17,17 @@ from orchestrator.target import open_remote
 from trainer import layout
 
 Log = Callable[[str], None]
+DIED = "died"  # the process is gone but status.json still says running
+
+
+def is_active(run: dict[str, Any]) -> bool:
+    """Running, and its process really alive (pid and start time match)."""
+    return run["state"] == layout.RUNNING and bool(run["alive"])
+
+
+def state_of(run: dict[str, Any]) -> str | None:
+    """The run's state as users see it: ``died`` when the process is gone mid-run."""
+    return DIED if run["state"] == layout.RUNNING and not run["alive"] else run["state"]
 
 
 @dataclass

@@ -10,10 +10,9 @@ from typing import Any
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
-from orchestrator.machine import connect
+from orchestrator.machine import DIED, connect, state_of
 from trainer import layout
 
-DIED = "died"  # the process is gone but status.json still says running
 EXIT_CODES = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED,
               layout.STOPPED: ExitCode.RUN_STOPPED, DIED: ExitCode.RUN_DIED}
 LOG_LINES = 10
@@ -92,8 +91,7 @@ class RunView:
 
     @property
     def state(self) -> str | None:
-        state = self.status.get("state")
-        return DIED if state == layout.RUNNING and not self.alive else state
+        return state_of({"state": self.status.get("state"), "alive": self.alive})
 
     @property
     def final(self) -> bool:

@@ -10,18 +10,13 @@ from typing import Any
 from orchestrator import ec2
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.machine import Machine, connect
-from orchestrator.monitor import DIED, parse_nvidia_smi
+from orchestrator.machine import Machine, connect, is_active, state_of
+from orchestrator.monitor import parse_nvidia_smi
 from orchestrator.remote import q
 from trainer import layout
 
 Log = Callable[[str], None]
 STOP_TIMEOUT = 120.0
-
-
-def state_of(run: dict[str, Any]) -> str | None:
-    """The run's state as users see it: ``died`` when the process is gone mid-run."""
-    return DIED if run["state"] == layout.RUNNING and not run["alive"] else run["state"]
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:
@@ -56,7 +51,7 @@ def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log 
     out["gpus"] = [g.__dict__ for g in parse_nvidia_smi(smi["csv"])] if smi.get("csv") else []
     out["gpu_error"] = smi.get("error")
     out["load"] = host["load"]
-    active = [r for r in runs if r["state"] == layout.RUNNING and r["alive"]]
+    active = [r for r in runs if is_active(r)]
     out["active_runs"] = [{"run_id": r["run_id"], "epoch": r["epoch"], "epochs": r["epochs"],
                            "best_val_accuracy": r["best_val_accuracy"]} for r in active]
     return out
@@ -77,7 +72,7 @@ def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable
             if not follow:
                 return run_id
             run = m.choose(run_id)
-            if not (run["state"] == layout.RUNNING and run["alive"]):
+            if not is_active(run):
                 rest = m.remote.run(f"tail -c +{offset + 1} {q(path)} 2>/dev/null", check=False).stdout
                 if rest:
                     write(rest)
