@@ -184,18 +184,17 @@ def _stats(cfg: TrainConfig, run: RunDir, ds: Any, split: Split, log: Log) -> St
     """This run's stats, else --stats-dir (or the parent's), else the data dir's, else computed
     on the training split. Whatever is used is saved into the run's stats/."""
     own = run.file(layout.STATS_DIR)
-    candidates = [own, Path(cfg.stats_dir) if cfg.stats_dir else None, Path(cfg.data_dir)]
-    for where in candidates:
-        if where is not None and find_stats(where) is not None:
-            stats = load_stats(where, ds.feature_shape)
-            log(f"normalization statistics from {where}")
-            break
-    else:
-        if cfg.stats_dir:
-            raise DataError(f"--stats-dir {cfg.stats_dir}: no {layout.STATS_MEAN} / {layout.STATS_STD} there")
+    given = Path(cfg.stats_dir) if cfg.stats_dir else None
+    if given is not None and find_stats(own) is None and find_stats(given) is None:
+        raise DataError(f"--stats-dir {cfg.stats_dir}: no {layout.STATS_MEAN} / {layout.STATS_STD} there")
+    source = next((d for d in (own, given, Path(cfg.data_dir)) if d is not None and find_stats(d)), None)
+    if source is None:
         stats = compute_stats(ds, split.train)
         log("normalization statistics computed on the training split")
-    if where != own:
+    else:
+        stats = load_stats(source, ds.feature_shape)
+        log(f"normalization statistics from {source}")
+    if source != own:
         save_stats(stats, own)
     return stats
 

@@ -213,6 +213,12 @@ def test_given_statistics_are_used_not_recomputed(tmp_path: Path, data: Path) ->
     out = run_trainer("train", "--data-dir", local, "--run-dir", run2, "--epochs", "1", *TINY)
     assert f"normalization statistics from {local}\n" in out.stdout
     assert (np.load(run2 / "stats" / layout.STATS_STD) == 2.0).all()
+    # A --stats-dir without statistics is an error, even when the data folder has some.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = run_trainer("train", "--data-dir", local, "--run-dir", tmp_path / "no-stats", "--stats-dir", empty,
+                          "--epochs", "1", *TINY, check=False)
+    assert missing.returncode == 3 and f"--stats-dir {empty}: no wav2vec_mean.npy" in missing.stderr
     # Wrong shape: one clear error, state failed.
     np.save(given / layout.STATS_MEAN, np.zeros(5, np.float32))
     bad = run_trainer("train", "--data-dir", data, "--run-dir", tmp_path / "bad-stats", "--stats-dir", given,
