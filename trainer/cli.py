@@ -207,15 +207,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from trainer.data import FEATURE_EXTENSIONS, as_frames, is_stats_file, load_array
+    from trainer.data import as_frames, feature_files, load_array
     from trainer.evaluate import load_run_model, predict_probabilities
 
     model, stats, classes, shape = load_run_model(args.run_dir)
     files: list[Path] = []
     for path in args.paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in FEATURE_EXTENSIONS
-                            and not is_stats_file(p.name))
+            files += feature_files(path)
         elif path.is_file():
             files.append(path)
         else:

@@ -140,6 +140,11 @@ class _Candidate:
     mtime_ns: int
 
 
+def feature_files(root: Path) -> list[Path]:
+    """The feature files below ``root``, exactly as the loader sees them."""
+    return [root / c.rel for c in _walk(root)[0]]
+
+
 def _walk(root: Path) -> tuple[list[_Candidate], ScanInfo]:
     """List feature files below root (sorted, hidden folders skipped) and count the rest."""
     candidates: list[_Candidate] = []
