@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from orchestrator.errors import ConfigError
+from trainer import options as trainer_options
 
 
 class _Section(BaseModel):
@@ -47,15 +49,49 @@ class DataConfig(_Section):
     local_dir: str | None = Field(None, description="local feature folder that `orch deploy --sync-data` uploads")
 
 
+def _option_field(option: trainer_options.Option) -> Any:
+    """One `train:` key, typed and described by the trainer's own options table."""
+    kind: Any = Literal[option.choices] if option.choices else option.type  # type: ignore[valid-type]
+    if option.default is None:
+        kind = kind | None
+    limits = {k: getattr(option, k) for k in ("ge", "gt", "le", "lt") if getattr(option, k) is not None}
+
+    def check(value: Any) -> Any:
+        try:
+            return option.validate(value)
+        except trainer_options.OptionError as exc:
+            raise ValueError(str(exc).removeprefix(f"{option.name}: ")) from None
+
+    return Annotated[kind, BeforeValidator(check), Field(option.default, description=option.help, **limits)]
+
+
+def _reject_orch_keys(values: Any) -> Any:
+    for key in ("data_dir", "run_dir", "init_from"):
+        if isinstance(values, dict) and key in values:
+            raise ValueError(f"{key}: set by orch itself (data.remote_dir, the run, `orch resume`), remove it")
+    return values
+
+
+# deploy.yaml's `train:` section: generated from trainer/options.py, the one declaration.
+TrainOptions: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "TrainOptions",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Defaults for `python -m trainer train` (each run's `orch deploy -- --option X` wins).",
+    __validators__={"orch_keys": model_validator(mode="before")(_reject_orch_keys)},
+    **{o.name: _option_field(o) for o in trainer_options.OPTIONS if o.in_yaml},
+)
+
+
 class DeployConfig(_Section):
     target: Literal["ec2", "ssh", "local"] = Field("ec2", description="where training runs")
     ec2: Ec2Config = Field(default_factory=Ec2Config)
     ssh: SshConfig = Field(default_factory=SshConfig)
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    train: dict[str, Any] = Field(
-        default_factory=dict,
-        description="defaults for `python -m trainer train`, keyed by option name (epochs: 100, split: speaker)",
+    train: TrainOptions = Field(  # type: ignore[valid-type]
+        default_factory=TrainOptions,
+        description="defaults for `python -m trainer train` (every key, its type, range and default: "
+        "`orch config schema`); `orch deploy -- --epochs 50` overrides one run",
     )
     # Not a key of the file: where it was read from, to resolve relative local paths.
     base_dir: Path = Field(default=Path("."), exclude=True, description="folder of the config file")
@@ -68,12 +104,11 @@ class DeployConfig(_Section):
             raise ValueError("ec2: give instance_id or name when target is ec2")
         if self.ec2.instance_id and self.ec2.name:
             raise ValueError("ec2: give instance_id or name, not both")
-        for key, value in self.train.items():
-            if key in ("data_dir", "run_dir", "init_from"):
-                raise ValueError(f"train.{key}: set by orch itself, remove it")
-            if not isinstance(value, str | int | float | bool) or value is None:
-                raise ValueError(f"train.{key}: must be a string, number or boolean")
         return self
+
+    def train_given(self) -> dict[str, Any]:
+        """The `train:` keys the file sets (defaults left to the trainer and its extension recipe)."""
+        return self.train.model_dump(exclude_unset=True)
 
     def local_path(self, path: str) -> Path:
         """A local path from the file, relative to the file's folder."""
@@ -133,11 +168,26 @@ def _first_problem(exc: ValidationError) -> str:
     if err["type"] == "missing":
         msg = "field required"
     elif err["type"] == "extra_forbidden":
-        msg = "unknown key (see `orch config schema`)"
+        msg = "unknown key" + _did_you_mean(err["loc"]) + " (see `orch config schema`)"
     else:
         msg = err["msg"].removeprefix("Value error, ")
+        if loc and re.match(r"^[a-z_]+: ", msg):  # a section's validator naming one of its keys
+            loc, msg = f"{loc}.{msg.split(': ', 1)[0]}", msg.split(": ", 1)[1]
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """' (did you mean epochs?)' for a misspelt key, from the names its section knows."""
+    import difflib
+
+    model: Any = DeployConfig
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation if part in model.model_fields else None
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def json_schema() -> dict[str, Any]:

@@ -14,10 +14,10 @@ from typing import Any
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import BusyError, ConfigError, RemoteError
-from orchestrator.machine import Machine, connect, is_active
+from orchestrator.machine import Machine, connect
 from orchestrator.remote import Remote, q
 from orchestrator.sync import DataSync, sync_data
-from trainer import layout
+from trainer import layout, options
 
 Log = Callable[[str], None]
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -55,18 +55,23 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def trainer_options(train: dict[str, Any], extra: Sequence[str]) -> list[str]:
-    """deploy.yaml's `train:` mapping as trainer options, then the options after `--`."""
-    options: list[str] = []
-    for key, value in train.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            options.append(flag)
-        elif value is False:
-            options.append("--no-" + key.replace("_", "-"))
-        else:
-            options += [flag, str(value)]
-    return options + list(extra)
+def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[str, Any] | None = None,
+                 *, extending: bool = False) -> list[str]:
+    """The trainer's options for a run: deploy.yaml's `train:` keys, then ``overrides``, then
+    the arguments after `--`; checked against the trainer's own options table before anything
+    connects. An extended run takes only the keys its recipe does not decide (options.GIVEN)."""
+    given = cfg.train_given()
+    if extending:
+        given = {k: v for k, v in given.items() if options.BY_NAME[k].on_extend == options.GIVEN}
+    argv = options.to_argv(given | {k: v for k, v in (overrides or {}).items() if v is not None}) + list(extra)
+    for flag in ("--data-dir", "--run-dir"):
+        if any(a == flag or a.startswith(flag + "=") for a in extra):
+            raise ConfigError(f"{flag}: set by orch (data.remote_dir and the run), not after `--`")
+    try:
+        options.parse_argv(argv, reserved={"init_from": "set by `orch resume`, not after `--`"})
+    except options.ArgvError as exc:
+        raise ConfigError(f"trainer options: {exc} (`python -m trainer train --help` lists them)") from exc
+    return argv
 
 
 def launch(m: Machine, run_id: str, options: Sequence[str], *, force: bool, fresh: bool, log: Log) -> int:
@@ -74,9 +79,9 @@ def launch(m: Machine, run_id: str, options: Sequence[str], *, force: bool, fres
 
     ``fresh``: a new run (its folder must not exist); else the run folder is continued.
     """
-    busy = [r for r in m.runs() if is_active(r)]
+    busy = [r for r in m.runs() if r.active]
     if busy and not force:
-        ids = ", ".join(r["run_id"] for r in busy)
+        ids = ", ".join(r.run_id for r in busy)
         raise BusyError(f"run {ids} is still running on {m.remote.host}; wait for it, `orch stop` it, "
                         "or pass --force to start another beside it")
     remote, run_dir = m.remote, m.run_dir(run_id)
@@ -132,15 +137,11 @@ def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = Fa
            trainer_args: Sequence[str] = (), trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
     """The whole of ``orch deploy`` over one connection."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
+    argv = trainer_argv(cfg, trainer_args)
     with connect(cfg, trust_new_host=trust_new_host, setup=True, log=log) as m:
         data = sync_data(m.remote, cfg, log) if with_data else None
-        pid = launch(m, run_id, trainer_options(cfg.train, trainer_args), force=force, fresh=True, log=log)
+        pid = launch(m, run_id, argv, force=force, fresh=True, log=log)
         return Launched(run_id, m.run_dir(run_id), m.remote.host, pid, m.code.version, m.code.transferred, data)
-
-
-# deploy.yaml `train:` keys an extended run takes over; the rest (epochs, learning rate,
-# warm-up, architecture, split...) come from the parent and the extension recipe.
-RESUME_KEEPS = ("cache_dir", "no_cache", "mixed_precision", "patience")
 
 
 def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None = None,
@@ -148,26 +149,25 @@ def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None =
            force: bool = False, trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
     """Extend a finished run from its best checkpoint as a new run (default: the best
     finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
+    overrides = {"epochs": epochs, "learning_rate": learning_rate, "warmup_epochs": warmup_epochs}
+    argv = trainer_argv(cfg, overrides=overrides, extending=True)
     with connect(cfg, trust_new_host=trust_new_host, setup=True, log=log) as m:
         if in_place:
             run = m.choose(run_id)
-            if run["state"] == layout.FINISHED:
-                raise ConfigError(f"run {run['run_id']} is finished; extend it with `orch resume {run['run_id']}`")
-            if run["alive"]:
-                raise BusyError(f"run {run['run_id']} is still running; nothing to continue")
-            target, options, fresh = run["run_id"], [], False
+            if run.state == layout.FINISHED:
+                raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
+            if run.alive:
+                raise BusyError(f"run {run.run_id} is still running; nothing to continue")
+            target, argv, fresh = run.run_id, [], False
         else:
             parent = m.choose(run_id, best=True)
-            if parent["state"] != layout.FINISHED:
-                raise ConfigError(f"run {parent['run_id']} is {parent['state']}, not finished; continue it with "
-                                  f"`orch resume {parent['run_id']} --continue`")
-            overrides = {"epochs": epochs, "learning_rate": learning_rate, "warmup_epochs": warmup_epochs}
-            kept = {k: v for k, v in cfg.train.items() if k in RESUME_KEEPS}
-            options = ["--init-from", m.run_dir(parent["run_id"]),
-                       *trainer_options(kept | {k: v for k, v in overrides.items() if v is not None}, [])]
+            if parent.state != layout.FINISHED:
+                raise ConfigError(f"run {parent.run_id} is {parent.shown_state}, not finished; continue it with "
+                                  f"`orch resume {parent.run_id} --continue`")
+            argv = ["--init-from", m.run_dir(parent.run_id), *argv]
             target, fresh = new_run_id(), True
-            log(f"extending run {parent['run_id']} (best val_accuracy {parent['best_val_accuracy']:.4f})")
-        pid = launch(m, target, options, force=force, fresh=fresh, log=log)
-        extra = {} if in_place else {"parent": parent["run_id"]}
+            log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")
+        pid = launch(m, target, argv, force=force, fresh=fresh, log=log)
+        extra = {} if in_place else {"parent": parent.run_id}
         return Launched(target, m.run_dir(target), m.remote.host, pid, m.code.version, m.code.transferred,
                         extra=extra)

@@ -58,7 +58,7 @@ def download(cfg: DeployConfig, run_id: str | None = None, *, latest: bool = Fal
     newest run) into ``dest/<run_id>/``."""
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m, ThreadPoolExecutor(1) as pool:
         # A named run needs no look-up of every run (one round trip less).
-        name = run_id if run_id else m.choose(None, best=not latest)["run_id"]
+        name = run_id if run_id else m.choose(None, best=not latest).run_id
         run_dir, target = m.run_dir(name), dest / name
         counted: dict[str, int] = {}
         total = 0

@@ -1,23 +1,12 @@
-"""One exception hierarchy for orch, mapped to exit codes in one place (orchestrator.cli)."""
+"""One exception hierarchy for orch, mapped to exit codes in one place (orchestrator.cli).
+The codes themselves are shared with the trainer: trainer/exitcodes.py."""
 
 from __future__ import annotations
 
-from enum import IntEnum
+from trainer.exitcodes import ExitCode
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    ERROR = 1  # unexpected failure
-    USAGE = 2  # bad option or bad deploy.yaml
-    AWS = 3  # credentials, instance not found / terminated / ambiguous
-    CONNECT = 4  # cannot reach or authenticate to the machine
-    HOST_KEY = 5  # unknown or changed SSH host key
-    BUSY = 6  # another run is still running on the machine
-    REMOTE = 7  # a remote step failed (sync, setup, launch)
-    RUN_FAILED = 8  # the training run ended failed
-    RUN_STOPPED = 9  # the training run was stopped
-    RUN_DIED = 10  # the process died without writing a final state
-    INTERRUPTED = 130
+__all__ = ["AwsError", "BusyError", "ConfigError", "ConnectError", "ConnectionLost", "DiskFull", "ExitCode",
+           "HostKeyError", "InstanceStopped", "NotReady", "OrchError", "RemoteError"]
 
 
 class OrchError(Exception):
@@ -27,6 +16,8 @@ class OrchError(Exception):
 
 
 class ConfigError(OrchError):
+    """A bad option, argument or deploy.yaml."""
+
     exit_code = ExitCode.USAGE
 
 
@@ -52,3 +43,19 @@ class BusyError(OrchError):
 
 class RemoteError(OrchError):
     exit_code = ExitCode.REMOTE
+
+
+class InstanceStopped(OrchError):
+    """The instance is stopped and this command must not start it (it would cost money)."""
+
+    exit_code = ExitCode.INSTANCE_STOPPED
+
+
+class NotReady(OrchError):
+    """The machine cannot train yet (preflight): no TensorFlow, no GPU visible, no data, no disk."""
+
+    exit_code = ExitCode.NOT_READY
+
+
+class DiskFull(OrchError):
+    exit_code = ExitCode.DISK_FULL

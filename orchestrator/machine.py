@@ -1,33 +1,64 @@
 """An open connection to the training machine plus what every command asks of it: the
-runs there, one run's snapshot, choosing a run. Each question is ONE remote command."""
+runs there, one run's snapshot, choosing a run. Each question is ONE remote command, answered
+by ``trainer.probe`` as a record of trainer/wire.py.
+
+The probe's few pure-Python modules travel with each question (on stdin), so asking never
+uploads code: read-only commands leave the machine as they found it.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from pathlib import Path
 
 from orchestrator.config import DeployConfig
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.remote import Remote, q
 from orchestrator.sync import CodeSync, sync_code
 from orchestrator.target import open_remote
-from trainer import layout
+from trainer import layout, probe
+from trainer.wire import Host, RunInfo, Snapshot
 
 Log = Callable[[str], None]
-DIED = "died"  # the process is gone but status.json still says running
+
+# Runs trainer.probe from a zip read on stdin: a meta-path importer for exactly those modules.
+_BOOTSTRAP = """\
+import importlib.abc, importlib.util, io, sys, zipfile
+z = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))
+names = set(z.namelist())
+def source(name):
+    base = name.replace('.', '/')
+    return next((p for p in (base + '/__init__.py', base + '.py') if p in names), None)
+class Zip(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        src = source(name)
+        return src and importlib.util.spec_from_loader(name, self, is_package=src.endswith('__init__.py'))
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        src = source(module.__name__)
+        exec(compile(z.read(src), src, 'exec'), module.__dict__)
+sys.meta_path.insert(0, Zip())
+import trainer.probe
+sys.exit(trainer.probe.main(sys.argv[1:]))
+"""
 
 
-def is_active(run: dict[str, Any]) -> bool:
-    """Running, and its process really alive (pid and start time match)."""
-    return run["state"] == layout.RUNNING and bool(run["alive"])
-
-
-def state_of(run: dict[str, Any]) -> str | None:
-    """The run's state as users see it: ``died`` when the process is gone mid-run."""
-    return DIED if run["state"] == layout.RUNNING and not run["alive"] else run["state"]
+@cache
+def probe_bundle() -> bytes:
+    """A zip of the probe's modules, sent on stdin with every question."""
+    package = Path(probe.__file__).parent
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in probe.MODULES:
+            z.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), (package.parent / name).read_bytes())
+    return buf.getvalue()
 
 
 @dataclass
@@ -49,37 +80,56 @@ class Machine:
     def run_dir(self, run_id: str) -> str:
         return layout.run_dir(self.root, run_id)
 
-    def probe(self, *args: str | int) -> dict[str, Any]:
-        command = (f"PYTHONPATH={q(self.code.path)} {q(self.cfg.remote_python)} -m trainer.probe "
-                   + " ".join(q(str(a)) for a in args))
-        return json.loads(self.remote.run(command, what="asking the machine").stdout)
+    def probe(self, *args: str | int) -> dict:
+        bundle = probe_bundle()
+        command = f"{q(self.cfg.remote_python)} -c {q(_BOOTSTRAP)} " + " ".join(q(str(a)) for a in args)
+        out = self.remote.run(command, write=lambda fh: fh.write(bundle), what="asking the machine").stdout
+        try:
+            return json.loads(out)
+        except ValueError as exc:
+            raise RemoteError(f"the machine's answer was not understood: {out[:200]!r}") from exc
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[RunInfo]:
         """Every run, oldest first."""
-        runs = self.probe("runs", self.root)["runs"]
-        return sorted(runs, key=lambda r: (r.get("created") or 0, r["run_id"]))
+        runs = [RunInfo.from_json(r) for r in self.probe("runs", self.root)["runs"]]
+        return sorted(runs, key=lambda r: (r.created or 0, r.run_id))
 
-    def snapshot(self, run_id: str, metrics_offset: int = 0, log_lines: int = 10) -> dict[str, Any]:
-        return self.probe("snapshot", self.run_dir(run_id), metrics_offset, log_lines)
+    def host(self) -> Host:
+        return Host.from_json(self.probe("host"))
 
-    def choose(self, run_id: str | None, *, best: bool = False, finished: bool = False) -> dict[str, Any]:
-        """The named run; else the finished run with the highest best val accuracy (``best``);
-        else the latest run."""
+    def snapshot(self, run_id: str, metrics_offset: int = 0, log_lines: int = 10) -> Snapshot:
+        return Snapshot.from_json(self.probe("snapshot", self.run_dir(run_id), metrics_offset, log_lines))
+
+    def choose(self, run_id: str | None, *, best: bool = False, finished: bool = False) -> RunInfo:
+        """The named run (its full id or any unique prefix); else the finished run with the
+        highest best val accuracy (``best``); else the latest run."""
         runs = self.runs()
         if run_id is not None:
-            for r in runs:
-                if r["run_id"] == run_id:
-                    return r
-            raise ConfigError(f"no run {run_id!r} on {self.remote.host}; `orch runs` lists them")
-        pool = [r for r in runs if r["state"] == layout.FINISHED] if finished or best else runs
+            return find_run(runs, run_id, self.remote.host)
+        pool = [r for r in runs if r.state == layout.FINISHED] if finished or best else runs
         if best:
-            pool = [r for r in pool if r.get("best_val_accuracy") is not None]
+            pool = [r for r in pool if r.best_val_accuracy is not None]
             if pool:
-                return max(pool, key=lambda r: r["best_val_accuracy"])
+                return max(pool, key=lambda r: r.best_val_accuracy or 0.0)
         elif pool:
             return pool[-1]
         kind = "finished run with a best checkpoint" if best or finished else "run"
         raise ConfigError(f"no {kind} on {self.remote.host}; start one with `orch deploy`")
+
+
+def find_run(runs: list[RunInfo], run_id: str, host: str) -> RunInfo:
+    """The run whose id is ``run_id``, else the one it is a unique prefix of."""
+    exact = [r for r in runs if r.run_id == run_id]
+    if exact:
+        return exact[0]
+    matches = [r for r in runs if r.run_id.startswith(run_id)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(r.run_id for r in matches[:8]) + (", ..." if len(matches) > 8 else "")
+        raise ConfigError(f"run id {run_id!r} is ambiguous on {host}: it starts {len(matches)} runs ({shown}); "
+                          "give more of it")
+    raise ConfigError(f"no run {run_id!r} on {host}; `orch runs` lists them")
 
 
 @contextmanager

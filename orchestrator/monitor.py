@@ -10,48 +10,14 @@ from typing import Any
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
-from orchestrator.machine import DIED, connect, state_of
+from orchestrator.machine import connect
 from trainer import layout
+from trainer.wire import DIED, Host, RunInfo, Snapshot
 
 EXIT_CODES = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED,
               layout.STOPPED: ExitCode.RUN_STOPPED, DIED: ExitCode.RUN_DIED}
 LOG_LINES = 10
 SPARK = "▁▂▃▄▅▆▇█"
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    name: str
-    utilization: float | None  # %
-    memory_used: float | None  # MiB
-    memory_total: float | None  # MiB
-    temperature: float | None  # C
-    power: float | None  # W
-
-
-def parse_nvidia_smi(csv_text: str) -> list[Gpu]:
-    """Rows of `nvidia-smi --query-gpu=index,name,utilization.gpu,memory.used,memory.total,
-    temperature.gpu,power.draw --format=csv,noheader,nounits`; "[N/A]" and the like -> None."""
-
-    def number(text: str) -> float | None:
-        try:
-            return float(text)
-        except ValueError:
-            return None  # [N/A], [Not Supported], [Unknown Error]
-
-    gpus = []
-    for line in csv_text.splitlines():
-        if not line.strip():
-            continue
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 7:
-            continue
-        # A GPU name may itself hold commas: the name is everything between the first field
-        # and the last five.
-        index, name, rest = parts[0], ", ".join(parts[1:-5]), parts[-5:]
-        gpus.append(Gpu(int(index), name, *(number(x) for x in rest)))
-    return gpus
 
 
 def sparkline(values: list[float], width: int = 30) -> str:
@@ -70,28 +36,25 @@ class RunView:
     run_id: str
     history: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
-    alive: bool = False
-    gpus: list[Gpu] = field(default_factory=list)
-    gpu_error: str | None = None
-    load: dict[str, Any] = field(default_factory=dict)
+    run: RunInfo | None = None
+    host: Host = field(default_factory=Host)
     log_tail: list[str] = field(default_factory=list)
     note: str | None = None  # e.g. "reconnecting"
 
-    def update(self, snap: dict[str, Any]) -> None:
-        if snap["metrics_count"] < len(self.history):  # metrics.jsonl was rewritten (a continued run)
-            self.history = self.history[: snap["metrics_count"] - len(snap["metrics"])]
-        self.history += snap["metrics"]
-        self.status, self.alive = snap["status"], snap["run"]["alive"]
-        self.log_tail = snap["log_tail"]
-        smi = snap["nvidia_smi"]
-        self.gpus = parse_nvidia_smi(smi["csv"]) if smi.get("csv") else []
-        self.gpu_error = smi.get("error")
-        self.load = snap.get("load") or {}
+    def update(self, snap: Snapshot) -> None:
+        if snap.metrics_count < len(self.history):  # metrics.jsonl was rewritten (a continued run)
+            self.history = self.history[: snap.metrics_count - len(snap.metrics)]
+        self.history += snap.metrics
+        self.status, self.run, self.host, self.log_tail = snap.status, snap.run, snap.host, snap.log_tail
         self.note = None
 
     @property
+    def alive(self) -> bool:
+        return self.run is not None and self.run.alive
+
+    @property
     def state(self) -> str | None:
-        return state_of({"state": self.status.get("state"), "alive": self.alive})
+        return self.run.shown_state if self.run is not None else None
 
     @property
     def final(self) -> bool:
@@ -115,7 +78,7 @@ class RunView:
             "epochs": self.status.get("epochs"), "val_accuracy": last.get("val_accuracy"),
             "best_val_accuracy": self.status.get("best_val_accuracy"), "best_epoch": self.status.get("best_epoch"),
             "alive": self.alive, "error": self.status.get("error"), "eta_seconds": self.eta_seconds(),
-            "gpus": [asdict(g) for g in self.gpus], "load": self.load, "log_tail": self.log_tail,
+            "gpus": [asdict(g) for g in self.host.gpus], "load": asdict(self.host.load), "log_tail": self.log_tail,
         }
 
     def summary(self) -> str:
@@ -165,19 +128,24 @@ class RunView:
         from rich.table import Table
         from rich.text import Text
 
-        if not self.gpus:
-            load = self.load
-            mem = (f", memory {load['mem_total_mb'] - load['mem_available_mb']}/{load['mem_total_mb']} MiB"
-                   if "mem_total_mb" in load else "")
-            avg = load.get("loadavg") or ["?"]
-            return Text(f"no GPU ({self.gpu_error or 'nvidia-smi found none'}); CPU load {avg[0]} "
-                        f"on {load.get('cpus', '?')} cores{mem}")
+        if not self.host.gpus:
+            return Text(describe_load(self.host))
         table = Table("GPU", "name", "util %", "memory MiB", "temp °C", "power W", box=None)
-        for g in self.gpus:
+        for g in self.host.gpus:
             memory = f"{_fmt(g.memory_used, 0)}/{_fmt(g.memory_total, 0)}"
             table.add_row(str(g.index), g.name, _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
                           _fmt(g.power, 1))
         return table
+
+
+def describe_load(host: Host) -> str:
+    """'no GPU (why); CPU load 0.5 on 2 cores, memory 3000/8000 MiB'."""
+    load = host.load
+    mem = (f", memory {load.mem_total_mb - load.mem_available_mb}/{load.mem_total_mb} MiB"
+           if load.mem_total_mb is not None and load.mem_available_mb is not None else "")
+    avg = load.loadavg[0] if load.loadavg else "?"
+    return (f"no GPU ({host.gpu_error or 'nvidia-smi found none'}); CPU load {avg} on "
+            f"{load.cpus if load.cpus is not None else '?'} cores{mem}")
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -201,7 +169,7 @@ def monitor(cfg: DeployConfig, run_id: str | None, *, interval: float = 5.0, onc
         try:
             with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
                 if view is None:
-                    view = RunView(m.choose(run_id)["run_id"])
+                    view = RunView(m.choose(run_id).run_id)
                 backoff = 1.0
                 while True:
                     view.update(m.snapshot(view.run_id, len(view.history), LOG_LINES))

@@ -10,10 +10,10 @@ from typing import Any
 from orchestrator import ec2
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.machine import Machine, connect, is_active, state_of
-from orchestrator.monitor import parse_nvidia_smi
+from orchestrator.machine import Machine, connect
 from orchestrator.remote import q
 from trainer import layout
+from trainer.wire import RunInfo
 
 Log = Callable[[str], None]
 STOP_TIMEOUT = 120.0
@@ -30,7 +30,7 @@ def list_runs(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lam
     """Every run on the machine, oldest first, with ``state`` as users see it and a duration."""
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
         runs = m.runs()
-    return [r | {"state": state_of(r), "seconds": _seconds_between(r.get("started_at"), r.get("updated_at"))}
+    return [r.to_json() | {"state": r.shown_state, "seconds": _seconds_between(r.started_at, r.updated_at)}
             for r in runs]
 
 
@@ -44,16 +44,12 @@ def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log 
         if inst.state != "running":
             return out
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-        host = m.probe("host")
+        host = m.host()
         runs = m.runs()
         out["host"] = m.remote.host
-    smi = host["nvidia_smi"]
-    out["gpus"] = [g.__dict__ for g in parse_nvidia_smi(smi["csv"])] if smi.get("csv") else []
-    out["gpu_error"] = smi.get("error")
-    out["load"] = host["load"]
-    active = [r for r in runs if is_active(r)]
-    out["active_runs"] = [{"run_id": r["run_id"], "epoch": r["epoch"], "epochs": r["epochs"],
-                           "best_val_accuracy": r["best_val_accuracy"]} for r in active]
+    out |= host.to_json()
+    out["active_runs"] = [{"run_id": r.run_id, "epoch": r.epoch, "epochs": r.epochs,
+                           "best_val_accuracy": r.best_val_accuracy} for r in runs if r.active]
     return out
 
 
@@ -61,7 +57,7 @@ def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable
          interval: float = 1.0, trust_new_host: bool = False, log: Log = lambda _m: None) -> str:
     """Print train.log (default: the latest run); ``follow`` keeps printing until the run ends."""
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-        run_id = m.choose(run_id)["run_id"]
+        run_id = m.choose(run_id).run_id
         path = f"{m.run_dir(run_id)}/{layout.TRAIN_LOG}"
         offset = 0
         while True:
@@ -71,8 +67,7 @@ def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable
                 offset += len(chunk.encode())
             if not follow:
                 return run_id
-            run = m.choose(run_id)
-            if not is_active(run):
+            if not m.choose(run_id).active:
                 rest = m.remote.run(f"tail -c +{offset + 1} {q(path)} 2>/dev/null", check=False).stdout
                 if rest:
                     write(rest)
@@ -86,26 +81,26 @@ def stop(cfg: DeployConfig, run_id: str | None, *, timeout: float = STOP_TIMEOUT
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
         run = _running(m, run_id)
         # The probe just matched pid and start time: this pid is the trainer, not a reused one.
-        m.remote.run(f"kill -TERM {int(run['pid'])}", what="stopping the run")
-        log(f"sent SIGTERM to run {run['run_id']} (pid {run['pid']}); waiting for it to save and stop")
+        m.remote.run(f"kill -TERM {int(run.pid or 0)}", what="stopping the run")
+        log(f"sent SIGTERM to run {run.run_id} (pid {run.pid}); waiting for it to save and stop")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            now = m.choose(run["run_id"])
-            if not now["alive"]:
-                return now | {"state": state_of(now)}
+            now = m.choose(run.run_id)
+            if not now.alive:
+                return now.to_json() | {"state": now.shown_state}
             time.sleep(1.0)
-    raise RemoteError(f"run {run['run_id']} did not stop within {timeout:.0f} s; it is still running")
+    raise RemoteError(f"run {run.run_id} did not stop within {timeout:.0f} s; it is still running")
 
 
-def _running(m: Machine, run_id: str | None) -> dict[str, Any]:
+def _running(m: Machine, run_id: str | None) -> RunInfo:
     if run_id is not None:
         run = m.choose(run_id)
-        if not run["alive"]:
-            raise ConfigError(f"run {run_id} is not running (state {state_of(run)})")
+        if not run.alive:
+            raise ConfigError(f"run {run.run_id} is not running (state {run.shown_state})")
         return run
-    active = [r for r in m.runs() if r["alive"]]
+    active = [r for r in m.runs() if r.alive]
     if not active:
         raise ConfigError(f"no run is running on {m.remote.host}")
     if len(active) > 1:
-        raise ConfigError(f"{len(active)} runs are running ({', '.join(r['run_id'] for r in active)}); name one")
+        raise ConfigError(f"{len(active)} runs are running ({', '.join(r.run_id for r in active)}); name one")
     return active[0]

@@ -3,7 +3,6 @@ changed, never a half-written file in place) to the machine."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -19,6 +18,7 @@ from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.remote import Remote, SshRemote, q
 from trainer import layout
+from trainer.codeversion import code_files, code_version
 
 Log = Callable[[str], None]
 SETUP_LOG = "setup.log"
@@ -43,19 +43,9 @@ class CodeBundle:
 
 
 def code_bundle() -> CodeBundle:
-    """The trainer package (sources + requirements.txt), named by the hash of its content."""
-    import trainer
-
-    package = Path(trainer.__file__).parent
-    files = {
-        f"trainer/{p.relative_to(package).as_posix()}": p.read_bytes()
-        for p in sorted(package.rglob("*"))
-        if p.is_file() and (p.suffix == ".py" or p.name == "requirements.txt") and "__pycache__" not in p.parts
-    }
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(name.encode() + b"\0" + files[name] + b"\0")
-    return CodeBundle(h.hexdigest()[:12], files)
+    """The trainer package (sources + requirements.txt), named by its code version."""
+    files = code_files()
+    return CodeBundle(code_version(files), files)
 
 
 @dataclass(frozen=True)

@@ -8,25 +8,33 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
+from trainer import options
 from trainer.errors import ExitCode, TrainerError
+from trainer.exitcodes import help_table
 
 SYNTHETIC_NOTE = "The data it writes is SYNTHETIC (generated numbers, not real speech)."
+DATA_OPTIONS = ("classes", "cache_dir", "cache")
 
 
-def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classes", default=None,
-                   help="comma-separated class list (default: neutral,calm,happy,sad,angry,fear,disgust)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where loaded arrays are cached "
-                   "(default: $ORCH_TRAINER_CACHE or ~/.cache/orch-trainer)")
-    p.add_argument("--no-cache", action="store_true", help="decode every file; read and write no cache")
+class _Parser(argparse.ArgumentParser):
+    """argparse, strict (no abbreviated options) and with usage errors on one line, exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(int(ExitCode.USAGE), f"trainer: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m trainer",
         description="Train and use a speech-emotion classifier on precomputed wav2vec features.",
+        epilog="exit codes (shared with orch):\n" + help_table("trainer"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--stats-dir", type=Path, default=None,
                    help="check the statistics files in this folder (default: look in DIR)")
-    _add_data_options(p)
+    options.add_arguments(p, DATA_OPTIONS)
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser(
@@ -51,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"CREMA-D file names, several speakers and variable-length (T, D) arrays. {SYNTHETIC_NOTE}",
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    p.add_argument("--n", type=int, default=1000, help="number of files (default 1000)")
+    p.add_argument("--n", type=_positive, default=1000, help="number of files (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dim", type=int, default=768, help="feature dimension D (default 768)")
     p.add_argument("--min-frames", type=int, default=20, help="shortest sequence (default 20)")
@@ -62,47 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train (or continue, or extend) a run",
         description="Train a classifier on DIR into the run directory RUN. Started again on the "
-        "same RUN, it continues from the last finished epoch. With --init-from PARENT_RUN it "
-        "extends a finished run: same architecture, statistics and split, half its learning "
-        "rate, 100 epochs and 1 warm-up epoch unless given.",
+        "same RUN, it continues from the last committed epoch. With --init-from PARENT_RUN it "
+        "extends a finished run: same architecture, statistics and split; the extension recipe "
+        "for the rest (each option's help says what an extended run uses).",
     )
     p.add_argument("--data-dir", type=Path, required=True, help="folder of feature files")
     p.add_argument("--run-dir", type=Path, required=True, help="the run directory to write")
-    g = p.add_argument_group("training (defaults in parentheses)")
-    g.add_argument("--epochs", type=int, help="epochs to train (100)")
-    g.add_argument("--batch-size", type=int, help="samples per batch (32)")
-    g.add_argument("--learning-rate", type=float, help="peak learning rate (0.001)")
-    g.add_argument("--warmup-epochs", type=int, help="linear warm-up before cosine decay (5)")
-    g.add_argument("--split", choices=("random", "speaker"), help="validation split (random)")
-    g.add_argument("--val-fraction", type=float, help="validation share (0.1)")
-    g.add_argument("--seed", type=int, help="random seed (42)")
-    g.add_argument("--stats-dir", type=str, help="use the normalization stats in this folder")
-    g.add_argument("--init-from", type=str, metavar="RUN_OR_WEIGHTS",
-                   help="start from another run's best weights (extended training)")
-    g.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
-                   help="float16 compute on GPU (off)")
-    g.add_argument("--patience", type=int, help="stop after N epochs without a better val accuracy (off)")
-    g.add_argument("--label-smoothing", type=float, help="(0.0)")
-    g.add_argument("--clip-norm", type=float, help="global gradient-norm clipping (1.0)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (1e-4)")
-    g.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight rare classes up (on)")
-    a = p.add_argument_group("architecture")
-    a.add_argument("--hidden", type=int, help="frame projection width (256)")
-    a.add_argument("--attention", type=int, help="attention pooling width (128)")
-    a.add_argument("--dropout", type=float, help="(0.3)")
-    _add_data_options(p)
+    options.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="report a run's best checkpoint on a labelled folder",
-                       description="Evaluate RUN's best checkpoint on every usable file of DIR: "
-                       "confusion matrix, per-class precision/recall/F1, macro F1, accuracy and "
-                       "unweighted accuracy.")
+    p = sub.add_parser("evaluate", help="report a run's best checkpoint on labelled files it was not trained on",
+                       description="Evaluate RUN's best checkpoint on the usable files of DIR that are not "
+                       "in the run's training split: its validation split, and files it never saw (other "
+                       "speakers, new data). Confusion matrix, per-class precision/recall/F1, macro F1, "
+                       "accuracy and unweighted accuracy.")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--all", action="store_true", dest="all_files",
+                   help="score the training split's files too (labelled as such: they flatter the model)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--no-cache", action="store_true", help="decode every file; use no cache")
+    options.add_arguments(p, ("cache_dir", "cache"))
     p.set_defaults(func=cmd_evaluate, classes=None)
 
     p = sub.add_parser("predict", help="label feature files with a run's best checkpoint",
@@ -142,7 +129,7 @@ def load_from_args(args: argparse.Namespace):
     update, close = _progress_bar(_console(stderr=True), "loading feature files")
     try:
         return load_dataset(args.data_dir, parse_classes(args.classes), cache_dir=args.cache_dir,
-                            use_cache=not args.no_cache, progress=update)
+                            use_cache=args.cache is not False, progress=update)
     finally:
         close()
 
@@ -177,26 +164,31 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import resolve
-    from trainer.labels import parse_classes
     from trainer.train import train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
-    options["data_dir"], options["run_dir"] = str(args.data_dir), str(args.run_dir)
-    options["cache_dir"] = str(args.cache_dir) if args.cache_dir else None
-    options["classes"] = parse_classes(args.classes) if args.classes else None
-    options["no_cache"] = args.no_cache or None
-    return int(train(resolve(options)))
+    given = {o.name: getattr(args, o.name) for o in options.OPTIONS}
+    return int(train(resolve(given | {"data_dir": str(args.data_dir), "run_dir": str(args.run_dir)})))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.data import load_dataset, require_samples
-    from trainer.evaluate import classification_report, load_run_model, predict_probabilities, render_report
+    from trainer.evaluate import (
+        classification_report,
+        load_run_model,
+        predict_probabilities,
+        render_report,
+        scoring_scope,
+    )
 
     model, stats, classes, _shape = load_run_model(args.run_dir)
-    ds = load_dataset(args.data_dir, classes, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    ds = load_dataset(args.data_dir, classes, cache_dir=args.cache_dir, use_cache=args.cache is not False)
     require_samples(ds)
-    probs = predict_probabilities(model, [ds.sequence(i) for i in range(len(ds))], stats)
-    report = classification_report(ds.label_ids(), probs.argmax(axis=1), classes)
+    chosen, scope = scoring_scope(args.run_dir, ds, all_files=args.all_files)
+    if len(chosen) == 0:
+        raise _usage(f"every usable file of {ds.root} is in the run's training split: scoring them would only "
+                     "measure memory (--all scores them anyway)")
+    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in chosen], stats)
+    report = classification_report(ds.label_ids()[chosen], probs.argmax(axis=1), classes) | {"scope": scope}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -244,6 +236,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return ExitCode.OK if problems == 0 else ExitCode.NO_DATA
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _usage(message: str) -> TrainerError:
     from trainer.errors import UsageError
 
@@ -257,8 +259,15 @@ def one_line(text: str, limit: int = 400) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # File names are bytes: one that is not UTF-8 is printed escaped, never a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed on one line (2)
+        return int(exc.code or 0)
     try:
         return int(args.func(args))
     except TrainerError as exc:
@@ -268,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr)
-        return int(ExitCode.STOPPED)
+        return int(ExitCode.RUN_STOPPED)
     except Exception as exc:  # the last line of defence: one line, no traceback
         if args.debug:
             raise

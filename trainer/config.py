@@ -1,7 +1,9 @@
 """The resolved training configuration: what run.json records and a continued run reuses.
 
-Options left unset on the command line are None here and resolved in one place
-(:func:`resolve`), so an extended run can tell "not given" from "given the default".
+Its fields are the options of :mod:`trainer.options` (defaults are written there, once) plus
+the run's folders and, for an extended run, its parent. :func:`resolve` turns the options a
+command line gave (None = not given) into a config, applying the extension recipe when
+``init_from`` names a parent run.
 """
 
 from __future__ import annotations
@@ -13,40 +15,41 @@ from typing import Any
 
 from trainer import layout
 from trainer.errors import UsageError
-from trainer.labels import DEFAULT_CLASSES
+from trainer.labels import parse_classes
+from trainer.options import ARCHITECTURE, BY_NAME, INHERIT, OPTIONS, RECIPE, default
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """Everything that decides the model's weights' shapes; a child run must match it."""
+    """What decides the model (hidden and attention: its weights' shapes)."""
 
-    hidden: int = 256  # per-frame projection width
-    attention: int = 128  # attention MLP width in the pooling layer
-    dropout: float = 0.3
+    hidden: int = default("hidden")
+    attention: int = default("attention")
+    dropout: float = default("dropout")
 
 
 @dataclass
 class TrainConfig:
     data_dir: str
     run_dir: str
-    epochs: int = 100
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_epochs: int = 5
-    split: str = "random"
-    val_fraction: float = 0.1
-    seed: int = 42
-    classes: tuple[str, ...] = DEFAULT_CLASSES
-    stats_dir: str | None = None
-    init_from: str | None = None
-    mixed_precision: bool = False
-    patience: int | None = None  # early stopping; off by default
-    label_smoothing: float = 0.0
-    clip_norm: float = 1.0
-    weight_decay: float = 1e-4
-    class_weights: bool = True
-    cache_dir: str | None = None
-    no_cache: bool = False
+    epochs: int = default("epochs")
+    batch_size: int = default("batch_size")
+    learning_rate: float = default("learning_rate")
+    warmup_epochs: int = default("warmup_epochs")
+    split: str = default("split")
+    val_fraction: float = default("val_fraction")
+    seed: int = default("seed")
+    patience: int = default("patience")
+    clip_norm: float = default("clip_norm")
+    weight_decay: float = default("weight_decay")
+    mixed_precision: bool = default("mixed_precision")
+    label_smoothing: float = default("label_smoothing")
+    class_weights: bool = default("class_weights")
+    classes: tuple[str, ...] = parse_classes(default("classes"))
+    stats_dir: str | None = default("stats_dir")
+    cache_dir: str | None = default("cache_dir")
+    cache: bool = default("cache")
+    init_from: str | None = default("init_from")
     architecture: Architecture = field(default_factory=Architecture)
     # Filled in when extending a parent run.
     parent_run: str | None = None
@@ -59,56 +62,55 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        """From run.json's ``config``; keys of other versions are ignored, missing ones default."""
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        d["architecture"] = Architecture(**d.get("architecture", {}))
-        d["classes"] = tuple(d.get("classes", DEFAULT_CLASSES))
+        arch = d.get("architecture", {})
+        d["architecture"] = Architecture(**{k: v for k, v in arch.items() if k in ARCHITECTURE})
+        d["classes"] = tuple(d.get("classes", cls.classes))
         return cls(**d)
 
-
-# The extended-training recipe (the old "extended" scripts, now defaults of --init-from).
-EXTEND_EPOCHS = 100
-EXTEND_WARMUP = 1
-EXTEND_LR_FACTOR = 0.5
+    def option(self, name: str) -> Any:
+        """The value of one option of trainer.options, architecture ones included."""
+        if name in ARCHITECTURE:
+            return getattr(self.architecture, name)
+        value = getattr(self, name)
+        return ",".join(value) if name == "classes" else value
 
 
 def resolve(options: dict[str, Any]) -> TrainConfig:
-    """Build the config from CLI options (None = not given), applying the extended-training
-    defaults and the parent's architecture, classes and stats when ``init_from`` names a run."""
-    arch_given = {k: options.pop(k) for k in ("hidden", "attention", "dropout") if k in options}
-    arch_given = {k: v for k, v in arch_given.items() if v is not None}
+    """Build the config from command-line options (None = not given). With ``init_from``
+    naming a run, what the options table says an extended run does with each option."""
     given = {k: v for k, v in options.items() if v is not None}
     init_from = given.get("init_from")
     parent = _parent_run(Path(init_from)) if init_from else None
-    if parent is None:
-        return TrainConfig(**given, architecture=Architecture(**arch_given))
-
-    parent_cfg, parent_status = parent
-    parent_arch = asdict(parent_cfg.architecture)
-    for key, value in arch_given.items():
-        # Dropout does not change any weight's shape: it may differ.
-        if key != "dropout" and value != parent_arch[key]:
-            raise UsageError(
-                f"--{key} {value} conflicts with the parent run's architecture ({key}={parent_arch[key]}); "
-                "an extended run keeps the parent's architecture: drop the option"
-            )
-    if "classes" in given and tuple(given["classes"]) != tuple(parent_cfg.classes):
-        raise UsageError("--classes differs from the parent run's classes; an extended run keeps them")
-    parent_dir = Path(init_from)
-    given.setdefault("epochs", EXTEND_EPOCHS)
-    given.setdefault("warmup_epochs", EXTEND_WARMUP)
-    given.setdefault("learning_rate", parent_cfg.learning_rate * EXTEND_LR_FACTOR)
-    for key in ("batch_size", "split", "val_fraction", "seed", "label_smoothing", "clip_norm",
-                "weight_decay", "class_weights"):
-        given.setdefault(key, getattr(parent_cfg, key))
-    given.setdefault("stats_dir", str(parent_dir / layout.STATS_DIR))
-    given["classes"] = parent_cfg.classes
-    return TrainConfig(
-        **given,
-        architecture=Architecture(**(parent_arch | arch_given)),
-        parent_run=parent_dir.name,
-        parent_best_val_accuracy=parent_status.get("best_val_accuracy"),
-    )
+    extra: dict[str, Any] = {}
+    if parent is not None:
+        parent_cfg, parent_status = parent
+        # The parent's statistics and split: the extended model sees the very same inputs.
+        given.setdefault("stats_dir", str(Path(init_from) / layout.STATS_DIR))
+        for option in OPTIONS:
+            if option.name in given:
+                if option.shape and given[option.name] != parent_cfg.option(option.name):
+                    raise UsageError(
+                        f"{option.flag} {given[option.name]} conflicts with the parent run's architecture "
+                        f"({option.name}={parent_cfg.option(option.name)}); an extended run keeps the parent's "
+                        "architecture: drop the option")
+                if option.name == "classes" and parse_classes(given["classes"]) != parent_cfg.classes:
+                    raise UsageError("--classes differs from the parent run's classes; an extended run keeps them")
+            elif option.on_extend == INHERIT:
+                given[option.name] = parent_cfg.option(option.name)
+            elif option.on_extend == RECIPE:
+                given[option.name] = (parent_cfg.option(option.name) * option.extend_scale
+                                      if option.extend_scale is not None else option.extend)
+        extra = {"parent_run": Path(init_from).name,
+                 "parent_best_val_accuracy": parent_status.get("best_val_accuracy")}
+    arch = {k: given.pop(k) for k in ARCHITECTURE if k in given}
+    if "classes" in given:
+        given["classes"] = parse_classes(given["classes"])
+    unknown = set(given) - {f.name for f in fields(TrainConfig)}
+    assert not unknown, f"not options of the trainer: {unknown}"
+    return TrainConfig(**given, architecture=Architecture(**arch), **extra)
 
 
 def _parent_run(path: Path) -> tuple[TrainConfig, dict[str, Any]] | None:
@@ -117,7 +119,7 @@ def _parent_run(path: Path) -> tuple[TrainConfig, dict[str, Any]] | None:
         return None
     run_json = path / layout.RUN_JSON
     if not run_json.is_file():
-        raise UsageError(f"--init-from {path}: neither a run directory (no {layout.RUN_JSON}) "
+        raise UsageError(f"{BY_NAME['init_from'].flag} {path}: neither a run directory (no {layout.RUN_JSON}) "
                          "nor a .weights.h5 file")
     if not (path / layout.BEST_WEIGHTS).is_file():
         raise UsageError(f"--init-from {path}: the run has no {layout.BEST_WEIGHTS} yet")

@@ -1,17 +1,11 @@
-"""One exception hierarchy for the trainer; the CLI maps it to exit codes in one place."""
+"""One exception hierarchy for the trainer; the CLI maps it to exit codes in one place
+(codes shared with orch: trainer/exitcodes.py)."""
 
 from __future__ import annotations
 
-from enum import IntEnum
+from trainer.exitcodes import ExitCode
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    ERROR = 1  # unexpected failure
-    USAGE = 2  # bad option or bad configuration
-    NO_DATA = 3  # the data directory holds nothing usable
-    TRAINING_FAILED = 4  # NaN loss or another numerical failure
-    STOPPED = 5  # stopped by SIGTERM / SIGINT (state saved)
+__all__ = ["DataError", "DiskFull", "ExitCode", "RunBusy", "TrainerError", "TrainingFailed", "UsageError"]
 
 
 class TrainerError(Exception):
@@ -31,4 +25,16 @@ class DataError(TrainerError):
 
 
 class TrainingFailed(TrainerError):
-    exit_code = ExitCode.TRAINING_FAILED
+    exit_code = ExitCode.RUN_FAILED
+
+
+class RunBusy(TrainerError):
+    """Another trainer holds the run directory's lock."""
+
+    exit_code = ExitCode.BUSY
+
+
+class DiskFull(TrainerError):
+    """No space left while writing the run directory; the last committed epoch is kept."""
+
+    exit_code = ExitCode.DISK_FULL

@@ -57,9 +57,57 @@ def predict_probabilities(model: Any, sequences: Sequence[np.ndarray], stats: St
     return probs if probs is not None else np.zeros((0, 0), dtype=np.float32)
 
 
+def scoring_scope(run_dir: Path, ds: Any, all_files: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Which samples of ``ds`` evaluate scores, and a description of that choice.
+
+    By default every file that is not in the run's training split: its validation split and
+    files the run never saw. Scoring training files would measure memory, not the model."""
+    import json
+
+    from trainer import layout
+
+    try:
+        split = json.loads((run_dir / layout.stats_path(layout.SPLIT_JSON)).read_text())
+        trained = set(split["train"])
+        validation = set(split["validation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        trained, validation = set(), set()
+    rels = [s.rel for s in ds.samples]
+    in_train = np.array([r in trained for r in rels], dtype=bool)
+    in_val = np.array([r in validation for r in rels], dtype=bool)
+    unseen = ~in_train & ~in_val
+    chosen = np.arange(len(rels)) if all_files else np.flatnonzero(~in_train)
+    kinds = [name for name, present in (("validation", in_val.any()), ("unseen", unseen.any())) if present]
+    scope = {
+        "scope": "all" if all_files else "+".join(kinds) or "none",
+        "validation_files": int(in_val.sum()),
+        "unseen_files": int(unseen.sum()),
+        "training_files": int(in_train.sum()),
+        "training_files_scored": bool(all_files and in_train.any()),
+    }
+    return chosen, scope
+
+
+def describe_scope(scope: dict[str, Any]) -> str:
+    """One sentence saying what was scored."""
+    parts = []
+    if scope["validation_files"]:
+        parts.append(f"{scope['validation_files']} of the run's validation split")
+    if scope["unseen_files"]:
+        parts.append(f"{scope['unseen_files']} files the run never saw")
+    if scope["training_files_scored"]:
+        parts.append(f"{scope['training_files']} of its TRAINING split (--all: these flatter the model)")
+    text = "scored " + (", ".join(parts) or "nothing")
+    if scope["training_files"] and not scope["training_files_scored"]:
+        text += f"; {scope['training_files']} training-split files left out (--all scores them too)"
+    return text
+
+
 def render_report(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
+    if "scope" in report:
+        console.print(describe_scope(report["scope"]), markup=False, soft_wrap=True)
     console.print(
         f"{report['samples']} samples: accuracy {report['accuracy']:.4f}, unweighted accuracy "
         f"{report['unweighted_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"

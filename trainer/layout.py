@@ -17,10 +17,13 @@ from pathlib import PurePosixPath
 
 RUNS_DIR = "runs"
 CODE_DIR = "code"
+# Held (flock) by orch's busy check + launch on the machine: one launch at a time.
+LAUNCH_LOCK = "launch.lock"
 
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
 PID_FILE = "pid"
+RUN_LOCK = "lock"  # held (flock) by the one trainer of this run directory, for its whole life
 TRAIN_LOG = "train.log"
 METRICS = "metrics.jsonl"
 STATUS = "status.json"

@@ -16,23 +16,11 @@ from typing import Any
 
 from trainer import layout
 from trainer.fsutil import atomic_write_bytes, atomic_write_json
+from trainer.proc import pid_line
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of a living ``pid`` (clock ticks since boot), to tell pid
-    reuse apart; None when there is no such process, or only its zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces, so count after its ')': field 3 is the
-    # state (Z/X: dead, waiting to be reaped), field 22 the start time.
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def sha256_file(path: Path) -> str:
@@ -41,15 +29,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def code_version() -> str:
-    """A short hash of the trainer package's sources: which code produced a run."""
-    h = hashlib.sha256()
-    package = Path(__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:12]
 
 
 class RunDir:
@@ -67,10 +46,7 @@ class RunDir:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
 
     def write_pid(self) -> None:
-        pid = os.getpid()
-        start = process_start_time(pid)
-        text = f"{pid} {start if start is not None else ''}\n"
-        atomic_write_bytes(self.file(layout.PID_FILE), text.encode())
+        atomic_write_bytes(self.file(layout.PID_FILE), pid_line(os.getpid()).encode())
 
     def read_json(self, rel: str) -> dict[str, Any] | None:
         try:

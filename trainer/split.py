@@ -81,6 +81,12 @@ def _speaker_val(ds: Dataset, labels: np.ndarray, fraction: float, seed: int) ->
             if np.abs(candidate - target).sum() < np.abs(current - target).sum():
                 current = candidate
                 val.extend(groups[key])
+    if not val and len(groups) > 1:
+        # Few, large speakers: each alone overshoots the target. One speaker, the one whose size
+        # is nearest the target, still beats validating on nothing.
+        want = fraction * len(labels)
+        nearest = min(sorted(groups), key=lambda k: abs(len(groups[k]) - want))
+        val = list(groups[nearest])
     return np.array(sorted(val), dtype=np.int64)
 
 

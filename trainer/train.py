@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from trainer import layout
+from trainer.codeversion import code_version
 from trainer.config import TrainConfig
 from trainer.data import load_dataset, require_samples
 from trainer.errors import DataError, ExitCode, TrainingFailed, UsageError
 from trainer.fsutil import atomic_write_json
-from trainer.rundir import RunDir, code_version, now_iso
+from trainer.rundir import RunDir, now_iso
 from trainer.split import Split, load_split, make_split, save_split
 from trainer.stats import Stats, compute_stats, find_stats, load_stats, save_stats
 
@@ -60,7 +61,7 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
     except StopRequested as stop:
         run.write_status(layout.STOPPED, phase=None, error=None)
         log(f"stopped by signal {stop.signum} before training began")
-        return ExitCode.STOPPED
+        return ExitCode.RUN_STOPPED
     except (DataError, UsageError, TrainingFailed) as exc:
         run.write_status(layout.FAILED, error=str(exc), phase=None)
         raise
@@ -72,7 +73,7 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
 def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | None, stopper: _Stopper,
            log: Log) -> ExitCode:
     # ---- data, split and statistics (reused from this run or the parent when they exist)
-    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=not cfg.no_cache)
+    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
     require_samples(ds)
     log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
         f"(cache: {ds.cache})")
@@ -153,7 +154,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
         run.refresh_manifest()
         log(f"stopped by signal {stopper.signum} after epoch {recorder.epoch}; "
             "start the same command again to continue")
-        return ExitCode.STOPPED
+        return ExitCode.RUN_STOPPED
 
     # ---- evaluate the best checkpoint on the validation split, then finish
     _final_evaluation(run, model, ds, split, stats, recorder.history, log)

@@ -62,7 +62,7 @@ def test_training_writes_every_file_of_the_contract(parent: Path) -> None:
     stats = parent / layout.STATS_DIR
     assert np.load(stats / layout.STATS_MEAN).shape == (24,) and (np.load(stats / layout.STATS_STD) > 0).all()
     split = json.loads((stats / layout.SPLIT_JSON).read_text())
-    assert split["method"] == "random" and not set(split["train"]) & set(split["validation"])
+    assert split["method"] == "speaker" and not set(split["train"]) & set(split["validation"])
     report = json.loads((stats / layout.EVALUATION_JSON).read_text())
     assert set(report) >= {"confusion_matrix", "per_class", "macro_f1", "unweighted_accuracy", "accuracy"}
     assert report["samples"] == len(split["validation"])
@@ -108,7 +108,7 @@ def test_sigterm_marks_stopped_and_the_run_can_continue(tmp_path: Path, data: Pa
     proc = start_trainer(*args, log=tmp_path / "term.log")
     wait_for_epochs(run, 2, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 5
+    assert proc.wait(timeout=60) == 9
     st = status(run)
     assert st["state"] == "stopped" and st["error"] is None
     done = len(metrics(run))
@@ -127,7 +127,7 @@ def test_sigterm_during_start_up_marks_stopped(tmp_path: Path, data: Path) -> No
         assert proc.poll() is None
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 5
+    assert proc.wait(timeout=60) == 9
     assert status(run)["state"] == "stopped" and metrics(run) == []
 
 
@@ -170,8 +170,26 @@ def test_init_from_refuses_an_incompatible_architecture(tmp_path: Path, data: Pa
     assert status(tmp_path / "bad2")["state"] == "failed"
 
 
-def test_predict_matches_evaluate(tmp_path: Path, data: Path, parent: Path) -> None:
+def test_evaluate_scores_the_validation_split_not_the_training_files(data: Path, parent: Path) -> None:
+    split = json.loads((parent / "stats" / layout.SPLIT_JSON).read_text())
     evaluated = json.loads(run_trainer("evaluate", "--run-dir", parent, "--data-dir", data, "--json").stdout)
+    assert evaluated["samples"] == len(split["validation"])
+    assert evaluated["scope"]["scope"] == "validation" and not evaluated["scope"]["training_files_scored"]
+    assert evaluated["scope"]["training_files"] == len(split["train"])
+    # ... and it is the validation accuracy the run itself recorded for its best checkpoint
+    assert evaluated["accuracy"] == pytest.approx(status(parent)["best_val_accuracy"], abs=1e-6)
+    human = run_trainer("evaluate", "--run-dir", parent, "--data-dir", data).stdout
+    assert f"scored {len(split['validation'])} of the run's validation split" in human
+    assert f"{len(split['train'])} training-split files left out (--all scores them too)" in human
+    everything = json.loads(run_trainer("evaluate", "--run-dir", parent, "--data-dir", data, "--all", "--json").stdout)
+    assert everything["samples"] == len(split["train"]) + len(split["validation"])
+    assert everything["scope"]["scope"] == "all" and everything["scope"]["training_files_scored"]
+    assert "TRAINING split" in run_trainer("evaluate", "--run-dir", parent, "--data-dir", data, "--all").stdout
+
+
+def test_predict_matches_evaluate(tmp_path: Path, data: Path, parent: Path) -> None:
+    evaluated = json.loads(run_trainer("evaluate", "--run-dir", parent, "--data-dir", data, "--all",
+                                       "--json").stdout)
     lines = run_trainer("predict", "--run-dir", parent, data, "--json").stdout.splitlines()
     predictions = [json.loads(line) for line in lines]
     classes = evaluated["classes"]
@@ -218,19 +236,25 @@ def test_given_statistics_are_used_not_recomputed(tmp_path: Path, data: Path) ->
     empty.mkdir()
     missing = run_trainer("train", "--data-dir", local, "--run-dir", tmp_path / "no-stats", "--stats-dir", empty,
                           "--epochs", "1", *TINY, check=False)
-    assert missing.returncode == 3 and f"--stats-dir {empty}: no wav2vec_mean.npy" in missing.stderr
+    assert missing.returncode == 13 and f"--stats-dir {empty}: no wav2vec_mean.npy" in missing.stderr
     # Wrong shape: one clear error, state failed.
     np.save(given / layout.STATS_MEAN, np.zeros(5, np.float32))
     bad = run_trainer("train", "--data-dir", data, "--run-dir", tmp_path / "bad-stats", "--stats-dir", given,
                       "--epochs", "1", *TINY, check=False)
-    assert bad.returncode == 3 and "does not match the features' per-frame shape" in bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 13 and "does not match the features' per-frame shape" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_nan_loss_ends_in_failed_with_a_message(tmp_path: Path, data: Path) -> None:
+    # Statistics whose normalization overflows float32 (a corrupt stats file): inputs become
+    # infinite, the loss NaN.
+    stats = tmp_path / "bad-stats"
+    stats.mkdir()
+    np.save(stats / layout.STATS_MEAN, np.full(24, 3e38, np.float32))
+    np.save(stats / layout.STATS_STD, np.full(24, 1e-5, np.float32))
     run = tmp_path / "nan"
-    proc = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "3",
-                       "--learning-rate", "1e30", "--warmup-epochs", "0", *TINY, check=False)
-    assert proc.returncode == 4
+    proc = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "3", "--stats-dir", stats,
+                       *TINY, check=False)
+    assert proc.returncode == 8
     st = status(run)
     assert st["state"] == "failed" and "loss became nan at epoch 1" in st["error"]
     assert proc.stderr.strip().splitlines()[-1] == f"trainer: error: {st['error']}"

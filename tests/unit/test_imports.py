@@ -21,5 +21,6 @@ def test_trainer_data_layer_needs_no_tensorflow() -> None:
 
 
 def test_the_contract_and_probe_are_pure_python() -> None:
-    loaded = modules_after("import trainer.layout, trainer.probe")
+    loaded = modules_after("import trainer.layout, trainer.probe, trainer.options, trainer.wire, "
+                           "trainer.exitcodes, trainer.codeversion")
     assert not loaded & {"numpy", "tensorflow", "keras", "orchestrator"}

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from orchestrator.errors import ExitCode
-from orchestrator.monitor import RunView, parse_nvidia_smi, sparkline
+from orchestrator.monitor import RunView, sparkline
+from trainer.wire import Snapshot, parse_nvidia_smi
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "nvidia-smi-4gpu.csv"
 
@@ -23,11 +24,14 @@ def test_names_with_commas_and_blank_lines() -> None:
     assert parse_nvidia_smi("") == []
 
 
-def snap(state: str, alive: bool, metrics: list, count: int, smi: dict | None = None) -> dict:
-    return {"run": {"alive": alive}, "status": {"state": state, "epoch": count, "epochs": 10,
-                                                "best_val_accuracy": 0.5, "best_epoch": 1},
-            "metrics": metrics, "metrics_count": count, "log_tail": ["line"],
-            "nvidia_smi": smi or {"csv": None, "error": "no nvidia-smi"}, "load": {"cpus": 2, "loadavg": [0.5]}}
+def snap(state: str | None, alive: bool, metrics: list, count: int, gpus_csv: str | None = None) -> Snapshot:
+    """A snapshot as the probe's JSON would carry it (through the wire record's parser)."""
+    gpus = [g.__dict__ for g in parse_nvidia_smi(gpus_csv)] if gpus_csv else []
+    return Snapshot.from_json({
+        "run": {"run_id": "r", "state": state, "alive": alive},
+        "status": {"state": state, "epoch": count, "epochs": 10, "best_val_accuracy": 0.5, "best_epoch": 1},
+        "metrics": metrics, "metrics_count": count, "log_tail": ["line"],
+        "host": {"gpus": gpus, "gpu_error": None if gpus else "no nvidia-smi", "load": {"cpus": 2, "loadavg": [0.5]}}})
 
 
 def row(epoch: int, acc: float) -> dict:
@@ -36,7 +40,7 @@ def row(epoch: int, acc: float) -> dict:
 
 def test_view_accumulates_metrics_and_knows_the_state() -> None:
     view = RunView("r")
-    view.update(snap("running", True, [row(1, 0.3), row(2, 0.4)], 2, {"csv": FIXTURE.read_text(), "error": None}))
+    view.update(snap("running", True, [row(1, 0.3), row(2, 0.4)], 2, FIXTURE.read_text()))
     view.update(snap("running", True, [row(3, 0.5)], 3))
     assert [h["epoch"] for h in view.history] == [1, 2, 3]
     assert view.state == "running" and not view.final and view.eta_seconds() == 14.0
@@ -63,7 +67,7 @@ def test_render_with_and_without_gpus() -> None:
     from rich.console import Console
 
     view = RunView("r")
-    view.update(snap("running", True, [row(1, 0.3)], 1, {"csv": FIXTURE.read_text(), "error": None}))
+    view.update(snap("running", True, [row(1, 0.3)], 1, FIXTURE.read_text()))
     console = Console(record=True, width=120)
     console.print(view.render())
     text = console.export_text()

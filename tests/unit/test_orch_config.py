@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config import load_config
-from orchestrator.deploy import check_run_id, new_run_id, trainer_options
+from orchestrator.deploy import check_run_id, new_run_id, trainer_argv
 from orchestrator.errors import ConfigError
 
 CASES = {
@@ -25,7 +25,12 @@ CASES = {
     "ec2 without instance": ("target: ec2\n", "ec2: give instance_id or name"),
     "ec2 with both": ("target: ec2\nec2:\n  instance_id: i-1\n  name: gpu\n", "give instance_id or name, not both"),
     "train sets data_dir": ("target: local\ntrain:\n  data_dir: /x\n", "train.data_dir: set by orch itself"),
-    "train value a list": ("target: local\ntrain:\n  epochs: [1, 2]\n", "train.epochs: must be a string, number"),
+    "train sets init_from": ("target: local\ntrain:\n  init_from: /x\n", "train.init_from: set by orch itself"),
+    "train value a list": ("target: local\ntrain:\n  epochs: [1, 2]\n", "train.epochs: must be an integer >= 1"),
+    "train value not a number": ("target: local\ntrain:\n  epochs: ten\n", "train.epochs: must be an integer >= 1 and <= 1000000, got 'ten'"),
+    "train key misspelt": ("target: local\ntrain:\n  epoch: 3\n", "train.epoch: unknown key (did you mean epochs?)"),
+    "train value out of range": ("target: local\ntrain:\n  batch_size: 0\n", "train.batch_size: must be an integer >= 1"),
+    "train choice unknown": ("target: local\ntrain:\n  split: speakers\n", "train.split: must be one of speaker, random, got 'speakers'"),
     "section not a mapping": ("target: local\nremote: 3\n", "remote: Input should be a valid dictionary"),
 }
 
@@ -52,7 +57,12 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["ssh"] == {"host": "gpu.example.com", "port": 22, "user": "ubuntu", "key_file": None,
                                "known_hosts": None, "connect_timeout": 10.0}
-    assert resolved["remote"]["root"] == "~/audio_emotion" and resolved["train"] == {"epochs": 5}
+    assert resolved["remote"]["root"] == "~/audio_emotion" and resolved["train"]["epochs"] == 5
+    from trainer.options import OPTIONS
+
+    # every trainer option with its default (the trainer's own), and none the trainer does not know
+    assert set(resolved["train"]) == {o.name for o in OPTIONS if o.in_yaml}
+    assert resolved["train"]["batch_size"] == 32
     assert "base_dir" not in resolved
 
 
@@ -91,7 +101,37 @@ def test_run_ids_sort_by_time_and_are_shell_safe() -> None:
             check_run_id(bad)
 
 
-def test_trainer_options_from_the_train_mapping() -> None:
-    assert trainer_options({"epochs": 5, "split": "speaker", "mixed_precision": True, "class_weights": False},
-                           ["--seed", "3"]) == ["--epochs", "5", "--split", "speaker", "--mixed-precision",
-                                                "--no-class-weights", "--seed", "3"]
+def test_trainer_argv_from_the_train_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: local\ntrain:\n  epochs: 5\n  split: speaker\n  mixed_precision: true\n"
+                    "  class_weights: false\n  cache: false\n")
+    cfg = load_config(path)
+    assert trainer_argv(cfg, ["--seed", "3"]) == ["--epochs", "5", "--split", "speaker", "--mixed-precision",
+                                                  "--no-class-weights", "--no-cache", "--seed", "3"]
+    # booleans round-trip: what orch writes is what the trainer reads back
+    from trainer.options import parse_argv
+
+    assert parse_argv(trainer_argv(cfg)) == {"epochs": 5, "split": "speaker", "mixed_precision": True,
+                                             "class_weights": False, "cache": False}
+    # an extended run leaves epochs to the recipe, and the split to the parent
+    assert trainer_argv(cfg, overrides={"epochs": 7}, extending=True) == ["--mixed-precision", "--no-cache",
+                                                                         "--epochs", "7"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    (["--epochs", "-3"], "argument --epochs: must be an integer >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    (["--learning-rate", "-0.1"], "argument --learning-rate: must be a number > 0"),
+    (["--init-from", "/x"], "--init-from: set by `orch resume`"),
+    (["--data-dir", "/x"], "--data-dir: set by orch"),
+])
+def test_deploy_refuses_bad_trainer_options_before_connecting(extra: list[str], expected: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "deploy.yaml"
+    # an ssh target nothing listens on: the error must come before any connection is tried
+    path.write_text("target: ssh\nssh:\n  host: 127.0.0.1\n  port: 1\n  connect_timeout: 0.5\n")
+    assert main(["deploy", "-c", str(path), "--", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import layout
-from trainer.config import EXTEND_EPOCHS, Architecture, TrainConfig, resolve
+from trainer import layout, options
+from trainer.config import Architecture, TrainConfig, resolve
 from trainer.errors import UsageError
 from trainer.evaluate import classification_report
 from trainer.rundir import RunDir
@@ -85,7 +85,7 @@ def test_resolve_extended_run_recipe(tmp_path: Path) -> None:
     parent = _fake_parent(tmp_path)
     cfg = resolve({"data_dir": "d", "run_dir": "child", "init_from": str(parent), "epochs": None,
                    "learning_rate": None, "warmup_epochs": None, "hidden": None})
-    assert cfg.learning_rate == pytest.approx(0.001) and cfg.epochs == EXTEND_EPOCHS == 100
+    assert cfg.learning_rate == pytest.approx(0.001) and cfg.epochs == options.BY_NAME["epochs"].extend
     assert cfg.warmup_epochs == 1 and cfg.batch_size == 8 and cfg.split == "speaker"
     assert cfg.architecture == Architecture(hidden=64, attention=16)
     assert cfg.parent_run == "parent" and cfg.parent_best_val_accuracy == 0.61
@@ -101,7 +101,7 @@ def test_resolve_refuses_a_conflicting_architecture(tmp_path: Path) -> None:
         resolve({"data_dir": "d", "run_dir": "c", "init_from": str(parent), "hidden": 128})
     assert resolve({"data_dir": "d", "run_dir": "c", "init_from": str(parent), "hidden": 64})
     with pytest.raises(UsageError, match="--classes differs"):
-        resolve({"data_dir": "d", "run_dir": "c", "init_from": str(parent), "classes": ("happy", "sad")})
+        resolve({"data_dir": "d", "run_dir": "c", "init_from": str(parent), "classes": "happy,sad"})
     with pytest.raises(UsageError, match="neither a run directory"):
         resolve({"data_dir": "d", "run_dir": "c", "init_from": str(tmp_path)})
 

@@ -1,0 +1,127 @@
+"""What crosses between the halves is declared once: the options table, the wire records, the
+code version, the exit codes. These tests fail when a second declaration creeps in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from trainer import options
+from trainer.config import Architecture, TrainConfig
+from trainer.exitcodes import MEANINGS, ExitCode
+
+
+def test_train_config_is_the_options_table() -> None:
+    table = {o.name for o in options.OPTIONS}
+    config = {f.name for f in fields(TrainConfig)} - {"data_dir", "run_dir", "architecture", "parent_run",
+                                                      "parent_best_val_accuracy"}
+    assert config | {f.name for f in fields(Architecture)} == table
+    cfg = TrainConfig(data_dir="d", run_dir="r")
+    for option in options.OPTIONS:  # every default comes from the table
+        assert cfg.option(option.name) == option.default, option.name
+
+
+def test_trainer_argparse_is_the_options_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main
+
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in options.OPTIONS:
+        assert option.flag in text and option.help.split()[0] in text
+    assert "--no-cache" in text and "--no-class-weights" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "-3"], "argument --epochs: must be an integer >= 1"),
+    (["--epochs", "ten"], "argument --epochs: must be an integer >= 1 and <= 1000000, got 'ten'"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no prefix matching
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    (["--learning-rate", "-0.001"], "argument --learning-rate: must be a number > 0"),
+    (["--val-fraction", "1"], "argument --val-fraction: must be a number > 0 and < 1"),
+    (["--dropout", "1.5"], "argument --dropout: must be a number >= 0 and < 1"),
+    (["--split", "speakers"], "argument --split: must be one of speaker, random"),
+    (["--classes", "happy"], "argument --classes: give at least two distinct class names"),
+])
+def test_out_of_range_options_are_usage_errors_before_anything_is_written(
+        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data-dir", str(tmp_path), "--run-dir", str(run), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"trainer: error: {message}"), err
+    assert not run.exists()
+
+
+def test_booleans_round_trip() -> None:
+    for value in (True, False):
+        values = {o.name: value for o in options.OPTIONS if o.type is bool}
+        assert options.parse_argv(options.to_argv(values)) == values
+
+
+def test_wire_records_round_trip_through_json() -> None:
+    from trainer.wire import GpuRow, Host, HostLoad, RunInfo, Snapshot
+
+    snap = Snapshot(RunInfo("r1", 1.0, "running", 3, 10, 0.5, 0.6, 2, None, "t", "p0", 0.55, "s", 123, True, False),
+                    {"state": "running"}, [{"epoch": 3}], 3, ["line"],
+                    Host([GpuRow(0, "A10G", 97.0, 1.0, 2.0, 70.0, 200.0)], None, HostLoad(4, [0.1], 8, 4)))
+    assert Snapshot.from_json(json.loads(json.dumps(snap.to_json()))) == snap
+    # a probe of another version: unknown keys ignored, missing ones default
+    assert RunInfo.from_json({"run_id": "x", "future_field": 1}) == RunInfo("x")
+
+
+@pytest.mark.parametrize("state, alive, launching, shown", [
+    ("running", True, False, "running"), ("running", False, False, "died"), (None, False, False, "died"),
+    (None, False, True, None), ("finished", False, False, "finished"), ("stopped", False, False, "stopped"),
+])
+def test_shown_state(state: str | None, alive: bool, launching: bool, shown: str | None) -> None:
+    from trainer.wire import RunInfo
+
+    run = RunInfo("r", state=state, alive=alive, launching=launching)
+    assert run.shown_state == shown and run.active == (state == "running" and alive)
+
+
+def test_one_code_version_for_the_bundle_and_the_trainer(tmp_path: Path) -> None:
+    from orchestrator.sync import code_bundle
+
+    bundle = code_bundle()
+    unpacked = tmp_path / "code"
+    unpacked.mkdir()
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(bundle.tar_gz())) as tar:
+        tar.extractall(unpacked, filter="data")
+    # what the trainer computes on the machine, from the files it was sent (caches and all)
+    (unpacked / "trainer" / "__pycache__").mkdir()
+    (unpacked / "trainer" / "__pycache__" / "x.pyc").write_bytes(b"cache")
+    out = subprocess.run([sys.executable, "-c", "from trainer.codeversion import code_version; print(code_version())"],
+                         cwd=unpacked, capture_output=True, text=True, check=True, env={"PYTHONPATH": str(unpacked)})
+    assert out.stdout.strip() == bundle.version
+
+
+def test_the_probe_runs_from_what_is_sent_with_the_question(tmp_path: Path) -> None:
+    """Read-only commands upload nothing: the probe's modules travel on stdin."""
+    from orchestrator.config import DeployConfig
+    from orchestrator.machine import Machine
+    from orchestrator.remote import LocalRemote
+
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "status.json").write_text('{"state": "finished", "best_val_accuracy": 0.5}')
+    cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(tmp_path), "python": sys.executable}})
+    # a working directory without the trainer package: nothing to import from but stdin
+    m = Machine(cfg, LocalRemote(tmp_path / "runs"), str(tmp_path))
+    runs = m.runs()
+    assert [(r.run_id, r.state, r.best_val_accuracy, r.shown_state) for r in runs] == [("r1", "finished", 0.5, "finished")]
+    assert not (tmp_path / "code").exists()
+    assert m.host().load.cpus
+
+
+def test_exit_codes_mean_one_thing() -> None:
+    assert set(MEANINGS) == set(ExitCode)
+    assert len({meaning for meaning, _ in MEANINGS.values()}) == len(MEANINGS)
