@@ -27,11 +27,16 @@ class Ec2Config(_Section):
 
 
 class SshConfig(_Section):
-    host: str | None = Field(None, description="target ssh: required; target ec2: overrides the instance's address")
-    port: int = Field(22, ge=1, le=65535, description="SSH port")
-    user: str = Field("ubuntu", description="login user")
-    key_file: str | None = Field(None, description="private key path; null means ssh-agent / default keys")
-    known_hosts: str | None = Field(None, description="known_hosts file (default ~/.ssh/known_hosts)")
+    host: str | None = Field(None, description="target ssh: required (an address or a Host alias of "
+                             "ssh.config_file); target ec2: overrides the instance's address")
+    port: int | None = Field(None, ge=1, le=65535, description="SSH port (default: ssh_config's Port, else 22)")
+    user: str | None = Field(None, description="login user (default: ssh_config's User, else ubuntu)")
+    key_file: str | None = Field(None, description="private key path (default: ssh_config's IdentityFile, "
+                                 "else ssh-agent and the default keys)")
+    known_hosts: str | None = Field(None, description="known_hosts file (default ~/.ssh/known_hosts); unknown "
+                                    "or changed host keys are refused")
+    config_file: str | None = Field("~/.ssh/config", description="OpenSSH client config whose HostName, User, "
+                                    "Port, IdentityFile and ProxyJump apply (null: none)")
     connect_timeout: float = Field(10, gt=0, description="seconds to wait for the SSH connection")
 
 

@@ -75,36 +75,49 @@ def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[s
 
 
 def launch(m: Machine, run_id: str, options: Sequence[str], *, force: bool, fresh: bool, log: Log) -> int:
-    """Start ``python -m trainer train`` detached (it survives the SSH session); its pid.
+    """Start ``python -m trainer train`` detached (it outlives the SSH session); its pid.
 
-    ``fresh``: a new run (its folder must not exist); else the run folder is continued.
+    ONE remote command (trainer/launch.py) does the busy check, creates the run folder and
+    starts the trainer under the machine's launch lock: of two launches at the same moment,
+    exactly one starts and the other gets the busy error. ``fresh``: a new run (its folder
+    must not exist); else the run folder is continued.
     """
-    busy = [r for r in m.runs() if r.active]
-    if busy and not force:
-        ids = ", ".join(r.run_id for r in busy)
-        raise BusyError(f"run {ids} is still running on {m.remote.host}; wait for it, `orch stop` it, "
-                        "or pass --force to start another beside it")
     remote, run_dir = m.remote, m.run_dir(run_id)
-    if fresh:
-        if remote.run(f"test -e {q(run_dir)}", check=False).code == 0:
-            raise ConfigError(f"run {run_id} already exists on {remote.host}; choose another --run-id")
-        resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
-        remote.run(f"mkdir -p {q(run_dir)} && cat > {q(run_dir + '/' + layout.DEPLOY_JSON)}",
-                   write=lambda fh: fh.write(json.dumps(resolved, indent=2).encode()), what="creating the run")
-    argv = [m.cfg.remote_python, "-m", "trainer", "train", "--data-dir", remote.expand(m.cfg.remote_data_dir),
-            "--run-dir", run_dir, *options]
-    log_path = f"{run_dir}/{layout.TRAIN_LOG}"
-    # setsid + nohup + redirections: the process owns nothing of this SSH session. The `cd`
-    # is a statement of its own: `cd X && cmd &` would background a shell that keeps the
-    # session's stdout open (bash does not exec the last command) until training ends.
-    # A continued run appends to its log.
-    redirect = ">" if fresh else ">>"
-    command = (f"cd {q(run_dir)} || exit 1; PYTHONPATH={q(m.code.path)} setsid nohup {' '.join(q(a) for a in argv)} "
-               f"{redirect} {q(log_path)} 2>&1 < /dev/null & echo $!")
-    pid = int(remote.run(command, what="launching the trainer").stdout.split()[-1])
+    resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
+    argv = [m.cfg.remote_python, "-m", "trainer.launch", m.root, run_id, "--fresh" if fresh else "--continue",
+            *(["--force"] if force else []), "--python", m.cfg.remote_python, "--code", m.code.path,
+            "--data-dir", remote.expand(m.cfg.remote_data_dir), "--", *options]
+    result = remote.run(f"PYTHONPATH={q(m.code.path)} " + " ".join(q(a) for a in argv), check=False,
+                        write=lambda fh: fh.write(json.dumps(resolved, indent=2).encode()) if fresh else None,
+                        what="launching the trainer")
+    answer = _launch_answer(result.stdout)
+    if "pid" not in answer:
+        _refuse(answer, run_id, remote.host, result.stderr)
+    pid = int(answer["pid"])
     log(f"launched run {run_id} (pid {pid}) on {remote.host}")
     wait_started(remote, run_dir, pid)
     return pid
+
+
+def _launch_answer(stdout: str) -> dict[str, Any]:
+    try:
+        return json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+
+
+def _refuse(answer: dict[str, Any], run_id: str, host: str, stderr: str) -> None:
+    """The launcher's refusal as orch's error (one line, the documented exit code)."""
+    kind, message = answer.get("error"), answer.get("message", "")
+    if kind == "busy":
+        raise BusyError(f"{message} on {host}; wait for it, `orch stop` it, or pass --force to start another "
+                        "beside it")
+    if kind == "exists":
+        raise ConfigError(f"run {run_id} already exists on {host}; choose another --run-id")
+    if kind == "missing":
+        raise ConfigError(f"no run {run_id} on {host}; `orch runs` lists them")
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    raise RemoteError(f"launching the trainer failed on {host}: {lines[-1] if lines else 'no answer'}")
 
 
 def wait_started(remote: Remote, run_dir: str, pid: int, timeout: float = START_TIMEOUT) -> None:
@@ -138,7 +151,7 @@ def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = Fa
     """The whole of ``orch deploy`` over one connection."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
     argv = trainer_argv(cfg, trainer_args)
-    with connect(cfg, trust_new_host=trust_new_host, setup=True, log=log) as m:
+    with connect(cfg, trust_new_host=trust_new_host, setup=True, start=True, log=log) as m:
         data = sync_data(m.remote, cfg, log) if with_data else None
         pid = launch(m, run_id, argv, force=force, fresh=True, log=log)
         return Launched(run_id, m.run_dir(run_id), m.remote.host, pid, m.code.version, m.code.transferred, data)
@@ -151,7 +164,7 @@ def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None =
     finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
     overrides = {"epochs": epochs, "learning_rate": learning_rate, "warmup_epochs": warmup_epochs}
     argv = trainer_argv(cfg, overrides=overrides, extending=True)
-    with connect(cfg, trust_new_host=trust_new_host, setup=True, log=log) as m:
+    with connect(cfg, trust_new_host=trust_new_host, setup=True, start=True, log=log) as m:
         if in_place:
             run = m.choose(run_id)
             if run.state == layout.FINISHED:

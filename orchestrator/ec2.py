@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.config import Ec2Config
-from orchestrator.errors import AwsError
+from orchestrator.errors import AwsError, InstanceStopped
 
 # botocore's "standard" mode retries exactly throttling and transient server errors.
 _RETRIES = {"mode": "standard", "max_attempts": 6}
@@ -33,9 +33,13 @@ def client(cfg: Ec2Config) -> Any:
     """An EC2 client from boto3's credential chain (env, profile, instance role)."""
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
-    session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
-    return session.client("ec2", endpoint_url=cfg.endpoint_url, config=Config(retries=_RETRIES))
+    try:
+        session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
+        return session.client("ec2", endpoint_url=cfg.endpoint_url, config=Config(retries=_RETRIES))
+    except BotoCoreError as exc:  # ProfileNotFound, a bad region or endpoint...
+        raise AwsError(f"AWS: {exc}; check ec2.profile, ec2.region and ~/.aws/config") from exc
 
 
 def _call(what: str, fn: Any, **kwargs: Any) -> Any:
@@ -106,7 +110,8 @@ def ensure_running(ec2: Any, cfg: Ec2Config, allow_start: bool, log: Any = None)
         inst = find_instance(ec2, cfg)
     if inst.state == "stopped":
         if not allow_start:
-            raise AwsError(f"instance {inst.instance_id} is stopped; run `orch up` or set ec2.start_if_stopped")
+            raise InstanceStopped(f"instance {inst.instance_id} is stopped; `orch up` starts it (this command "
+                                  "does not: a running instance costs money)")
         if log:
             log(f"starting instance {inst.instance_id}")
         _call("starting the instance", ec2.start_instances, InstanceIds=[inst.instance_id])

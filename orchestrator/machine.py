@@ -133,9 +133,10 @@ def find_run(runs: list[RunInfo], run_id: str, host: str) -> RunInfo:
 
 
 @contextmanager
-def connect(cfg: DeployConfig, *, trust_new_host: bool = False, setup: bool = False,
+def connect(cfg: DeployConfig, *, trust_new_host: bool = False, setup: bool = False, start: bool = False,
             log: Log = lambda _m: None) -> Iterator[Machine]:
-    """Open the machine. The current code version is made sure of when first needed (sent
-    only if missing); ``setup`` also runs remote.setup for a new version."""
-    with open_remote(cfg, trust_new_host=trust_new_host, log=log) as remote:
+    """Open the machine (``start``: a stopped instance may be started: deploy and resume only).
+    The current code version is made sure of when first needed (sent only if missing);
+    ``setup`` also runs remote.setup for a new version."""
+    with open_remote(cfg, trust_new_host=trust_new_host, log=log, start=start) as remote:
         yield Machine(cfg, remote, remote.expand(cfg.remote_root), log, setup)

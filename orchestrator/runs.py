@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +32,41 @@ def list_runs(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lam
         runs = m.runs()
     return [r.to_json() | {"state": r.shown_state, "seconds": _seconds_between(r.started_at, r.updated_at)}
             for r in runs]
+
+
+def compared_with_parent(run: Mapping[str, Any], *, long: bool = False) -> str:
+    """How an extended run compares with its parent, from status.json's (or RunInfo's) fields:
+    '+0.0123 (beat it)'; long: 'parent first best 0.6100: +0.0123, beat it'. '' without a parent."""
+    parent = run.get("parent")
+    if not parent:
+        return ""
+    delta, beat, base = run.get("vs_parent"), run.get("beat_parent"), run.get("parent_best_val_accuracy")
+    verdict = "beat it" if beat else "did not beat it (its best is still the parent's weights)" if long \
+        else "did not beat it"
+    if delta is None:
+        return f"parent {parent}: no comparison yet" if long else "-"
+    if not long:
+        return f"{delta:+.4f} ({verdict})"
+    base_text = f" best {base:.4f}" if base is not None else ""
+    return f"parent {parent}{base_text}: {delta:+.4f}, {verdict}"
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Any:
+    """The `orch runs` table. The run column never shrinks (ids are what users copy); the
+    others wrap when the terminal is narrow."""
+    from rich.table import Column, Table
+
+    width = max(len(r["run_id"]) for r in runs)
+    table = Table(Column("run", no_wrap=True, min_width=width, overflow="fold"),
+                  *(Column(name, overflow="fold") for name in
+                    ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")))
+    for r in runs:
+        best = r.get("best_val_accuracy")
+        table.add_row(r["run_id"], r.get("parent") or "", str(r["state"]), f"{r.get('epoch')}/{r.get('epochs')}",
+                      f"{best:.4f}" if best is not None else "-", compared_with_parent(r),
+                      (r.get("started_at") or "")[:19].replace("T", " "),
+                      f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else "")
+    return table
 
 
 def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> dict[str, Any]:

@@ -65,13 +65,10 @@ def sync_code(remote: Remote, cfg: DeployConfig, log: Log, *, run_setup: bool = 
     if transferred:
         payload = bundle.tar_gz()
         log(f"sending code version {bundle.version} ({len(payload) / 1024:.0f} KiB)")
-        tmp = f"{code_dir}.tmp-{time.time_ns()}"
-        # Unpack beside, then rename: a half-sent bundle never becomes a code version.
-        remote.run(
-            f"set -e; mkdir -p {q(tmp)}; tar -xzf - -C {q(tmp)}; touch {q(tmp + '/' + _COMPLETE)}; "
-            f"rm -rf {q(code_dir)}; mv {q(tmp)} {q(code_dir)}",
-            write=lambda fh: fh.write(payload), what="unpacking the code",
-        )
+        # Unpack beside, then rename, under a lock: a half-sent bundle never becomes a code
+        # version, and two deploys at once never remove each other's.
+        remote.run(f"{q(cfg.remote_python)} -c {q(_UNPACK_CODE)} {q(root)} {q(bundle.version)}",
+                   write=lambda fh: fh.write(payload), what="unpacking the code")
     if run_setup and cfg.remote.setup and (transferred or _SETUP_DONE not in probe):
         log(f"running remote.setup for code version {bundle.version}")
         # remote.setup is the user's own shell command: it is run as written, on purpose.
@@ -123,8 +120,10 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
     if changed:
         # A hidden sibling of the data folder: same file system, never read as data.
         staging = f"{parent}/{incoming}{time.time_ns()}"
-        unpack = (f"set -e; mkdir -p {q(staging)}; tar -xf - -C {q(staging)}; "
-                  f"{q(python)} -c {q(_MOVE)} {q(staging)} {q(dest)}")
+        # The trap: an upload cut off mid-way removes its own staging folder when its tar fails
+        # (a later sync's clean-up may run before this one has noticed the cut).
+        unpack = (f"set -e; trap {q('rm -rf -- ' + q(staging))} EXIT; mkdir -p {q(staging)}; "
+                  f"tar -xf - -C {q(staging)}; {q(python)} -c {q(_MOVE)} {q(staging)} {q(dest)}")
         if method == "ssh":
             _tar_over_ssh_client(remote, local, changed, unpack)  # type: ignore[arg-type]
         else:
@@ -171,6 +170,25 @@ def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[str], unpack
         raise RemoteError(f"uploading the data to {remote.host} failed: {why[-1] if why else 'no message'}")
 
 
+_UNPACK_CODE = f"""\
+import fcntl, os, shutil, sys, tarfile
+root, version = sys.argv[1:3]
+folder = os.path.join(root, {layout.CODE_DIR!r})
+os.makedirs(folder, exist_ok=True)
+lock = os.open(os.path.join(folder, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(lock, fcntl.LOCK_EX)
+final = os.path.join(folder, version)
+if os.path.exists(os.path.join(final, {_COMPLETE!r})):
+    sys.stdin.buffer.read()
+    sys.exit()
+tmp = final + '.tmp-%d' % os.getpid()
+shutil.rmtree(tmp, ignore_errors=True)
+with tarfile.open(fileobj=sys.stdin.buffer, mode='r|gz') as tar:
+    tar.extractall(tmp)
+open(os.path.join(tmp, {_COMPLETE!r}), 'w').close()
+shutil.rmtree(final, ignore_errors=True)
+os.rename(tmp, final)
+"""
 _LIST = ("import os,sys\nroot=sys.argv[1]\nfor d,ds,fs in os.walk(root):\n"
          " ds[:]=[x for x in ds if not x.startswith('.')]\n"
          " for f in fs:\n  p=os.path.join(d,f);s=os.stat(p)\n"

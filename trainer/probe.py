@@ -53,7 +53,8 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         best_val_accuracy=status.get("best_val_accuracy"), best_epoch=status.get("best_epoch"),
         error=status.get("error"), updated_at=status.get("updated_at"),
         parent=run.get("parent_run", status.get("parent")),
-        parent_best_val_accuracy=config.get("parent_best_val_accuracy"),
+        parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
+        vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
         started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching,
     )
 

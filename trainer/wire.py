@@ -102,6 +102,8 @@ class RunInfo:
     updated_at: str | None = None
     parent: str | None = None
     parent_best_val_accuracy: float | None = None
+    vs_parent: float | None = None  # best_val_accuracy - the parent's
+    beat_parent: bool | None = None  # did a checkpoint of this run beat the parent's best?
     started_at: str | None = None
     pid: int | None = None
     alive: bool = False  # the recorded pid lives, with the recorded start time
@@ -109,8 +111,8 @@ class RunInfo:
 
     @property
     def active(self) -> bool:
-        """Running, and its process really alive."""
-        return self.state == layout.RUNNING and self.alive
+        """Its process is alive and has not written a final state (running, or starting)."""
+        return self.alive and self.state in (None, layout.RUNNING)
 
     @property
     def shown_state(self) -> str | None:

@@ -224,7 +224,7 @@ def test_up_and_down(tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str,
     assert down.returncode == 0 and f"{instance} stopped" in down.stdout
     no_start = ec2_config(tmp_path, sshd, data, moto_endpoint, known=True, instance_id=instance, start_if_stopped=False)
     refused = run_orch("deploy", "-c", no_start)
-    assert refused.returncode == 3 and "is stopped; run `orch up`" in refused.stderr
+    assert refused.returncode == 11 and "is stopped; `orch up` starts it" in refused.stderr
     up = run_orch("up", "-c", cfg)
     assert up.returncode == 0 and f"{instance} running" in up.stdout
 

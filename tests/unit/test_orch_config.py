@@ -55,8 +55,8 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
     path.write_text("target: ssh\nssh:\n  host: gpu.example.com\ntrain:\n  epochs: 5\n")
     assert main(["config", "check", "-c", str(path)]) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert resolved["ssh"] == {"host": "gpu.example.com", "port": 22, "user": "ubuntu", "key_file": None,
-                               "known_hosts": None, "connect_timeout": 10.0}
+    assert resolved["ssh"] == {"host": "gpu.example.com", "port": None, "user": None, "key_file": None,
+                               "known_hosts": None, "config_file": "~/.ssh/config", "connect_timeout": 10.0}
     assert resolved["remote"]["root"] == "~/audio_emotion" and resolved["train"]["epochs"] == 5
     from trainer.options import OPTIONS
 
