@@ -18,11 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m trainer synth $(DEMO)/data --n 1000 --seed 0
 	$(PY) -m trainer check-data $(DEMO)/data
-	$(ORCH) deploy --sync-data
-	$(ORCH) monitor --interval 2
+	$(ORCH) deploy --sync-data --follow
 	$(ORCH) download --best
-	$(ORCH) resume --epochs 5
-	$(ORCH) monitor --interval 2
+	$(ORCH) resume --epochs 5 --follow
 	$(ORCH) runs
 
 ## test: the whole test suite (unit + integration)

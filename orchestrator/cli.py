@@ -32,6 +32,8 @@ ConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_defa
 JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of text")
 TrustOpt = typer.Option(False, "--trust-new-host",
                         help="accept an unknown SSH host key (it is shown) and remember it")
+FollowOpt = typer.Option(False, "--follow", "-f", help="then monitor the run to its end; the exit code "
+                         "says how it ended (as `orch monitor`)")
 RunArg = typer.Argument(None, help="the run: its id or any unique prefix of it (default: the latest)",
                         show_default=False)
 
@@ -146,16 +148,19 @@ def deploy(
     run_id: str | None = typer.Option(None, "--run-id", help="name of the run (default: time-sortable id)"),
     sync_data: bool = typer.Option(False, "--sync-data", help="upload data.local_dir first (changed files only)"),
     force: bool = typer.Option(False, "--force", help="start even if another run is still running"),
+    follow: bool = FollowOpt,
     json_out: bool = JsonOpt,
     trust_new_host: bool = TrustOpt,
-) -> None:
+) -> int:
     """Ship the trainer and start training, detached. Trainer options go after `--`:
     `orch deploy -- --epochs 50 --split speaker` (checked before anything is launched)."""
     from orchestrator.deploy import deploy as run_deploy
 
-    launched = run_deploy(_load(ctx, config), run_id=run_id, with_data=sync_data, force=force,
+    cfg = _load(ctx, config)
+    launched = run_deploy(cfg, run_id=run_id, with_data=sync_data, force=force,
                           trainer_args=ctx.args, trust_new_host=trust_new_host, log=env.log)
     _show_launched(launched, json_out)
+    return _follow(cfg, launched.run_id, trust_new_host) if follow else 0
 
 
 def _show_launched(launched: Any, json_out: bool, how: str = "") -> None:
@@ -191,17 +196,21 @@ def resume(
     in_place: bool = typer.Option(False, "--continue", help="restart a killed/stopped RUN in place, from its "
                                   "last committed epoch (the spot-interruption case)"),
     force: bool = typer.Option(False, "--force", help="start even if another run is still running"),
+    follow: bool = FollowOpt,
     json_out: bool = JsonOpt,
     trust_new_host: bool = TrustOpt,
-) -> None:
+) -> int:
     """Extended training from a finished run's best checkpoint: a new run with the same
-    architecture, statistics and split, a lower learning rate and more epochs."""
+    architecture, statistics and split, a lower learning rate and more epochs. With --follow
+    its last line says whether it beat its parent, and by how much."""
     from orchestrator.deploy import resume as run_resume
 
-    launched = run_resume(_load(ctx, config), run, epochs=epochs, learning_rate=learning_rate,
+    cfg = _load(ctx, config)
+    launched = run_resume(cfg, run, epochs=epochs, learning_rate=learning_rate,
                           warmup_epochs=warmup_epochs, in_place=in_place, force=force,
                           trust_new_host=trust_new_host, log=env.log)
     _show_launched(launched, json_out, "; continued" if in_place else f"; extends {launched.extra.get('parent')}")
+    return _follow(cfg, launched.run_id, trust_new_host) if follow else 0
 
 
 @app.command()
@@ -216,8 +225,6 @@ def monitor(
 ) -> int:
     """Live view of a run: epochs, accuracy, trends, GPUs, log. Exits when the run ends, with
     0 finished, 8 failed, 9 stopped, 10 died. Ctrl-C leaves the run untouched."""
-    from rich.live import Live
-
     from orchestrator.monitor import monitor as run_monitor
 
     cfg = _load(ctx, config)
@@ -228,6 +235,15 @@ def monitor(
         else:
             env.out.print(view.render())
         return int(view.exit_code)
+    return _follow(cfg, run, trust_new_host, interval)
+
+
+def _follow(cfg: Any, run: str | None, trust_new_host: bool, interval: float = 2.0) -> int:
+    """The live monitor view until the run ends; its last line and exit code say how."""
+    from rich.live import Live
+
+    from orchestrator.monitor import monitor as run_monitor
+
     with Live(console=env.out, auto_refresh=False, transient=False) as live:
         view = run_monitor(cfg, run, interval=interval, trust_new_host=trust_new_host, log=env.log,
                            show=lambda v: live.update(v.render(), refresh=True))
