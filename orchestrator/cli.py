@@ -32,6 +32,11 @@ ConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_defa
 JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of text")
 TrustOpt = typer.Option(False, "--trust-new-host",
                         help="accept an unknown SSH host key (it is shown) and remember it")
+AllowCpuOpt = typer.Option(False, "--allow-cpu", help="launch even though TensorFlow sees none of the GPUs "
+                           "nvidia-smi lists (training on the CPU of a GPU box)")
+AutostopOpt = typer.Option(None, "--autostop", metavar="MINUTES|off", show_default=False,
+                           help="run autostop.command (default: shut the machine down) once no run has been "
+                           "active this many minutes; `off` disarms (default: deploy.yaml's autostop)")
 FollowOpt = typer.Option(False, "--follow", "-f", help="then monitor the run to its end; the exit code "
                          "says how it ended (as `orch monitor`)")
 RunArg = typer.Argument(None, help="the run: its id or any unique prefix of it (default: the latest)",
@@ -106,28 +111,32 @@ def config_schema() -> None:
 def up(ctx: typer.Context, config: str | None = ConfigOpt) -> None:
     """Start the EC2 instance and wait until it runs."""
     from orchestrator import ec2
+    from orchestrator.status import require_ec2
 
-    cfg = _require_ec2(_load(ctx, config))
+    cfg = _load(ctx, config)
+    require_ec2(cfg)
     inst = ec2.ensure_running(ec2.client(cfg.ec2), cfg.ec2, allow_start=True, log=env.log)
     env.out.print(f"{inst.instance_id} {inst.state} {inst.address or '(no public address)'}")
 
 
 @app.command()
-def down(ctx: typer.Context, config: str | None = ConfigOpt) -> None:
-    """Stop the EC2 instance (its disk, runs and data stay)."""
-    from orchestrator import ec2
+def down(
+    ctx: typer.Context,
+    config: str | None = ConfigOpt,
+    force: bool = typer.Option(False, "--force", help="stop it even while a run is active (the run dies; "
+                               "`orch resume RUN --continue` picks it up later)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation on a terminal"),
+    trust_new_host: bool = TrustOpt,
+) -> None:
+    """Stop the EC2 instance (its disk, runs and data stay). Refuses while a run is active."""
+    from orchestrator.status import down as run_down
 
-    cfg = _require_ec2(_load(ctx, config))
-    inst = ec2.stop(ec2.client(cfg.ec2), cfg.ec2, log=env.log)
+    confirm = None if yes or not sys.stdin.isatty() else (lambda question: typer.confirm(question, default=False))
+    inst = run_down(_load(ctx, config), force=force, confirm=confirm, trust_new_host=trust_new_host, log=env.log)
+    if inst is None:
+        env.out.print("left running")
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
     env.out.print(f"{inst.instance_id} {inst.state}")
-
-
-def _require_ec2(cfg: Any) -> Any:
-    from orchestrator.errors import ConfigError
-
-    if cfg.target != "ec2":
-        raise ConfigError(f"this command needs target: ec2 (the config says {cfg.target})")
-    return cfg
 
 
 @app.command()
@@ -148,6 +157,8 @@ def deploy(
     run_id: str | None = typer.Option(None, "--run-id", help="name of the run (default: time-sortable id)"),
     sync_data: bool = typer.Option(False, "--sync-data", help="upload data.local_dir first (changed files only)"),
     force: bool = typer.Option(False, "--force", help="start even if another run is still running"),
+    allow_cpu: bool = AllowCpuOpt,
+    autostop: str | None = AutostopOpt,
     follow: bool = FollowOpt,
     json_out: bool = JsonOpt,
     trust_new_host: bool = TrustOpt,
@@ -157,7 +168,7 @@ def deploy(
     from orchestrator.deploy import deploy as run_deploy
 
     cfg = _load(ctx, config)
-    launched = run_deploy(cfg, run_id=run_id, with_data=sync_data, force=force,
+    launched = run_deploy(cfg, run_id=run_id, with_data=sync_data, force=force, allow_cpu=allow_cpu, autostop=autostop,
                           trainer_args=ctx.args, trust_new_host=trust_new_host, log=env.log)
     _show_launched(launched, json_out)
     return _follow(cfg, launched.run_id, trust_new_host) if follow else 0
@@ -196,6 +207,8 @@ def resume(
     in_place: bool = typer.Option(False, "--continue", help="restart a killed/stopped RUN in place, from its "
                                   "last committed epoch (the spot-interruption case)"),
     force: bool = typer.Option(False, "--force", help="start even if another run is still running"),
+    allow_cpu: bool = AllowCpuOpt,
+    autostop: str | None = AutostopOpt,
     follow: bool = FollowOpt,
     json_out: bool = JsonOpt,
     trust_new_host: bool = TrustOpt,
@@ -207,7 +220,8 @@ def resume(
 
     cfg = _load(ctx, config)
     launched = run_resume(cfg, run, epochs=epochs, learning_rate=learning_rate,
-                          warmup_epochs=warmup_epochs, in_place=in_place, force=force,
+                          warmup_epochs=warmup_epochs, in_place=in_place, force=force, allow_cpu=allow_cpu,
+                          autostop=autostop,
                           trust_new_host=trust_new_host, log=env.log)
     _show_launched(launched, json_out, "; continued" if in_place else f"; extends {launched.extra.get('parent')}")
     return _follow(cfg, launched.run_id, trust_new_host) if follow else 0
@@ -317,29 +331,69 @@ def _print_table(table: Any) -> None:
 
 @app.command()
 def status(ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt,
-           trust_new_host: bool = TrustOpt) -> None:
-    """The machine: instance state and address, GPUs (or CPU load), the active run."""
-    from orchestrator.runs import machine_status
+           trust_new_host: bool = TrustOpt) -> int:
+    """The machine: instance type, state, uptime and cost, GPUs (or CPU load), the active run,
+    autostop. Never starts the instance: a stopped one exits 11."""
+    from orchestrator.status import machine_status
 
     st = machine_status(_load(ctx, config), trust_new_host=trust_new_host, log=env.log)
     if json_out:
-        _print_json(st)
+        _print_json(st.to_json())
+    else:
+        _render_status(st)
+    if st.stopped:
+        assert st.instance is not None
+        env.err.print(f"orch: instance {st.instance.id} is {st.instance.state}; `orch up` starts it")
+        return int(ExitCode.INSTANCE_STOPPED)
+    return 0
+
+
+def _render_status(st: Any) -> None:
+    from orchestrator.autostop import describe
+    from orchestrator.monitor import describe_load
+
+    if st.instance is not None:
+        i = st.instance
+        env.out.print(f"instance {i.id} ({i.type}{', spot' if i.spot else ''}): {i.state}, address {i.address or '-'}")
+        env.out.print(f"  cost: {i.cost.describe()}")
+    if st.machine is None:
         return
-    if "instance" in st:
-        i = st["instance"]
-        env.out.print(f"instance {i['id']}: {i['state']}, address {i['address'] or '-'}")
-        if "host" not in st:
-            return
-    env.out.print(f"host {st['host']}")
-    for g in st["gpus"]:
-        env.out.print(f"  GPU {g['index']} {g['name']}: {g['utilization']}% util, "
-                      f"{g['memory_used']}/{g['memory_total']} MiB, {g['temperature']} °C, {g['power']} W")
-    if not st["gpus"]:
-        env.out.print(f"  no GPU ({st['gpu_error']}); load {st['load'].get('loadavg')}")
-    for r in st["active_runs"]:
-        env.out.print(f"  running: {r['run_id']} epoch {r['epoch']}/{r['epochs']}, best {r['best_val_accuracy']}")
-    if not st["active_runs"]:
+    env.out.print(f"host {st.host}")
+    for g in st.machine.host.gpus:
+        env.out.print(f"  GPU {g.index} {g.name}: {g.utilization}% util, {g.memory_used}/{g.memory_total} MiB, "
+                      f"{g.temperature} °C, {g.power} W")
+    if not st.machine.host.gpus:
+        env.out.print(f"  {describe_load(st.machine.host)}")
+    active = [r for r in st.machine.runs if r.active]
+    for r in active:
+        env.out.print(f"  running: {r.run_id} epoch {r.epoch}/{r.epochs}, best {r.best_val_accuracy}")
+    if not active:
         env.out.print("  no run is running")
+    env.out.print(f"  {describe(st.machine.autostop)}")
+
+
+@app.command()
+def doctor(ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt) -> int:
+    """Every check a first day needs, in order, each ok or failed with the fix: config, AWS,
+    instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data,
+    disk. Never starts the instance. Exit 0 only if all pass (else 12)."""
+    from dataclasses import asdict
+
+    from orchestrator.doctor import doctor as run_doctor
+
+    root = ctx.find_root().obj or {}
+    results = run_doctor(config or root.get("config") or "deploy.yaml", log=env.log)
+    ok = all(r.ok for r in results)
+    if json_out:
+        _print_json({"ok": ok, "checks": [asdict(r) | {"exit_code": int(r.exit_code)} for r in results]})
+    else:
+        from rich.table import Table
+
+        table = Table("check", "", "detail", "fix", show_lines=False)
+        for r in results:
+            table.add_row(r.check, "ok" if r.ok else "FAILED", r.detail, "" if r.ok else r.fix)
+        _print_table(table)
+    return 0 if ok else int(ExitCode.NOT_READY)
 
 
 @app.command()

@@ -22,8 +22,11 @@ class Ec2Config(_Section):
     profile: str | None = Field(None, description="AWS profile name (credentials never live in this file)")
     instance_id: str | None = Field(None, description="the instance id (i-...); or give `name`")
     name: str | None = Field(None, description="the instance's Name tag; or give `instance_id`")
-    start_if_stopped: bool = Field(True, description="start a stopped instance on deploy")
+    start_if_stopped: bool = Field(True, description="let deploy and resume start a stopped instance (no other "
+                                   "command ever starts one: `orch up` does)")
     endpoint_url: str | None = Field(None, description="an EC2-compatible endpoint (tests use moto's server)")
+    hourly_price: float | None = Field(None, ge=0, description="USD per hour of the instance, for `orch status`'s "
+                                       "cost estimate (default: the spot price, or orch's dated on-demand table)")
 
 
 class SshConfig(_Section):
@@ -40,12 +43,37 @@ class SshConfig(_Section):
     connect_timeout: float = Field(10, gt=0, description="seconds to wait for the SSH connection")
 
 
+class EnvConfig(_Section):
+    mode: Literal["auto", "managed", "off"] = Field(
+        "auto", description="auto: a managed virtualenv on ssh/ec2 targets when remote.python is not set; managed: "
+        "always; off: never (base_python, or for target local the Python running orch, trains)")
+    base_python: str = Field("python3", description="interpreter on the machine that creates the env and runs "
+                             "orch's small helpers there (pure Python, any python3 >= 3.8)")
+    packages_from: str | None = Field(None, description="an interpreter on the machine whose packages the env "
+                                      "reuses (e.g. a Deep Learning AMI's): only what is missing is installed")
+    index_url: str | None = Field(None, description="pip --index-url for the env (default: pip's)")
+    pip_args: list[str] = Field(default_factory=list, description="more `pip install` arguments for the env "
+                                "(e.g. [--find-links, /wheels])")
+
+
 class RemoteConfig(_Section):
-    root: str = Field("~/audio_emotion", description="where code, runs and (by default) data live on the machine")
-    python: str | None = Field(None, description="interpreter with TensorFlow on the machine (default python3; "
-                               "for target local, the Python running orch)")
+    root: str = Field("~/audio_emotion", description="where code, runs, envs and (by default) data live on the "
+                      "machine; relative paths are relative to the login's home folder")
+    python: str | None = Field(None, description="an interpreter with TensorFlow on the machine, used as it is (no "
+                               "managed env); default: the managed env (ssh/ec2) or the Python running orch (local)")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="the managed virtualenv (remote.root/envs/<hash>/)")
     setup: str | None = Field(None, description="shell command run once per code version, in the code folder "
-                              "(e.g. `pip install -r requirements.txt`)")
+                              "beside requirements.txt (e.g. `pip install -r requirements.txt`)")
+    min_free_gb: float = Field(2.0, ge=0, description="refuse to launch with less free disk than this on the runs' "
+                               "file system (checkpoints are written every epoch)")
+
+
+class AutostopConfig(_Section):
+    idle_minutes: float | None = Field(None, gt=0, description="run `command` on the machine once no run has been "
+                                       "active for this long (fractions allowed); null: no autostop. A watcher on "
+                                       "the machine does it: a closed laptop does not matter")
+    command: str = Field("sudo shutdown -h now", description="what autostop runs; an EC2 instance with the default "
+                         "shutdown behaviour stops (its EBS disk, runs and data stay)")
 
 
 class DataConfig(_Section):
@@ -93,6 +121,7 @@ class DeployConfig(_Section):
     ssh: SshConfig = Field(default_factory=SshConfig)
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    autostop: AutostopConfig = Field(default_factory=AutostopConfig)
     train: TrainOptions = Field(  # type: ignore[valid-type]
         default_factory=TrainOptions,
         description="defaults for `python -m trainer train` (every key, its type, range and default: "
@@ -128,10 +157,18 @@ class DeployConfig(_Section):
         return self.remote.root.rstrip("/") or "/"
 
     @property
-    def remote_python(self) -> str:
+    def helper_python(self) -> str:
+        """Runs orch's pure-Python helpers on the machine (probe, launch, sync, env set-up)."""
         if self.remote.python:
             return self.remote.python
-        return sys.executable if self.target == "local" else "python3"
+        return sys.executable if self.target == "local" else self.remote.env.base_python
+
+    @property
+    def managed_env(self) -> bool:
+        """Whether training runs in a virtualenv orch builds on the machine."""
+        if self.remote.python or self.remote.env.mode == "off":
+            return False
+        return self.remote.env.mode == "managed" or self.target != "local"
 
     @property
     def remote_data_dir(self) -> str:

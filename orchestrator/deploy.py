@@ -1,5 +1,7 @@
-"""``orch deploy``: provision -> sync code (and data) -> check the machine is free -> launch
-the trainer detached -> verify it started."""
+"""``orch deploy`` and ``orch resume``, SkyPilot-style steps over one connection: provision
+(start the instance) -> sync code (and data) -> setup (the managed env, remote.setup) ->
+preflight (can this machine train?) -> launch the trainer detached, atomically -> verify it
+started."""
 
 from __future__ import annotations
 
@@ -8,16 +10,21 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from orchestrator.autostop import apply as apply_autostop
+from orchestrator.autostop import plan as autostop_plan
 from orchestrator.config import DeployConfig
+from orchestrator.environment import TrainingPython, ensure_env, run_setup
 from orchestrator.errors import BusyError, ConfigError, RemoteError
 from orchestrator.machine import Machine, connect
+from orchestrator.preflight import require_ready
 from orchestrator.remote import Remote, q
 from orchestrator.sync import DataSync, sync_data
 from trainer import layout, options
+from trainer.wire import Autostop
 
 Log = Callable[[str], None]
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -74,7 +81,8 @@ def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[s
     return argv
 
 
-def launch(m: Machine, run_id: str, options: Sequence[str], *, force: bool, fresh: bool, log: Log) -> int:
+def launch(m: Machine, run_id: str, options: Sequence[str], *, python: str, force: bool, fresh: bool,
+           log: Log) -> int:
     """Start ``python -m trainer train`` detached (it outlives the SSH session); its pid.
 
     ONE remote command (trainer/launch.py) does the busy check, creates the run folder and
@@ -84,8 +92,8 @@ def launch(m: Machine, run_id: str, options: Sequence[str], *, force: bool, fres
     """
     remote, run_dir = m.remote, m.run_dir(run_id)
     resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
-    argv = [m.cfg.remote_python, "-m", "trainer.launch", m.root, run_id, "--fresh" if fresh else "--continue",
-            *(["--force"] if force else []), "--python", m.cfg.remote_python, "--code", m.code.path,
+    argv = [m.cfg.helper_python, "-m", "trainer.launch", m.root, run_id, "--fresh" if fresh else "--continue",
+            *(["--force"] if force else []), "--python", python, "--code", m.code.path,
             "--data-dir", remote.expand(m.cfg.remote_data_dir), "--", *options]
     result = remote.run(f"PYTHONPATH={q(m.code.path)} " + " ".join(q(a) for a in argv), check=False,
                         write=lambda fh: fh.write(json.dumps(resolved, indent=2).encode()) if fresh else None,
@@ -146,41 +154,66 @@ def wait_started(remote: Remote, run_dir: str, pid: int, timeout: float = START_
         time.sleep(0.5)
 
 
+def prepare(m: Machine, *, allow_cpu: bool, log: Log) -> TrainingPython:
+    """Setup and preflight: the training Python (managed env built if needed, remote.setup
+    run), then the machine's checks. Nothing of a run exists yet."""
+    python = ensure_env(m, log)
+    run_setup(m, python, log)
+    require_ready(m, python.python, allow_cpu=allow_cpu)
+    return python
+
+
 def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = False, force: bool = False,
-           trainer_args: Sequence[str] = (), trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
-    """The whole of ``orch deploy`` over one connection."""
+           allow_cpu: bool = False, autostop: str | None = None, trainer_args: Sequence[str] = (),
+           trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
+    """The whole of ``orch deploy`` over one connection: provision, sync, setup, preflight, launch."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
     argv = trainer_argv(cfg, trainer_args)
-    with connect(cfg, trust_new_host=trust_new_host, setup=True, start=True, log=log) as m:
+    stop_plan = autostop_plan(cfg, autostop)
+    with connect(cfg, trust_new_host=trust_new_host, start=True, log=log) as m:
         data = sync_data(m.remote, cfg, log) if with_data else None
-        pid = launch(m, run_id, argv, force=force, fresh=True, log=log)
-        return Launched(run_id, m.run_dir(run_id), m.remote.host, pid, m.code.version, m.code.transferred, data)
+        python = prepare(m, allow_cpu=allow_cpu, log=log)
+        pid = launch(m, run_id, argv, python=python.python, force=force, fresh=True, log=log)
+        armed = apply_autostop(m, stop_plan, log)
+        return Launched(run_id, m.run_dir(run_id), m.remote.host, pid, m.code.version, m.code.transferred, data,
+                        extra={"env": _env_json(python)} | _autostop_json(armed))
 
 
 def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None = None,
            learning_rate: float | None = None, warmup_epochs: int | None = None, in_place: bool = False,
-           force: bool = False, trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
+           force: bool = False, allow_cpu: bool = False, autostop: str | None = None,
+           trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
     """Extend a finished run from its best checkpoint as a new run (default: the best
     finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
     overrides = {"epochs": epochs, "learning_rate": learning_rate, "warmup_epochs": warmup_epochs}
     argv = trainer_argv(cfg, overrides=overrides, extending=True)
-    with connect(cfg, trust_new_host=trust_new_host, setup=True, start=True, log=log) as m:
+    stop_plan = autostop_plan(cfg, autostop)
+    with connect(cfg, trust_new_host=trust_new_host, start=True, log=log) as m:
         if in_place:
             run = m.choose(run_id)
             if run.state == layout.FINISHED:
                 raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
             if run.alive:
                 raise BusyError(f"run {run.run_id} is still running; nothing to continue")
-            target, argv, fresh = run.run_id, [], False
+            target, argv, fresh, extra = run.run_id, [], False, {}
         else:
             parent = m.choose(run_id, best=True)
             if parent.state != layout.FINISHED:
                 raise ConfigError(f"run {parent.run_id} is {parent.shown_state}, not finished; continue it with "
                                   f"`orch resume {parent.run_id} --continue`")
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
-            target, fresh = new_run_id(), True
+            target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
             log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")
-        pid = launch(m, target, argv, force=force, fresh=fresh, log=log)
-        extra = {} if in_place else {"parent": parent.run_id}
+        python = prepare(m, allow_cpu=allow_cpu, log=log)
+        pid = launch(m, target, argv, python=python.python, force=force, fresh=fresh, log=log)
+        armed = apply_autostop(m, stop_plan, log)
         return Launched(target, m.run_dir(target), m.remote.host, pid, m.code.version, m.code.transferred,
-                        extra=extra)
+                        extra=extra | {"env": _env_json(python)} | _autostop_json(armed))
+
+
+def _autostop_json(state: Autostop | None) -> dict[str, Any]:
+    return {} if state is None else {"autostop": asdict(state)}
+
+
+def _env_json(python: TrainingPython) -> dict[str, Any]:
+    return {"python": python.python, "managed": python.managed, "built": python.built}

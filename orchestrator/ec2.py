@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from orchestrator.config import Ec2Config
@@ -23,6 +24,10 @@ class Instance:
     public_dns: str | None
     public_ip: str | None
     name: str | None
+    instance_type: str | None = None
+    launch_time: datetime | None = None  # when it last started
+    spot: bool = False
+    zone: str | None = None
 
     @property
     def address(self) -> str | None:
@@ -99,7 +104,19 @@ def find_instance(ec2: Any, cfg: Ec2Config) -> Instance:
 def _instance(raw: dict[str, Any]) -> Instance:
     name = next((t["Value"] for t in raw.get("Tags", []) if t["Key"] == "Name"), None)
     return Instance(raw["InstanceId"], raw["State"]["Name"], raw.get("PublicDnsName") or None,
-                    raw.get("PublicIpAddress") or None, name)
+                    raw.get("PublicIpAddress") or None, name, raw.get("InstanceType"), raw.get("LaunchTime"),
+                    raw.get("InstanceLifecycle") == "spot", (raw.get("Placement") or {}).get("AvailabilityZone"))
+
+
+def spot_price(ec2: Any, inst: Instance) -> float | None:
+    """The current spot price of the instance's type in its zone (Linux), or None."""
+    if not inst.instance_type:
+        return None
+    kwargs = {"AvailabilityZone": inst.zone} if inst.zone else {}
+    history = _call("reading the spot price", ec2.describe_spot_price_history, InstanceTypes=[inst.instance_type],
+                    ProductDescriptions=["Linux/UNIX"], MaxResults=1, **kwargs)
+    prices = history.get("SpotPriceHistory") or []
+    return float(prices[0]["SpotPrice"]) if prices else None
 
 
 def ensure_running(ec2: Any, cfg: Ec2Config, allow_start: bool, log: Any = None) -> Instance:

@@ -47,12 +47,17 @@ class Remote(ABC):
     _home: str | None = None
 
     @abstractmethod
-    def _exec(self, command: str, write: Writer | None, timeout: float | None) -> Result: ...
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result: ...
 
     def run(self, command: str, *, check: bool = True, timeout: float | None = None,
-            write: Writer | None = None, what: str | None = None) -> Result:
-        """Run a shell command; ``write`` streams its stdin. Non-zero exit -> RemoteError."""
-        result = self._exec(command, write, timeout)
+            write: Writer | None = None, what: str | None = None,
+            on_line: Callable[[str], None] | None = None) -> Result:
+        """Run a shell command; ``write`` streams its stdin, ``on_line`` gets each line of its
+        stdout as it arrives (progress). Non-zero exit -> RemoteError."""
+        feed = LineFeed(on_line) if on_line is not None else None
+        result = self._exec(command, write, timeout, feed)
+        if feed is not None:
+            feed.flush()
         if check and result.code != 0:
             detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
             tail = detail[-1] if detail else f"exit code {result.code}"
@@ -98,10 +103,10 @@ class LocalRemote(Remote):
         self.host = "localhost"
         self.cwd = cwd
 
-    def _exec(self, command: str, write: Writer | None, timeout: float | None) -> Result:
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result:
         proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdin is not None
+        assert proc.stdin is not None and proc.stdout is not None
         try:
             if write is not None:
                 write(proc.stdin)  # type: ignore[arg-type]
@@ -110,7 +115,20 @@ class LocalRemote(Remote):
         finally:
             proc.stdin.close()
             proc.stdin = None  # communicate() must not flush what we closed
-        out, err = proc.communicate(timeout=timeout)
+        if lines is None:
+            out, err = proc.communicate(timeout=timeout)
+        else:  # stderr in a thread, stdout line by line here
+            import threading
+
+            stdout, stderr = proc.stdout, proc.stderr
+            assert stderr is not None
+            errs: list[bytes] = []
+            reader = threading.Thread(target=lambda: errs.append(stderr.read()), daemon=True)
+            reader.start()
+            out = b"".join(lines.feed(chunk) for chunk in iter(lambda: stdout.read1(1 << 16), b""))
+            proc.wait(timeout=timeout)
+            reader.join()
+            err = errs[0] if errs else b""
         return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
     def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
@@ -220,7 +238,7 @@ class SshRemote(Remote):
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectError(f"the jump host cannot reach {to.label}: {exc or type(exc).__name__}") from exc
 
-    def _exec(self, command: str, write: Writer | None, timeout: float | None) -> Result:
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result:
         import paramiko
 
         transport = self.client.get_transport()
@@ -238,7 +256,7 @@ class SshRemote(Remote):
                     write(stdin)
             chan.shutdown_write()
             out_f, err_f = chan.makefile("rb"), chan.makefile_stderr("rb")
-            out = _drain(chan, out_f, err_f)
+            out = _drain(chan, out_f, err_f, lines)
             code = chan.recv_exit_status()
             if code == -1:  # the channel closed without an exit status: the connection went away
                 raise ConnectionLost(f"the connection to {self.host} was lost during a command")
@@ -320,14 +338,34 @@ def _hash_growing(local: Path, proc: subprocess.Popen[bytes], progress: Progress
             time.sleep(0.005)
 
 
-def _drain(chan: Any, out_f: Any, err_f: Any) -> tuple[bytes, bytes]:
+class LineFeed:
+    """Bytes in, complete lines out to a callback (for progress shown as it happens)."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line, self.pending = on_line, b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.pending += chunk
+        *complete, self.pending = self.pending.split(b"\n")
+        for line in complete:
+            self.on_line(line.decode(errors="replace"))
+        return chunk
+
+    def flush(self) -> None:
+        if self.pending:
+            self.on_line(self.pending.decode(errors="replace"))
+            self.pending = b""
+
+
+def _drain(chan: Any, out_f: Any, err_f: Any, lines: LineFeed | None = None) -> tuple[bytes, bytes]:
     """Read stdout and stderr to the end without deadlocking on a full stderr window."""
     import select
 
     out, err = bytearray(), bytearray()
     while True:
         if chan.recv_ready():
-            out += chan.recv(1 << 16)
+            chunk = chan.recv(1 << 16)
+            out += lines.feed(chunk) if lines is not None else chunk
         elif chan.recv_stderr_ready():
             err += chan.recv_stderr(1 << 16)
         elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
@@ -335,7 +373,8 @@ def _drain(chan: Any, out_f: Any, err_f: Any) -> tuple[bytes, bytes]:
         else:
             select.select([chan], [], [], 1.0)
     # Anything left in the buffers after the exit status arrived.
-    out += out_f.read()
+    rest = out_f.read()
+    out += lines.feed(rest) if lines is not None else rest
     err += err_f.read()
     return bytes(out), bytes(err)
 

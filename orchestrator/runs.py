@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from orchestrator import ec2
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.machine import Machine, connect
@@ -67,25 +66,6 @@ def runs_table(runs: list[dict[str, Any]]) -> Any:
                       (r.get("started_at") or "")[:19].replace("T", " "),
                       f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else "")
     return table
-
-
-def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> dict[str, Any]:
-    """Instance state and address, GPUs (or load), and the active run. A stopped instance is
-    reported as it is, not started."""
-    out: dict[str, Any] = {"target": cfg.target}
-    if cfg.target == "ec2":
-        inst = ec2.find_instance(ec2.client(cfg.ec2), cfg.ec2)
-        out["instance"] = {"id": inst.instance_id, "state": inst.state, "address": cfg.ssh.host or inst.address}
-        if inst.state != "running":
-            return out
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-        host = m.host()
-        runs = m.runs()
-        out["host"] = m.remote.host
-    out |= host.to_json()
-    out["active_runs"] = [{"run_id": r.run_id, "epoch": r.epoch, "epochs": r.epochs,
-                           "best_val_accuracy": r.best_val_accuracy} for r in runs if r.active]
-    return out
 
 
 def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable[[str], None],

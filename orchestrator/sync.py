@@ -21,9 +21,7 @@ from trainer import layout
 from trainer.codeversion import code_files, code_version
 
 Log = Callable[[str], None]
-SETUP_LOG = "setup.log"
 _COMPLETE = ".complete"
-_SETUP_DONE = ".setup-done"
 
 
 @dataclass(frozen=True)
@@ -43,9 +41,10 @@ class CodeBundle:
 
 
 def code_bundle() -> CodeBundle:
-    """The trainer package (sources + requirements.txt), named by its code version."""
+    """The trainer package (sources + requirements.txt), named by its code version; the
+    requirements also at the top, where remote.setup runs (`pip install -r requirements.txt`)."""
     files = code_files()
-    return CodeBundle(code_version(files), files)
+    return CodeBundle(code_version(files), files | {"requirements.txt": files["trainer/requirements.txt"]})
 
 
 @dataclass(frozen=True)
@@ -55,29 +54,19 @@ class CodeSync:
     transferred: bool
 
 
-def sync_code(remote: Remote, cfg: DeployConfig, log: Log, *, run_setup: bool = True) -> CodeSync:
+def sync_code(remote: Remote, cfg: DeployConfig, log: Log) -> CodeSync:
     """Make ROOT/code/<version>/ exist on the machine; transfer only if it does not yet."""
     bundle = code_bundle()
     root = remote.expand(cfg.remote_root)
     code_dir = f"{root}/{layout.CODE_DIR}/{bundle.version}"
-    probe = remote.run(f"cd {q(code_dir)} 2>/dev/null && ls -a", check=False).stdout.split()
-    transferred = _COMPLETE not in probe
+    transferred = remote.run(f"test -e {q(code_dir + '/' + _COMPLETE)}", check=False).code != 0
     if transferred:
         payload = bundle.tar_gz()
         log(f"sending code version {bundle.version} ({len(payload) / 1024:.0f} KiB)")
         # Unpack beside, then rename, under a lock: a half-sent bundle never becomes a code
         # version, and two deploys at once never remove each other's.
-        remote.run(f"{q(cfg.remote_python)} -c {q(_UNPACK_CODE)} {q(root)} {q(bundle.version)}",
+        remote.run(f"{q(cfg.helper_python)} -c {q(_UNPACK_CODE)} {q(root)} {q(bundle.version)}",
                    write=lambda fh: fh.write(payload), what="unpacking the code")
-    if run_setup and cfg.remote.setup and (transferred or _SETUP_DONE not in probe):
-        log(f"running remote.setup for code version {bundle.version}")
-        # remote.setup is the user's own shell command: it is run as written, on purpose.
-        result = remote.run(f"cd {q(code_dir)} && ( {cfg.remote.setup} ) > {SETUP_LOG} 2>&1 && touch {_SETUP_DONE}",
-                            check=False)
-        if result.code != 0:
-            tail = remote.run(f"tail -n 5 {q(code_dir + '/' + SETUP_LOG)}", check=False).stdout.strip()
-            raise RemoteError(f"remote.setup failed (exit {result.code}); last lines of "
-                              f"{code_dir}/{SETUP_LOG}: {' | '.join(tail.splitlines())}")
     return CodeSync(bundle.version, code_dir, transferred)
 
 
@@ -102,7 +91,7 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
     if not local.is_dir():
         raise ConfigError(f"data.local_dir: {local} is not a folder")
     dest = remote.expand(cfg.remote_data_dir)
-    python = cfg.remote_python
+    python = cfg.helper_python
     start = time.perf_counter()
     parent, name = dest.rstrip("/").rsplit("/", 1)
     incoming = f".{name}.orch-incoming-"

@@ -19,6 +19,12 @@ RUNS_DIR = "runs"
 CODE_DIR = "code"
 # Held (flock) by orch's busy check + launch on the machine: one launch at a time.
 LAUNCH_LOCK = "launch.lock"
+# Autostop (trainer/watcher.py), under remote.root: the setting, what the watcher last saw,
+# its decisions, and the lock the one running watcher holds.
+AUTOSTOP_SETTING = "autostop.json"
+WATCHER_STATE = "watcher.json"
+WATCHER_LOG = "watcher.log"
+WATCHER_LOCK = "watcher.lock"
 
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)

@@ -10,6 +10,8 @@ commands never upload code).
     python -m trainer.probe snapshot RUN_DIR METRICS_OFFSET LOG_LINES
         status, liveness, metrics lines from METRICS_OFFSET on, the log's last lines, the host
                                                                     -> Snapshot
+    python -m trainer.probe machine ROOT
+        the host, every run and the autostop                        -> Machine
 """
 
 from __future__ import annotations
@@ -18,19 +20,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from trainer import layout
 from trainer.proc import is_locked, pid_alive
-from trainer.wire import NVIDIA_QUERY, Host, HostLoad, RunInfo, Snapshot, parse_nvidia_smi
+from trainer.wire import NVIDIA_QUERY, Autostop, Host, HostLoad, Machine, RunInfo, Snapshot, parse_nvidia_smi
 
 # What the probe imports: orch sends exactly these when it runs the probe without uploading.
 MODULES = ("trainer/__init__.py", "trainer/layout.py", "trainer/proc.py", "trainer/wire.py", "trainer/probe.py")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -39,7 +42,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
-    status, run = _read_json(run_dir / layout.STATUS), _read_json(run_dir / layout.RUN_JSON)
+    status, run = read_json(run_dir / layout.STATUS), read_json(run_dir / layout.RUN_JSON)
     pid, alive = pid_alive(run_dir / layout.PID_FILE)
     anchor = run_dir / layout.DEPLOY_JSON  # written by orch when it creates the run
     try:
@@ -113,8 +116,17 @@ def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:
     except OSError:
         tail = []
     launching = is_locked(run_dir.parent.parent / layout.LAUNCH_LOCK)
-    return Snapshot(describe_run(run_dir, launching), _read_json(run_dir / layout.STATUS), metrics, count, tail,
+    return Snapshot(describe_run(run_dir, launching), read_json(run_dir / layout.STATUS), metrics, count, tail,
                     host())
+
+
+def autostop(root: Path) -> Autostop:
+    """The autostop setting and what the watcher (trainer/watcher.py) last saw."""
+    setting, state = read_json(root / layout.AUTOSTOP_SETTING), read_json(root / layout.WATCHER_STATE)
+    return Autostop(armed=bool(setting), idle_minutes=setting.get("idle_minutes"), command=setting.get("command"),
+                    watcher_alive=is_locked(root / layout.WATCHER_LOCK), idle_since=state.get("idle_since"),
+                    stops_at=state.get("stops_at") if setting else None, fired_at=state.get("fired_at"),
+                    now=time.time())
 
 
 def main(argv: list[str]) -> int:
@@ -124,9 +136,12 @@ def main(argv: list[str]) -> int:
         answer = host().to_json()
     elif len(argv) == 4 and argv[0] == "snapshot":
         answer = snapshot(Path(argv[1]), int(argv[2]), int(argv[3])).to_json()
+    elif len(argv) == 2 and argv[0] == "machine":
+        root = Path(argv[1])
+        answer = Machine(host(), list_runs(root), autostop(root)).to_json()
     else:
-        print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES",
-              file=sys.stderr)
+        print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES | "
+              "machine ROOT", file=sys.stderr)
         return 2
     print(json.dumps(answer))
     return 0

@@ -131,6 +131,42 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class Autostop:
+    """The machine's autostop: the setting, and what its watcher last saw (times: seconds
+    since the epoch, by the machine's clock; ``now`` is that clock when asked)."""
+
+    armed: bool = False
+    idle_minutes: float | None = None
+    command: str | None = None
+    watcher_alive: bool = False
+    idle_since: float | None = None
+    stops_at: float | None = None
+    fired_at: float | None = None
+    now: float | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Autostop:
+        return cls(**_known(cls, d or {}))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """`orch status`'s question, one answer: the host, every run, the autostop."""
+
+    host: Host
+    runs: list[RunInfo]
+    autostop: Autostop
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Machine:
+        return cls(Host.from_json(d.get("host") or {}), [RunInfo.from_json(r) for r in d.get("runs") or []],
+                   Autostop.from_json(d.get("autostop")))
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything one monitor refresh shows, from ONE remote command."""
 

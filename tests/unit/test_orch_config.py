@@ -69,8 +69,9 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
 def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "train"}
-    for section in ("Ec2Config", "SshConfig", "RemoteConfig", "DataConfig"):
+    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "train"}
+    for section in ("Ec2Config", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
+                    "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():
             assert field.get("description"), f"{section}.{name} has no description"
 
@@ -80,7 +81,7 @@ def test_shipped_example_is_valid() -> None:
 
     cfg = load_config(Path(__file__).parents[2] / "deploy.yaml")
     assert cfg.target == "local" and cfg.remote_root.endswith("demo/remote")
-    assert cfg.remote_python == sys.executable  # the demo trains with the Python that has TensorFlow
+    assert cfg.helper_python == sys.executable and not cfg.managed_env  # the demo trains with orch's own Python
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
