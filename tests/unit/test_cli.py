@@ -135,3 +135,22 @@ def test_runs_with_no_runs_says_so(tmp_path: Path, capsys: pytest.CaptureFixture
     path.write_text(f"target: local\nremote:\n  root: {tmp_path / 'root'}\n")
     assert main(["runs", "-c", str(path)]) == 0
     assert "no runs yet" in capsys.readouterr().out
+
+
+def test_autostop_plan(tmp_path: Path) -> None:
+    from orchestrator.autostop import plan
+    from orchestrator.config import load_config
+    from orchestrator.errors import ConfigError
+
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: ssh\nssh:\n  host: gpu\n")
+    cfg = load_config(path)
+    assert not plan(cfg, None).change  # nothing said: the machine's setting is left as it is
+    assert plan(cfg, "off").change and plan(cfg, "off").idle_minutes is None
+    armed = plan(cfg, "30")
+    assert (armed.idle_minutes, armed.command) == (30.0, "sudo shutdown -h now")
+    for bad in ("soon", "0", "-5", "nan"):
+        with pytest.raises(ConfigError):
+            plan(cfg, bad)
+    path.write_text("target: ssh\nssh:\n  host: gpu\nautostop:\n  idle_minutes: 45\n")
+    assert plan(load_config(path), None).idle_minutes == 45
