@@ -11,6 +11,10 @@ from typing import Any
 from orchestrator.config import Ec2Config
 from orchestrator.errors import AwsError, InstanceStopped
 
+# Every EC2 API action orch calls (the waiters poll DescribeInstances): README's IAM policy
+# lists exactly these, and a test checks both against the calls in this module.
+IAM_ACTIONS = ("ec2:DescribeInstances", "ec2:StartInstances", "ec2:StopInstances", "ec2:GetConsoleOutput",
+               "ec2:DescribeSpotPriceHistory")
 # botocore's "standard" mode retries exactly throttling and transient server errors.
 _RETRIES = {"mode": "standard", "max_attempts": 6}
 _FINGERPRINTS = re.compile(

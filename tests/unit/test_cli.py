@@ -154,3 +154,19 @@ def test_autostop_plan(tmp_path: Path) -> None:
             plan(cfg, bad)
     path.write_text("target: ssh\nssh:\n  host: gpu\nautostop:\n  idle_minutes: 45\n")
     assert plan(load_config(path), None).idle_minutes == 45
+
+
+def test_the_readme_iam_policy_lists_exactly_the_actions_orch_calls() -> None:
+    import json
+    import re
+
+    from orchestrator import ec2
+
+    source = Path(ec2.__file__).read_text()
+    called = {"ec2:" + "".join(w.title() for w in name.split("_"))
+              for name in re.findall(r"_call\([^,]+, ec2\.([a-z_]+)", source) if name != "get_waiter"}
+    called.add("ec2:DescribeInstances")  # what the instance_running/stopped waiters poll
+    assert called == set(ec2.IAM_ACTIONS)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    policy = json.loads(re.search(r"```json\n\s*(\{.*?\})\s*```", readme, re.S).group(1))
+    assert sorted(policy["Statement"][0]["Action"]) == sorted(ec2.IAM_ACTIONS)
