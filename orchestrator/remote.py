@@ -8,6 +8,7 @@ argument with :func:`q`; ``~`` is resolved once by asking the remote shell for `
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import shlex
 import shutil
@@ -264,6 +265,10 @@ class SshRemote(Remote):
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
         finally:
+            # EOF first: a command still reading its stdin (the writer failed half-way) ends,
+            # so sshd frees the session too (it allows 10 per connection).
+            with contextlib.suppress(Exception):
+                chan.shutdown_write()
             chan.close()
 
     def openssh_argv(self) -> list[str]:

@@ -180,3 +180,29 @@ def test_autostop_on_target_local_needs_an_explicit_command(tmp_path: Path, feat
     proc = run_orch("deploy", "-c", cfg, "--autostop", "5")
     assert proc.returncode == 2 and "would shut this computer down" in proc.stderr
     assert not (tmp_path / "remote").exists()
+
+
+def test_down_asks_on_a_terminal(tmp_path: Path, sshd: Sshd, features: Path, moto_endpoint: str,
+                                 aws_creds: None) -> None:
+    import pty
+    import select
+    import subprocess
+
+    from tests.integration.trainer_proc import trainer_env
+
+    iid = instance(moto_endpoint, f"asked-{tmp_path.name}")
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "down", "-c", str(cfg)], stdin=slave,
+                            stdout=slave, stderr=slave, env=trainer_env())
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"Stop instance" not in seen and time.monotonic() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            seen += os.read(master, 4096)
+    assert f"Stop instance {iid}".encode() in seen
+    os.write(master, b"n\n")
+    assert proc.wait(timeout=60) == 130
+    os.close(master)
+    assert state_of(moto_endpoint, iid) == "running"  # declined: left running

@@ -120,3 +120,30 @@ def test_known_hosts_lines_paramiko_cannot_use_are_skipped_and_revoked_keys_refu
     cfg = setup(revoked, sshd, jump, features, "gpu-alias", extra_known=f"@revoked * {kind} {b64}\n")
     proc = run_orch("runs", "-c", cfg)
     assert proc.returncode == 5 and "@revoked" in proc.stderr
+
+
+def test_a_failing_stdin_writer_closes_its_channel(tmp_path: Path, sshd: Sshd) -> None:
+    """A command whose stdin writer raises must not leak its SSH channel: sshd allows 10
+    sessions per connection, so 15 failed commands in a row, their errors kept, must leave
+    the connection usable (the channel gets EOF, then is closed, whatever happened)."""
+    from orchestrator.target import open_remote
+    from tests.servers import ssh_deploy_config
+
+    def broken(fh) -> None:  # noqa: ANN001
+        fh.write(b"some bytes")
+        raise RuntimeError("the writer failed")
+
+    import time
+
+    with open_remote(ssh_deploy_config(sshd, tmp_path)) as remote:
+        channels = remote.client.get_transport()._channels  # paramiko forgets a channel once both ends closed it
+        kept = []  # the errors are kept (as a caller reporting them would): their frames hold the channels
+        for _ in range(15):
+            with pytest.raises(RuntimeError) as error:
+                remote.run("cat > /dev/null", write=broken)
+            kept.append(error)
+            deadline = time.monotonic() + 10
+            while len(channels.values()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not channels.values(), "the channel was left open"
+        assert remote.run("echo still fine").stdout == "still fine\n"

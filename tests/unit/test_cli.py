@@ -170,3 +170,48 @@ def test_the_readme_iam_policy_lists_exactly_the_actions_orch_calls() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     policy = json.loads(re.search(r"```json\n\s*(\{.*?\})\s*```", readme, re.S).group(1))
     assert sorted(policy["Statement"][0]["Action"]) == sorted(ec2.IAM_ACTIONS)
+
+
+def test_run_ids_with_brackets_are_shown_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from orchestrator.runs import runs_table
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli.env, "out", Console(file=out, markup=False, width=200))
+    cli._print_table(runs_table(run_rows(["x[red]y", "a[/b]c"])))
+    assert "x[red]y" in out.getvalue() and "a[/b]c" in out.getvalue()
+
+
+def test_a_prefix_names_a_run_and_an_ambiguous_one_lists_the_candidates() -> None:
+    from orchestrator.errors import ConfigError
+    from orchestrator.machine import find_run
+    from trainer.wire import RunInfo
+
+    runs = [RunInfo(i) for i in ("20261121-103015-a3f9", "20261121-113015-b1c2", "20261122-090000-ffff")]
+    assert find_run(runs, "20261122", "host").run_id == "20261122-090000-ffff"
+    assert find_run(runs, "20261121-103015-a3f9", "host").run_id == "20261121-103015-a3f9"
+    with pytest.raises(ConfigError, match="ambiguous.*20261121-103015-a3f9, 20261121-113015-b1c2"):
+        find_run(runs, "20261121", "host")
+    with pytest.raises(ConfigError, match="no run 'nope'"):
+        find_run(runs, "nope", "host")
+
+
+def test_relative_remote_paths_are_relative_to_the_login_home(tmp_path: Path) -> None:
+    from orchestrator.remote import LocalRemote
+
+    remote = LocalRemote(tmp_path)
+    remote._home = "/home/ubuntu"  # as `printf %s "$HOME"` would say on the machine
+    assert remote.expand("audio_emotion") == "/home/ubuntu/audio_emotion"
+    assert remote.expand("~/x") == "/home/ubuntu/x" and remote.expand("/abs") == "/abs"
+
+
+def test_trainer_help_lists_the_shared_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main as trainer_main
+    from trainer.exitcodes import MEANINGS
+
+    assert trainer_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for code, (meaning, who) in MEANINGS.items():
+        if who in ("both", "trainer"):
+            assert f"{int(code)} {meaning[:30]}" in " ".join(text.split())
