@@ -10,12 +10,15 @@ commands never upload code).
     python -m trainer.probe snapshot RUN_DIR METRICS_OFFSET LOG_LINES
         status, liveness, metrics lines from METRICS_OFFSET on, the log's last lines, the host
                                                                     -> Snapshot
+    python -m trainer.probe files RUN_DIR
+        the manifest and the run's regular files with their sizes  -> RunFiles
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections import deque
@@ -24,7 +27,7 @@ from typing import Any
 
 from trainer import layout
 from trainer.proc import is_locked, pid_alive
-from trainer.wire import NVIDIA_QUERY, Host, HostLoad, RunInfo, Snapshot, parse_nvidia_smi
+from trainer.wire import NVIDIA_QUERY, Host, HostLoad, RunFiles, RunInfo, Snapshot, parse_nvidia_smi
 
 # What the probe imports: orch sends exactly these when it runs the probe without uploading.
 MODULES = ("trainer/__init__.py", "trainer/layout.py", "trainer/proc.py", "trainer/wire.py", "trainer/probe.py")
@@ -116,6 +119,45 @@ def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:
                     host())
 
 
+# Far above what a run holds (tens of files, a manifest of a few KB): beyond, a run is crafted.
+MAX_RUN_FILES = 100_000
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def run_files(run_dir: Path) -> RunFiles:
+    """The manifest and the regular files of a run directory (links are never followed)."""
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        return RunFiles()
+    files: dict[str, int] = {}
+    for dirpath, _dirnames, filenames in os.walk(run_dir):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue  # gone meanwhile
+            if stat.S_ISREG(st.st_mode):
+                files[os.path.relpath(path, run_dir)] = st.st_size
+                if len(files) > MAX_RUN_FILES:
+                    return RunFiles(None, {}, too_big=True)
+    manifest, too_big = _read_manifest(run_dir / layout.MANIFEST)
+    return RunFiles(manifest, files, too_big)
+
+
+def _read_manifest(path: Path) -> tuple[str | None, bool]:
+    """(text, too big); no text when it is missing or not a regular file."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None, False
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        return None, False
+    if len(data) > MAX_MANIFEST_BYTES:
+        return None, True
+    return data.decode("utf-8", "surrogateescape"), False
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "runs":
         answer: Any = {"runs": [r.to_json() for r in list_runs(Path(argv[1]))]}
@@ -123,9 +165,11 @@ def main(argv: list[str]) -> int:
         answer = host().to_json()
     elif len(argv) == 4 and argv[0] == "snapshot":
         answer = snapshot(Path(argv[1]), int(argv[2]), int(argv[3])).to_json()
+    elif len(argv) == 2 and argv[0] == "files":
+        answer = run_files(Path(argv[1])).to_json()
     else:
-        print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES",
-              file=sys.stderr)
+        print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES | "
+              "files RUN_DIR", file=sys.stderr)
         return 2
     print(json.dumps(answer))
     return 0
