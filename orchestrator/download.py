@@ -43,7 +43,11 @@ RETRY_WAIT = 0.5  # seconds, times the try number
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class ChecksumError(RemoteError):
+class RunChanging(RemoteError):
+    """A live run changed what it lists while it was being downloaded: read it again."""
+
+
+class ChecksumError(RunChanging):
     """A file did not match the run's manifest (it is not kept)."""
 
 
@@ -116,10 +120,10 @@ class _Download:
                 try:
                     self._once(result)
                     return result
-                except ChecksumError:
+                except RunChanging:
                     if not self.run.active:
                         raise
-                self.log(f"the run replaced a file while it was being fetched; reading its {layout.MANIFEST} "
+                self.log(f"the run is replacing its files while they are fetched; reading its {layout.MANIFEST} "
                          f"again (try {attempt + 1} of {TRIES})")
                 time.sleep(RETRY_WAIT * attempt)
             self._once(result)
@@ -129,6 +133,8 @@ class _Download:
         """Read the manifest, fetch what is missing or different."""
         run_dir = self.m.run_dir(self.run.run_id)
         entries = checked_entries(self.run.run_id, RunFiles.from_json(self.m.probe("files", run_dir)), self.target)
+        if all(e.rel != layout.BEST_WEIGHTS for e in entries):
+            raise self._no_best()
         todo = []
         for e in entries:
             if is_regular_file(e.local) and sha256_of(e.local) == e.sha256:
@@ -151,6 +157,14 @@ class _Download:
                 result.already_there.remove(e.rel)
             if e.rel not in result.fetched:
                 result.fetched.append(e.rel)
+
+    def _no_best(self) -> OrchError:
+        """A live run takes best.weights.h5 out of its manifest while it replaces it."""
+        if self.run.active:
+            return RunChanging(f"run {self.run.run_id} lists no {layout.BEST_WEIGHTS} in its {layout.MANIFEST} "
+                               "(no finished epoch yet, or it is replacing it right now); try again")
+        return ConfigError(f"run {self.run.run_id} has no best checkpoint in its {layout.MANIFEST} (no finished "
+                           "epoch?); `orch runs` lists the runs")
 
     def _mismatch(self, e: Entry, got: str) -> ChecksumError:
         what = (f"{e.rel}: checksum mismatch with the run's {layout.MANIFEST} (expected {e.sha256[:12]}..., "

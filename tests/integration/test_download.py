@@ -200,6 +200,38 @@ def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: d
     assert len([p for p in fetches if p.endswith(BEST)]) == 2 and any("again" in m for m in logs)
 
 
+def test_a_live_run_between_two_bests_is_read_again(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.download import download
+    from orchestrator.machine import Machine
+
+    files = normal_files()
+    without_best = "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items() if rel != BEST)
+    run_dir = make_run(site["remote"], "live", files, state="running", best=0.99, manifest=without_best,
+                       pid=pid_line(os.getpid()))
+    original, asked = Machine.probe, []
+
+    def probe(self, *args):  # the trainer puts best.weights.h5 back into its manifest meanwhile
+        answer = original(self, *args)
+        if args[0] == "files":
+            asked.append(args)
+            (run_dir / layout.MANIFEST).write_text(
+                "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
+        return answer
+
+    monkeypatch.setattr(Machine, "probe", probe)
+    got = download(load_config(site["cfg"]), "live", dest=site["dest"])
+    assert len(asked) == 2 and BEST in got.fetched
+    assert (site["dest"] / "live" / BEST).read_bytes() == files[BEST]
+
+
+def test_a_finished_run_without_a_best_checkpoint_is_refused(site: dict[str, Path]) -> None:
+    files = {layout.RUN_JSON: b"{}"}
+    make_run(site["remote"], "nobest", files, state="failed")
+    proc = run_orch("download", "nobest", "-c", site["cfg"], "--dest", site["dest"])
+    assert proc.returncode == 2 and "run nobest has no best checkpoint" in proc.stderr, proc.stderr
+    assert not site["dest"].exists()
+
+
 @pytest.mark.parametrize("state, pid, hint", [("finished", None, "changed or damaged"),
                                               ("running", "999999 1\n", "orch resume died --continue")])
 def test_a_mismatch_of_a_run_that_is_not_live_is_reported_at_once(site: dict[str, Path], state: str,
