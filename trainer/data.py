@@ -170,6 +170,13 @@ _SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (sta
                   (stat.S_ISBLK, "block device"))
 
 
+def _link_target(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # removed meanwhile
+        return ""
+
+
 def _special_kind(mode: int) -> str:
     return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "not a regular file")
 
@@ -214,7 +221,7 @@ def _classify(root: Path, dirpath: str, name: str, walked: _Walked, kinds: Count
         if exc.errno == errno.ELOOP:
             walked.skipped.append(Skipped(rel, SkipReason.SYMLINK_LOOP))
         elif exc.errno == errno.ENOENT and os.path.islink(path):
-            walked.skipped.append(Skipped(rel, SkipReason.DANGLING_LINK, os.readlink(path)))
+            walked.skipped.append(Skipped(rel, SkipReason.DANGLING_LINK, _link_target(path)))
         else:
             walked.skipped.append(Skipped(rel, SkipReason.UNREADABLE, exc.strerror or ""))
         return
@@ -575,13 +582,15 @@ def require_samples(ds: Dataset) -> None:
     if ds.samples:
         return
     n = sum(ds.scan.files_by_kind.get(k, 0) for k in ("npz", "npy"))
-    if n == 0:
-        raise DataError(
-            f"no .npz/.npy feature files found under {ds.root}; "
-            "check the path (python -m trainer check-data DIR shows what is there)"
-        )
     reasons = Counter(s.reason.value for s in ds.skipped).most_common(2)
     why = ", ".join(f"{count} {reason}" for reason, count in reasons)
+    if n == 0:
+        # A linked or unreadable folder, or links to nothing, may be where the files are.
+        left_out = f" (left out: {why})" if why else ""
+        raise DataError(
+            f"no .npz/.npy feature files found under {ds.root}{left_out}; "
+            "check the path (python -m trainer check-data DIR shows what is there)"
+        )
     raise DataError(
         f"no usable feature files under {ds.root}: all {n} were skipped ({why}); "
         f"run python -m trainer check-data {ds.root} for details"

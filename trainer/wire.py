@@ -165,4 +165,6 @@ class RunFiles:
     def from_json(cls, d: dict[str, Any]) -> RunFiles:
         files = d.get("files") if isinstance(d.get("files"), dict) else {}
         manifest = d.get("manifest") if isinstance(d.get("manifest"), str) else None
-        return cls(manifest, {str(k): int(v) for k, v in files.items()}, bool(d.get("too_big")))
+        # An answer is input like any other: a size that is not a count leaves its file out.
+        sizes = {str(k): v for k, v in files.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        return cls(manifest, sizes, bool(d.get("too_big")))

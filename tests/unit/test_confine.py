@@ -146,3 +146,28 @@ def test_a_child_dies_with_orch(tmp_path: Path) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("the child outlived its parent")
+
+
+def test_the_machine_lists_regular_files_reached_without_a_link(tmp_path: Path) -> None:
+    from trainer.probe import run_files
+
+    run = tmp_path / "run"
+    (run / "stats").mkdir(parents=True)
+    (run / "stats" / "classes.json").write_text("[]")
+    (run / layout.MANIFEST).write_text(f"{H}  stats/classes.json\n")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key").write_text("k")
+    (run / "linked").symlink_to(tmp_path / "secret")
+    (run / "key").symlink_to(tmp_path / "secret" / "key")
+    os.mkfifo(run / "pipe")
+    got = run_files(run)
+    assert got.files == {"stats/classes.json": 2, layout.MANIFEST: 85} and got.manifest.startswith(H)
+    assert run_files(tmp_path / "missing") == RunFiles()
+    (tmp_path / "linked-run").symlink_to(run)
+    assert run_files(tmp_path / "linked-run") == RunFiles()  # a run folder that is a link is no run
+
+
+def test_an_odd_answer_from_the_machine_is_input_too() -> None:
+    got = RunFiles.from_json({"files": {"a": "x", "b": 3, "c": True, "d": -1}, "manifest": 5, "too_big": 0})
+    assert got == RunFiles(None, {"b": 3}, False)
+    assert RunFiles.from_json({"files": [1, 2]}) == RunFiles()

@@ -220,3 +220,14 @@ def test_check_data_never_hangs_and_lists_every_reason(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     for reason in ("special_file", "dangling_link", "linked_folder"):
         assert reason.encode() in table.stdout
+
+
+def test_files_only_in_a_linked_folder_say_so(tmp_path: Path) -> None:
+    from trainer.data import require_samples
+    from trainer.errors import DataError
+
+    write_npy(tmp_path / "real" / GOOD, frames(2, 8))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "features").symlink_to(tmp_path / "real")
+    with pytest.raises(DataError, match=r"no .npz/.npy feature files found under .* \(left out: 1 linked_folder\)"):
+        require_samples(load_dataset(tmp_path / "d", use_cache=False))
