@@ -117,9 +117,13 @@ def _check_no_file_is_a_folder(run_id: str, entries: dict[str, str]) -> None:
 
 def local_path(target: Path, rel: str, run_id: str) -> Path:
     """Where ``rel`` goes: inside ``target`` once existing folders and links are resolved."""
-    base = target.resolve()
-    dest = base / rel
-    if not dest.parent.resolve().is_relative_to(base):
+    try:
+        base = target.resolve()
+        dest = base / rel
+        inside = dest.parent.resolve().is_relative_to(base)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Python < 3.13)
+        raise ConfigError(f"{target}: cannot resolve {rel!r} there ({exc})") from exc
+    if not inside:
         raise _corrupt(run_id, f"lists {rel!r}, which would be written outside {target} (through a link "
                                f"at {dest.parent})")
     try:

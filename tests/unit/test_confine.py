@@ -171,3 +171,10 @@ def test_an_odd_answer_from_the_machine_is_input_too() -> None:
     got = RunFiles.from_json({"files": {"a": "x", "b": 3, "c": True, "d": -1}, "manifest": 5, "too_big": 0})
     assert got == RunFiles(None, {"b": 3}, False)
     assert RunFiles.from_json({"files": [1, 2]}) == RunFiles()
+
+
+def test_a_local_link_loop_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "stats").symlink_to(tmp_path / "r1" / "stats")
+    with pytest.raises(ConfigError, match="cannot resolve"):
+        checked_entries("r1", files(f"{H}  stats/x\n", "stats/x"), tmp_path / "r1")
