@@ -81,13 +81,8 @@ def download(cfg: DeployConfig, run_id: str | None = None, *, latest: bool = Fal
     if run_id is not None:
         check_run_id(run_id)  # before connecting: it becomes a local folder name
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-        run = m.choose(run_id, best=not latest)
-        try:  # the machine names the folder: it gets the same check
-            check_run_id(run.run_id)
-        except ConfigError as exc:
-            raise RemoteError(f"the machine lists a run {run.run_id!r} that is not a valid run id; "
-                              "it cannot be downloaded") from exc
-        return _Download(m, run, dest, progress or (lambda _r, _d, _t: None), log).execute()
+        files = _resolve(m, run_id, latest)
+        return _Download(m, files, dest, progress or (lambda _r, _d, _t: None), log).execute()
 
 
 def _check_dest(dest: Path) -> None:
@@ -99,14 +94,42 @@ def _check_dest(dest: Path) -> None:
         raise ConfigError(f"--dest {dest}: {existing} is not a folder")
 
 
+def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
+    """The run to download, with its files. A full id costs one question to the machine; a
+    prefix, or no id, asks for the list of runs first."""
+    if run_id is not None:
+        files = _read_files(m, run_id)
+        if files.run is not None:
+            return files
+    run = m.choose(run_id, best=not latest)
+    try:  # the machine names the folder: it gets the same check
+        check_run_id(run.run_id)
+    except ConfigError as exc:
+        raise RemoteError(f"the machine lists a run {run.run_id!r} that is not a valid run id; "
+                          "it cannot be downloaded") from exc
+    files = _read_files(m, run.run_id)
+    if files.run is None:
+        raise RemoteError(f"run {run.run_id} is gone, or is not a folder of its own on {m.remote.host} (a link?)")
+    return files
+
+
+def _read_files(m: Machine, run_id: str) -> RunFiles:
+    return RunFiles.from_json(m.probe("files", m.run_dir(run_id)))
+
+
 @dataclass
 class _Download:
     m: Machine
-    run: RunInfo
+    files: RunFiles  # the latest answer of the machine about the run
     dest: Path
     progress: Progress
     log: Log
     folders: _NewFolders = field(default_factory=lambda: _NewFolders())
+
+    @property
+    def run(self) -> RunInfo:
+        assert self.files.run is not None  # _resolve and _reread make sure
+        return self.files.run
 
     @property
     def target(self) -> Path:
@@ -118,21 +141,25 @@ class _Download:
             remove_stale_parts(self.target)
             for attempt in range(1, TRIES):
                 try:
-                    self._once(result)
-                    return result
+                    return self._once(result)
                 except RunChanging:
                     if not self.run.active:
                         raise
                 self.log(f"the run is replacing its files while they are fetched; reading its {layout.MANIFEST} "
                          f"again (try {attempt + 1} of {TRIES})")
                 time.sleep(RETRY_WAIT * attempt)
-            self._once(result)
-            return result
+                self._reread()
+            return self._once(result)
 
-    def _once(self, result: Downloaded) -> None:
-        """Read the manifest, fetch what is missing or different."""
-        run_dir = self.m.run_dir(self.run.run_id)
-        entries = checked_entries(self.run.run_id, RunFiles.from_json(self.m.probe("files", run_dir)), self.target)
+    def _reread(self) -> None:
+        files = _read_files(self.m, self.run.run_id)
+        if files.run is None:
+            raise RemoteError(f"run {self.run.run_id} disappeared from {self.m.remote.host} while it was downloaded")
+        self.files = files
+
+    def _once(self, result: Downloaded) -> Downloaded:
+        """Check the manifest, fetch what is missing or different."""
+        entries = checked_entries(self.run.run_id, self.files, self.target)
         if all(e.rel != layout.BEST_WEIGHTS for e in entries):
             raise self._no_best()
         todo = []
@@ -150,6 +177,7 @@ class _Download:
             done[rel] = n
             self.progress(rel, sum(done.values()), total)
 
+        run_dir = self.m.run_dir(self.run.run_id)
         for e in todo:
             self.folders.make(e.local.parent)
             _fetch(self.m.remote, f"{run_dir}/{e.rel}", e, lambda n, r=e.rel: report(r, n), self._mismatch)
@@ -157,6 +185,7 @@ class _Download:
                 result.already_there.remove(e.rel)
             if e.rel not in result.fetched:
                 result.fetched.append(e.rel)
+        return result
 
     def _no_best(self) -> OrchError:
         """A live run takes best.weights.h5 out of its manifest while it replaces it."""

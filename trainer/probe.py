@@ -125,9 +125,11 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 
 def run_files(run_dir: Path) -> RunFiles:
-    """The manifest and the regular files of a run directory (links are never followed)."""
+    """The run, its manifest and its regular files (links are never followed): all that
+    `orch download` needs, in one answer."""
     if run_dir.is_symlink() or not run_dir.is_dir():
         return RunFiles()
+    run = describe_run(run_dir, is_locked(run_dir.parent.parent / layout.LAUNCH_LOCK))
     files: dict[str, int] = {}
     for dirpath, _dirnames, filenames in os.walk(run_dir):
         for name in filenames:
@@ -139,9 +141,9 @@ def run_files(run_dir: Path) -> RunFiles:
             if stat.S_ISREG(st.st_mode):
                 files[os.path.relpath(path, run_dir)] = st.st_size
                 if len(files) > MAX_RUN_FILES:
-                    return RunFiles(None, {}, too_big=True)
+                    return RunFiles(None, {}, too_big=True, run=run)
     manifest, too_big = _read_manifest(run_dir / layout.MANIFEST)
-    return RunFiles(manifest, files, too_big)
+    return RunFiles(manifest, files, too_big, run)
 
 
 def _read_manifest(path: Path) -> tuple[str | None, bool]:

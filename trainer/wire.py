@@ -157,6 +157,7 @@ class RunFiles:
     manifest: str | None = None  # None: no manifest, or not a regular file
     files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
     too_big: bool = False  # more files, or a bigger manifest, than any run holds: a crafted run
+    run: RunInfo | None = None  # None: no such run folder (or a link, not a folder of its own)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,4 +168,5 @@ class RunFiles:
         manifest = d.get("manifest") if isinstance(d.get("manifest"), str) else None
         # An answer is input like any other: a size that is not a count leaves its file out.
         sizes = {str(k): v for k, v in files.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
-        return cls(manifest, sizes, bool(d.get("too_big")))
+        run = RunInfo.from_json(d["run"]) if isinstance(d.get("run"), dict) else None
+        return cls(manifest, sizes, bool(d.get("too_big")), run)
