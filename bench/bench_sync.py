@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.sync import ssh_command, sync_data  # noqa: E402
+from orchestrator.sync import sync_data  # noqa: E402
 from orchestrator.target import open_remote  # noqa: E402
 from tests.servers import ssh_deploy_config, start_sshd  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
     with start_sshd(work / "sshd") as sshd:
         cfg = ssh_deploy_config(sshd, work, local_dir=str(local), remote_dir="data")
         with open_remote(cfg) as remote:
-            ssh = shlex.join(ssh_command(remote))
+            ssh = shlex.join(remote.openssh_argv())
             # Alternate the two, each into a fresh folder: deleting 8,690 files right before a
             # measurement slows the next writes down for seconds on this disk.
             for rep in range(REPEATS):
