@@ -2,7 +2,7 @@
 every entry is checked before anything is written.
 
 An entry must be a plain relative path (no ``/`` at the start, no empty, ``.`` or ``..``
-part, no control character, valid UTF-8), a regular file of the run on the machine (reached
+part, letters, digits and ``. _ + -`` only), a regular file of the run on the machine (reached
 without following a link), and must land inside ``DEST/<run_id>/`` once the local folders,
 links included, are resolved. One bad entry makes the whole run corrupt: nothing is written.
 """
@@ -23,6 +23,7 @@ from trainer.wire import RunFiles
 MAX_ENTRIES = 1000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME_MAX = 255  # bytes in one path part (Linux, macOS)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._+-]+")
 # A download's temp file beside its destination: .<name>.part-<pid of orch>
 PART = re.compile(r"^\..+\.part-(\d+)$")
 
@@ -80,22 +81,21 @@ def _parse(run_id: str, text: str) -> dict[str, str]:
 
 
 def path_problem(rel: str) -> str | None:
-    """Why ``rel`` is not a plain relative path inside a folder, or None."""
+    """Why ``rel`` is not a plain relative path inside a folder, or None. The trainer names
+    its files with letters, digits and ``. _ + -`` only: anything else (a control character,
+    terminal or rich markup, bytes that are not UTF-8, quotes) is refused, not escaped."""
     if not rel:
         return "an empty path"
     if rel.startswith("/"):
         return "an absolute path"
-    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
-        return "a path with a control character"
-    try:
-        parts = [part.encode() for part in rel.split("/")]
-    except UnicodeEncodeError:
-        return "a path that is not UTF-8"
-    if any(part in (b"", b".", b"..") for part in parts):
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         return "a path with an empty, '.' or '..' part"
+    if not all(_SAFE_NAME.fullmatch(part) for part in parts):
+        return "a path with a character other than letters, digits, '.', '_', '+' and '-'"
     if any(len(part) > _NAME_MAX - 20 for part in parts):  # room for the temp name's suffix
         return "a path with a name longer than 235 bytes"
-    if PART.match(rel.rsplit("/", 1)[-1]):
+    if PART.match(parts[-1]):
         return "a name orch uses for its temp files"
     return None
 
