@@ -9,12 +9,12 @@ links included, are resolved. One bad entry makes the whole run corrupt: nothing
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.destination import PART
 from orchestrator.errors import ConfigError, RemoteError
 from trainer import layout
 from trainer.wire import RunFiles
@@ -24,13 +24,6 @@ MAX_ENTRIES = 1000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME_MAX = 255  # bytes in one path part (Linux, macOS)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._+-]+")
-# A download's temp file beside its destination: .<name>.part-<pid of orch>
-PART = re.compile(r"^\..+\.part-(\d+)$")
-
-
-def part_path(local: Path) -> Path:
-    """The temp name ``local`` is fetched into before it is checked and renamed."""
-    return local.with_name(f".{local.name}.part-{os.getpid()}")
 
 
 class CorruptRun(RemoteError):
@@ -135,14 +128,6 @@ def local_path(target: Path, rel: str, run_id: str) -> Path:
     if stat.S_ISDIR(mode):
         raise ConfigError(f"{dest} is a folder where the run has a file; move it away and download again")
     return dest
-
-
-def is_regular_file(path: Path) -> bool:
-    """A regular file itself (a link to one is replaced, never written through)."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _corrupt(run_id: str, problem: str) -> CorruptRun:

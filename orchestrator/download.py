@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import children
+from orchestrator import children, destination
 from orchestrator.config import DeployConfig
-from orchestrator.confine import PART, Entry, checked_entries, is_regular_file, part_path
+from orchestrator.confine import Entry, checked_entries
 from orchestrator.deploy import check_run_id
-from orchestrator.errors import ConfigError, DiskFull, OrchError, RemoteError
+from orchestrator.errors import ConfigError, OrchError, RemoteError
 from orchestrator.machine import Machine, connect
 from orchestrator.remote import Remote
 from trainer import layout
@@ -40,7 +40,6 @@ Log = Callable[[str], None]
 # the manifest again and retry, a few times, before calling it a mismatch.
 TRIES = 3
 RETRY_WAIT = 0.5  # seconds, times the try number
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunChanging(RemoteError):
@@ -77,21 +76,12 @@ def download(cfg: DeployConfig, run_id: str | None = None, *, latest: bool = Fal
              log: Log = lambda _m: None) -> Downloaded:
     """Download RUN (its id or a unique prefix; default: the finished run with the best val
     accuracy; ``latest``: the newest run) into ``dest/<run_id>/``."""
-    _check_dest(dest)
+    destination.check_dest(dest)
     if run_id is not None:
         check_run_id(run_id)  # before connecting: it becomes a local folder name
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
         files = _resolve(m, run_id, latest)
         return _Download(m, files, dest, progress or (lambda _r, _d, _t: None), log).execute()
-
-
-def _check_dest(dest: Path) -> None:
-    """DEST, or its nearest existing parent, must be a folder."""
-    existing = dest
-    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--dest {dest}: {existing} is not a folder")
 
 
 def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
@@ -124,7 +114,7 @@ class _Download:
     dest: Path
     progress: Progress
     log: Log
-    folders: _NewFolders = field(default_factory=lambda: _NewFolders())
+    folders: destination.NewFolders = field(default_factory=lambda: destination.NewFolders())
 
     @property
     def run(self) -> RunInfo:
@@ -138,7 +128,7 @@ class _Download:
     def execute(self) -> Downloaded:
         result = Downloaded(self.run.run_id, self.run.best_val_accuracy, self.target)
         with _sigterm_interrupts(), children.scope(), self.folders.kept_on_success(), self._local_errors():
-            remove_stale_parts(self.target)
+            destination.remove_stale_parts(self.target)
             for attempt in range(1, TRIES):
                 try:
                     return self._once(result)
@@ -164,13 +154,13 @@ class _Download:
             raise self._no_best()
         todo = []
         for e in entries:
-            if is_regular_file(e.local) and sha256_of(e.local) == e.sha256:
+            if destination.is_regular_file(e.local) and sha256_of(e.local) == e.sha256:
                 if e.rel not in result.fetched and e.rel not in result.already_there:
                     result.already_there.append(e.rel)
             else:
                 todo.append(e)
         total = sum(e.size for e in todo)
-        _check_room(self.dest, total)
+        destination.check_room(self.dest, total)
         done: dict[str, int] = {}
 
         def report(rel: str, n: int) -> None:
@@ -212,8 +202,8 @@ class _Download:
         try:
             yield
         except OSError as exc:
-            if exc.errno in _FULL:
-                raise _disk_full(self.dest) from exc
+            if exc.errno in destination.FULL:
+                raise destination.disk_full(self.dest) from exc
             where = exc.filename or self.dest
             raise ConfigError(f"cannot write the download to {where}: {exc.strerror or exc}") from exc
 
@@ -222,122 +212,21 @@ def _fetch(remote: Remote, path: str, e: Entry, progress: Callable[[int], None],
            mismatch: Callable[[Entry, str], ChecksumError]) -> None:
     """Fetch one file into a temp name beside its place, check it, rename it into place. A
     full disk is raised as the OSError it is (ENOSPC), whichever way the transfer saw it."""
-    tmp = part_path(e.local)
+    tmp = destination.part_path(e.local)
     try:
         try:
             got = remote.fetch(path, tmp, progress)
         except OrchError as exc:
-            if _caused_by_full_disk(exc) or _short_for_lack_of_room(tmp, e.size):
+            if destination.caused_by_full_disk(exc) or destination.short_for_lack_of_room(tmp, e.size):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
             raise
-        if _short_for_lack_of_room(tmp, e.size):  # OpenSSH exits 0 when it cannot write its output
+        if destination.short_for_lack_of_room(tmp, e.size):  # OpenSSH exits 0 when it cannot write its output
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
         if got != e.sha256:
             raise mismatch(e, got)
         os.replace(tmp, e.local)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- local disk
-
-
-def _disk_full(dest: Path) -> DiskFull:
-    return DiskFull(f"no space left on device on {dest}: free space and run the download again")
-
-
-def _caused_by_full_disk(exc: BaseException | None) -> bool:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in _FULL:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _free_bytes(path: Path) -> int:
-    """Free space for this user on the file system of ``path`` (or its nearest existing parent)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def _check_room(dest: Path, need: int) -> None:
-    """Before writing: refuse a download that cannot fit (quotas are caught while writing)."""
-    if need > _free_bytes(dest):
-        raise _disk_full(dest)
-
-
-def _short_for_lack_of_room(tmp: Path, size: int) -> bool:
-    """Whether ``tmp`` stopped short of ``size`` bytes because the disk is full: asking the file
-    system for the missing bytes tells (it also answers for quotas)."""
-    try:
-        have = tmp.stat().st_size
-    except OSError:
-        return False
-    if have >= size:
-        return False
-    if not hasattr(os, "posix_fallocate"):
-        return _free_bytes(tmp) < size - have
-    fd = os.open(tmp, os.O_WRONLY)
-    try:
-        os.posix_fallocate(fd, have, size - have)
-    except OSError as exc:
-        return exc.errno in _FULL
-    finally:
-        os.close(fd)
-    return False
-
-
-def remove_stale_parts(target: Path) -> None:
-    """Temp files of downloads whose orch is gone (killed outright) are removed."""
-    if not target.is_dir():
-        return
-    for dirpath, _dirnames, filenames in os.walk(target):
-        for name in filenames:
-            match = PART.match(name)
-            if match and not _alive(int(match[1])):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(dirpath, name))
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():  # our own pid: left by an earlier process that had it
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _NewFolders:
-    """The folders a download creates, removed again (when empty) if it fails: a failed
-    download leaves no empty DEST/<run_id>/ behind."""
-
-    def __init__(self) -> None:
-        self.made: list[Path] = []
-
-    def make(self, folder: Path) -> None:
-        missing = []
-        while not folder.is_dir() and folder != folder.parent:
-            missing.append(folder)
-            folder = folder.parent
-        for f in reversed(missing):
-            f.mkdir()
-            self.made.append(f)
-
-    @contextlib.contextmanager
-    def kept_on_success(self) -> Iterator[None]:
-        try:
-            yield
-        except BaseException:
-            for f in reversed(self.made):
-                with contextlib.suppress(OSError):
-                    f.rmdir()
-            raise
 
 
 @contextlib.contextmanager

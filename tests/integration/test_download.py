@@ -273,6 +273,13 @@ def ssh_clients(path: Path) -> list[int]:
     return [pid for pid, argv in _procs() if argv[:1] == ["ssh"] and argv and str(path) in argv[-1]]
 
 
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def wait_for(cond, timeout: float = 30.0):  # noqa: ANN001, ANN201
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -283,20 +290,36 @@ def wait_for(cond, timeout: float = 30.0):  # noqa: ANN001, ANN201
     raise AssertionError("timed out")
 
 
+BIG = 1 << 30  # a sparse GiB: seconds to send over loopback, nothing to store on the machine
+
+
+def sparse_best(run_dir: Path) -> None:
+    """Make the run's best checkpoint a sparse GiB of zeros (and its manifest say so)."""
+    with open(run_dir / BEST, "wb") as fh:
+        fh.truncate(BIG)
+    h, zeros = hashlib.sha256(), bytes(1 << 20)
+    for _ in range(BIG >> 20):
+        h.update(zeros)
+    lines = [line for line in (run_dir / layout.MANIFEST).read_text().splitlines() if not line.endswith(BEST)]
+    (run_dir / layout.MANIFEST).write_text("\n".join([*lines, layout.manifest_line(h.hexdigest(), BEST)]) + "\n")
+
+
 @contextlib.contextmanager
 def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[str], Path, list[int]]]:
     """`orch download` of a large best checkpoint, stalled mid-transfer (its remote `cat` is
     SIGSTOPped once bytes have arrived), so that a kill lands in the middle for sure."""
-    big = make_run(site["remote"], "big", normal_files(8 << 20), best=0.9) / BEST
+    run_dir = make_run(site["remote"], "big", normal_files(), best=0.9)
+    sparse_best(run_dir)
     orch = subprocess.Popen([sys.executable, "-m", "orchestrator", "download", "big", "-c", str(site["cfg"]),
                              "--dest", str(site["dest"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=trainer_env())
     cats: list[int] = []
     try:
-        cats += wait_for(lambda: remote_cats(big))
+        part = wait_for(lambda: [p for p in (site["dest"] / "big" / "checkpoints").glob(".best.weights.h5.part-*")
+                                 if size_of(p) > 0])[0]
+        cats += wait_for(lambda: remote_cats(run_dir / BEST))
         for pid in cats:
             os.kill(pid, signal.SIGSTOP)
-        part = wait_for(lambda: [p for p in site["dest"].rglob("*.part-*") if p.stat().st_size > 0])[0]
         yield orch, part, cats
     finally:
         for pid in cats:
@@ -316,6 +339,7 @@ def test_sigkill_mid_transfer_leaves_no_ssh_and_the_next_download_cleans_up(site
         orch.wait()
         wait_for(lambda: not ssh_clients(big), timeout=5)  # the kernel killed it with orch
         assert part.exists()  # what a SIGKILL leaves: only a temp file ...
+    make_run(site["remote"], "big", normal_files(), best=0.9)  # a small best: quick to fetch in full
     proc = run_orch("download", "big", "-c", site["cfg"], "--dest", site["dest"])
     assert proc.returncode == 0, proc.stderr
     assert not list(site["dest"].rglob("*.part-*"))  # ... which the next download removes
@@ -349,7 +373,8 @@ def small_disk(path: Path, kib: int) -> Iterator[bool]:
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import download as download_mod
+    from orchestrator import destination
+    from orchestrator.download import download
     from orchestrator.errors import DiskFull
 
     make_run(site["remote"], "big", normal_files(2 << 20), best=0.9)
@@ -362,9 +387,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(site: dict[str, Path], monke
                                            "the download again")
             assert tree(dest) == []
         # The space ran out while writing (another program took it, or a quota): found all the same.
-        monkeypatch.setattr(download_mod, "_free_bytes", lambda _p: 1 << 40)
+        monkeypatch.setattr(destination, "free_bytes", lambda _p: 1 << 40)
         if not mounted:  # no tmpfs here: the file system's answer is simulated at the write call
-            monkeypatch.setattr(download_mod, "_short_for_lack_of_room", lambda _tmp, _size: True)
+            monkeypatch.setattr(destination, "short_for_lack_of_room", lambda _tmp, _size: True)
         with pytest.raises(DiskFull, match="no space left on device on"):
-            download_mod.download(load_config(site["cfg"]), "big", dest=dest)
+            download(load_config(site["cfg"]), "big", dest=dest)
         assert not list(dest.rglob("*.part-*")) and not (dest / "big" / BEST).exists()

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator import children
 from orchestrator.confine import CorruptRun, checked_entries, path_problem
-from orchestrator.download import _check_dest, remove_stale_parts
+from orchestrator.destination import check_dest, remove_stale_parts
 from orchestrator.errors import ConfigError
 from trainer import layout
 from trainer.wire import RunFiles
@@ -99,11 +99,11 @@ def test_too_big_or_missing(tmp_path: Path) -> None:
 
 
 def test_check_dest(tmp_path: Path) -> None:
-    _check_dest(tmp_path / "new" / "deeper")
+    check_dest(tmp_path / "new" / "deeper")
     (tmp_path / "file").write_text("x")
     for dest in (tmp_path / "file", tmp_path / "file" / "below"):
         with pytest.raises(ConfigError, match="is not a folder"):
-            _check_dest(dest)
+            check_dest(dest)
 
 
 def test_stale_parts_of_dead_processes_are_removed(tmp_path: Path) -> None:
