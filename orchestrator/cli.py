@@ -40,7 +40,10 @@ class Env:
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def log(self, message: str) -> None:
-        self.err.print(f"[dim]orch:[/dim] {message}")
+        from rich.markup import escape
+
+        # Messages hold paths and names ("[/x]" in one made rich raise): never markup.
+        self.err.print(f"[dim]orch:[/dim] {escape(message)}")
 
 
 env = Env()

@@ -168,3 +168,10 @@ def test_merge_keys_and_a_byte_order_mark_are_fine(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbftarget: ssh\nssh:\n  <<: {host: a.example.com, user: u}\n  user: v\n")
     cfg = load_config(path)
     assert (cfg.ssh.host, cfg.ssh.user) == ("a.example.com", "v")  # an explicit key overrides a merged one
+
+
+def test_a_log_line_with_brackets_is_printed_as_is(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import Env
+
+    Env().log("data: 3 files sent to /data/[raw]/x and [/oops]")
+    assert "/data/[raw]/x and [/oops]" in capsys.readouterr().err
