@@ -286,7 +286,8 @@ def download(
     from orchestrator.download import download as run_download
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=env.err, transient=True, disable=json_out) as bar:
+                  TransferSpeedColumn(), console=env.err, transient=True,
+                  disable=json_out or not env.err.is_terminal) as bar:  # no stray blank line in logs
         task = bar.add_task("downloading", total=None)
 
         def progress(rel: str, done: int, total: int) -> None:

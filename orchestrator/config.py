@@ -180,20 +180,13 @@ class DeployConfig(_Section):
 
 def load_config(path: str | Path) -> DeployConfig:
     """Read and validate deploy.yaml; every problem is one line naming the file and key."""
-    import yaml
+    from orchestrator.yamlfile import read_yaml
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) if path.exists() else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     if not path.exists():
         raise ConfigError(f"{path}: no such file; copy the commented deploy.yaml from the orch repository "
                           "or pass -c PATH")
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

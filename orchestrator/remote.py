@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from orchestrator import children
 from orchestrator.errors import ConfigError, ConnectError, ConnectionLost, HostKeyError, RemoteError
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
 
@@ -287,8 +288,8 @@ class SshRemote(Remote):
             # cache, meanwhile: no copy through Python (measured: the difference between 1.5x
             # and 1x of scp's time on 2 cores).
             with open(local, "wb") as out:
-                proc = subprocess.Popen([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=out,
-                                        stderr=subprocess.PIPE)
+                proc = children.spawn([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=out,
+                                      stderr=subprocess.PIPE)  # dies with orch
                 digest = _hash_growing(local, proc, progress)
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             if proc.returncode != 0:

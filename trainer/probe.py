@@ -12,12 +12,15 @@ commands never upload code).
                                                                     -> Snapshot
     python -m trainer.probe machine ROOT
         the host, every run and the autostop                        -> Machine
+    python -m trainer.probe files RUN_DIR
+        the manifest and the run's regular files with their sizes  -> RunFiles
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -27,7 +30,17 @@ from typing import Any
 
 from trainer import layout
 from trainer.proc import is_locked, pid_alive
-from trainer.wire import NVIDIA_QUERY, Autostop, Host, HostLoad, Machine, RunInfo, Snapshot, parse_nvidia_smi
+from trainer.wire import (
+    NVIDIA_QUERY,
+    Autostop,
+    Host,
+    HostLoad,
+    Machine,
+    RunFiles,
+    RunInfo,
+    Snapshot,
+    parse_nvidia_smi,
+)
 
 # What the probe imports: orch sends exactly these when it runs the probe without uploading.
 MODULES = ("trainer/__init__.py", "trainer/layout.py", "trainer/proc.py", "trainer/wire.py", "trainer/probe.py")
@@ -129,6 +142,47 @@ def autostop(root: Path) -> Autostop:
                     now=time.time())
 
 
+# Far above what a run holds (tens of files, a manifest of a few KB): beyond, a run is crafted.
+MAX_RUN_FILES = 100_000
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def run_files(run_dir: Path) -> RunFiles:
+    """The run, its manifest and its regular files (links are never followed): all that
+    `orch download` needs, in one answer."""
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        return RunFiles()
+    run = describe_run(run_dir, is_locked(run_dir.parent.parent / layout.LAUNCH_LOCK))
+    files: dict[str, int] = {}
+    for dirpath, _dirnames, filenames in os.walk(run_dir):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue  # gone meanwhile
+            if stat.S_ISREG(st.st_mode):
+                files[os.path.relpath(path, run_dir)] = st.st_size
+                if len(files) > MAX_RUN_FILES:
+                    return RunFiles(None, {}, too_big=True, run=run)
+    manifest, too_big = _read_manifest(run_dir / layout.MANIFEST)
+    return RunFiles(manifest, files, too_big, run)
+
+
+def _read_manifest(path: Path) -> tuple[str | None, bool]:
+    """(text, too big); no text when it is missing or not a regular file."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None, False
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        return None, False
+    if len(data) > MAX_MANIFEST_BYTES:
+        return None, True
+    return data.decode("utf-8", "surrogateescape"), False
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "runs":
         answer: Any = {"runs": [r.to_json() for r in list_runs(Path(argv[1]))]}
@@ -139,9 +193,11 @@ def main(argv: list[str]) -> int:
     elif len(argv) == 2 and argv[0] == "machine":
         root = Path(argv[1])
         answer = Machine(host(), list_runs(root), autostop(root)).to_json()
+    elif len(argv) == 2 and argv[0] == "files":
+        answer = run_files(Path(argv[1])).to_json()
     else:
         print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES | "
-              "machine ROOT", file=sys.stderr)
+              "machine ROOT | files RUN_DIR", file=sys.stderr)
         return 2
     print(json.dumps(answer))
     return 0

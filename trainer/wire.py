@@ -184,3 +184,27 @@ class Snapshot:
     def from_json(cls, d: dict[str, Any]) -> Snapshot:
         return cls(RunInfo.from_json(d["run"]), d.get("status") or {}, d.get("metrics") or [],
                    int(d.get("metrics_count") or 0), d.get("log_tail") or [], Host.from_json(d.get("host") or {}))
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """A run directory as `orch download` reads it: its MANIFEST.sha256 and every regular file
+    below it, reached without following a link, with its size. Never trusted blindly: orch
+    checks every manifest entry against these files and against its own destination."""
+
+    manifest: str | None = None  # None: no manifest, or not a regular file
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
+    too_big: bool = False  # more files, or a bigger manifest, than any run holds: a crafted run
+    run: RunInfo | None = None  # None: no such run folder (or a link, not a folder of its own)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunFiles:
+        files = d.get("files") if isinstance(d.get("files"), dict) else {}
+        manifest = d.get("manifest") if isinstance(d.get("manifest"), str) else None
+        # An answer is input like any other: a size that is not a count leaves its file out.
+        sizes = {str(k): v for k, v in files.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        run = RunInfo.from_json(d["run"]) if isinstance(d.get("run"), dict) else None
+        return cls(manifest, sizes, bool(d.get("too_big")), run)
