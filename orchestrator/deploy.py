@@ -46,7 +46,8 @@ class Launched:
         d = {"run_id": self.run_id, "run_dir": self.run_dir, "host": self.host, "pid": self.pid,
              "code_version": self.code_version, "code_transferred": self.code_transferred}
         if self.data is not None:
-            d["data"] = {"files": self.data.files, "bytes": self.data.bytes, "method": self.data.method}
+            d["data"] = {"files": self.data.files, "bytes": self.data.bytes, "method": self.data.method,
+                         "skipped": self.data.skipped}
         return d | self.extra
 
 
