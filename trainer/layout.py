@@ -37,7 +37,8 @@ the statistics inputs (mean, std, classes.json, split.json) and best.weights.h5 
 comes from the state, never from re-reading it). Only while the run is in a final state
 (finished, failed, stopped): status.json, metrics.jsonl and the evaluation outputs; a continued
 run rewrites the manifest without them before it changes them. best.weights.h5 is replaced as:
-manifest without it -> replace -> manifest with it. Before run.json exists there is no manifest.
+manifest without it -> replace -> manifest with it. Until there is something to list (run.json
+or a best checkpoint) there is no manifest: ``sha256sum -c`` needs at least one line.
 """
 
 from __future__ import annotations

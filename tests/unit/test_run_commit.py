@@ -302,3 +302,29 @@ def test_one_trainer_per_run_directory_and_a_killed_holder_blocks_nobody(tmp_pat
         child.wait()  # reaped: its descriptors, and with them the lock, are gone
     runlock.hold(run)
     assert (run / layout.RUN_LOCK).read_text().strip().isdigit()
+
+
+def test_a_full_train_log_does_not_change_the_exit_code() -> None:
+    """Output left buffered on a full disk would make Python's own exit fail (exit 120)."""
+    code = """
+import errno, io, sys
+from trainer import cli, errors
+
+class Full(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+sys.stdout = io.TextIOWrapper(io.BufferedWriter(Full()))
+
+def full(args):
+    print("a line still in the buffer")
+    raise errors.DiskFull("no space left on device on X")
+
+cli.cmd_check_data = full
+sys.exit(cli.main(["check-data", "/nowhere"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 14 and proc.stderr == "trainer: error: no space left on device on X\n"
