@@ -39,7 +39,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_download.py
 
-## faults: SIGKILL the trainer hundreds of times (KILLS=300) and check every guarantee (~30 min)
+## faults: SIGKILL the trainer hundreds of times (KILLS=300) and check every guarantee (~50 min on 2 cores)
 KILLS ?= 300
 faults: $(VENV)/.installed
 	$(PY) bench/bench_faults.py --kills $(KILLS)

@@ -4,7 +4,7 @@ command each time, and check the run directory's guarantees after every kill and
 every run (tests/integration/fault_harness.py, the harness the test suite runs with a few kills).
 
 Prints "N kills, V violations"; exits 1 when V > 0. TensorFlow's start-up (~5 s) is most of
-every restart: 300 kills take about half an hour on 2 cores.
+every restart: 300 kills took 50 minutes on a busy 2-core machine.
 
     python bench/bench_faults.py [--kills 300] [--seed 0] [--epochs 12] [--keep DIR]
 """

@@ -42,6 +42,8 @@ _ONCE = {"repair:begin", "repair:temp-removed", "best:temp", "publish:best", "fi
 # Reached once per committed epoch.
 _PER_EPOCH = {"commit:begin", "weights:temp", "weights:synced", "weights:renamed", "state:temp", "commit:done",
               "publish:deleted"}
+# A few times per start: the manifest changes only with run.json, a new best and the run's end.
+_FEW = {"manifest:temp"}
 _RANDOM_SHARE = 0.3  # of the kills, the share at random moments rather than at a failpoint
 
 
@@ -183,7 +185,7 @@ def _plan(rng: random.Random, points: _Cycle, scenario: Scenario, reference: Ref
         return Plan(delay=rng.uniform(0, reference.first_epoch_seconds + remaining * reference.epoch_seconds))
     name = points.next(has_temps=any(layout.is_temp(p.name) for p in _files(run)))
     # per start: the repair's publish, the 'training' publish, one per epoch, the final one
-    hits = 1 if name in _ONCE else remaining if name in _PER_EPOCH else remaining + 3
+    hits = 1 if name in _ONCE else 3 if name in _FEW else remaining if name in _PER_EPOCH else remaining + 3
     return Plan(point=f"{name}@{rng.randint(1, max(hits, 1))}")
 
 
