@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 ORCH   := $(VENV)/bin/orch
 DEMO   ?= demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench faults clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_train.py --n 3000 --epochs 25
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_download.py
+
+## faults: SIGKILL the trainer hundreds of times (KILLS=300) and check every guarantee (~50 min on 2 cores)
+KILLS ?= 300
+faults: $(VENV)/.installed
+	$(PY) bench/bench_faults.py --kills $(KILLS)
 
 clean:
 	rm -rf $(DEMO) artifacts .pytest_cache
