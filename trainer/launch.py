@@ -27,7 +27,7 @@ from trainer import layout
 from trainer.exitcodes import ExitCode
 from trainer.fsutil import atomic_write_bytes
 from trainer.probe import describe_run, list_runs
-from trainer.proc import pid_line
+from trainer.proc import is_locked, pid_line
 
 LOCK_WAIT = 60.0  # seconds to wait for another launch on this machine to finish
 
@@ -65,7 +65,8 @@ def _check(root: Path, run_dir: Path, fresh: bool, force: bool) -> None:
     run = describe_run(run_dir)
     if not run_dir.is_dir():
         raise Refused("missing", f"no run {run_dir.name}", ExitCode.USAGE)
-    if run.alive:
+    # The run lock is the surest sign of a live trainer (started by orch or by hand).
+    if run.alive or is_locked(run_dir / layout.RUN_LOCK):
         raise Refused("busy", f"run {run.run_id} is still running (pid {run.pid})", ExitCode.BUSY)
     others = [a for a in active if a != run.run_id]
     if others and not force:

@@ -18,6 +18,7 @@ QUICK = {
     "bench_sync.py": (["--quick"], "orch sync"),
     "bench_download.py": (["--quick"], "monitor snapshot"),
     "bench_train.py": (["--n", "150", "--epochs", "2"], "accuracy on unseen speakers"),
+    "bench_faults.py": (["--kills", "1", "--epochs", "2"], "kills, 0 violations"),
 }
 
 
