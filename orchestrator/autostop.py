@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.machine import Machine
-from orchestrator.remote import q
 from trainer.wire import Autostop
 
 Log = Callable[[str], None]
@@ -50,8 +49,16 @@ def apply(m: Machine, autostop: AutostopPlan, log: Log) -> Autostop | None:
         return None
     args = ["arm", "--idle-minutes", str(autostop.idle_minutes), "--command", autostop.command] \
         if autostop.idle_minutes is not None else ["disarm"]
-    out = m.remote.run(f"PYTHONPATH={q(m.code.path)} {q(m.cfg.helper_python)} -m trainer.watcher {q(m.root)} "
-                       + " ".join(q(a) for a in args), what="setting autostop").stdout
+    return _watcher(m, args, log)
+
+
+def wake(m: Machine, log: Log) -> Autostop:
+    """After a reboot the setting is still there but its watcher is not: start it again."""
+    return _watcher(m, ["wake"], log)
+
+
+def _watcher(m: Machine, args: list[str], log: Log) -> Autostop:
+    out = m.remote.run(m.module_command("trainer.watcher", m.root, *args), what="setting autostop").stdout
     try:
         state = Autostop.from_json(json.loads(out.strip().splitlines()[-1]))
     except (ValueError, IndexError) as exc:
@@ -66,6 +73,8 @@ def describe(state: Autostop) -> str:
     if not state.armed:
         return "autostop: off"
     text = f"autostop: `{state.command}` after {state.idle_minutes:g} idle minutes"
+    if state.error:
+        text += f"; it FAILED last time ({state.error}): the machine is still running, fix autostop.command"
     if not state.watcher_alive:
         return text + " (its watcher is not running: the next deploy starts it)"
     if state.stops_at is not None and state.now is not None:

@@ -27,8 +27,12 @@ app = typer.Typer(
 config_app = typer.Typer(help="Validate deploy.yaml or print its JSON schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-ConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_default=False,
-                         help="the configuration file (default: deploy.yaml)")
+# $ORCH_CONFIG is read once, by the option before the command: a -c anywhere on the command
+# line wins over it (after the command: over a -c before it too).
+RootConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_default=False,
+                             help="the configuration file (default: $ORCH_CONFIG, else deploy.yaml)")
+ConfigOpt = typer.Option(None, "--config", "-c", show_default=False,
+                         help="the configuration file (default: $ORCH_CONFIG, else deploy.yaml)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of text")
 TrustOpt = typer.Option(False, "--trust-new-host",
                         help="accept an unknown SSH host key (it is shown) and remember it")
@@ -71,7 +75,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     ctx: typer.Context,
-    config: str | None = ConfigOpt,
+    config: str | None = RootConfigOpt,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors"),
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print orch's version"),
 ) -> None:
@@ -79,12 +83,16 @@ def _root(
     ctx.obj = {"config": config}
 
 
+def _config_path(ctx: typer.Context, config: str | None) -> str:
+    """-c after the command, else -c before it, else $ORCH_CONFIG, else ./deploy.yaml."""
+    root = ctx.find_root().obj or {}
+    return config or root.get("config") or "deploy.yaml"
+
+
 def _load(ctx: typer.Context, config: str | None) -> Any:
-    """deploy.yaml from -c after the command, else -c before it (or $ORCH_CONFIG), else ./deploy.yaml."""
     from orchestrator.config import load_config
 
-    root = ctx.find_root().obj or {}
-    return load_config(config or root.get("config") or "deploy.yaml")
+    return load_config(_config_path(ctx, config))
 
 
 @app.command("version")
@@ -100,7 +108,7 @@ def config_check(ctx: typer.Context, config: str | None = ConfigOpt) -> None:
 
 
 @config_app.command("schema")
-def config_schema() -> None:
+def config_schema(config: str | None = ConfigOpt) -> None:  # -c accepted (and not needed) like everywhere
     """Print the JSON schema of deploy.yaml (every key: type, default, description)."""
     from orchestrator.config import json_schema
 
@@ -108,14 +116,11 @@ def config_schema() -> None:
 
 
 @app.command()
-def up(ctx: typer.Context, config: str | None = ConfigOpt) -> None:
-    """Start the EC2 instance and wait until it runs."""
-    from orchestrator import ec2
-    from orchestrator.status import require_ec2
+def up(ctx: typer.Context, config: str | None = ConfigOpt, trust_new_host: bool = TrustOpt) -> None:
+    """Start the EC2 instance and wait until it runs (an armed autostop is watched again)."""
+    from orchestrator.status import up as run_up
 
-    cfg = _load(ctx, config)
-    require_ec2(cfg)
-    inst = ec2.ensure_running(ec2.client(cfg.ec2), cfg.ec2, allow_start=True, log=env.log)
+    inst = run_up(_load(ctx, config), trust_new_host=trust_new_host, log=env.log)
     env.out.print(f"{inst.instance_id} {inst.state} {inst.address or '(no public address)'}")
 
 
@@ -234,7 +239,7 @@ def monitor(
     config: str | None = ConfigOpt,
     once: bool = typer.Option(False, "--once", help="print one snapshot and exit"),
     json_out: bool = typer.Option(False, "--json", help="print the snapshot as one JSON object (implies --once)"),
-    interval: float = typer.Option(5.0, "--interval", min=0.2, help="seconds between refreshes"),
+    interval: float = typer.Option(5.0, "--interval", min=0.2, max=3600, help="seconds between refreshes"),
     trust_new_host: bool = TrustOpt,
 ) -> int:
     """Live view of a run: epochs, accuracy, trends, GPUs, log. Exits when the run ends, with
@@ -382,8 +387,7 @@ def doctor(ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = 
 
     from orchestrator.doctor import doctor as run_doctor
 
-    root = ctx.find_root().obj or {}
-    results = run_doctor(config or root.get("config") or "deploy.yaml", log=env.log)
+    results = run_doctor(_config_path(ctx, config), log=env.log)
     ok = all(r.ok for r in results)
     if json_out:
         _print_json({"ok": ok, "checks": [asdict(r) | {"exit_code": int(r.exit_code)} for r in results]})

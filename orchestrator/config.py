@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from orchestrator.errors import ConfigError
 from trainer import options as trainer_options
@@ -40,7 +49,19 @@ class SshConfig(_Section):
                                     "or changed host keys are refused")
     config_file: str | None = Field("~/.ssh/config", description="OpenSSH client config whose HostName, User, "
                                     "Port, IdentityFile and ProxyJump apply (null: none)")
-    connect_timeout: float = Field(10, gt=0, description="seconds to wait for the SSH connection")
+    connect_timeout: float = Field(10, gt=0, le=3600, description="seconds to wait for the SSH connection")
+
+
+_URL_CREDENTIALS = re.compile(r"://[^/\s]*@")
+
+
+def _no_credentials(value: Any) -> Any:
+    """A URL with user:password@ would land in logs, run folders and `ps` on the machine."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and _URL_CREDENTIALS.search(text):
+            raise ValueError("credentials do not belong in deploy.yaml (they would end up in logs and run "
+                             "folders): put them in ~/.netrc or pip.conf on the machine")
+    return value
 
 
 class EnvConfig(_Section):
@@ -51,14 +72,16 @@ class EnvConfig(_Section):
                              "orch's small helpers there (pure Python, any python3 >= 3.8)")
     packages_from: str | None = Field(None, description="an interpreter on the machine whose packages the env "
                                       "reuses (e.g. a Deep Learning AMI's): only what is missing is installed")
-    index_url: str | None = Field(None, description="pip --index-url for the env (default: pip's)")
-    pip_args: list[str] = Field(default_factory=list, description="more `pip install` arguments for the env "
-                                "(e.g. [--find-links, /wheels])")
+    index_url: Annotated[str | None, AfterValidator(_no_credentials)] = Field(
+        None, description="pip --index-url for the env (default: pip's); credentials go in ~/.netrc on the machine")
+    pip_args: Annotated[list[str], AfterValidator(_no_credentials)] = Field(
+        default_factory=list, description="more `pip install` arguments for the env (e.g. [--find-links, /wheels])")
 
 
 class RemoteConfig(_Section):
-    root: str = Field("~/audio_emotion", description="where code, runs, envs and (by default) data live on the "
-                      "machine; relative paths are relative to the login's home folder")
+    root: str = Field("~/audio_emotion", min_length=1,
+                      description="where code, runs, envs and (by default) data live on the machine; relative "
+                      "paths are relative to the login's home folder")
     python: str | None = Field(None, description="an interpreter with TensorFlow on the machine, used as it is (no "
                                "managed env); default: the managed env (ssh/ec2) or the Python running orch (local)")
     env: EnvConfig = Field(default_factory=EnvConfig, description="the managed virtualenv (remote.root/envs/<hash>/)")

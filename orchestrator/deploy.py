@@ -5,20 +5,24 @@ started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from orchestrator import ec2
+from orchestrator.activity import activity
 from orchestrator.autostop import apply as apply_autostop
 from orchestrator.autostop import plan as autostop_plan
 from orchestrator.config import DeployConfig
 from orchestrator.environment import TrainingPython, ensure_env, run_setup
-from orchestrator.errors import BusyError, ConfigError, RemoteError
+from orchestrator.errors import BusyError, ConfigError, OrchError, RemoteError
 from orchestrator.machine import Machine, connect
 from orchestrator.preflight import require_ready
 from orchestrator.remote import Remote, q
@@ -93,16 +97,17 @@ def launch(m: Machine, run_id: str, options: Sequence[str], *, python: str, forc
     """
     remote, run_dir = m.remote, m.run_dir(run_id)
     resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
-    argv = [m.cfg.helper_python, "-m", "trainer.launch", m.root, run_id, "--fresh" if fresh else "--continue",
-            *(["--force"] if force else []), "--python", python, "--code", m.code.path,
-            "--data-dir", remote.expand(m.cfg.remote_data_dir), "--", *options]
-    result = remote.run(f"PYTHONPATH={q(m.code.path)} " + " ".join(q(a) for a in argv), check=False,
+    args = [m.root, run_id, "--fresh" if fresh else "--continue", *(["--force"] if force else []),
+            "--python", python, "--code", m.code.path, "--data-dir", remote.expand(m.cfg.remote_data_dir),
+            "--", *options]
+    result = remote.run(m.module_command("trainer.launch", *args), check=False,
                         write=lambda fh: fh.write(json.dumps(resolved, indent=2).encode()) if fresh else None,
                         what="launching the trainer")
     answer = _launch_answer(result.stdout)
     if "pid" not in answer:
         _refuse(answer, run_id, remote.host, result.stderr)
     pid = int(answer["pid"])
+    m.launched = True
     log(f"launched run {run_id} (pid {pid}) on {remote.host}")
     wait_started(remote, run_dir, pid)
     return pid
@@ -164,6 +169,32 @@ def prepare(m: Machine, *, allow_cpu: bool, log: Log) -> TrainingPython:
     return python
 
 
+@contextmanager
+def working(cfg: DeployConfig, *, trust_new_host: bool, log: Log) -> Iterator[Machine]:
+    """The machine for a command that launches: started if stopped, and held busy (autostop
+    waits) while orch works. If this command started the instance and fails before a run was
+    launched, the instance is stopped again: nobody asked for an idle, paid machine."""
+    with connect(cfg, trust_new_host=trust_new_host, start=True, log=log) as m, activity(m):
+        try:
+            yield m
+        except BaseException:
+            started = m.remote.started_instance
+            if started and not m.launched:
+                log(f"stopping instance {started} again: it was started for this command, which failed")
+                with contextlib.suppress(OrchError):
+                    ec2.stop(ec2.client(cfg.ec2), cfg.ec2, log=log)
+            raise
+
+
+def _refuse_if_busy(m: Machine, force: bool, except_run: str | None = None) -> None:
+    """Say at once that the machine is busy (before syncing and installing); the launch
+    checks again, atomically."""
+    active = [r.run_id for r in m.runs() if r.active and r.run_id != except_run]
+    if active and not force:
+        raise BusyError(f"run {', '.join(active)} is still running on {m.remote.host}; wait for it, `orch stop` it, "
+                        "or pass --force to start another beside it")
+
+
 def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = False, force: bool = False,
            allow_cpu: bool = False, autostop: str | None = None, trainer_args: Sequence[str] = (),
            trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
@@ -171,7 +202,8 @@ def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = Fa
     run_id = check_run_id(run_id) if run_id else new_run_id()
     argv = trainer_argv(cfg, trainer_args)
     stop_plan = autostop_plan(cfg, autostop)
-    with connect(cfg, trust_new_host=trust_new_host, start=True, log=log) as m:
+    with working(cfg, trust_new_host=trust_new_host, log=log) as m:
+        _refuse_if_busy(m, force)
         data = sync_data(m.remote, cfg, log) if with_data else None
         python = prepare(m, allow_cpu=allow_cpu, log=log)
         pid = launch(m, run_id, argv, python=python.python, force=force, fresh=True, log=log)
@@ -187,21 +219,26 @@ def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None =
     """Extend a finished run from its best checkpoint as a new run (default: the best
     finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
     overrides = {"epochs": epochs, "learning_rate": learning_rate, "warmup_epochs": warmup_epochs}
+    if in_place and any(v is not None for v in overrides.values()):
+        raise ConfigError("--continue keeps the run's own settings: --epochs, --learning-rate and --warmup-epochs "
+                          "are for an extended run (`orch resume RUN` without --continue)")
     argv = trainer_argv(cfg, overrides=overrides, extending=True)
     stop_plan = autostop_plan(cfg, autostop)
-    with connect(cfg, trust_new_host=trust_new_host, start=True, log=log) as m:
+    with working(cfg, trust_new_host=trust_new_host, log=log) as m:
         if in_place:
             run = m.choose(run_id)
             if run.state == layout.FINISHED:
                 raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
             if run.alive:
                 raise BusyError(f"run {run.run_id} is still running; nothing to continue")
+            _refuse_if_busy(m, force, except_run=run.run_id)
             target, argv, fresh, extra = run.run_id, [], False, {}
         else:
             parent = m.choose(run_id, best=True)
             if parent.state != layout.FINISHED:
                 raise ConfigError(f"run {parent.run_id} is {parent.shown_state}, not finished; continue it with "
                                   f"`orch resume {parent.run_id} --continue`")
+            _refuse_if_busy(m, force)
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
             target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
             log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import children, destination
+from orchestrator.activity import activity
 from orchestrator.config import DeployConfig
 from orchestrator.confine import Entry, checked_entries
 from orchestrator.deploy import check_run_id
@@ -79,7 +80,7 @@ def download(cfg: DeployConfig, run_id: str | None = None, *, latest: bool = Fal
     destination.check_dest(dest)
     if run_id is not None:
         check_run_id(run_id)  # before connecting: it becomes a local folder name
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+    with connect(cfg, trust_new_host=trust_new_host, log=log) as m, activity(m):  # autostop waits for us
         files = _resolve(m, run_id, latest)
         return _Download(m, files, dest, progress or (lambda _r, _d, _t: None), log).execute()
 

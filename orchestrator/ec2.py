@@ -47,7 +47,7 @@ def client(cfg: Ec2Config) -> Any:
     try:
         session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
         return session.client("ec2", endpoint_url=cfg.endpoint_url, config=Config(retries=_RETRIES))
-    except BotoCoreError as exc:  # ProfileNotFound, a bad region or endpoint...
+    except (BotoCoreError, ValueError) as exc:  # ProfileNotFound, a bad region, an endpoint that is no URL
         raise AwsError(f"AWS: {exc}; check ec2.profile, ec2.region and ~/.aws/config") from exc
 
 

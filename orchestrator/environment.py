@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.errors import RemoteError
+from orchestrator.errors import NotReady, RemoteError
 from orchestrator.machine import Machine
 from orchestrator.remote import q
 from trainer.codeversion import code_files
@@ -33,7 +33,8 @@ def ensure_env(m: Machine, log: Log) -> TrainingPython:
     the helper Python (env mode off / target local)."""
     cfg = m.cfg
     if not cfg.managed_env:
-        return TrainingPython(cfg.remote.python or cfg.helper_python, managed=False)
+        return TrainingPython(m.remote.expand_user(cfg.remote.python) if cfg.remote.python else m.helper_python,
+                              managed=False)
     answer: dict = {}
 
     def on_line(line: str) -> None:
@@ -55,12 +56,16 @@ def ensure_env(m: Machine, log: Log) -> TrainingPython:
 
 
 def existing_python(m: Machine) -> str | None:
-    """The training interpreter if it is there already (builds nothing: orch doctor)."""
+    """The training interpreter if it is there already (builds nothing: orch doctor); None
+    when the managed env is not built yet."""
     if not m.cfg.managed_env:
-        return m.cfg.remote.python or m.cfg.helper_python
-    out = m.ask("trainer.envsetup", *_envsetup_args(m), "--check", check=False).stdout
-    lines = [line for line in out.splitlines() if line.startswith("orch-result: ")]
-    return json.loads(lines[-1].partition(": ")[2]).get("python") if lines else None
+        return ensure_env(m, lambda _m: None).python
+    result = m.ask("trainer.envsetup", *_envsetup_args(m), "--check", check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("orch-result: ")]
+    if not lines:
+        why = (result.stderr.strip().splitlines() or [f"exit code {result.code}"])[-1]
+        raise NotReady(f"remote.env.base_python {m.helper_python} cannot run on {m.remote.host}: {why}")
+    return json.loads(lines[-1].partition(": ")[2]).get("python")
 
 
 def _envsetup_args(m: Machine) -> list[str]:
@@ -73,7 +78,8 @@ def _envsetup_args(m: Machine) -> list[str]:
 
 def run_setup(m: Machine, python: TrainingPython, log: Log) -> None:
     """remote.setup, once per code version, in the code folder (requirements.txt is there),
-    with the training Python's bin/ first on PATH (so `pip install ...` installs into the env)."""
+    with the training Python's bin/ first on PATH (so `pip install ...` installs into the env),
+    under a lock: two deploys at once run it once, the second waits for the first."""
     setup = m.cfg.remote.setup
     code = m.code.path
     if not setup or m.remote.run(f"test -e {q(code + '/' + _SETUP_DONE)}", check=False).code == 0:
@@ -82,10 +88,23 @@ def run_setup(m: Machine, python: TrainingPython, log: Log) -> None:
     bin_dir = python.python.rsplit("/", 1)[0] if "/" in python.python else None
     path = f'PATH={q(bin_dir)}:"$PATH" ' if bin_dir else ""
     # remote.setup is the user's own shell command: it is run as written, on purpose.
-    result = m.remote.run(f"cd {q(code)} && export {path}ORCH_PYTHON={q(python.python)} && ( {setup} ) "
-                          f"> {SETUP_LOG} 2>&1 && touch {_SETUP_DONE}", check=False)
+    shell = f"export {path}ORCH_PYTHON={q(python.python)} && ( {setup} ) > {SETUP_LOG} 2>&1"
+    result = m.remote.run(f"cd {q(code)} && {q(m.helper_python)} -c {q(_ONCE)} {q(shell)}", check=False)
     if result.code != 0:
         tail = m.remote.run(f"tail -n 5 {q(code + '/' + SETUP_LOG)}", check=False).stdout.strip()
         raise RemoteError(f"remote.setup failed (exit {result.code}); last lines of "
                           f"{code}/{SETUP_LOG}: {' | '.join(tail.splitlines())}")
 
+
+# Run a shell command once per folder, under an flock: the first runs it, the others wait.
+_ONCE = f"""\
+import fcntl, os, subprocess, sys
+lock = os.open('.setup.lock', os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(lock, fcntl.LOCK_EX)
+if os.path.exists({_SETUP_DONE!r}):
+    sys.exit(0)
+code = subprocess.run(['/bin/sh', '-c', sys.argv[1]]).returncode
+if code == 0:
+    open({_SETUP_DONE!r}, 'w').close()
+sys.exit(code)
+"""

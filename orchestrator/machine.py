@@ -74,6 +74,7 @@ class Machine:
     root: str  # remote.root, absolute
     log: Log = lambda _m: None
     _code: CodeSync | None = None
+    launched: bool = False  # a trainer was started by this command
 
     @property
     def code(self) -> CodeSync:
@@ -82,6 +83,19 @@ class Machine:
             self._code = sync_code(self.remote, self.cfg, self.log)
         return self._code
 
+    @property
+    def helper_python(self) -> str:
+        """The interpreter for orch's helpers on the machine (``~/...`` expanded there)."""
+        return self.remote.expand_user(self.cfg.helper_python)
+
+    def module_command(self, module: str, *args: str, python: str | None = None) -> str:
+        """A shell command running ``python -m module args`` from the code sent to the machine.
+        It runs IN the code folder: `-m` puts the working folder first on sys.path, and a
+        stray trainer/ in the login's home must not stand in for the shipped one."""
+        code = self.code.path
+        return (f"cd {q(code)} && PYTHONPATH={q(code)} {q(python or self.helper_python)} -m {module} "
+                + " ".join(q(a) for a in args))
+
     def run_dir(self, run_id: str) -> str:
         return layout.run_dir(self.root, run_id)
 
@@ -89,7 +103,7 @@ class Machine:
             on_line: Callable[[str], None] | None = None) -> Result:
         """Run a machine-side module (its files travel on stdin: nothing is uploaded)."""
         payload = bundle(module)
-        command = (f"{q(python or self.cfg.helper_python)} -c {q(_BOOTSTRAP)} {q(module)} "
+        command = (f"{q(python or self.helper_python)} -c {q(_BOOTSTRAP)} {q(module)} "
                    + " ".join(q(str(a)) for a in args))
         return self.remote.run(command, write=lambda fh: fh.write(payload), what="asking the machine", check=check,
                                on_line=on_line)

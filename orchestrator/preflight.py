@@ -45,16 +45,24 @@ def findings(m: Machine, python: str, answer: dict[str, Any], *, allow_cpu: bool
     missing = [name for name in ("tensorflow", "keras", "numpy") if found.get(name) is None]
     fix_env = ("leave remote.python unset so orch builds its env, or install the trainer's requirements there "
                "(pip install -r requirements.txt)")
-    out = [Finding("python", True, f"{answer['python']['executable']} (Python {answer['python']['version']})"),
-           Finding("packages", not missing,
-                   ", ".join(f"{k} {v}" for k, v in found.items() if v) + (f"; missing: {', '.join(missing)}"
-                                                                           if missing else ""),
-                   f"{', '.join(missing)} not installed for {python} on {host}: {fix_env}")]
     gpus, tf = answer["nvidia"], answer.get("tensorflow") or {}
+    broken = tf.get("error")
+    problem = f"; missing: {', '.join(missing)}" if missing else f"; import fails: {broken}" if broken else ""
+    detail = ", ".join(f"{k} {v}" for k, v in found.items() if v) + problem
+    fix = (f"{', '.join(missing)} not installed for {python} on {host}: {fix_env}" if missing else
+           f"TensorFlow/Keras are installed for {python} on {host} but do not import ({broken}): reinstall them, "
+           "or leave remote.python unset for orch's env")
+    out = [Finding("python", True, f"{answer['python']['executable']} (Python {answer['python']['version']})"),
+           Finding("packages", not missing and not broken, detail, fix)]
     listed = gpus["count"]
-    out.append(Finding("gpus", True, f"nvidia-smi lists {listed}: {', '.join(gpus['names'])} (driver {gpus['driver']}, "
-                       f"CUDA {gpus['cuda']})" if listed else f"none ({gpus['error'] or 'nvidia-smi lists none'})"))
-    if listed and not missing:
+    driver_broken = not listed and gpus["error"] not in (None, "no nvidia-smi")
+    out.append(Finding(
+        "gpus", not driver_broken or allow_cpu,
+        f"nvidia-smi lists {listed}: {', '.join(gpus['names'])} (driver {gpus['driver']}, CUDA {gpus['cuda']})"
+        if listed else f"none ({gpus['error'] or 'nvidia-smi lists none'})",
+        f"nvidia-smi is installed but fails ({gpus['error']}): the NVIDIA driver is not working and training would "
+        "run on the CPU; fix the driver (a reboot after a kernel update often does) or pass --allow-cpu"))
+    if listed and not missing and not broken:
         sees = tf.get("gpus") or 0
         out.append(Finding(
             "tensorflow_gpus", sees > 0 or allow_cpu,

@@ -47,6 +47,7 @@ class Remote(ABC):
 
     host: str = ""
     _home: str | None = None
+    started_instance: str | None = None  # the EC2 instance this command started (money: see deploy)
 
     @abstractmethod
     def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result: ...
@@ -72,6 +73,10 @@ class Remote(ABC):
             self._home = self.run('printf %s "$HOME"', what="reading $HOME").stdout.strip()
         return self._home
 
+    def expand_user(self, path: str) -> str:
+        """``~`` and ``~/x`` -> absolute; anything else as it is (``python3`` stays a command)."""
+        return self.expand(path) if path == "~" or path.startswith("~/") else path
+
     def expand(self, path: str) -> str:
         """``~``, ``~/x`` and relative paths -> absolute: relative to the login's home folder,
         as ssh and scp take them (every command then works whatever folder it runs in)."""
@@ -88,6 +93,10 @@ class Remote(ABC):
         """Copy a remote file to ``local`` (a temp name: renaming is the caller's); returns the
         sha256 of the bytes received, computed on the way."""
 
+    @abstractmethod
+    def start(self, command: str) -> Background:
+        """Start a command left running, its stdin open until the returned handle is closed."""
+
     def close(self) -> None:  # noqa: B027 (nothing to release for the local target)
         """Release the connection."""
 
@@ -96,6 +105,46 @@ class Remote(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Background(ABC):
+    """A command left running on the machine (e.g. holding a lock while orch works)."""
+
+    @abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """EOF on its stdin, then let go of it."""
+
+
+class _LocalBackground(Background):
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+class _ChannelBackground(Background):
+    def __init__(self, chan: Any) -> None:
+        self.chan = chan
+
+    def write(self, data: bytes) -> None:
+        self.chan.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.chan.shutdown_write()
+        self.chan.close()
 
 
 class LocalRemote(Remote):
@@ -132,6 +181,10 @@ class LocalRemote(Remote):
             reader.join()
             err = errs[0] if errs else b""
         return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def start(self, command: str) -> Background:
+        return _LocalBackground(subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.PIPE,
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
         try:
@@ -194,7 +247,9 @@ class SshRemote(Remote):
         t = self.target
         client = paramiko.SSHClient()
         revoked = load_known_hosts(client, t.known_hosts, log)
-        policy = _VerifyNewHostKey(t.known_hosts, trusted, trust_new_host, log)
+        # A revoked key is never known (so paramiko asks the policy), and the policy refuses it:
+        # before authentication, whatever the flags.
+        policy = _VerifyNewHostKey(t.known_hosts, trusted, trust_new_host, log, revoked)
         client.set_missing_host_key_policy(policy)
         where = f"{hop.user}@{hop.label}" + (f" (via {', '.join(j.label for j in t.jumps)})" if t.jumps else "")
         try:
@@ -219,13 +274,11 @@ class SshRemote(Remote):
                                "(or the keys in your ssh-agent)") from exc
         except (OSError, paramiko.SSHException) as exc:
             client.close()
+            if "No authentication methods available" in str(exc):
+                raise ConnectError(f"no SSH key to log in to {where} with: set ssh.key_file (or an IdentityFile in "
+                                   "ssh.config_file), or add the key to ssh-agent") from exc
             raise ConnectError(f"cannot connect to {where}: {exc or type(exc).__name__}; is the machine "
                                "up and the port open?") from exc
-        key = client.get_transport().get_remote_server_key()
-        if key.asbytes() in revoked:
-            client.close()
-            raise HostKeyError(f"the host key of {hop.label} ({key.get_name()} {fingerprint(key)}) is marked "
-                               f"@revoked in {t.known_hosts}: refusing to connect")
         self.accepted += policy.accepted
         client.get_transport().set_keepalive(15)
         return client
@@ -271,6 +324,16 @@ class SshRemote(Remote):
             with contextlib.suppress(Exception):
                 chan.shutdown_write()
             chan.close()
+
+    def start(self, command: str) -> Background:
+        import paramiko
+
+        try:
+            chan = self.client.get_transport().open_session(timeout=self.target.connect_timeout)
+            chan.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        return _ChannelBackground(chan)
 
     def openssh_argv(self) -> list[str]:
         """OpenSSH with the very settings of this connection (same hops, users, keys and
@@ -399,6 +462,7 @@ def load_known_hosts(client: Any, path: Path, log: Callable[[str], None]) -> set
     except OSError as exc:
         raise ConfigError(f"ssh.known_hosts: cannot read {path} ({exc.strerror})") from exc
     host_keys = client.get_host_keys()
+    known: list[Any] = []
     skipped = 0
     for number, line in enumerate(lines, 1):
         text = line.strip()
@@ -412,10 +476,13 @@ def load_known_hosts(client: Any, path: Path, log: Callable[[str], None]) -> set
         if marker == "@revoked" and entry is not None and entry.key is not None:
             revoked.add(entry.key.asbytes())
         elif marker is None and entry is not None and entry.key is not None:
-            for name in entry.hostnames:
-                host_keys.add(name, entry.key.get_name(), entry.key)
+            known.append(entry)
         else:
             skipped += 1
+    for entry in known:  # after every line is read: a revoked key is known nowhere
+        if entry.key.asbytes() not in revoked:
+            for name in entry.hostnames:
+                host_keys.add(name, entry.key.get_name(), entry.key)
     if skipped:
         log(f"{path}: skipped {skipped} line(s) orch cannot use (@cert-authority, unknown key types)")
     return revoked
@@ -426,12 +493,16 @@ class _VerifyNewHostKey:
     say which key it is."""
 
     def __init__(self, known_hosts: Path, trusted: Callable[[], Iterable[str]], trust_new_host: bool,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], revoked: set[bytes]) -> None:
         self.known_hosts, self.trusted, self.trust_new_host, self.log = known_hosts, trusted, trust_new_host, log
+        self.revoked = revoked
         self.accepted: list[HostKey] = []
 
     def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
         fp = fingerprint(key)
+        if key.asbytes() in self.revoked:
+            raise HostKeyError(f"the host key of {hostname} ({key.get_name()} {fp}) is marked @revoked in "
+                               f"{self.known_hosts}: refusing to connect")
         # Only an unknown host costs the look-up (for EC2: the instance's console output).
         trusted = set() if self.trust_new_host else set(self.trusted())
         if not (self.trust_new_host or fp in trusted):

@@ -10,8 +10,6 @@ from typing import Any
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.machine import Machine, connect
-from orchestrator.remote import q
-from trainer import layout
 from trainer.wire import RunInfo
 
 Log = Callable[[str], None]
@@ -71,23 +69,27 @@ def runs_table(runs: list[dict[str, Any]]) -> Any:
 def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable[[str], None],
          interval: float = 1.0, trust_new_host: bool = False, log: Log = lambda _m: None) -> str:
     """Print train.log (default: the latest run); ``follow`` keeps printing until the run ends."""
+    import base64
+    import codecs
+
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
         run_id = m.choose(run_id).run_id
-        path = f"{m.run_dir(run_id)}/{layout.TRAIN_LOG}"
-        offset = 0
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a character cut in two
+        offset, was_active = 0, True
         while True:
-            chunk = m.remote.run(f"tail -c +{offset + 1} {q(path)} 2>/dev/null", check=False).stdout
-            if chunk:
-                write(chunk)
-                offset += len(chunk.encode())
-            if not follow:
+            answer = m.probe("log", m.run_dir(run_id), offset)
+            text = decode.decode(base64.b64decode(answer["data"]))
+            if text:
+                write(text)
+            offset = answer["offset"]
+            if answer["more"]:
+                continue
+            if not follow or not was_active:  # one more read after the run ended: nothing is missed
+                write(decode.decode(b"", final=True))
                 return run_id
-            if not m.choose(run_id).active:
-                rest = m.remote.run(f"tail -c +{offset + 1} {q(path)} 2>/dev/null", check=False).stdout
-                if rest:
-                    write(rest)
-                return run_id
-            time.sleep(interval)
+            was_active = answer["active"]
+            if was_active:
+                time.sleep(interval)
 
 
 def stop(cfg: DeployConfig, run_id: str | None, *, timeout: float = STOP_TIMEOUT, trust_new_host: bool = False,

@@ -8,6 +8,10 @@ different places. Values set in deploy.yaml win over ssh_config's, as on ssh's c
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +81,32 @@ def _read_config(path: Path | None) -> Any:
     if path is None or not path.exists():
         return paramiko.SSHConfig()
     try:
-        return paramiko.SSHConfig.from_path(str(path))
+        return paramiko.SSHConfig.from_text(_with_includes(path))
     except (OSError, UnicodeDecodeError, paramiko.ssh_exception.ConfigParseError) as exc:
         raise ConfigError(f"ssh.config_file: {path}: cannot read it ({exc})") from exc
+
+
+_INCLUDE = re.compile(r"^\s*include(?:\s*=\s*|\s+)(.+?)\s*$", re.IGNORECASE)
+MAX_INCLUDE_DEPTH = 16  # OpenSSH's limit
+
+
+def _with_includes(path: Path, depth: int = 0) -> str:
+    """The config's text with its Include lines replaced by the files they name (paramiko
+    ignores Include; OpenSSH reads them in place): relative paths are in ~/.ssh, globs allowed."""
+    if depth > MAX_INCLUDE_DEPTH:
+        raise ConfigError(f"ssh.config_file: Include nested more than {MAX_INCLUDE_DEPTH} deep (at {path})")
+    lines = []
+    for line in path.read_text().splitlines():
+        match = _INCLUDE.match(line)
+        if not match:
+            lines.append(line)
+            continue
+        for pattern in shlex.split(match.group(1)):
+            pattern = os.path.expanduser(pattern)
+            if not os.path.isabs(pattern):
+                pattern = str(Path.home() / ".ssh" / pattern)
+            lines += [_with_includes(Path(found), depth + 1) for found in sorted(glob.glob(pattern))]
+    return "\n".join(lines)
 
 
 def _port(value: Any, host: str) -> int:
@@ -104,7 +131,9 @@ def _jump_specs(value: str | None) -> list[str]:
 
 
 def _jump(spec: str, config: Any) -> Hop:
-    """A ProxyJump entry ``[user@]host[:port]``, completed from its own ssh_config block."""
+    """A ProxyJump entry ``[user@]host[:port]`` (or ``ssh://[user@]host[:port]``), completed
+    from its own ssh_config block."""
+    spec = spec.removeprefix("ssh://")
     user, _, rest = spec.rpartition("@")
     host, port = rest, None
     if rest.startswith("["):  # [ipv6]:port
@@ -125,7 +154,8 @@ def openssh_config(target: SshTarget) -> str:
     hops = (*target.jumps, target.hop)
     for i, hop in enumerate(hops):
         alias = "orch-target" if i == len(hops) - 1 else f"orch-jump-{i}"
-        lines = [f"Host {alias}", f"  HostName {hop.hostname}", f"  Port {hop.port}", f"  User {_word(hop.user)}"]
+        lines = [f"Host {alias}", f"  HostName {_word(hop.hostname, 'host name')}", f"  Port {hop.port}",
+                 f"  User {_word(hop.user)}"]
         lines += [f"  IdentityFile {_path(k)}" for k in hop.key_files]
         if hop.key_files:
             lines.append("  IdentitiesOnly yes")
@@ -146,7 +176,8 @@ def _path(path: str) -> str:
     return '"' + path.replace("%", "%%") + '"'
 
 
-def _word(value: str) -> str:
-    if any(c.isspace() for c in value) or '"' in value:
-        raise ConfigError(f"ssh user {value!r}: a user name cannot contain spaces or quotes")
+def _word(value: str, what: str = "user name") -> str:
+    """One word of an ssh_config line: nothing that could start another option."""
+    if not value or any(c.isspace() for c in value) or any(c in value for c in "\"'#"):
+        raise ConfigError(f"ssh {what} {value!r}: it cannot be empty or contain spaces, quotes or '#'")
     return value

@@ -9,7 +9,7 @@ from typing import Any
 
 from orchestrator import cost, ec2
 from orchestrator.config import DeployConfig
-from orchestrator.errors import BusyError, ConfigError
+from orchestrator.errors import BusyError, ConfigError, OrchError
 from orchestrator.machine import connect
 from trainer.wire import Machine
 
@@ -59,6 +59,21 @@ def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log 
             return MachineStatus(cfg.target, info, None, None)
     with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
         return MachineStatus(cfg.target, info, m.remote.host, Machine.from_json(m.probe("machine", m.root)))
+
+
+def up(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> ec2.Instance:
+    """Start the instance; then, as a reboot loses the autostop watcher (not its setting),
+    start the watcher again if autostop is armed."""
+    from orchestrator.autostop import wake
+
+    require_ec2(cfg)
+    inst = ec2.ensure_running(ec2.client(cfg.ec2), cfg.ec2, allow_start=True, log=log)
+    try:
+        with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+            wake(m, log)
+    except OrchError as exc:
+        log(f"could not check autostop on the machine ({exc}); the next deploy arms it again")
+    return inst
 
 
 def down(cfg: DeployConfig, *, force: bool = False, confirm: Callable[[str], bool] | None = None,

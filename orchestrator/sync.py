@@ -69,7 +69,7 @@ def sync_code(remote: Remote, cfg: DeployConfig, log: Log) -> CodeSync:
         log(f"sending code version {bundle.version} ({len(payload) / 1024:.0f} KiB)")
         # Unpack beside, then rename, under a lock: a half-sent bundle never becomes a code
         # version, and two deploys at once never remove each other's.
-        remote.run(f"{q(cfg.helper_python)} -c {q(_UNPACK_CODE)} {q(root)} {q(bundle.version)}",
+        remote.run(f"{q(remote.expand_user(cfg.helper_python))} -c {q(_UNPACK_CODE)} {q(root)} {q(bundle.version)}",
                    write=lambda fh: fh.write(payload), what="unpacking the code")
     return CodeSync(bundle.version, code_dir, transferred)
 
@@ -98,8 +98,10 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
     if not local.is_dir():
         raise ConfigError(f"data.local_dir: {local} is not a folder")
     dest = remote.expand(cfg.remote_data_dir)
-    python = cfg.helper_python
+    python = remote.expand_user(cfg.helper_python)
     start = time.perf_counter()
+    if not dest.strip("/"):
+        raise ConfigError("data.remote_dir: the data needs a folder of its own, not / (e.g. data or ~/features)")
     parent, name = dest.rstrip("/").rsplit("/", 1)
     incoming = f".{name}.orch-incoming-"
     # Also clears what an interrupted upload left in its staging folder.

@@ -24,9 +24,12 @@ def open_remote(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = l
         return LocalRemote(cfg.base_dir)
     host = cfg.ssh.host
     fingerprints: Callable[[], set[str]] = set
+    started = None
     if cfg.target == "ec2":
         client = ec2.client(cfg.ec2)
+        was = ec2.find_instance(client, cfg.ec2).state
         inst = ec2.ensure_running(client, cfg.ec2, allow_start=start and cfg.ec2.start_if_stopped, log=log)
+        started = inst.instance_id if was in ("stopped", "stopping") else None
         host = cfg.ssh.host or inst.address
         if host is None:
             raise AwsError(f"instance {inst.instance_id} has no public address; set ssh.host "
@@ -36,7 +39,15 @@ def open_remote(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = l
     target = resolve(cfg.ssh, host, cfg.local_path)
     if cfg.target == "ec2" and not target.jumps:  # behind a jump host, only the jump host can tell
         _wait_for_port(target.hop.hostname, target.hop.port, max(60.0, 10 * cfg.ssh.connect_timeout), log)
-    return SshRemote(target, trusted_fingerprints=fingerprints, trust_new_host=trust_new_host, log=log)
+    try:
+        remote = SshRemote(target, trusted_fingerprints=fingerprints, trust_new_host=trust_new_host, log=log)
+    except BaseException:
+        if started:  # the connection failed: the caller cannot know it was started
+            log(f"stopping instance {started} again: it was started for this command, which failed")
+            ec2.stop(client, cfg.ec2, log=log)
+        raise
+    remote.started_instance = started  # deploy stops it again if it fails before launching
+    return remote
 
 
 def trust_host(cfg: DeployConfig, *, log: Log = lambda _m: None) -> HostKey:

@@ -158,6 +158,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
                         min_frames=args.min_frames, max_frames=args.max_frames, dtype=args.dtype)
     except ValueError as exc:
         raise _usage(str(exc)) from exc
+    except OSError as exc:  # a file in the way, no permission...
+        raise _usage(f"{args.out_dir}: cannot write the data set there ({exc.strerror})") from exc
     per_corpus = "; ".join(f"{c}: {sum(v.values())} files, {summary.speakers[c]} speakers"
                            for c, v in summary.by_corpus_label.items())
     print(f"wrote {summary.files} SYNTHETIC feature files to {summary.out_dir} ({per_corpus})")

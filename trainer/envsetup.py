@@ -48,12 +48,16 @@ def result(**fields: object) -> None:
 
 
 def gpu_count() -> int:
-    """GPUs nvidia-smi lists (0 without nvidia-smi)."""
+    """GPUs nvidia-smi lists; -1 when nvidia-smi is there but fails (a GPU box whose driver is
+    broken: it still gets GPU TensorFlow); 0 without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+        return -1
+    listed = sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+    return listed or -1
 
 
 def for_gpus(requirements: str) -> str:
@@ -102,6 +106,7 @@ def _create(env: Path, packages_from: str | None) -> None:
         raise RuntimeError(f"{sys.executable} -m venv failed ({why[-1] if why else made.returncode}); on "
                            "Debian/Ubuntu: sudo apt-get install python3-venv")
     if packages_from:
+        packages_from = os.path.expanduser(packages_from)
         version, folders = _site_packages(packages_from)
         mine = "{}.{}".format(*sys.version_info[:2])
         if version != mine:
@@ -114,7 +119,7 @@ def _install(env: Path, requirements: Path, args: argparse.Namespace) -> None:
     cmd = [str(env / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
            *(["--index-url", args.index_url] if args.index_url else []), *args.pip_arg, "-r", str(requirements)]
     with open(env / LOG, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+        log.write("$ " + re.sub(r"://[^/\s]*@", "://****@", " ".join(cmd)) + "\n")  # never a credential
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         assert proc.stdout is not None

@@ -56,6 +56,9 @@ AUTOSTOP_SETTING = "autostop.json"
 WATCHER_STATE = "watcher.json"
 WATCHER_LOG = "watcher.log"
 WATCHER_LOCK = "watcher.lock"
+# Held (shared flock) by every orch command doing work on the machine (deploy, resume,
+# download): the machine is not idle while one runs, whatever the runs say.
+ACTIVITY_LOCK = "activity.lock"
 
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)

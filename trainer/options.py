@@ -280,8 +280,8 @@ def to_argv(values: Mapping[str, Any]) -> list[str]:
             continue
         if option.type is bool:
             argv.append(option.flag if value else "--no-" + option.flag[2:])
-        else:
-            argv += [option.flag, str(value)]
+        else:  # one token: a value starting with '-' stays a value
+            argv.append(f"{option.flag}={value}")
     return argv
 
 

@@ -4,14 +4,18 @@ Run by orch with the interpreter that will train:
     python -m trainer.preflight ROOT DATA_DIR [--import-tensorflow]
 
 prints ONE JSON object: the interpreter, the installed versions of TensorFlow/Keras/numpy,
-the GPUs nvidia-smi lists (with driver and CUDA versions), the GPUs TensorFlow sees (imported
-only when nvidia-smi lists GPUs, or with --import-tensorflow: importing takes seconds), the
-data folder (does it exist, how many labelled feature files) and the free disk under ROOT.
-Pure Python apart from that optional import.
+the GPUs nvidia-smi lists (with driver and CUDA versions), whether TensorFlow and Keras really
+import and how many GPUs TensorFlow sees, the data folder (does it exist, how many labelled
+feature files) and the free disk under ROOT.
+
+Importing TensorFlow takes seconds, so its result is cached on the machine (~/.cache/orch/),
+keyed by the interpreter, its package folders (any install or removal changes them) and what
+nvidia-smi says (a broken driver changes that); --import-tensorflow ignores the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -65,15 +69,45 @@ def nvidia() -> dict[str, Any]:
 
 
 def tensorflow_gpus() -> dict[str, Any]:
-    """How many GPUs TensorFlow sees (it is imported: seconds)."""
+    """Import TensorFlow and Keras for real (seconds) and count the GPUs TensorFlow sees."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
+        import keras  # noqa: F401 (its import is the check)
         import tensorflow as tf
 
         return {"gpus": len(tf.config.list_physical_devices("GPU")), "built_with_cuda": tf.test.is_built_with_cuda(),
                 "error": None}
-    except Exception as exc:  # a broken install: say what import says
+    except BaseException as exc:  # a broken install: say what import says
         return {"gpus": None, "built_with_cuda": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _cache_key(found: dict[str, str | None], gpus: dict[str, Any]) -> str:
+    """What the import result depends on: the interpreter, its package folders, nvidia-smi."""
+    import hashlib
+
+    folders = []
+    for entry in sys.path:
+        with contextlib.suppress(OSError):
+            folders.append((entry, os.stat(entry).st_mtime_ns))
+    what = [os.path.realpath(sys.executable), list(sys.version_info[:3]), folders, found,
+            [gpus["count"], gpus["driver"], gpus["error"]]]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:20]
+
+
+def tensorflow_check(found: dict[str, str | None], gpus: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    """tensorflow_gpus(), from the cache when nothing it depends on changed."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orch" / "preflight"
+    path = cache / f"{_cache_key(found, gpus)}.json"
+    if not fresh:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text()) | {"cached": True}
+    result = tensorflow_gpus()
+    with contextlib.suppress(OSError):  # a cache, nothing more: a read-only home is fine
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+    return result | {"cached": False}
 
 
 def data(folder: Path) -> dict[str, Any]:
@@ -109,8 +143,8 @@ def preflight(root: Path, data_dir: Path, import_tensorflow: bool) -> dict[str, 
     found = packages()
     report = {"python": {"executable": sys.executable, "version": ".".join(map(str, sys.version_info[:3]))},
               "packages": found, "nvidia": gpus, "tensorflow": None, "data": data(data_dir), "disk": disk(root)}
-    if found["tensorflow"] is not None and (gpus["count"] or import_tensorflow):
-        report["tensorflow"] = tensorflow_gpus()
+    if found["tensorflow"] is not None and found["keras"] is not None:
+        report["tensorflow"] = tensorflow_check(found, gpus, fresh=import_tensorflow)
     return report
 
 

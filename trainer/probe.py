@@ -12,6 +12,8 @@ commands never upload code).
                                                                     -> Snapshot
     python -m trainer.probe machine ROOT
         the host, every run and the autostop                        -> Machine
+    python -m trainer.probe log RUN_DIR OFFSET
+        train.log's bytes from OFFSET on (base64), and whether the run is active
     python -m trainer.probe files RUN_DIR
         the manifest and the run's regular files with their sizes  -> RunFiles
 """
@@ -139,7 +141,7 @@ def autostop(root: Path) -> Autostop:
     return Autostop(armed=bool(setting), idle_minutes=setting.get("idle_minutes"), command=setting.get("command"),
                     watcher_alive=is_locked(root / layout.WATCHER_LOCK), idle_since=state.get("idle_since"),
                     stops_at=state.get("stops_at") if setting else None, fired_at=state.get("fired_at"),
-                    now=time.time())
+                    error=state.get("error") if setting else None, now=time.time())
 
 
 # Far above what a run holds (tens of files, a manifest of a few KB): beyond, a run is crafted.
@@ -183,6 +185,24 @@ def _read_manifest(path: Path) -> tuple[str | None, bool]:
     return data.decode("utf-8", "surrogateescape"), False
 
 
+LOG_CHUNK = 1 << 20
+
+
+def log_bytes(run_dir: Path, offset: int) -> dict[str, Any]:
+    """train.log's bytes from ``offset`` on (at most LOG_CHUNK), base64: a log is bytes, and a
+    character cut between two reads must not be lost. Also whether the run is still active."""
+    import base64
+
+    try:
+        with open(run_dir / layout.TRAIN_LOG, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(LOG_CHUNK)
+    except OSError:
+        data = b""
+    return {"data": base64.b64encode(data).decode(), "offset": offset + len(data), "more": len(data) == LOG_CHUNK,
+            "active": describe_run(run_dir).active}
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "runs":
         answer: Any = {"runs": [r.to_json() for r in list_runs(Path(argv[1]))]}
@@ -193,11 +213,13 @@ def main(argv: list[str]) -> int:
     elif len(argv) == 2 and argv[0] == "machine":
         root = Path(argv[1])
         answer = Machine(host(), list_runs(root), autostop(root)).to_json()
+    elif len(argv) == 3 and argv[0] == "log":
+        answer = log_bytes(Path(argv[1]), int(argv[2]))
     elif len(argv) == 2 and argv[0] == "files":
         answer = run_files(Path(argv[1])).to_json()
     else:
         print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES | "
-              "machine ROOT | files RUN_DIR", file=sys.stderr)
+              "machine ROOT | files RUN_DIR | log RUN_DIR OFFSET", file=sys.stderr)
         return 2
     print(json.dumps(answer))
     return 0

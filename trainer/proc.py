@@ -46,8 +46,9 @@ def pid_alive(pid_file: Path) -> tuple[int | None, bool]:
     return pid, True
 
 
-def is_locked(path: Path) -> bool:
-    """Whether another process holds an flock on ``path`` (without taking it for long)."""
+def is_locked(path: Path, *, shared_too: bool = False) -> bool:
+    """Whether another process holds an exclusive flock on ``path`` (``shared_too``: any
+    flock at all), without taking it for long."""
     import fcntl
 
     try:
@@ -55,7 +56,7 @@ def is_locked(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if shared_too else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError:
         return True
     finally:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from trainer import layout
-from trainer.errors import RunBusy
+from trainer.errors import RunBusy, UsageError
 
 _held: list[int] = []  # open descriptors of the locks this process holds: never closed
 
@@ -23,8 +23,11 @@ def hold(run_dir: Path) -> None:
     Nothing else is written before the lock is ours: a loser leaves the run directory as it
     found it. The descriptor is close-on-exec, and worker processes are started with
     forkserver/spawn, so no child keeps the lock alive after its parent dies."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / layout.RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / layout.RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:  # a file in the way, no permission, a read-only file system...
+        raise UsageError(f"--run-dir {run_dir}: cannot use it as a run directory ({exc.strerror})") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -17,6 +17,7 @@ probe's), not from a timer alone. Pure Python.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -46,6 +47,8 @@ def log(root: Path, message: str) -> None:
 def arm(root: Path, idle_minutes: float, command: str) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / SETTING, {"idle_minutes": idle_minutes, "command": command, "armed_at": time.time()})
+    if read_json(root / STATE).get("error"):  # a new setting: the old command's failure is history
+        _write_state(root, {"error": None})
     log(root, f"armed: run {command!r} after {idle_minutes:g} idle minutes")
     if not is_locked(root / LOCK):
         _start(root)
@@ -62,8 +65,9 @@ def disarm(root: Path) -> dict[str, Any]:
 def _start(root: Path) -> None:
     """The watcher, detached: its own session, no terminal, no SSH channel held open."""
     with open(os.devnull, "rb") as devnull, open(root / LOG, "ab") as out:
+        # In the folder holding this very trainer package: `-m` looks in the working folder first.
         subprocess.Popen([sys.executable, "-m", "trainer.watcher", str(root), "run"], stdin=devnull, stdout=out,
-                         stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+                         stderr=subprocess.STDOUT, start_new_session=True, cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 10
     while not is_locked(root / LOCK) and time.monotonic() < deadline:
         time.sleep(0.05)  # `status` right after `arm` should find it running
@@ -73,43 +77,93 @@ def status(root: Path) -> dict[str, Any]:
     return asdict(autostop(root))
 
 
+def busy(root: Path) -> str | None:
+    """Why the machine is not idle (an active run, a launch, orch at work), or None."""
+    if is_locked(root / layout.ACTIVITY_LOCK, shared_too=True) or is_locked(root / layout.LAUNCH_LOCK):
+        return "orch is at work on the machine"
+    active = [r.run_id for r in list_runs(root) if r.active]
+    return f"run {', '.join(active)} is active" if active else None
+
+
 def run(root: Path) -> int:
-    """The watcher's loop: look, decide, log; run the command once when idle long enough."""
+    """The watcher's loop: look, decide, log; run the command once when idle long enough.
+    Nothing it meets (a full disk, a bad setting, a failing command) ends it while armed."""
     fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return 0  # one watcher per machine: it will see the new setting
-    log(root, f"watcher started (pid {os.getpid()})")
-    idle_since: float | None = None
+        return 0  # one watcher per remote.root: it will see the new setting
+    _log_quietly(root, f"watcher started (pid {os.getpid()})")
+    clock = _Clock()
     while True:
-        setting = read_json(root / SETTING)
-        if not setting:
-            log(root, "no autostop setting: the watcher exits")
-            return 0
+        try:
+            setting = read_json(root / SETTING)
+            if not setting:
+                _log_quietly(root, "no autostop setting: the watcher exits")
+                return 0
+            pause = clock.step(root, setting)
+        except Exception as exc:  # e.g. ENOSPC writing watcher.json: look again later, never die
+            _log_quietly(root, f"watcher: {type(exc).__name__}: {exc}")
+            pause = 5.0
+        time.sleep(pause)
+
+
+class _Clock:
+    """The idle clock: reset by any activity and by each new arming (a deploy)."""
+
+    def __init__(self) -> None:
+        self.idle_since: float | None = None
+        self.retry_at: float | None = None  # after a failed command: try again one idle period later
+
+    def step(self, root: Path, setting: dict[str, Any]) -> float:
         now = time.time()
-        if any(r.active for r in list_runs(root)):
-            idle_since = None
-        else:  # a new arming (a deploy) starts the idle clock again
-            idle_since = max(idle_since or now, float(setting.get("armed_at", now)))
         idle = float(setting["idle_minutes"]) * 60
-        stops_at = idle_since + idle if idle_since is not None else None
-        atomic_write_json(root / STATE, {"pid": os.getpid(), "checked_at": now, "idle_since": idle_since,
-                                         "stops_at": stops_at, "fired_at": None})
+        if busy(root):
+            self.idle_since = self.retry_at = None
+        else:
+            self.idle_since = max(self.idle_since or now, float(setting.get("armed_at", now)))
+        stops_at = None if self.idle_since is None else max(self.idle_since + idle, self.retry_at or 0)
+        _write_state(root, {"pid": os.getpid(), "checked_at": now, "idle_since": self.idle_since,
+                            "stops_at": stops_at, "fired_at": None})
         if stops_at is not None and now >= stops_at:
-            return _fire(root, setting, idle_since or now)
-        time.sleep(min(30.0, max(0.2, idle / 20)))
+            if _fire(root, setting, self.idle_since or now):
+                raise SystemExit(0)
+            self.retry_at = time.time() + idle
+        return min(30.0, max(0.2, idle / 20))
 
 
-def _fire(root: Path, setting: dict[str, Any], idle_since: float) -> int:
+def _fire(root: Path, setting: dict[str, Any], idle_since: float) -> bool:
+    """Run the command; True when it succeeded (autostop is then done until the next arming)."""
     command = str(setting["command"])
     log(root, f"no run active for {(time.time() - idle_since) / 60:.1f} min: running {command!r}")
-    (root / SETTING).unlink(missing_ok=True)  # once: a later deploy arms it again
-    atomic_write_json(root / STATE, {"pid": os.getpid(), "checked_at": time.time(), "idle_since": idle_since,
-                                     "stops_at": None, "fired_at": time.time()})
     done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True)
-    log(root, f"{command!r} exited {done.returncode} {(done.stdout + done.stderr).strip()[-300:]}")
-    return 0
+    output = (done.stdout + done.stderr).strip()[-300:]
+    log(root, f"{command!r} exited {done.returncode} {output}")
+    if done.returncode != 0:  # stays armed: `orch status` shows the failure, it is tried again later
+        _write_state(root, {"error": f"{command!r} exited {done.returncode}: {output or 'no output'}"})
+        return False
+    (root / SETTING).unlink(missing_ok=True)  # once: a later deploy arms it again
+    _write_state(root, {"fired_at": time.time(), "stops_at": None, "error": None})
+    return True
+
+
+def _write_state(root: Path, fields: dict[str, Any]) -> None:
+    """Update watcher.json; on a full disk the watcher goes on deciding without it."""
+    with contextlib.suppress(OSError):
+        atomic_write_json(root / STATE, read_json(root / STATE) | fields)
+
+
+def _log_quietly(root: Path, message: str) -> None:
+    with contextlib.suppress(OSError):
+        log(root, message)
+
+
+def wake(root: Path) -> dict[str, Any]:
+    """Start the watcher again if autostop is armed and none runs (after a reboot: `orch up`)."""
+    if (root / SETTING).exists() and not is_locked(root / LOCK):
+        log(root, "woken (the machine was started again)")
+        _start(root)
+    return status(root)
 
 
 def main(argv: list[str]) -> int:
@@ -121,13 +175,13 @@ def main(argv: list[str]) -> int:
     a = sub.add_parser("arm")
     a.add_argument("--idle-minutes", type=float, required=True)
     a.add_argument("--command", required=True)
-    for name in ("disarm", "status", "run"):
+    for name in ("disarm", "status", "run", "wake"):
         sub.add_parser(name)
     args = parser.parse_args(argv)
     if args.action == "run":
         return run(args.root)
     doc = {"arm": lambda: arm(args.root, args.idle_minutes, args.command), "disarm": lambda: disarm(args.root),
-           "status": lambda: status(args.root)}[args.action]()
+           "status": lambda: status(args.root), "wake": lambda: wake(args.root)}[args.action]()
     print(json.dumps(doc))
     return 0
 

@@ -1,8 +1,9 @@
 """What the probe (on the machine) answers and orch reads: typed records, defined once.
 
 Pure Python (no numpy, no TensorFlow). Each record has ``to_json`` (what the probe prints)
-and ``from_json`` (what orch parses; unknown keys are ignored, missing ones default, so a
-probe of another code version still answers).
+and ``from_json`` (what orch parses: unknown keys are ignored, missing ones default, so a
+probe of another code version still answers; a value of the wrong type, say a number
+written as a string in one run's hand-edited status.json, is dropped, never trusted).
 """
 
 from __future__ import annotations
@@ -16,9 +17,31 @@ DIED = "died"  # shown state: status.json says running (or nothing), but the pro
 NVIDIA_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
 
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field's annotation (``float | None``, ``list[float] | None``);
+    annotations of other kinds are not checked here."""
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None":
+            if value is None:
+                return True
+        elif option in _SCALARS:
+            if isinstance(value, _SCALARS[option]) and (option == "bool") == isinstance(value, bool):
+                return True
+        elif option.startswith("list[") and option[5:-1] in _SCALARS:
+            if isinstance(value, list) and all(_fits(item, option[5:-1]) for item in value):
+                return True
+        else:
+            return True
+    return False
+
+
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+    """The keys of ``d`` that are fields of ``cls``, with a value of the field's type."""
+    types = {f.name: str(f.type) for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in types and _fits(v, types[k])}
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,7 @@ class Autostop:
     idle_since: float | None = None
     stops_at: float | None = None
     fired_at: float | None = None
+    error: str | None = None  # the command's last failure (it is tried again)
     now: float | None = None
 
     @classmethod

@@ -206,3 +206,37 @@ def test_down_asks_on_a_terminal(tmp_path: Path, sshd: Sshd, features: Path, mot
     assert proc.wait(timeout=60) == 130
     os.close(master)
     assert state_of(moto_endpoint, iid) == "running"  # declined: left running
+
+
+def test_a_deploy_that_started_the_instance_and_failed_stops_it_again(tmp_path: Path, sshd: Sshd, features: Path,
+                                                                      moto_endpoint: str, aws_creds: None) -> None:
+    iid = instance(moto_endpoint, f"restop-{tmp_path.name}")
+    ec2_client(moto_endpoint).stop_instances(InstanceIds=[iid])
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
+    proc = run_orch("resume", "no-such-run", "-c", cfg)  # starts the instance, then finds no such run
+    assert proc.returncode == 2 and "no run 'no-such-run'" in proc.stderr
+    assert f"stopping instance {iid} again" in proc.stderr
+    assert state_of(moto_endpoint, iid) == "stopped"
+    bad = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint},
+                 remote={"root": str(tmp_path / "remote"), "python": "/no/such/python"})
+    assert run_orch("deploy", "-c", bad).returncode != 0
+    assert state_of(moto_endpoint, iid) == "stopped"
+
+
+def test_up_watches_an_armed_autostop_again_after_a_reboot(tmp_path: Path, sshd: Sshd, features: Path,
+                                                          moto_endpoint: str, aws_creds: None) -> None:
+    iid = instance(moto_endpoint, f"reboot-{tmp_path.name}")
+    marker = tmp_path / "STOPPED"
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint},
+                 autostop={"idle_minutes": 30, "command": f"touch {marker}"})
+    out = json.loads(run_orch("deploy", "-c", cfg, "--json", "--", "--epochs", "1").stdout)
+    wait_for(lambda: (tmp_path / "remote" / layout.WATCHER_STATE).exists(), 30, "the watcher")
+    pid = json.loads((tmp_path / "remote" / layout.WATCHER_STATE).read_text())["pid"]
+    os.kill(pid, 9)  # what a reboot does to it (its setting stays on disk)
+    wait_for(lambda: "watcher is not running" in run_orch("status", "-c", cfg).stdout, 30, "status to notice")
+    run_orch("down", "-c", cfg, "--force")
+    assert run_orch("up", "-c", cfg).returncode == 0
+    st = json.loads(run_orch("status", "-c", cfg, "--json").stdout)
+    assert st["machine"]["autostop"]["armed"] and st["machine"]["autostop"]["watcher_alive"]
+    assert out["autostop"]["idle_minutes"] == 30
+    run_orch("deploy", "-c", cfg, "--autostop", "off", "--", "--epochs", "1")  # leave no watcher behind

@@ -156,6 +156,12 @@ def test_shell_metacharacters_cannot_run_commands(tmp_path: Path, sshd: Sshd, da
 
 
 def test_deploy_on_target_local_needs_no_ssh(tmp_path: Path, data: Path) -> None:
+    # A stray trainer/ package where the machine's commands start (the login's home on a real
+    # box, the config's folder here) must not stand in for the shipped code.
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "__init__.py").write_text("")
+    (tmp_path / "trainer" / "launch.py").write_text("raise SystemExit('a decoy ran')\n")
+    (tmp_path / "trainer" / "watcher.py").write_text("raise SystemExit('a decoy ran')\n")
     cfg = write_config(tmp_path / "deploy.yaml", target="local", remote={"root": "remote"},
                        data={"remote_dir": str(data)}, train={**TRAIN, "cache_dir": str(tmp_path / "cache")},
                        ssh={"host": "no-such-host.invalid", "port": 1})

@@ -40,16 +40,33 @@ def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def gpu_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    """A machine whose PATH has an nvidia-smi listing one GPU (TensorFlow here is a CPU build)."""
-    d = tmp_path_factory.mktemp("gpu-box")
+BROKEN_NVIDIA_SMI = """#!/bin/sh
+echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2
+exit 9
+"""
+
+
+def box_with(tmp_path_factory: pytest.TempPathFactory, name: str, nvidia_smi: str) -> Iterator[Sshd]:
+    """A machine whose PATH has this nvidia-smi (TensorFlow here is a CPU build)."""
+    d = tmp_path_factory.mktemp(name)
     fake = d / "fakebin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (fake / "nvidia-smi").write_text(nvidia_smi)
     (fake / "nvidia-smi").chmod(0o755)
     with start_sshd(d / "sshd", extra_config=f"SetEnv PATH={fake}:/usr/local/bin:/usr/bin:/bin") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def gpu_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """nvidia-smi lists one GPU."""
+    yield from box_with(tmp_path_factory, "gpu-box", FAKE_NVIDIA_SMI)
+
+
+@pytest.fixture(scope="module")
+def broken_driver_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """nvidia-smi is there but fails: a GPU box whose driver is not working."""
+    yield from box_with(tmp_path_factory, "broken-box", BROKEN_NVIDIA_SMI)
 
 
 def config(tmp_path: Path, sshd: Sshd, *, remote: dict, data: dict, **extra: object) -> Path:
@@ -145,6 +162,29 @@ def test_a_gpu_tensorflow_cannot_see_is_refused_unless_allow_cpu(tmp_path: Path,
     checks = {c["check"]: c for c in json.loads(doctor.stdout)["checks"]}
     assert doctor.returncode == 12 and not checks["tensorflow_gpus"]["ok"]
     assert "driver 535.104.05, CUDA 12.2" in checks["gpus"]["detail"]
+
+
+def test_a_broken_nvidia_driver_is_refused_unless_allow_cpu(tmp_path: Path, broken_driver_box: Sshd,
+                                                            features: Path) -> None:
+    cfg = config(tmp_path, broken_driver_box, data={"remote_dir": str(features)}, remote={"python": sys.executable})
+    refused(run_orch("deploy", "-c", cfg), 12, "nvidia-smi is installed but fails", "couldn't communicate",
+            "--allow-cpu")
+    assert not (tmp_path / "remote" / "runs").exists()
+    out = deployed(run_orch("deploy", "-c", cfg, "--allow-cpu", "--json"))
+    assert wait_final(Path(out["run_dir"]))["state"] == "finished"
+
+
+def test_a_tensorflow_that_does_not_import_is_refused(tmp_path: Path, sshd: Sshd, features: Path) -> None:
+    """Installed (its metadata is there) but broken: preflight imports it for real."""
+    fake = tmp_path / "broken-site"
+    (fake / "tensorflow").mkdir(parents=True)
+    (fake / "tensorflow" / "__init__.py").write_text("raise ImportError('libcudart.so.12: cannot open shared object')\n")
+    python = tmp_path / "python-with-broken-tf"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={fake}${{PYTHONPATH:+:$PYTHONPATH}} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    cfg = config(tmp_path, sshd, data={"remote_dir": str(features)}, remote={"python": str(python)})
+    refused(run_orch("deploy", "-c", cfg), 12, "do not import", "libcudart.so.12")
+    assert not (tmp_path / "remote" / "runs").exists()
 
 
 def test_missing_data_names_sync_data_and_a_full_disk_is_refused(tmp_path: Path, sshd: Sshd, features: Path) -> None:

@@ -30,14 +30,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def config(tmp_path: Path, sshd: Sshd, data: Path, name: str, **train: object) -> Path:
+def config(tmp_path: Path, sshd: Sshd, data: Path, name: str, setup: str | None = None, **train: object) -> Path:
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(sshd.known_hosts_line())
     return write_config(
         tmp_path / f"{name}.yaml", target="ssh",
         ssh={"host": "127.0.0.1", "port": sshd.port, "user": os.environ.get("USER") or "root",
              "key_file": str(sshd.client_key), "known_hosts": str(known_hosts)},
-        remote={"root": str(tmp_path / name), "python": sys.executable},
+        remote={"root": str(tmp_path / name), "python": sys.executable, "setup": setup},
         data={"remote_dir": str(data)}, train={**TINY, "cache_dir": str(tmp_path / "cache"), **train})
 
 
@@ -71,9 +71,13 @@ def trainers_of(run_dir: Path) -> list[int]:
 @pytest.mark.parametrize("attempt", range(3))
 def test_two_deploys_at_the_same_moment_launch_exactly_one(tmp_path: Path, sshd: Sshd, data: Path,
                                                            attempt: int) -> None:
-    cfg = config(tmp_path, sshd, data, "root", epochs=500)
+    trace = tmp_path / "setup-trace"
+    # remote.setup (once per code version) takes a while: two deploys at once run it once
+    cfg = config(tmp_path, sshd, data, "root", setup=f"echo start >> {trace}; sleep 2; echo end >> {trace}",
+                 epochs=500)
     try:
         results = together(["deploy", "-c", str(cfg), "--json"], ["deploy", "-c", str(cfg), "--json"])
+        assert trace.read_text() == "start\nend\n"
         codes = sorted(r.returncode for r in results)
         assert codes == [0, 6], [r.stderr for r in results]
         loser = next(r for r in results if r.returncode == 6)

@@ -118,8 +118,12 @@ def test_known_hosts_lines_paramiko_cannot_use_are_skipped_and_revoked_keys_refu
     revoked = tmp_path / "revoked"
     revoked.mkdir()
     cfg = setup(revoked, sshd, jump, features, "gpu-alias", extra_known=f"@revoked * {kind} {b64}\n")
-    proc = run_orch("runs", "-c", cfg)
-    assert proc.returncode == 5 and "@revoked" in proc.stderr
+    known_hosts = next(revoked.glob("*/known hosts"))
+    before = known_hosts.read_text()
+    for flags in ([], ["--trust-new-host"]):  # known as trusted too, or offered to be trusted: refused
+        proc = run_orch("runs", "-c", cfg, *flags)
+        assert proc.returncode == 5 and "@revoked" in proc.stderr and "accepting" not in proc.stderr
+    assert known_hosts.read_text() == before  # never written as trusted
 
 
 def test_a_failing_stdin_writer_closes_its_channel(tmp_path: Path, sshd: Sshd) -> None:

@@ -215,3 +215,89 @@ def test_trainer_help_lists_the_shared_exit_codes(capsys: pytest.CaptureFixture[
     for code, (meaning, who) in MEANINGS.items():
         if who in ("both", "trainer"):
             assert f"{int(code)} {meaning[:30]}" in " ".join(text.split())
+
+
+def test_an_explicit_config_wins_over_the_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    mine, other = tmp_path / "mine.yaml", tmp_path / "other.yaml"
+    mine.write_text("target: local\ntrain:\n  epochs: 7\n")
+    other.write_text("target: local\ntrain:\n  epochs: 3\n")
+    monkeypatch.setenv("ORCH_CONFIG", str(other))
+    for argv in (["-c", str(mine), "config", "check"], ["config", "check", "-c", str(mine)]):
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 7
+    assert main(["config", "schema", "-c", str(mine)]) == 0
+
+
+def test_no_ssh_config_value_can_start_another_option(tmp_path: Path) -> None:
+    from orchestrator.errors import ConfigError
+    from orchestrator.sshconfig import Hop, SshTarget, openssh_config
+
+    for host, user in (("127.0.0.1\n  ProxyCommand touch X", "root"), ("h", "root\n  ProxyCommand x"),
+                       ("h#x", "root"), ("", "root")):
+        with pytest.raises(ConfigError):
+            openssh_config(SshTarget(Hop("h", host, 22, user, ()), (), tmp_path / "known", 5))
+    text = openssh_config(SshTarget(Hop("h", "10.0.0.5", 22, "ubuntu", (str(tmp_path / "a b%c"),)), (),
+                                    tmp_path / "known hosts", 5))
+    assert f'IdentityFile "{tmp_path}/a b%%c"' in text and "StrictHostKeyChecking yes" in text
+
+
+def test_ssh_config_include_is_read_as_openssh_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config import SshConfig
+    from orchestrator.sshconfig import resolve
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh" / "conf.d").mkdir(parents=True)
+    key = tmp_path / "gpu.pem"
+    key.write_text("not really a key")
+    (tmp_path / ".ssh" / "conf.d" / "gpu.conf").write_text(
+        f"Host gpubox\n  HostName 10.0.0.5\n  Port 2222\n  User ec2-user\n  IdentityFile {key}\n")
+    main_cfg = tmp_path / "main.cfg"
+    main_cfg.write_text("Include conf.d/*.conf\nHost *\n  User nobody-else\n")
+    target = resolve(SshConfig(host="gpubox", config_file=str(main_cfg)), "gpubox", Path)
+    assert (target.hop.hostname, target.hop.port, target.hop.user, target.hop.key_files) == (
+        "10.0.0.5", 2222, "ec2-user", (str(key),))
+
+
+@pytest.mark.parametrize("yaml_text, argv, expected", [
+    ("target: local\nssh:\n  connect_timeout: .inf\n", ["config", "check"], "ssh.connect_timeout"),
+    ("target: local\nremote:\n  root: ''\n", ["config", "check"], "remote.root"),
+    ("target: ec2\nec2:\n  name: gpu\n  endpoint_url: not a url\n", ["status"], "not a url"),
+    ("target: local\n", ["monitor", "--interval", "inf"], "--interval"),
+    ("target: local\n", ["resume", "r1", "--continue", "--epochs", "50"], "--continue keeps the run's own settings"),
+])
+def test_more_user_mistakes_are_one_line(yaml_text: str, argv: list[str], expected: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml_text)
+    code = main([*argv, "-c", str(path)])
+    line = one_error_line(capsys.readouterr().err)
+    assert code in (2, 3) and expected in line, line
+
+
+def test_proxyjump_in_uri_form(tmp_path: Path) -> None:
+    from orchestrator.config import SshConfig
+    from orchestrator.sshconfig import resolve
+
+    cfg = tmp_path / "cfg"
+    cfg.write_text("Host gpu\n  HostName 10.0.0.5\n  ProxyJump ssh://jumper@bastion.example:2200\n")
+    target = resolve(SshConfig(host="gpu", config_file=str(cfg)), "gpu", Path)
+    assert [(j.user, j.hostname, j.port) for j in target.jumps] == [("jumper", "bastion.example", 2200)]
+
+
+def test_data_remote_dir_slash_is_a_config_error(tmp_path: Path) -> None:
+    from orchestrator.config import load_config
+    from orchestrator.errors import ConfigError
+    from orchestrator.remote import LocalRemote
+    from orchestrator.sync import sync_data
+
+    (tmp_path / "features").mkdir()
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"target: local\ndata:\n  remote_dir: /\n  local_dir: {tmp_path / 'features'}\n")
+    with pytest.raises(ConfigError, match="not /"):
+        sync_data(LocalRemote(tmp_path), load_config(path), lambda _m: None)

@@ -31,6 +31,10 @@ CASES = {
     "train key misspelt": ("target: local\ntrain:\n  epoch: 3\n", "train.epoch: unknown key (did you mean epochs?)"),
     "train value out of range": ("target: local\ntrain:\n  batch_size: 0\n", "train.batch_size: must be an integer >= 1"),
     "train choice unknown": ("target: local\ntrain:\n  split: speakers\n", "train.split: must be one of speaker, random, got 'speakers'"),
+    "credentials in a URL": ("target: local\nremote:\n  env:\n    index_url: https://bot:s3cret@pypi.example/simple\n",
+                             "remote.env.index_url: credentials do not belong in deploy.yaml"),
+    "credentials in pip args": ("target: local\nremote:\n  env:\n    pip_args: [--extra-index-url, 'https://t0ken@x/simple']\n",
+                                "remote.env.pip_args: credentials do not belong in deploy.yaml"),
     "section not a mapping": ("target: local\nremote: 3\n", "remote: Input should be a valid dictionary"),
 }
 
@@ -107,7 +111,7 @@ def test_trainer_argv_from_the_train_mapping(tmp_path: Path) -> None:
     path.write_text("target: local\ntrain:\n  epochs: 5\n  split: speaker\n  mixed_precision: true\n"
                     "  class_weights: false\n  cache: false\n")
     cfg = load_config(path)
-    assert trainer_argv(cfg, ["--seed", "3"]) == ["--epochs", "5", "--split", "speaker", "--mixed-precision",
+    assert trainer_argv(cfg, ["--seed", "3"]) == ["--epochs=5", "--split=speaker", "--mixed-precision",
                                                   "--no-class-weights", "--no-cache", "--seed", "3"]
     # booleans round-trip: what orch writes is what the trainer reads back
     from trainer.options import parse_argv
@@ -116,7 +120,10 @@ def test_trainer_argv_from_the_train_mapping(tmp_path: Path) -> None:
                                              "class_weights": False, "cache": False}
     # an extended run leaves epochs to the recipe, and the split to the parent
     assert trainer_argv(cfg, overrides={"epochs": 7}, extending=True) == ["--mixed-precision", "--no-cache",
-                                                                         "--epochs", "7"]
+                                                                         "--epochs=7"]
+    # a value that starts with '-' stays one value
+    path.write_text("target: local\ntrain:\n  stats_dir: -odd-folder\n")
+    assert parse_argv(trainer_argv(load_config(path))) == {"stats_dir": "-odd-folder"}
 
 
 @pytest.mark.parametrize("extra, expected", [

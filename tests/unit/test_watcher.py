@@ -1,0 +1,128 @@
+"""The autostop watcher's decisions, in-process on a local folder: it survives a full disk, a
+failing command keeps it armed (and says so), orch's activity lease keeps the machine busy,
+and a lease whose holder vanished lets go."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer import layout, watcher
+
+
+def arm(root: Path, command: str, minutes: float = 0.01) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / layout.AUTOSTOP_SETTING).write_text(json.dumps({"idle_minutes": minutes, "command": command,
+                                                            "armed_at": time.time()}))
+
+
+def run_watcher(root: Path, timeout: float = 20) -> int:
+    """watcher.run in a thread of this process, until it fires (it exits) or the timeout."""
+    outcome: list[object] = []
+
+    def target() -> None:
+        try:
+            outcome.append(watcher.run(root))
+        except SystemExit as exc:
+            outcome.append(exc.code)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else -1  # type: ignore[return-value]
+
+
+def test_the_watcher_fires_even_when_it_cannot_write_its_state(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "FIRED"
+    arm(tmp_path / "root", f"touch {marker}")
+
+    def disk_full(*_a: object, **_k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(watcher, "atomic_write_json", disk_full)
+    assert run_watcher(tmp_path / "root") == 0
+    assert marker.exists()
+
+
+def test_a_failing_command_keeps_autostop_armed_and_says_so(tmp_path: Path) -> None:
+    from orchestrator.autostop import describe
+    from trainer.probe import autostop
+
+    root = tmp_path / "root"
+    arm(root, "echo 'sudo: a password is required' >&2; exit 1", minutes=0.01)
+    clock = watcher._Clock()
+    setting = json.loads((root / layout.AUTOSTOP_SETTING).read_text())
+    deadline = time.monotonic() + 10
+    while not autostop(root).error and time.monotonic() < deadline:
+        clock.step(root, setting)
+        time.sleep(0.1)
+    state = autostop(root)
+    assert state.armed and "exited 1" in state.error and "password is required" in state.error
+    assert "FAILED" in describe(state) and "still running" in describe(state)
+    assert clock.retry_at is not None  # tried again one idle period later, not in a tight loop
+
+
+def test_orch_at_work_keeps_the_machine_busy_and_a_vanished_holder_lets_go(tmp_path: Path) -> None:
+    from orchestrator.activity import HOLD, activity
+    from orchestrator.config import DeployConfig
+    from orchestrator.machine import Machine
+    from orchestrator.remote import LocalRemote, q
+
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(root), "python": sys.executable}})
+    m = Machine(cfg, LocalRemote(tmp_path), str(root))
+    assert watcher.busy(root) is None
+    with activity(m, ping_every=0.2, silence=1.0):
+        deadline = time.monotonic() + 10
+        while watcher.busy(root) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.busy(root) == "orch is at work on the machine"
+        time.sleep(1.5)  # longer than the silence: the pings keep it held
+        assert watcher.busy(root) is not None
+    time.sleep(0.5)
+    assert watcher.busy(root) is None
+    # a holder whose orch vanished (no pings, stdin never closed) lets go after the silence
+    held = m.remote.start(f"{q(sys.executable)} -c {q(HOLD)} {q(str(root))} 1.0")
+    time.sleep(0.5)
+    assert watcher.busy(root) is not None
+    time.sleep(1.5)
+    assert watcher.busy(root) is None
+    held.close()
+
+
+def test_logs_keep_a_character_cut_between_two_reads(tmp_path: Path) -> None:
+    from orchestrator.config import DeployConfig
+    from orchestrator.runs import logs
+
+    run = tmp_path / "root" / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / layout.TRAIN_LOG).write_bytes(b"caf\xc3")  # the first byte of 'é' only
+    sleeper = __import__("subprocess").Popen(["sleep", "30"])
+    from trainer.proc import pid_line
+
+    (run / layout.PID_FILE).write_text(pid_line(sleeper.pid))
+    (run / layout.STATUS).write_text(json.dumps({"state": "running"}))
+    cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(tmp_path / "root"),
+                                                                     "python": sys.executable}})
+    out: list[str] = []
+
+    def finish() -> None:
+        time.sleep(1.0)  # after the first read
+        with open(run / layout.TRAIN_LOG, "ab") as fh:
+            fh.write("\u00e9 second line\n".encode()[1:])  # the rest of 'é', then more
+        time.sleep(0.5)
+        sleeper.kill()
+        sleeper.wait()
+        (run / layout.STATUS).write_text(json.dumps({"state": "finished"}))
+
+    threading.Thread(target=finish, daemon=True).start()
+    logs(cfg, "r1", follow=True, write=out.append, interval=0.2)
+    assert "".join(out) == "caf\u00e9 second line\n"
