@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## demo: the whole loop on the local target (deploy.yaml), on a SYNTHETIC data set
 demo: $(VENV)/.installed
-	$(PY) -m trainer synth $(DEMO)/data --n 1000 --seed 0
+	$(PY) -m trainer synth $(DEMO)/data --n 1500 --seed 0
 	$(PY) -m trainer check-data $(DEMO)/data
 	$(ORCH) deploy --sync-data
 	$(ORCH) monitor --interval 2

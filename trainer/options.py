@@ -180,20 +180,20 @@ OPTIONS: tuple[Option, ...] = (
            ge=0, lt=1, on_extend=INHERIT),
     Option("class_weights", bool, True, "weight rare classes up (RAVDESS calm is ~7x rarer)",
            group="generalization", on_extend=INHERIT),
-    Option("frame_dropout", float, 0.0, "augmentation: share of each training sequence's frames left out "
+    Option("frame_dropout", float, 0.5, "augmentation: share of each training sequence's frames left out "
            "(a new random choice every epoch; 0: off)", group="generalization", ge=0, le=0.9,
            on_extend=INHERIT),
-    Option("feature_noise", float, 0.0, "augmentation: standard deviation of Gaussian noise added to the "
+    Option("feature_noise", float, 0.3, "augmentation: standard deviation of Gaussian noise added to the "
            "normalized training frames (0: off)", group="generalization", ge=0, le=10, on_extend=INHERIT),
     Option("mixup", float, 0.0, "augmentation: mixup of pairs of training sequences and their labels, "
            "weights drawn from Beta(x, x) (0: off)", group="generalization", ge=0, le=100,
            on_extend=INHERIT),
     Option("head_dropout", float, 0.3, "dropout of the pooled statistics and the classifier's hidden layer",
            group="generalization", ge=0, lt=1, on_extend=INHERIT),
-    Option("ema_epochs", float, 0.0, "weight averaging: validate, checkpoint and keep an exponential moving "
+    Option("ema_epochs", float, 2.0, "weight averaging: validate, checkpoint and keep an exponential moving "
            "average of the weights over about this many epochs (0: off)", group="generalization", ge=0,
            le=1_000_000, on_extend=INHERIT),
-    Option("patience", int, 0, "early stopping: stop after this many epochs without a better validation "
+    Option("patience", int, 15, "early stopping: stop after this many epochs without a better validation "
            "accuracy (0: off); the best checkpoint is what the run keeps, evaluates and predicts with",
            group="generalization", ge=0, le=1_000_000),
     Option("layer_weighting", bool, True, "(L, T, D) inputs: learn a softmax weighting of the layers "
