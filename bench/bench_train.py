@@ -17,7 +17,7 @@ on the product path: ``python -m trainer train`` (speaker split of the rest), th
 5. time per epoch of ``trainer train`` vs ``model.fit`` of the same model on one padded
    in-memory tensor; peak RSS vs the same run on a tiny dataset.
 
-    python bench/bench_train.py [--n 3000] [--seeds 3] [--epochs 40] [--json results.json]
+    python bench/bench_train.py [--n 3000] [--seeds 3] [--json results.json]
     python bench/bench_train.py --quick      # tiny sizes, seconds of training, nothing asserted
 """
 
@@ -101,7 +101,7 @@ class Sizes:
     max_frames: int
     layers_dim: int  # (L, T, D) set of section 3
     layers: int
-    epochs: int
+    epochs: int | None  # None: the trainer's default (with early stopping)
     extension_epochs: int | None  # None: the recipe's own (the options table's extend value)
     seeds: tuple[int, ...]
     timing_epochs: int
@@ -422,7 +422,7 @@ def section_extension(parents: list[Run], children: dict[str, list[Run]]) -> dic
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 epochs: checks that the bench runs")
     ap.add_argument("--n", type=int, default=3000, help="synthetic files (before holding speakers out)")
@@ -431,62 +431,76 @@ def main() -> None:
     ap.add_argument("--layers-dim", type=int, default=256, help="D of the (L, T, D) set of section 3")
     ap.add_argument("--heldout-share", type=float, default=0.5, help="share of each corpus's speakers held out")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds (split, initial weights, order)")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help=f"epochs of every run (default: the trainer's, {options.default('epochs')}, "
+                    "with its early stopping)")
     ap.add_argument("--extension-epochs", type=int, default=None,
                     help="cap the extended runs' epochs (default: the recipe's, early stopping ends them)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--sections", default="heldout,ablation,layers,extension,timing",
-                    help="comma-separated subset (heldout needs the ablation's defaults rows)")
-    ap.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+                    help="comma-separated subset (the defaults rows of the ablation always run)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every measurement here (after each section)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (runs, logs, data)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    args = parse_args()
     s = sizes(args)
     sections = set(args.sections.split(","))
     work = Path(tempfile.mkdtemp(prefix="orch-bench-train-"))
-    cache = work / "cache"
     (work / "runs").mkdir()
-
-    def progress(msg: str) -> None:
-        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
+    cache = work / "cache"
     data = make_data(work, "main", s, args.heldout_share, dim=s.dim)
+    epochs = f"--epochs {s.epochs}" if s.epochs else f"{options.default('epochs')} epochs (the default)"
     print(f"SYNTHETIC data (trainer synth, default difficulty): {data.description}")
-    print(f"trainer: --split speaker --val-fraction 0.2 --epochs {s.epochs}, seeds {list(s.seeds)}")
-    common = ["--split", "speaker", "--val-fraction", "0.2", "--batch-size", str(args.batch_size),
-              "--cache-dir", str(cache)]
-    trainer = Trainer(work, common, progress)
+    print(f"trainer: --split speaker --val-fraction 0.2, {epochs}, seeds {list(s.seeds)}")
+    trainer = Trainer(work, ["--split", "speaker", "--val-fraction", "0.2", "--batch-size", str(args.batch_size),
+                             "--cache-dir", str(cache)], progress)
     results: dict[str, Any] = {"data": data.description, "seeds": list(s.seeds), "epochs": s.epochs}
 
+    def save(key: str, value: Any) -> None:
+        results[key] = value
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+
     rows = ablation_rows() if "ablation" in sections else ablation_rows()[:1]
-    recipes = RECIPES
     if args.quick:  # every section and table once, with as few (slow to start) trainer processes as may be
-        rows, recipes = [rows[0], rows[-1]], RECIPES[:1]
+        rows = [rows[0], rows[-1]]
     ablation = {name: [trainer.train(f"{_slug(name)}-s{seed}", data, values, ["--seed", str(seed)], epochs=s.epochs)
                        for seed in s.seeds] for name, values in rows}
-    results["ablation"] = {name: [r.heldout | {"epochs": r.status["epoch"]} for r in runs]
-                           for name, runs in ablation.items()}
+    save("ablation", {name: [r.heldout | {"epochs": r.status["epoch"]} for r in runs]
+                      for name, runs in ablation.items()})
     if "heldout" in sections:
-        base = {seed: baselines(data, run.path, cache, args.quick) for seed, run in zip(s.seeds, ablation["defaults"],
-                                                                                       strict=True)}
-        results["heldout"] = section_heldout(ablation, base, s.seeds)
+        base = {seed: baselines(data, run.path, cache, args.quick)
+                for seed, run in zip(s.seeds, ablation["defaults"], strict=True)}
+        save("heldout", section_heldout(ablation, base, s.seeds))
     if "ablation" in sections:
         section_ablation(ablation)
     if "layers" in sections:
-        results["layers"] = run_layers(work, s, args, trainer)
+        save("layers", run_layers(work, s, args, trainer))
     if "extension" in sections:
-        children = {name: [trainer.train(f"ext-{_slug(name)}-s{seed}", data, _recipe(values),
-                                         ["--init-from", str(parent.path)], epochs=s.extension_epochs)
-                           for seed, parent in zip(s.seeds, ablation["defaults"], strict=True)]
-                    for name, values in recipes}
-        results["extension"] = section_extension(ablation["defaults"], children)
+        save("extension", run_extension(s, trainer, data, ablation["defaults"], RECIPES[:1] if args.quick else RECIPES))
     if "timing" in sections:
-        results["timing"] = run_timing(work, s, args, trainer, data, ablation)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        save("timing", run_timing(work, s, args, trainer, data, ablation))
     if args.keep:
         print(f"\nwork folder kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_extension(s: Sizes, trainer: Trainer, data: DataSet, parents: list[Run],
+                  recipes: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Section 4: every recipe extends every seed's defaults run."""
+    children = {name: [trainer.train(f"ext-{_slug(name)}-s{seed}", data, _recipe(values),
+                                     ["--init-from", str(parent.path)], epochs=s.extension_epochs)
+                       for seed, parent in zip(s.seeds, parents, strict=True)]
+                for name, values in recipes}
+    return section_extension(parents, children)
 
 
 def _slug(name: str) -> str:

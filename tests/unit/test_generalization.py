@@ -164,3 +164,20 @@ def test_plots_mark_the_best_epoch_and_carry_the_run_id(tmp_path: Path) -> None:
         plot_curves(history, path, run_id="r-42", best_epoch=best, note="SYNTHETIC data")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_title("r-42", "SYNTHETIC data") == "run r-42 · SYNTHETIC data"
+
+
+def test_an_extended_run_keeps_its_parents_generalization_measures(tmp_path: Path) -> None:
+    import json
+
+    from trainer import layout, options
+    from trainer.config import resolve
+
+    parent = tmp_path / "parent"
+    (parent / "checkpoints").mkdir(parents=True)
+    (parent / layout.BEST_WEIGHTS).write_bytes(b"weights")
+    cfg = TrainConfig(data_dir="d", run_dir=str(parent), frame_dropout=0.2, feature_noise=0.0, ema_epochs=0.0,
+                      layer_weighting=False, patience=3)
+    (parent / layout.RUN_JSON).write_text(json.dumps({"config": cfg.to_json()}))
+    child = resolve({"data_dir": "d", "run_dir": "child", "init_from": str(parent)})
+    assert (child.frame_dropout, child.feature_noise, child.ema_epochs, child.layer_weighting) == (0.2, 0.0, 0.0, False)
+    assert child.patience == options.default("patience")  # early stopping is the child's own choice
