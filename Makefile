@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 ORCH   := $(VENV)/bin/orch
 DEMO   ?= demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench faults clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m trainer synth $(DEMO)/data --n 1500 --seed 0
 	$(PY) -m trainer check-data $(DEMO)/data
-	$(ORCH) deploy --sync-data
-	$(ORCH) monitor --interval 2
+	$(ORCH) deploy --sync-data --follow
 	$(ORCH) download --best
-	$(ORCH) resume --epochs 5
-	$(ORCH) monitor --interval 2
+	$(ORCH) resume --epochs 5 --follow
 	$(ORCH) runs
 
 ## test: the whole test suite (unit + integration)
@@ -38,6 +36,11 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_train.py --n 3000 --epochs 25
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_download.py
+
+## faults: SIGKILL the trainer hundreds of times (KILLS=300) and check every guarantee (~50 min on 2 cores)
+KILLS ?= 300
+faults: $(VENV)/.installed
+	$(PY) bench/bench_faults.py --kills $(KILLS)
 
 clean:
 	rm -rf $(DEMO) artifacts .pytest_cache

@@ -2,7 +2,9 @@
 run, over a loopback sshd (target ratio <= 1.0); and the time of one monitor refresh over an
 open connection against a bare `true` round trip on the same connection.
 
-    python bench/bench_download.py [--mb 500]
+    python bench/bench_download.py [--mb 500] [--quick]
+
+--quick: 5 MB, one repetition (CI runs it so the script cannot rot; no target applies).
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ def fake_run(run_dir: Path, mb: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: checks that it runs")
     args = ap.parse_args()
+    repeats, refreshes = (1, 3) if args.quick else (REPEATS, 20)
+    if args.quick:
+        args.mb = 5
     work = Path(tempfile.mkdtemp(prefix="orch-bench-download-"))
     fake_run(work / "remote" / layout.RUNS_DIR / "big", args.mb)
     src = work / "remote" / layout.RUNS_DIR / "big" / layout.BEST_WEIGHTS
@@ -60,7 +66,7 @@ def main() -> None:
                     "-o", f"UserKnownHostsFile={work / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes"]
         user = os.environ.get("USER") or "root"
         subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # page cache warm for both
-        for rep in range(REPEATS):  # alternate, fresh destinations (deleting 500 MB slows the disk)
+        for rep in range(repeats):  # alternate, fresh destinations (deleting 500 MB slows the disk)
             start = time.perf_counter()
             subprocess.run(["scp", "-q", *ssh_opts, f"{user}@127.0.0.1:{src}", str(work / f"scp-{rep}.h5")], check=True)
             scp.append(time.perf_counter() - start)
@@ -71,7 +77,7 @@ def main() -> None:
         with connect(cfg) as m:
             m.snapshot("big", 0, 10)  # first use opens what needs opening
             refresh, floor = [], []
-            for _ in range(20):
+            for _ in range(refreshes):
                 start = time.perf_counter()
                 m.snapshot("big", 0, 10)
                 refresh.append(time.perf_counter() - start)
@@ -79,10 +85,10 @@ def main() -> None:
                 m.remote.run("true")
                 floor.append(time.perf_counter() - start)
     base, mine = statistics.median(scp), statistics.median(ours)
-    print(f"{args.mb} MB checkpoint over OpenSSH sshd on 127.0.0.1 (median of {REPEATS})")
+    print(f"{args.mb} MB checkpoint over OpenSSH sshd on 127.0.0.1 (median of {repeats})")
     print(f"  baseline: scp                          {base:6.2f} s  {args.mb / base:6.0f} MB/s")
     print(f"  orch download (verified, atomic)       {mine:6.2f} s  {args.mb / mine:6.0f} MB/s   ratio {mine / base:.2f} (target <= 1.0)")
-    print("one monitor refresh over an open connection (median of 20)")
+    print(f"one monitor refresh over an open connection (median of {refreshes})")
     print(f"  baseline: `true` on the same connection {statistics.median(floor) * 1000:6.1f} ms")
     print(f"  monitor snapshot (one remote command)   {statistics.median(refresh) * 1000:6.1f} ms")
     shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,9 @@ whole `python -m trainer check-data` command, against a named baseline measured 
 run: a plain sequential `np.load` loop over the same files (what the old scripts did,
 without any validation).
 
-    python bench/bench_load.py [--n 8690] [--dir /tmp/orch-bench-load]
+    python bench/bench_load.py [--n 8690] [--dir /tmp/orch-bench-load] [--quick]
+
+--quick: 300 files (CI runs it so the script cannot rot).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data import default_workers, load_dataset
-from trainer.synth import synth
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.data import default_workers, load_dataset  # noqa: E402
+from trainer.synth import synth  # noqa: E402
 
 
 def timed(fn) -> tuple[float, object]:
@@ -48,7 +53,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8690)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.n = 300
     work = args.dir or Path(tempfile.mkdtemp(prefix="orch-bench-load-"))
     data, cache = work / "data", work / "cache"
     shutil.rmtree(work, ignore_errors=True)

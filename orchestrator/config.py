@@ -22,25 +22,58 @@ class Ec2Config(_Section):
     profile: str | None = Field(None, description="AWS profile name (credentials never live in this file)")
     instance_id: str | None = Field(None, description="the instance id (i-...); or give `name`")
     name: str | None = Field(None, description="the instance's Name tag; or give `instance_id`")
-    start_if_stopped: bool = Field(True, description="start a stopped instance on deploy")
+    start_if_stopped: bool = Field(True, description="let deploy and resume start a stopped instance (no other "
+                                   "command ever starts one: `orch up` does)")
     endpoint_url: str | None = Field(None, description="an EC2-compatible endpoint (tests use moto's server)")
+    hourly_price: float | None = Field(None, ge=0, description="USD per hour of the instance, for `orch status`'s "
+                                       "cost estimate (default: the spot price, or orch's dated on-demand table)")
 
 
 class SshConfig(_Section):
-    host: str | None = Field(None, description="target ssh: required; target ec2: overrides the instance's address")
-    port: int = Field(22, ge=1, le=65535, description="SSH port")
-    user: str = Field("ubuntu", description="login user")
-    key_file: str | None = Field(None, description="private key path; null means ssh-agent / default keys")
-    known_hosts: str | None = Field(None, description="known_hosts file (default ~/.ssh/known_hosts)")
+    host: str | None = Field(None, description="target ssh: required (an address or a Host alias of "
+                             "ssh.config_file); target ec2: overrides the instance's address")
+    port: int | None = Field(None, ge=1, le=65535, description="SSH port (default: ssh_config's Port, else 22)")
+    user: str | None = Field(None, description="login user (default: ssh_config's User, else ubuntu)")
+    key_file: str | None = Field(None, description="private key path (default: ssh_config's IdentityFile, "
+                                 "else ssh-agent and the default keys)")
+    known_hosts: str | None = Field(None, description="known_hosts file (default ~/.ssh/known_hosts); unknown "
+                                    "or changed host keys are refused")
+    config_file: str | None = Field("~/.ssh/config", description="OpenSSH client config whose HostName, User, "
+                                    "Port, IdentityFile and ProxyJump apply (null: none)")
     connect_timeout: float = Field(10, gt=0, description="seconds to wait for the SSH connection")
 
 
+class EnvConfig(_Section):
+    mode: Literal["auto", "managed", "off"] = Field(
+        "auto", description="auto: a managed virtualenv on ssh/ec2 targets when remote.python is not set; managed: "
+        "always; off: never (base_python, or for target local the Python running orch, trains)")
+    base_python: str = Field("python3", description="interpreter on the machine that creates the env and runs "
+                             "orch's small helpers there (pure Python, any python3 >= 3.8)")
+    packages_from: str | None = Field(None, description="an interpreter on the machine whose packages the env "
+                                      "reuses (e.g. a Deep Learning AMI's): only what is missing is installed")
+    index_url: str | None = Field(None, description="pip --index-url for the env (default: pip's)")
+    pip_args: list[str] = Field(default_factory=list, description="more `pip install` arguments for the env "
+                                "(e.g. [--find-links, /wheels])")
+
+
 class RemoteConfig(_Section):
-    root: str = Field("~/audio_emotion", description="where code, runs and (by default) data live on the machine")
-    python: str | None = Field(None, description="interpreter with TensorFlow on the machine (default python3; "
-                               "for target local, the Python running orch)")
+    root: str = Field("~/audio_emotion", description="where code, runs, envs and (by default) data live on the "
+                      "machine; relative paths are relative to the login's home folder")
+    python: str | None = Field(None, description="an interpreter with TensorFlow on the machine, used as it is (no "
+                               "managed env); default: the managed env (ssh/ec2) or the Python running orch (local)")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="the managed virtualenv (remote.root/envs/<hash>/)")
     setup: str | None = Field(None, description="shell command run once per code version, in the code folder "
-                              "(e.g. `pip install -r requirements.txt`)")
+                              "beside requirements.txt (e.g. `pip install -r requirements.txt`)")
+    min_free_gb: float = Field(2.0, ge=0, description="refuse to launch with less free disk than this on the runs' "
+                               "file system (checkpoints are written every epoch)")
+
+
+class AutostopConfig(_Section):
+    idle_minutes: float | None = Field(None, gt=0, description="run `command` on the machine once no run has been "
+                                       "active for this long (fractions allowed); null: no autostop. A watcher on "
+                                       "the machine does it: a closed laptop does not matter")
+    command: str = Field("sudo shutdown -h now", description="what autostop runs; an EC2 instance with the default "
+                         "shutdown behaviour stops (its EBS disk, runs and data stay)")
 
 
 class DataConfig(_Section):
@@ -88,6 +121,7 @@ class DeployConfig(_Section):
     ssh: SshConfig = Field(default_factory=SshConfig)
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    autostop: AutostopConfig = Field(default_factory=AutostopConfig)
     train: TrainOptions = Field(  # type: ignore[valid-type]
         default_factory=TrainOptions,
         description="defaults for `python -m trainer train` (every key, its type, range and default: "
@@ -123,10 +157,18 @@ class DeployConfig(_Section):
         return self.remote.root.rstrip("/") or "/"
 
     @property
-    def remote_python(self) -> str:
+    def helper_python(self) -> str:
+        """Runs orch's pure-Python helpers on the machine (probe, launch, sync, env set-up)."""
         if self.remote.python:
             return self.remote.python
-        return sys.executable if self.target == "local" else "python3"
+        return sys.executable if self.target == "local" else self.remote.env.base_python
+
+    @property
+    def managed_env(self) -> bool:
+        """Whether training runs in a virtualenv orch builds on the machine."""
+        if self.remote.python or self.remote.env.mode == "off":
+            return False
+        return self.remote.env.mode == "managed" or self.target != "local"
 
     @property
     def remote_data_dir(self) -> str:
@@ -138,20 +180,13 @@ class DeployConfig(_Section):
 
 def load_config(path: str | Path) -> DeployConfig:
     """Read and validate deploy.yaml; every problem is one line naming the file and key."""
-    import yaml
+    from orchestrator.yamlfile import read_yaml
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) if path.exists() else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     if not path.exists():
         raise ConfigError(f"{path}: no such file; copy the commented deploy.yaml from the orch repository "
                           "or pass -c PATH")
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -1,32 +1,52 @@
-"""``orch download``: bring a run's best checkpoint and stats back, verified and atomic.
+"""``orch download``: bring a run's best checkpoint and stats back, verified, atomic and
+confined to ``DEST/<run_id>/``.
 
-Every file listed in the run's MANIFEST.sha256 is streamed into a temporary name beside its
-destination while its sha256 is computed, compared with the manifest, and only then renamed
-into place. A file already present with the right checksum is not fetched again.
+The run argument is checked here and resolved on the machine before any folder is created;
+every entry of the run's MANIFEST.sha256 is checked (orchestrator/confine.py) before anything
+is written. Each file is streamed into a temporary name beside its destination while its
+sha256 is computed, compared with the manifest, and only then renamed into place; a file
+already present with the right checksum is not fetched again. An interrupted download
+leaves temp files only when orch was killed outright, and the next download removes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import json
 import os
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator import children, destination
 from orchestrator.config import DeployConfig
-from orchestrator.errors import OrchError, RemoteError
-from orchestrator.machine import connect
-from orchestrator.remote import q
+from orchestrator.confine import Entry, checked_entries
+from orchestrator.deploy import check_run_id
+from orchestrator.errors import ConfigError, OrchError, RemoteError
+from orchestrator.machine import Machine, connect
+from orchestrator.remote import Remote
 from trainer import layout
+from trainer.wire import DIED, RunFiles, RunInfo
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done in all, total bytes)
+Log = Callable[[str], None]
+
+# A live run may replace its best checkpoint (and then its manifest) while we fetch it: read
+# the manifest again and retry, a few times, before calling it a mismatch.
+TRIES = 3
+RETRY_WAIT = 0.5  # seconds, times the try number
 
 
-class ChecksumError(RemoteError):
+class RunChanging(RemoteError):
+    """A live run changed what it lists while it was being downloaded: read it again."""
+
+
+class ChecksumError(RunChanging):
     """A file did not match the run's manifest (it is not kept)."""
 
 
@@ -53,107 +73,174 @@ def sha256_of(path: Path) -> str:
 
 def download(cfg: DeployConfig, run_id: str | None = None, *, latest: bool = False, dest: Path = Path("artifacts"),
              progress: Progress | None = None, trust_new_host: bool = False,
-             log: Callable[[str], None] = lambda _m: None) -> Downloaded:
-    """Download RUN (default: the finished run with the best val accuracy; ``latest``: the
-    newest run) into ``dest/<run_id>/``."""
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m, ThreadPoolExecutor(1) as pool:
-        # A named run needs no look-up of every run (one round trip less).
-        name = run_id if run_id else m.choose(None, best=not latest).run_id
-        run_dir, target = m.run_dir(name), dest / name
-        counted: dict[str, int] = {}
-        total = 0
+             log: Log = lambda _m: None) -> Downloaded:
+    """Download RUN (its id or a unique prefix; default: the finished run with the best val
+    accuracy; ``latest``: the newest run) into ``dest/<run_id>/``."""
+    destination.check_dest(dest)
+    if run_id is not None:
+        check_run_id(run_id)  # before connecting: it becomes a local folder name
+    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+        files = _resolve(m, run_id, latest)
+        return _Download(m, files, dest, progress or (lambda _r, _d, _t: None), log).execute()
 
-        def report(rel: str, n: int) -> None:
-            counted[rel] = n
-            if progress is not None:
-                progress(rel, sum(counted.values()), total)
 
-        # The checkpoint is nearly all the bytes: it starts now, beside the manifest look-up,
-        # and is checked against the manifest when that arrives.
-        best_local = target / layout.BEST_WEIGHTS
-        early = None if best_local.exists() else _start(pool, m.remote, f"{run_dir}/{layout.BEST_WEIGHTS}",
-                                                         best_local, lambda n: report(layout.BEST_WEIGHTS, n))
-        try:
-            found = m.remote.run(_describe_command(run_dir), check=False)
-            if found.code != 0:
-                raise OrchError(f"no run {name!r} with a {layout.MANIFEST} on {m.remote.host} (no finished epoch "
-                                "yet?); `orch runs` lists the runs")
-            manifest_text, status_text, sizes_text = found.stdout.split(f"{_SEP}\n", 2)
-            manifest = layout.parse_manifest(manifest_text)
-            try:
-                best = json.loads(status_text).get("best_val_accuracy")
-            except ValueError:
-                best = None
-            sizes = _parse_wc(sizes_text, manifest)
-            result = Downloaded(name, best, target)
-            todo = []
-            for rel, digest in manifest.items():
-                local = target / rel
-                if (rel != layout.BEST_WEIGHTS or early is None) and local.is_file() and sha256_of(local) == digest:
-                    result.already_there.append(rel)
-                else:
-                    todo.append(rel)
-            total = sum(sizes.get(rel, 0) for rel in todo)
-            for rel in todo:
-                if rel == layout.BEST_WEIGHTS and early is not None:
-                    job, early = early, None
-                else:
-                    job = _start(pool, m.remote, f"{run_dir}/{rel}", target / rel, lambda n, r=rel: report(r, n))
-                _finish(job, target / rel, manifest[rel], rel)
-                result.fetched.append(rel)
-            return result
-        finally:
-            if early is not None:  # not wanted after all (not in the manifest, or an error)
-                _discard(early)
+def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
+    """The run to download, with its files. A full id costs one question to the machine; a
+    prefix, or no id, asks for the list of runs first."""
+    if run_id is not None:
+        files = _read_files(m, run_id)
+        if files.run is not None:
+            return files
+    run = m.choose(run_id, best=not latest)
+    try:  # the machine names the folder: it gets the same check
+        check_run_id(run.run_id)
+    except ConfigError as exc:
+        raise RemoteError(f"the machine lists a run {run.run_id!r} that is not a valid run id; "
+                          "it cannot be downloaded") from exc
+    files = _read_files(m, run.run_id)
+    if files.run is None:
+        raise RemoteError(f"run {run.run_id} is gone, or is not a folder of its own on {m.remote.host} (a link?)")
+    return files
+
+
+def _read_files(m: Machine, run_id: str) -> RunFiles:
+    return RunFiles.from_json(m.probe("files", m.run_dir(run_id)))
 
 
 @dataclass
-class _Job:
-    future: Future[str]
-    tmp: Path
+class _Download:
+    m: Machine
+    files: RunFiles  # the latest answer of the machine about the run
+    dest: Path
+    progress: Progress
+    log: Log
+    folders: destination.NewFolders = field(default_factory=lambda: destination.NewFolders())
+
+    @property
+    def run(self) -> RunInfo:
+        assert self.files.run is not None  # _resolve and _reread make sure
+        return self.files.run
+
+    @property
+    def target(self) -> Path:
+        return self.dest / self.run.run_id
+
+    def execute(self) -> Downloaded:
+        result = Downloaded(self.run.run_id, self.run.best_val_accuracy, self.target)
+        with _sigterm_interrupts(), children.scope(), self.folders.kept_on_success(), self._local_errors():
+            destination.remove_stale_parts(self.target)
+            for attempt in range(1, TRIES):
+                try:
+                    return self._once(result)
+                except RunChanging:
+                    if not self.run.active:
+                        raise
+                self.log(f"the run is replacing its files while they are fetched; reading its {layout.MANIFEST} "
+                         f"again (try {attempt + 1} of {TRIES})")
+                time.sleep(RETRY_WAIT * attempt)
+                self._reread()
+            return self._once(result)
+
+    def _reread(self) -> None:
+        files = _read_files(self.m, self.run.run_id)
+        if files.run is None:
+            raise RemoteError(f"run {self.run.run_id} disappeared from {self.m.remote.host} while it was downloaded")
+        self.files = files
+
+    def _once(self, result: Downloaded) -> Downloaded:
+        """Check the manifest, fetch what is missing or different."""
+        entries = checked_entries(self.run.run_id, self.files, self.target)
+        if all(e.rel != layout.BEST_WEIGHTS for e in entries):
+            raise self._no_best()
+        todo = []
+        for e in entries:
+            if destination.is_regular_file(e.local) and sha256_of(e.local) == e.sha256:
+                if e.rel not in result.fetched and e.rel not in result.already_there:
+                    result.already_there.append(e.rel)
+            else:
+                todo.append(e)
+        total = sum(e.size for e in todo)
+        destination.check_room(self.dest, total)
+        done: dict[str, int] = {}
+
+        def report(rel: str, n: int) -> None:
+            done[rel] = n
+            self.progress(rel, sum(done.values()), total)
+
+        run_dir = self.m.run_dir(self.run.run_id)
+        for e in todo:
+            self.folders.make(e.local.parent)
+            _fetch(self.m.remote, f"{run_dir}/{e.rel}", e, lambda n, r=e.rel: report(r, n), self._mismatch)
+            if e.rel in result.already_there:  # changed on the machine since the last try
+                result.already_there.remove(e.rel)
+            if e.rel not in result.fetched:
+                result.fetched.append(e.rel)
+        return result
+
+    def _no_best(self) -> OrchError:
+        """A live run takes best.weights.h5 out of its manifest while it replaces it."""
+        if self.run.active:
+            return RunChanging(f"run {self.run.run_id} lists no {layout.BEST_WEIGHTS} in its {layout.MANIFEST} "
+                               "(no finished epoch yet, or it is replacing it right now); try again")
+        return ConfigError(f"run {self.run.run_id} has no best checkpoint in its {layout.MANIFEST} (no finished "
+                           "epoch?); `orch runs` lists the runs")
+
+    def _mismatch(self, e: Entry, got: str) -> ChecksumError:
+        what = (f"{e.rel}: checksum mismatch with the run's {layout.MANIFEST} (expected {e.sha256[:12]}..., "
+                f"got {got[:12]}...); not saved")
+        if self.run.active:
+            return ChecksumError(f"{what}. The run replaced it {TRIES} times while it was being fetched: "
+                                 "try again, or once the run has finished")
+        if self.run.shown_state == DIED:
+            return ChecksumError(f"{what}. The run died while writing it: `orch resume {self.run.run_id} "
+                                 "--continue` repairs its folder")
+        return ChecksumError(f"{what}. The file on the machine was changed or damaged after the run wrote it")
+
+    @contextlib.contextmanager
+    def _local_errors(self) -> Iterator[None]:
+        """A local file system error is one line: disk full (exit 14) or the destination."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in destination.FULL:
+                raise destination.disk_full(self.dest) from exc
+            where = exc.filename or self.dest
+            raise ConfigError(f"cannot write the download to {where}: {exc.strerror or exc}") from exc
 
 
-def _start(pool: ThreadPoolExecutor, remote: Any, path: str, local: Path, progress: Callable[[int], None]) -> _Job:
-    """Fetch ``path`` into a temp name beside ``local`` (in the pool's thread)."""
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.part-{os.getpid()}")
-    return _Job(pool.submit(remote.fetch, path, tmp, progress), tmp)
-
-
-def _finish(job: _Job, local: Path, digest: str, rel: str) -> None:
-    """Wait for the fetch, check its sha256 against the manifest, rename it into place."""
+def _fetch(remote: Remote, path: str, e: Entry, progress: Callable[[int], None],
+           mismatch: Callable[[Entry, str], ChecksumError]) -> None:
+    """Fetch one file into a temp name beside its place, check it, rename it into place. A
+    full disk is raised as the OSError it is (ENOSPC), whichever way the transfer saw it."""
+    tmp = destination.part_path(e.local)
     try:
-        got = job.future.result()
-        if got != digest:
-            raise ChecksumError(f"{rel}: checksum mismatch with the run's {layout.MANIFEST} (expected "
-                                f"{digest[:12]}..., got {got[:12]}...); not saved. Was the run still "
-                                "writing it? Try again once it has finished")
-        os.replace(job.tmp, local)
+        try:
+            got = remote.fetch(path, tmp, progress)
+        except OrchError as exc:
+            if destination.caused_by_full_disk(exc) or destination.short_for_lack_of_room(tmp, e.size):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
+            raise
+        if destination.short_for_lack_of_room(tmp, e.size):  # OpenSSH exits 0 when it cannot write its output
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        if got != e.sha256:
+            raise mismatch(e, got)
+        os.replace(tmp, e.local)
     finally:
-        job.tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
-def _discard(job: _Job) -> None:
-    with contextlib.suppress(Exception):
-        job.future.result()
-    job.tmp.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends a download like Ctrl-C: its ssh child killed, its temp files removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
 
-_SEP = "@@orch@@"
-
-
-def _describe_command(run_dir: str) -> str:
-    """Manifest, status and the listed files' sizes, in ONE remote command (plain shell: no
-    interpreter to start)."""
-    return (f"cd {q(run_dir)} && cat {layout.MANIFEST} && echo {_SEP} && "
-            f"{{ cat {layout.STATUS} 2>/dev/null || echo '{{}}'; }} && echo && echo {_SEP} && "
-            f"cut -c67- {layout.MANIFEST} | tr '\\n' '\\0' | xargs -0 wc -c")
-
-
-def _parse_wc(text: str, manifest: dict[str, str]) -> dict[str, int]:
-    sizes = {}
-    for line in text.splitlines():
-        count, _, name = line.strip().partition(" ")
-        if name in manifest and count.isdigit():
-            sizes[name] = int(count)
-    return sizes
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from orchestrator.config import Ec2Config
-from orchestrator.errors import AwsError
+from orchestrator.errors import AwsError, InstanceStopped
 
+# Every EC2 API action orch calls (the waiters poll DescribeInstances): README's IAM policy
+# lists exactly these, and a test checks both against the calls in this module.
+IAM_ACTIONS = ("ec2:DescribeInstances", "ec2:StartInstances", "ec2:StopInstances", "ec2:GetConsoleOutput",
+               "ec2:DescribeSpotPriceHistory")
 # botocore's "standard" mode retries exactly throttling and transient server errors.
 _RETRIES = {"mode": "standard", "max_attempts": 6}
 _FINGERPRINTS = re.compile(
@@ -23,6 +28,10 @@ class Instance:
     public_dns: str | None
     public_ip: str | None
     name: str | None
+    instance_type: str | None = None
+    launch_time: datetime | None = None  # when it last started
+    spot: bool = False
+    zone: str | None = None
 
     @property
     def address(self) -> str | None:
@@ -33,9 +42,13 @@ def client(cfg: Ec2Config) -> Any:
     """An EC2 client from boto3's credential chain (env, profile, instance role)."""
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
-    session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
-    return session.client("ec2", endpoint_url=cfg.endpoint_url, config=Config(retries=_RETRIES))
+    try:
+        session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
+        return session.client("ec2", endpoint_url=cfg.endpoint_url, config=Config(retries=_RETRIES))
+    except BotoCoreError as exc:  # ProfileNotFound, a bad region or endpoint...
+        raise AwsError(f"AWS: {exc}; check ec2.profile, ec2.region and ~/.aws/config") from exc
 
 
 def _call(what: str, fn: Any, **kwargs: Any) -> Any:
@@ -95,7 +108,19 @@ def find_instance(ec2: Any, cfg: Ec2Config) -> Instance:
 def _instance(raw: dict[str, Any]) -> Instance:
     name = next((t["Value"] for t in raw.get("Tags", []) if t["Key"] == "Name"), None)
     return Instance(raw["InstanceId"], raw["State"]["Name"], raw.get("PublicDnsName") or None,
-                    raw.get("PublicIpAddress") or None, name)
+                    raw.get("PublicIpAddress") or None, name, raw.get("InstanceType"), raw.get("LaunchTime"),
+                    raw.get("InstanceLifecycle") == "spot", (raw.get("Placement") or {}).get("AvailabilityZone"))
+
+
+def spot_price(ec2: Any, inst: Instance) -> float | None:
+    """The current spot price of the instance's type in its zone (Linux), or None."""
+    if not inst.instance_type:
+        return None
+    kwargs = {"AvailabilityZone": inst.zone} if inst.zone else {}
+    history = _call("reading the spot price", ec2.describe_spot_price_history, InstanceTypes=[inst.instance_type],
+                    ProductDescriptions=["Linux/UNIX"], MaxResults=1, **kwargs)
+    prices = history.get("SpotPriceHistory") or []
+    return float(prices[0]["SpotPrice"]) if prices else None
 
 
 def ensure_running(ec2: Any, cfg: Ec2Config, allow_start: bool, log: Any = None) -> Instance:
@@ -106,7 +131,8 @@ def ensure_running(ec2: Any, cfg: Ec2Config, allow_start: bool, log: Any = None)
         inst = find_instance(ec2, cfg)
     if inst.state == "stopped":
         if not allow_start:
-            raise AwsError(f"instance {inst.instance_id} is stopped; run `orch up` or set ec2.start_if_stopped")
+            raise InstanceStopped(f"instance {inst.instance_id} is stopped; `orch up` starts it (this command "
+                                  "does not: a running instance costs money)")
         if log:
             log(f"starting instance {inst.instance_id}")
         _call("starting the instance", ec2.start_instances, InstanceIds=[inst.instance_id])

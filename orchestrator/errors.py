@@ -6,7 +6,7 @@ from __future__ import annotations
 from trainer.exitcodes import ExitCode
 
 __all__ = ["AwsError", "BusyError", "ConfigError", "ConnectError", "ConnectionLost", "DiskFull", "ExitCode",
-           "HostKeyError", "InstanceStopped", "NotReady", "OrchError", "RemoteError"]
+           "HostKeyError", "InstanceStopped", "NoData", "NotReady", "OrchError", "RemoteError"]
 
 
 class OrchError(Exception):
@@ -55,6 +55,12 @@ class NotReady(OrchError):
     """The machine cannot train yet (preflight): no TensorFlow, no GPU visible, no data, no disk."""
 
     exit_code = ExitCode.NOT_READY
+
+
+class NoData(OrchError):
+    """The data folder on the machine is missing or holds no usable feature file."""
+
+    exit_code = ExitCode.NO_DATA
 
 
 class DiskFull(OrchError):

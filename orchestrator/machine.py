@@ -19,15 +19,16 @@ from pathlib import Path
 
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.remote import Remote, q
+from orchestrator.remote import Remote, Result, q
 from orchestrator.sync import CodeSync, sync_code
 from orchestrator.target import open_remote
-from trainer import layout, probe
+from trainer import envsetup, layout, preflight, probe
 from trainer.wire import Host, RunInfo, Snapshot
 
 Log = Callable[[str], None]
 
-# Runs trainer.probe from a zip read on stdin: a meta-path importer for exactly those modules.
+# Runs a trainer module's main() from a zip read on stdin: a meta-path importer for exactly the
+# modules in the zip. `python -c BOOTSTRAP trainer.probe ARGS...`
 _BOOTSTRAP = """\
 import importlib.abc, importlib.util, io, sys, zipfile
 z = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))
@@ -45,18 +46,23 @@ class Zip(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         src = source(module.__name__)
         exec(compile(z.read(src), src, 'exec'), module.__dict__)
 sys.meta_path.insert(0, Zip())
-import trainer.probe
-sys.exit(trainer.probe.main(sys.argv[1:]))
+module = importlib.import_module(sys.argv[1])
+sys.exit(module.main(sys.argv[2:]))
 """
 
 
+# The machine-side modules orch asks questions of, and the pure-Python files each imports.
+ASKABLE = {"trainer.probe": probe.MODULES, "trainer.preflight": preflight.MODULES,
+           "trainer.envsetup": envsetup.MODULES}
+
+
 @cache
-def probe_bundle() -> bytes:
-    """A zip of the probe's modules, sent on stdin with every question."""
+def bundle(module: str) -> bytes:
+    """A zip of ``module``'s files, sent on stdin with every question to it."""
     package = Path(probe.__file__).parent
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name in probe.MODULES:
+        for name in ASKABLE[module]:
             z.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), (package.parent / name).read_bytes())
     return buf.getvalue()
 
@@ -67,23 +73,29 @@ class Machine:
     remote: Remote
     root: str  # remote.root, absolute
     log: Log = lambda _m: None
-    setup: bool = False
     _code: CodeSync | None = None
 
     @property
     def code(self) -> CodeSync:
         """The current code version on the machine, sent (tiny) the first time it is needed."""
         if self._code is None:
-            self._code = sync_code(self.remote, self.cfg, self.log, run_setup=self.setup)
+            self._code = sync_code(self.remote, self.cfg, self.log)
         return self._code
 
     def run_dir(self, run_id: str) -> str:
         return layout.run_dir(self.root, run_id)
 
+    def ask(self, module: str, *args: str | int, python: str | None = None, check: bool = True,
+            on_line: Callable[[str], None] | None = None) -> Result:
+        """Run a machine-side module (its files travel on stdin: nothing is uploaded)."""
+        payload = bundle(module)
+        command = (f"{q(python or self.cfg.helper_python)} -c {q(_BOOTSTRAP)} {q(module)} "
+                   + " ".join(q(str(a)) for a in args))
+        return self.remote.run(command, write=lambda fh: fh.write(payload), what="asking the machine", check=check,
+                               on_line=on_line)
+
     def probe(self, *args: str | int) -> dict:
-        bundle = probe_bundle()
-        command = f"{q(self.cfg.remote_python)} -c {q(_BOOTSTRAP)} " + " ".join(q(str(a)) for a in args)
-        out = self.remote.run(command, write=lambda fh: fh.write(bundle), what="asking the machine").stdout
+        out = self.ask("trainer.probe", *args).stdout
         try:
             return json.loads(out)
         except ValueError as exc:
@@ -133,9 +145,9 @@ def find_run(runs: list[RunInfo], run_id: str, host: str) -> RunInfo:
 
 
 @contextmanager
-def connect(cfg: DeployConfig, *, trust_new_host: bool = False, setup: bool = False,
+def connect(cfg: DeployConfig, *, trust_new_host: bool = False, start: bool = False,
             log: Log = lambda _m: None) -> Iterator[Machine]:
-    """Open the machine. The current code version is made sure of when first needed (sent
-    only if missing); ``setup`` also runs remote.setup for a new version."""
-    with open_remote(cfg, trust_new_host=trust_new_host, log=log) as remote:
-        yield Machine(cfg, remote, remote.expand(cfg.remote_root), log, setup)
+    """Open the machine (``start``: a stopped instance may be started: deploy and resume only).
+    The current code version is made sure of when first needed (sent only if missing)."""
+    with open_remote(cfg, trust_new_host=trust_new_host, log=log, start=start) as remote:
+        yield Machine(cfg, remote, remote.expand(cfg.remote_root), log)

@@ -11,12 +11,14 @@ from typing import Any
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
 from orchestrator.machine import connect
+from orchestrator.runs import compared_with_parent
 from trainer import layout
 from trainer.wire import DIED, Host, RunInfo, Snapshot
 
 EXIT_CODES = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED,
               layout.STOPPED: ExitCode.RUN_STOPPED, DIED: ExitCode.RUN_DIED}
 LOG_LINES = 10
+EXIT_WAIT_REFRESHES = 25  # x 0.2 s: how long the last frame waits for a finished trainer to exit
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -89,10 +91,22 @@ class RunView:
         text = f"run {self.run_id} {self.state} at {where}: {best_text}"
         if self.state == layout.FAILED and self.status.get("error"):
             text += f"; error: {self.status['error']}"
+        versus = compared_with_parent(self.status, long=True)
+        if versus:
+            text += f"; {versus}"
         if self.state == DIED:
-            text += "; the process is gone without a final state (killed? out of memory?): " \
+            text += "; the process is gone without a final state (killed? out of memory? never started?): " \
                     f"`orch resume {self.run_id} --continue` picks it up from its last epoch"
+        if self.state in (DIED, layout.FAILED) and self.log_tail:
+            text += " | last lines of train.log: " + " | ".join(line for line in self.log_tail[-3:] if line.strip())
         return text
+
+    def process_text(self) -> str:
+        """What the process is doing; once the run has a final state it is never called alive
+        (it only has its exit left to do)."""
+        if self.state in layout.FINAL_STATES:
+            return "process exiting" if self.alive else "process ended"
+        return "process alive" if self.alive else "process not running"
 
     def render(self) -> Any:
         from rich.console import Group
@@ -105,7 +119,7 @@ class RunView:
         color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", layout.STOPPED: "yellow"}.get(
             self.state or "", "cyan")
         head = Text.assemble(("run ", "bold"), (self.run_id, "bold"), "  ", (str(self.state), f"bold {color}"),
-                             "  process " + ("alive" if self.alive else "not running"),
+                             "  " + self.process_text(),
                              f"  ({self.note})" if self.note else "")
         eta = self.eta_seconds()
         bar = Table.grid(padding=(0, 1))
@@ -171,8 +185,15 @@ def monitor(cfg: DeployConfig, run_id: str | None, *, interval: float = 5.0, onc
                 if view is None:
                     view = RunView(m.choose(run_id).run_id)
                 backoff = 1.0
+                exiting = 0
                 while True:
                     view.update(m.snapshot(view.run_id, len(view.history), LOG_LINES))
+                    # A final state is written just before the process exits: wait for the exit
+                    # (briefly) so the last frame shows the process ended.
+                    if view.final and view.alive and not once and exiting < EXIT_WAIT_REFRESHES:
+                        exiting += 1
+                        time.sleep(0.2)
+                        continue
                     if show is not None:
                         show(view)
                     if once or view.final:

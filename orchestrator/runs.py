@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from orchestrator import ec2
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.machine import Machine, connect
@@ -34,23 +33,39 @@ def list_runs(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lam
             for r in runs]
 
 
-def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> dict[str, Any]:
-    """Instance state and address, GPUs (or load), and the active run. A stopped instance is
-    reported as it is, not started."""
-    out: dict[str, Any] = {"target": cfg.target}
-    if cfg.target == "ec2":
-        inst = ec2.find_instance(ec2.client(cfg.ec2), cfg.ec2)
-        out["instance"] = {"id": inst.instance_id, "state": inst.state, "address": cfg.ssh.host or inst.address}
-        if inst.state != "running":
-            return out
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-        host = m.host()
-        runs = m.runs()
-        out["host"] = m.remote.host
-    out |= host.to_json()
-    out["active_runs"] = [{"run_id": r.run_id, "epoch": r.epoch, "epochs": r.epochs,
-                           "best_val_accuracy": r.best_val_accuracy} for r in runs if r.active]
-    return out
+def compared_with_parent(run: Mapping[str, Any], *, long: bool = False) -> str:
+    """How an extended run compares with its parent, from status.json's (or RunInfo's) fields:
+    '+0.0123 (beat it)'; long: 'parent first best 0.6100: +0.0123, beat it'. '' without a parent."""
+    parent = run.get("parent")
+    if not parent:
+        return ""
+    delta, beat, base = run.get("vs_parent"), run.get("beat_parent"), run.get("parent_best_val_accuracy")
+    verdict = "beat it" if beat else "did not beat it (its best is still the parent's weights)" if long \
+        else "did not beat it"
+    if delta is None:
+        return f"parent {parent}: no comparison yet" if long else "-"
+    if not long:
+        return f"{delta:+.4f} ({verdict})"
+    base_text = f" best {base:.4f}" if base is not None else ""
+    return f"parent {parent}{base_text}: {delta:+.4f}, {verdict}"
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Any:
+    """The `orch runs` table. The run column never shrinks (ids are what users copy); the
+    others wrap when the terminal is narrow."""
+    from rich.table import Column, Table
+
+    width = max(len(r["run_id"]) for r in runs)
+    table = Table(Column("run", no_wrap=True, min_width=width, overflow="fold"),
+                  *(Column(name, overflow="fold") for name in
+                    ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")))
+    for r in runs:
+        best = r.get("best_val_accuracy")
+        table.add_row(r["run_id"], r.get("parent") or "", str(r["state"]), f"{r.get('epoch')}/{r.get('epochs')}",
+                      f"{best:.4f}" if best is not None else "-", compared_with_parent(r),
+                      (r.get("started_at") or "")[:19].replace("T", " "),
+                      f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else "")
+    return table
 
 
 def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable[[str], None],

@@ -3,17 +3,21 @@ changed, never a half-written file in place) to the machine."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from orchestrator import children
 from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.remote import Remote, SshRemote, q
@@ -21,9 +25,7 @@ from trainer import layout
 from trainer.codeversion import code_files, code_version
 
 Log = Callable[[str], None]
-SETUP_LOG = "setup.log"
 _COMPLETE = ".complete"
-_SETUP_DONE = ".setup-done"
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,10 @@ class CodeBundle:
 
 
 def code_bundle() -> CodeBundle:
-    """The trainer package (sources + requirements.txt), named by its code version."""
+    """The trainer package (sources + requirements.txt), named by its code version; the
+    requirements also at the top, where remote.setup runs (`pip install -r requirements.txt`)."""
     files = code_files()
-    return CodeBundle(code_version(files), files)
+    return CodeBundle(code_version(files), files | {"requirements.txt": files["trainer/requirements.txt"]})
 
 
 @dataclass(frozen=True)
@@ -55,32 +58,19 @@ class CodeSync:
     transferred: bool
 
 
-def sync_code(remote: Remote, cfg: DeployConfig, log: Log, *, run_setup: bool = True) -> CodeSync:
+def sync_code(remote: Remote, cfg: DeployConfig, log: Log) -> CodeSync:
     """Make ROOT/code/<version>/ exist on the machine; transfer only if it does not yet."""
     bundle = code_bundle()
     root = remote.expand(cfg.remote_root)
     code_dir = f"{root}/{layout.CODE_DIR}/{bundle.version}"
-    probe = remote.run(f"cd {q(code_dir)} 2>/dev/null && ls -a", check=False).stdout.split()
-    transferred = _COMPLETE not in probe
+    transferred = remote.run(f"test -e {q(code_dir + '/' + _COMPLETE)}", check=False).code != 0
     if transferred:
         payload = bundle.tar_gz()
         log(f"sending code version {bundle.version} ({len(payload) / 1024:.0f} KiB)")
-        tmp = f"{code_dir}.tmp-{time.time_ns()}"
-        # Unpack beside, then rename: a half-sent bundle never becomes a code version.
-        remote.run(
-            f"set -e; mkdir -p {q(tmp)}; tar -xzf - -C {q(tmp)}; touch {q(tmp + '/' + _COMPLETE)}; "
-            f"rm -rf {q(code_dir)}; mv {q(tmp)} {q(code_dir)}",
-            write=lambda fh: fh.write(payload), what="unpacking the code",
-        )
-    if run_setup and cfg.remote.setup and (transferred or _SETUP_DONE not in probe):
-        log(f"running remote.setup for code version {bundle.version}")
-        # remote.setup is the user's own shell command: it is run as written, on purpose.
-        result = remote.run(f"cd {q(code_dir)} && ( {cfg.remote.setup} ) > {SETUP_LOG} 2>&1 && touch {_SETUP_DONE}",
-                            check=False)
-        if result.code != 0:
-            tail = remote.run(f"tail -n 5 {q(code_dir + '/' + SETUP_LOG)}", check=False).stdout.strip()
-            raise RemoteError(f"remote.setup failed (exit {result.code}); last lines of "
-                              f"{code_dir}/{SETUP_LOG}: {' | '.join(tail.splitlines())}")
+        # Unpack beside, then rename, under a lock: a half-sent bundle never becomes a code
+        # version, and two deploys at once never remove each other's.
+        remote.run(f"{q(cfg.helper_python)} -c {q(_UNPACK_CODE)} {q(root)} {q(bundle.version)}",
+                   write=lambda fh: fh.write(payload), what="unpacking the code")
     return CodeSync(bundle.version, code_dir, transferred)
 
 
@@ -90,6 +80,7 @@ class DataSync:
     bytes: int
     seconds: float
     method: str  # "ssh" (tar over the OpenSSH client) | "channel" (tar over our connection)
+    skipped: int = 0  # entries left out: links to nothing, pipes, devices, unreadable files or folders
 
 
 def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bool = True) -> DataSync:
@@ -97,7 +88,9 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
 
     One listing, then ONE tar stream of what changed into a hidden staging folder beside the
     data, then one rename per file on the machine: an interruption leaves no partial file
-    under a final name, and running it again finishes the job.
+    under a final name, and running it again finishes the job. File names are bytes end to
+    end (listings are NUL-separated): any valid POSIX name travels. Only regular files are
+    sent, a link as the file it leads to; what cannot be sent is counted and logged.
     """
     if not cfg.data.local_dir:
         raise ConfigError("--sync-data needs data.local_dir in the config")
@@ -105,26 +98,27 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
     if not local.is_dir():
         raise ConfigError(f"data.local_dir: {local} is not a folder")
     dest = remote.expand(cfg.remote_data_dir)
-    python = cfg.remote_python
+    python = cfg.helper_python
     start = time.perf_counter()
     parent, name = dest.rstrip("/").rsplit("/", 1)
     incoming = f".{name}.orch-incoming-"
     # Also clears what an interrupted upload left in its staging folder.
     listing = remote.run(f"rm -rf -- {q(parent)}/{q(incoming)}*; mkdir -p {q(dest)} && "
                          f"{q(python)} -c {q(_LIST)} {q(dest)}", what="listing the data").stdout
-    have = {}
-    for line in listing.splitlines():
-        rel, size, mtime = line.rsplit("\t", 2)
-        have[rel] = (int(size), int(mtime))
-    changed_stats = [(rel, st) for rel, st in _local_files(local) if have.get(rel) != (st.st_size, int(st.st_mtime))]
+    have = _parse_listing(listing)
+    found = _local_files(local)
+    changed_stats = [(rel, st) for rel, st in found.files if have.get(rel) != (st.st_size, int(st.st_mtime))]
+    changed_stats = [(rel, st) for rel, st in changed_stats if found.readable(local, rel)]
     changed = [rel for rel, _ in changed_stats]
     over_openssh = isinstance(remote, SshRemote) and shutil.which("ssh") and shutil.which("tar")
     method = "ssh" if use_ssh_client and over_openssh else "channel"
     if changed:
         # A hidden sibling of the data folder: same file system, never read as data.
         staging = f"{parent}/{incoming}{time.time_ns()}"
-        unpack = (f"set -e; mkdir -p {q(staging)}; tar -xf - -C {q(staging)}; "
-                  f"{q(python)} -c {q(_MOVE)} {q(staging)} {q(dest)}")
+        # The trap: an upload cut off mid-way removes its own staging folder when its tar fails
+        # (a later sync's clean-up may run before this one has noticed the cut).
+        unpack = (f"set -e; trap {q('rm -rf -- ' + q(staging))} EXIT; mkdir -p {q(staging)}; "
+                  f"tar -xf - -C {q(staging)}; {q(python)} -c {q(_MOVE)} {q(staging)} {q(dest)}")
         if method == "ssh":
             _tar_over_ssh_client(remote, local, changed, unpack)  # type: ignore[arg-type]
         else:
@@ -132,52 +126,130 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
     sent = sum(st.st_size for _, st in changed_stats)
     seconds = time.perf_counter() - start
     log(f"data: {len(changed)} new or changed files ({sent / 1e6:.1f} MB) sent to {dest} in {seconds:.1f} s")
-    return DataSync(len(changed), sent, seconds, method)
+    if found.skipped:
+        why = ", ".join(f"{n} {reason}" for reason, n in found.skipped.most_common())
+        log(f"data: {found.skipped.total()} entries not sent ({why}); `python -m trainer check-data {local}` "
+            "lists them")
+    return DataSync(len(changed), sent, seconds, method, found.skipped.total())
 
 
-def _local_files(local: Path) -> list[tuple[str, os.stat_result]]:
-    """Every file below ``local`` except hidden ones (caches, partial uploads)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(local):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+@dataclass
+class _LocalFiles:
+    """The regular files below the local data folder (a link: the file it leads to), with
+    what was left out and why."""
+
+    files: list[tuple[bytes, os.stat_result]] = field(default_factory=list)  # (relative name, stat)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def readable(self, local: Path, rel: bytes) -> bool:
+        """Whether the file opens for reading (O_NONBLOCK: never waits, whatever it became)."""
+        try:
+            os.close(os.open(os.path.join(os.fsencode(local), rel), os.O_RDONLY | os.O_NONBLOCK))
+        except OSError:
+            self.skipped["unreadable files"] += 1
+            return False
+        return True
+
+
+def _local_files(local: Path) -> _LocalFiles:
+    """Every regular file below ``local`` except hidden ones (caches, partial uploads); names
+    as bytes. Like the trainer's loader: links to folders are not followed."""
+    found = _LocalFiles()
+    top = os.fsencode(local)
+
+    def unreadable(_exc: OSError) -> None:
+        found.skipped["unreadable folders"] += 1
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):
+        dirnames[:] = [d for d in dirnames if not d.startswith(b".")]
+        for d in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            dirnames.remove(d)
+            found.skipped["links to folders"] += 1
         for name in filenames:
-            if not name.startswith("."):
-                path = Path(dirpath, name)
-                out.append((path.relative_to(local).as_posix(), path.stat()))
-    return sorted(out)
+            if not name.startswith(b"."):
+                _add_file(found, os.path.join(dirpath, name), top)
+    found.files.sort()
+    return found
 
 
-def _write_tar(fh: BinaryIO, local: Path, rels: list[str]) -> None:
-    with tarfile.open(fileobj=fh, mode="w|") as tar:
+def _add_file(found: _LocalFiles, path: bytes, top: bytes) -> None:
+    try:
+        st = os.stat(path)  # follows a link: its file's content is what is sent
+    except OSError:
+        found.skipped["links to nothing or looping" if os.path.islink(path) else "unreadable files"] += 1
+        return
+    if stat.S_ISREG(st.st_mode):
+        found.files.append((os.path.relpath(path, top), st))
+    else:
+        found.skipped["pipes, devices or sockets"] += 1
+
+
+def _parse_listing(text: str) -> dict[bytes, tuple[int, int]]:
+    """The machine's listing: base64 of NUL-separated (name, size, mtime) records."""
+    fields = base64.b64decode(text.strip()).split(b"\0")[:-1]
+    return {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields) - 2, 3)}
+
+
+def _write_tar(fh: BinaryIO, local: Path, rels: list[bytes]) -> None:
+    # GNU format stores names as their bytes; dereference: a link travels as its file's content.
+    with tarfile.open(fileobj=fh, mode="w|", format=tarfile.GNU_FORMAT, dereference=True) as tar:
         for rel in rels:
-            tar.add(local / rel, arcname=rel, recursive=False)
+            tar.add(os.fsdecode(os.path.join(os.fsencode(local), rel)), arcname=os.fsdecode(rel), recursive=False)
 
 
-def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[str], unpack: str) -> None:
+def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[bytes], unpack: str) -> None:
     """`tar c | ssh host unpack`: OpenSSH moves bulk data about twice as fast as paramiko."""
-    tar = subprocess.Popen(["tar", "-C", str(local), "--null", "-T", "-", "-cf", "-"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ssh = subprocess.Popen([*remote.openssh_argv(), unpack], stdin=tar.stdout, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
-    assert tar.stdin is not None and tar.stdout is not None
-    tar.stdout.close()  # ssh holds it now; tar sees SIGPIPE if ssh dies
-    tar.stdin.write(b"\0".join(r.encode() for r in rels) + b"\0")
-    tar.stdin.close()
-    _, ssh_err = ssh.communicate()
-    tar_err = tar.stderr.read() if tar.stderr else b""
-    tar.wait()
+    with children.scope():  # an interrupted upload stops both at once
+        # -h: a link travels as its file's content. Names go NUL-separated, each after "./" so
+        # that none is ever read as an option.
+        tar = children.spawn(["tar", "-C", str(local), "-h", "--null", "-T", "-", "-cf", "-"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ssh = children.spawn([*remote.openssh_argv(), unpack], stdin=tar.stdout, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        assert tar.stdin is not None and tar.stdout is not None
+        tar.stdout.close()  # ssh holds it now; tar sees SIGPIPE if ssh dies
+        tar.stdin.write(b"".join(b"./" + r + b"\0" for r in rels))
+        tar.stdin.close()
+        _, ssh_err = ssh.communicate()
+        tar_err = tar.stderr.read() if tar.stderr else b""
+        tar.wait()
     if tar.returncode != 0 or ssh.returncode != 0:
         why = (ssh_err or tar_err).decode(errors="replace").strip().splitlines()
         raise RemoteError(f"uploading the data to {remote.host} failed: {why[-1] if why else 'no message'}")
 
 
-_LIST = ("import os,sys\nroot=sys.argv[1]\nfor d,ds,fs in os.walk(root):\n"
-         " ds[:]=[x for x in ds if not x.startswith('.')]\n"
-         " for f in fs:\n  p=os.path.join(d,f);s=os.stat(p)\n"
-         "  print(os.path.relpath(p,root),s.st_size,int(s.st_mtime),sep='\\t')\n")
+_UNPACK_CODE = f"""\
+import fcntl, os, shutil, sys, tarfile
+root, version = sys.argv[1:3]
+folder = os.path.join(root, {layout.CODE_DIR!r})
+os.makedirs(folder, exist_ok=True)
+lock = os.open(os.path.join(folder, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(lock, fcntl.LOCK_EX)
+final = os.path.join(folder, version)
+if os.path.exists(os.path.join(final, {_COMPLETE!r})):
+    sys.stdin.buffer.read()
+    sys.exit()
+tmp = final + '.tmp-%d' % os.getpid()
+shutil.rmtree(tmp, ignore_errors=True)
+with tarfile.open(fileobj=sys.stdin.buffer, mode='r|gz') as tar:
+    tar.extractall(tmp)
+open(os.path.join(tmp, {_COMPLETE!r}), 'w').close()
+shutil.rmtree(final, ignore_errors=True)
+os.rename(tmp, final)
+"""
+# Names are bytes on both sides: the listing is NUL-separated records of bytes, sent as base64
+# because a command's output reaches us as text.
+_LIST = ("import base64,os,stat,sys\nroot=os.fsencode(sys.argv[1]);out=[]\n"
+         "for d,ds,fs in os.walk(root):\n"
+         " ds[:]=[x for x in ds if not x.startswith(b'.')]\n"
+         " for f in fs:\n  p=os.path.join(d,f)\n"
+         "  try:s=os.stat(p)\n  except OSError:continue\n"
+         "  if stat.S_ISREG(s.st_mode):\n"
+         "   out.append(b'%s\\0%d\\0%d\\0'%(os.path.relpath(p,root),s.st_size,int(s.st_mtime)))\n"
+         "sys.stdout.write(base64.b64encode(b''.join(out)).decode())\n")
 # Into an empty data folder, the staging folder is renamed as a whole; otherwise each file is
 # renamed into place (os.replace: atomic per file).
-_MOVE = ("import os,sys,shutil\nsrc,dst=sys.argv[1],sys.argv[2]\n"
+_MOVE = ("import os,sys,shutil\nsrc,dst=map(os.fsencode,sys.argv[1:3])\n"
          "if not os.listdir(dst):\n os.rmdir(dst);os.rename(src,dst);sys.exit()\n"
          "for d,ds,fs in os.walk(src):\n"
          " t=os.path.join(dst,os.path.relpath(d,src));os.makedirs(t,exist_ok=True)\n"

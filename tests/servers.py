@@ -59,8 +59,10 @@ class Sshd:
 
 
 @contextmanager
-def start_sshd(d: Path) -> Iterator[Sshd]:
-    """Run sshd in the foreground on a free loopback port until the block ends."""
+def start_sshd(d: Path, log_level: str = "ERROR", extra_config: str = "") -> Iterator[Sshd]:
+    """Run sshd in the foreground on a free loopback port until the block ends (its log:
+    ``d/sshd.log``; DEBUG1 records every forwarded connection). ``extra_config``: more
+    sshd_config lines (e.g. `SetEnv PATH=...` for what the machine's sessions see)."""
     if not Path(SSHD).exists():
         raise RuntimeError("OpenSSH sshd is not installed: apt-get install openssh-server (.ci/run does)")
     d.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,8 @@ PermitRootLogin yes
 StrictModes no
 UsePAM no
 Subsystem sftp internal-sftp
-LogLevel ERROR
+LogLevel {log_level}
+{extra_config}
 """)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory

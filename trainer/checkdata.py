@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,16 @@ from trainer.data import Dataset, SkipReason
 from trainer.stats import find_stats, stats_problem
 
 EXAMPLES = 3
+
+
+def printable(name: str) -> str:
+    """A file name as a terminal shows it safely: bytes that are not UTF-8 as \\xNN, control
+    characters (a newline, an escape sequence) escaped, so one name stays one line."""
+    try:
+        text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate no file system produced
+        text = name.encode("utf-8", "backslashreplace").decode()
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def report(ds: Dataset, stats_dir: Path | None = None) -> dict[str, Any]:
@@ -30,6 +41,7 @@ def report(ds: Dataset, stats_dir: Path | None = None) -> dict[str, Any]:
     return {
         "data_dir": str(ds.root),
         "files": ds.scan.files_by_kind,
+        "links": ds.scan.links,
         "patterns": ds.scan.patterns,
         "unrecognized_examples": unrecognized[:EXAMPLES],
         "classes": list(ds.classes),
@@ -67,19 +79,24 @@ def _stats_report(ds: Dataset, stats_dir: Path | None) -> dict[str, Any]:
 
 def render(rep: dict[str, Any], console: Any) -> None:
     """Print the report as rich tables."""
+    from rich.markup import escape
     from rich.table import Table
 
-    console.print(f"[bold]Data directory[/bold] {rep['data_dir']}")
+    def name(text: str) -> str:  # a file name is shown as it is, never as markup
+        return escape(printable(text))
+
+    console.print(f"[bold]Data directory[/bold] {name(rep['data_dir'])}")
     files = rep["files"]
+    links = f" ({rep['links']} through symbolic links)" if rep.get("links") else ""
     console.print(
-        "Files: " + ", ".join(f"{files.get(k, 0)} {k}" for k in ("npz", "npy", "stats", "other"))
+        "Files: " + ", ".join(f"{files.get(k, 0)} {k}" for k in ("npz", "npy", "stats", "other")) + links
     )
     pat = rep["patterns"]
     console.print(
         "Name patterns: " + ", ".join(f"{pat.get(k, 0)} {k}" for k in ("ravdess", "cremad", "folder", "none"))
     )
     for ex in rep["unrecognized_examples"]:
-        console.print(f"  not recognised: {ex}")
+        console.print(f"  not recognised: {name(ex)}")
 
     table = Table(title=f"Usable samples by label ({rep['usable']} in all)")
     table.add_column("label")
@@ -107,12 +124,12 @@ def render(rep: dict[str, Any], console: Any) -> None:
         for col in ("reason", "count", "meaning", "examples"):
             skips.add_column(col, overflow="fold")
         for reason, info in rep["skip_reasons"].items():
-            skips.add_row(reason, str(info["count"]), info["description"], "\n".join(info["examples"]))
+            skips.add_row(reason, str(info["count"]), info["description"], "\n".join(map(name, info["examples"])))
         console.print(skips)
     st = rep["stats_files"]
     if st["found"] and st["valid"]:
-        console.print(f"Normalization statistics: found and valid in {st['dir']}")
+        console.print(f"Normalization statistics: found and valid in {name(st['dir'])}")
     elif st["found"]:
-        console.print(f"[red]Normalization statistics in {st['dir']} are unusable:[/red] {st['problem']}")
+        console.print(f"[red]Normalization statistics in {name(st['dir'])} are unusable:[/red] {name(st['problem'])}")
     else:
         console.print(f"Normalization statistics: {st['problem']}")

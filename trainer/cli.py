@@ -4,7 +4,9 @@ exit codes here and nowhere else."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -294,14 +296,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainerError as exc:
         if args.debug:
             raise
-        print(f"trainer: error: {one_line(str(exc))}", file=sys.stderr)
+        _say(f"trainer: error: {one_line(str(exc))}")
         return int(exc.exit_code)
     except KeyboardInterrupt:
-        print("trainer: interrupted", file=sys.stderr)
+        _say("trainer: interrupted")
         return int(ExitCode.RUN_STOPPED)
     except Exception as exc:  # the last line of defence: one line, no traceback
         if args.debug:
             raise
-        print(f"trainer: error: unexpected {type(exc).__name__}: {one_line(str(exc))} (run with "
-              "--debug for the traceback)", file=sys.stderr)
+        _say(f"trainer: error: unexpected {type(exc).__name__}: {one_line(str(exc))} (run with --debug for "
+             "the traceback)")
         return int(ExitCode.ERROR)
+    finally:
+        _flush_or_drop()
+
+
+def _say(line: str) -> None:
+    # stderr is train.log on the machine: on a full disk even this line may not fit.
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _flush_or_drop() -> None:
+    """Output that cannot be written (train.log on a full disk) is dropped: left buffered,
+    Python's own exit would fail to flush it and turn the exit code into 120."""
+    for name in ("stdout", "stderr"):
+        try:
+            getattr(sys, name).flush()
+        except OSError:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (stays open until exit)

@@ -8,17 +8,19 @@ inside the cache, so the next run over the same files decodes nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -46,6 +48,12 @@ class SkipReason(str, Enum):
     WRONG_DIM = "wrong_dim"
     UNRECOGNIZED_NAME = "unrecognized_name"
     LABEL_NOT_IN_CLASSES = "label_not_in_classes"
+    # What the folder walk finds besides regular files (never opened):
+    SYMLINK_LOOP = "symlink_loop"
+    DANGLING_LINK = "dangling_link"
+    SPECIAL_FILE = "special_file"
+    LINKED_FOLDER = "linked_folder"
+    UNREADABLE_FOLDER = "unreadable_folder"
 
     @property
     def description(self) -> str:
@@ -61,6 +69,11 @@ _SKIP_DESCRIPTIONS = {
     SkipReason.WRONG_DIM: "feature shape differs from the majority of files",
     SkipReason.UNRECOGNIZED_NAME: "name matches no RAVDESS/CREMA-D pattern and no label folder",
     SkipReason.LABEL_NOT_IN_CLASSES: "label is not in the class list",
+    SkipReason.SYMLINK_LOOP: "a symbolic link that loops back on itself",
+    SkipReason.DANGLING_LINK: "a symbolic link to nothing (its target is gone)",
+    SkipReason.SPECIAL_FILE: "a named pipe, device or socket, not a regular file (never opened)",
+    SkipReason.LINKED_FOLDER: "a symbolic link to a folder: not followed (link the files, or give the folder itself)",
+    SkipReason.UNREADABLE_FOLDER: "a folder that cannot be listed (permissions): its files are left out",
 }
 
 
@@ -88,6 +101,7 @@ class ScanInfo:
     """What the directory walk saw, before any array was read (for check-data)."""
 
     files_by_kind: dict[str, int] = field(default_factory=dict)
+    links: int = 0  # feature files reached through a symbolic link (followed, counted above too)
     patterns: dict[str, int] = field(default_factory=dict)
     array_keys: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, int] = field(default_factory=dict)
@@ -142,29 +156,87 @@ class _Candidate:
 
 def feature_files(root: Path) -> list[Path]:
     """The feature files below ``root``, exactly as the loader sees them."""
-    return [root / c.rel for c in _walk(root)[0]]
+    return [root / c.rel for c in _walk(root).candidates]
 
 
-def _walk(root: Path) -> tuple[list[_Candidate], ScanInfo]:
-    """List feature files below root (sorted, hidden folders skipped) and count the rest."""
-    candidates: list[_Candidate] = []
+@dataclass
+class _Walked:
+    candidates: list[_Candidate]
+    skipped: list[Skipped]  # what is not a regular file (or a folder that cannot be listed)
+    scan: ScanInfo
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                  (stat.S_ISBLK, "block device"))
+
+
+def _link_target(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # removed meanwhile
+        return ""
+
+
+def _special_kind(mode: int) -> str:
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "not a regular file")
+
+
+def _walk(root: Path) -> _Walked:
+    """List feature files below root (sorted, hidden folders skipped), count the rest, and
+    say why whatever is not a regular file is left out. Only regular files are samples: a
+    link to one is followed; links to folders are not (no loops, no file counted twice)."""
+    walked = _Walked([], [], ScanInfo())
     kinds: Counter[str] = Counter()
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:
+        folder = Path(exc.filename or root)
+        if folder == root:
+            raise DataError(f"data directory {root} cannot be read ({exc.strerror})")
+        walked.skipped.append(Skipped(folder.relative_to(root).as_posix(), SkipReason.UNREADABLE_FOLDER,
+                                      exc.strerror or ""))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         # Hidden folders hold caches and tool state, never samples.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            dirnames.remove(name)
+            walked.skipped.append(Skipped(_rel(root, dirpath, name), SkipReason.LINKED_FOLDER))
         for name in sorted(filenames):
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            ext = path.suffix.lower()
-            if ext not in FEATURE_EXTENSIONS:
-                kinds["other"] += 1
-            elif is_stats_file(name):
-                kinds["stats"] += 1
-            else:
-                kinds[ext[1:]] += 1
-                st = path.stat()
-                candidates.append(_Candidate(rel, st.st_size, st.st_mtime_ns))
-    return candidates, ScanInfo(files_by_kind=dict(kinds))
+            _classify(root, dirpath, name, walked, kinds)
+    walked.scan.files_by_kind = dict(kinds)
+    return walked
+
+
+def _rel(root: Path, dirpath: str, name: str) -> str:
+    return Path(dirpath, name).relative_to(root).as_posix()
+
+
+def _classify(root: Path, dirpath: str, name: str, walked: _Walked, kinds: Counter[str]) -> None:
+    """One directory entry: a candidate, a counted non-sample, or a skip with its reason."""
+    path = os.path.join(dirpath, name)
+    rel = _rel(root, dirpath, name)
+    try:
+        st = os.stat(path)  # follows a link: a link to a regular file is that file
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            walked.skipped.append(Skipped(rel, SkipReason.SYMLINK_LOOP))
+        elif exc.errno == errno.ENOENT and os.path.islink(path):
+            walked.skipped.append(Skipped(rel, SkipReason.DANGLING_LINK, _link_target(path)))
+        else:
+            walked.skipped.append(Skipped(rel, SkipReason.UNREADABLE, exc.strerror or ""))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        walked.skipped.append(Skipped(rel, SkipReason.SPECIAL_FILE, _special_kind(st.st_mode)))
+        return
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in FEATURE_EXTENSIONS:
+        kinds["other"] += 1
+    elif is_stats_file(name):
+        kinds["stats"] += 1
+    else:
+        kinds[ext[1:]] += 1
+        walked.scan.links += os.path.islink(path)
+        walked.candidates.append(_Candidate(rel, st.st_size, st.st_mtime_ns))
 
 
 # --------------------------------------------------------------------------- arrays
@@ -181,12 +253,37 @@ def _choose_key(names: list[str]) -> str | None:
     return names[0] if names else None
 
 
+class NotRegularFile(OSError):
+    """A path that is a named pipe, a device or a socket: it is never read."""
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """Open a file for reading only if it is a regular file. O_NONBLOCK: opening a named pipe
+    never waits for a writer (a file replaced by a pipe after the walk cannot hang a load)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({_special_kind(mode)})", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_array(path: Path) -> tuple[str, np.ndarray]:
     """Decode the array a feature file contributes, with the key it came from ("emb", ...,
-    "first:<name>" when no known key exists, "npy" for .npy files). Never unpickles."""
-    if path.suffix.lower() == ".npy":
-        return "npy", np.load(path, allow_pickle=False)
-    with zipfile.ZipFile(path) as zf:
+    "first:<name>" when no known key exists, "npy" for .npy files). Never unpickles, never
+    opens anything but a regular file."""
+    with open_regular(path) as fh:
+        if path.suffix.lower() == ".npy":
+            return "npy", np.load(fh, allow_pickle=False)
+        return _load_npz(fh)
+
+
+def _load_npz(fh: BinaryIO) -> tuple[str, np.ndarray]:
+    with zipfile.ZipFile(fh) as zf:
         names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
         key = _choose_key(names)
         if key is None:
@@ -233,6 +330,8 @@ def _load_one(path: Path) -> _Loaded:
         key, arr = load_array(path)
     except _NoArray as exc:
         return _Loaded(None, None, None, SkipReason.NO_ARRAY, str(exc))
+    except NotRegularFile as exc:
+        return _Loaded(None, None, None, SkipReason.SPECIAL_FILE, exc.strerror or "")
     except Exception as exc:  # any decoding problem means the file is unusable
         return _Loaded(None, None, None, SkipReason.UNREADABLE, _short(exc))
     shape = describe_shape(arr.shape)
@@ -316,14 +415,15 @@ def load_dataset(
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist or is not a directory")
-    candidates, scan = _walk(root)
+    walked = _walk(root)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = _cache_entry(cache_root, root, classes, candidates) if use_cache else None
-    if entry is not None:
-        cached = _read_cache(entry, root, classes, scan)
-        if cached is not None:
-            return cached
-    return _build(root, classes, candidates, scan, entry, progress, workers)
+    entry = _cache_entry(cache_root, root, classes, walked.candidates) if use_cache else None
+    ds = _read_cache(entry, root, classes, walked.scan) if entry is not None else None
+    if ds is None:
+        ds = _build(root, classes, walked.candidates, walked.scan, entry, progress, workers)
+    # What the walk left out is seen afresh every time (it is not part of the cache key).
+    ds.skipped = sorted(ds.skipped + walked.skipped, key=lambda s: s.rel)
+    return ds
 
 
 def _build(
@@ -404,10 +504,11 @@ def _cache_entry(
     cache_root: Path, root: Path, classes: tuple[str, ...], candidates: list[_Candidate]
 ) -> Path:
     """The cache folder for exactly this file list (names, sizes, mtimes) and class list."""
-    root_key = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    # File names are bytes: os.fsencode gives back exactly those of a name that is not UTF-8.
+    root_key = hashlib.sha256(os.fsencode(root)).hexdigest()[:12]
     h = hashlib.sha256(json.dumps([LOADER_VERSION, str(root), list(classes)]).encode())
     for c in candidates:
-        h.update(f"{c.rel}\0{c.size}\0{c.mtime_ns}\n".encode())
+        h.update(os.fsencode(c.rel) + f"\0{c.size}\0{c.mtime_ns}\n".encode())
     return cache_root / f"{root_key}-{h.hexdigest()[:20]}"
 
 
@@ -481,13 +582,15 @@ def require_samples(ds: Dataset) -> None:
     if ds.samples:
         return
     n = sum(ds.scan.files_by_kind.get(k, 0) for k in ("npz", "npy"))
-    if n == 0:
-        raise DataError(
-            f"no .npz/.npy feature files found under {ds.root}; "
-            "check the path (python -m trainer check-data DIR shows what is there)"
-        )
     reasons = Counter(s.reason.value for s in ds.skipped).most_common(2)
     why = ", ".join(f"{count} {reason}" for reason, count in reasons)
+    if n == 0:
+        # A linked or unreadable folder, or links to nothing, may be where the files are.
+        left_out = f" (left out: {why})" if why else ""
+        raise DataError(
+            f"no .npz/.npy feature files found under {ds.root}{left_out}; "
+            "check the path (python -m trainer check-data DIR shows what is there)"
+        )
     raise DataError(
         f"no usable feature files under {ds.root}: all {n} were skipped ({why}); "
         f"run python -m trainer check-data {ds.root} for details"

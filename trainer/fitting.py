@@ -81,8 +81,9 @@ class EarlyStop(keras.callbacks.Callback):
         self.recorder, self.patience, self.log = recorder, patience, log
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        best = self.recorder.best_epoch
-        if best is not None and self.recorder.epoch - best >= self.patience and not self.model.stop_training:
+        state = self.recorder.run.state  # what the recorder has just committed
+        best = state.best_epoch
+        if best is not None and state.epoch - best >= self.patience and not self.model.stop_training:
             self.model.stop_training = True
-            self.log(f"early stop after epoch {self.recorder.epoch}: no better val_accuracy for "
+            self.log(f"early stop after epoch {state.epoch}: no better val_accuracy for "
                      f"{self.patience} epochs (best at epoch {best})")

@@ -1,39 +1,138 @@
-"""Atomic file writes: a reader (or a kill) never sees a half-written file."""
+"""Durable file operations: a reader (or a kill, or a power cut) never sees a half-written file,
+and a rename is on disk before whatever follows it. Pure Python (numpy only in atomic_save_npy).
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import itertools
 import json
 import os
-import tempfile
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from trainer import faults
+from trainer.layout import TEMP_PREFIX
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write via ``write(fh)`` to a temp file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_serial = itertools.count()
+
+
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """A new temp name beside ``path`` (same folder, so the rename is atomic) that the next
+    start recognises and removes (trainer.layout.is_temp). Unique within this process; the one
+    writer of a run directory holds its lock, so no other process competes for the name."""
+    return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{next(_serial)}{suffix}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames and new names in folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_and_hash(path: Path) -> str:
+    """fsync a file written by someone else (Keras, h5py) and return its sha256, read once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+        os.fsync(fh.fileno())
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], failpoint: str | None = None) -> None:
+    """Write via ``write(fh)`` to a temp file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if failpoint:
+            faults.point(failpoint)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        name_the_file(exc, path)
         raise
+    fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
+def atomic_write_bytes(path: Path, data: bytes, failpoint: str | None = None) -> None:
+    atomic_write(path, lambda fh: fh.write(data), failpoint)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+def atomic_write_json(path: Path, obj: Any, failpoint: str | None = None) -> None:
+    atomic_write_bytes(path, json_bytes(obj), failpoint)
 
 
 def atomic_save_npy(path: Path, array: Any) -> None:
     import numpy as np
 
     atomic_write(path, lambda fh: np.save(fh, np.asarray(array), allow_pickle=False))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` (which must not exist) becomes ``src``'s content: a hard link (instant, no space)
+    where the filesystem allows it, else an fsynced copy."""
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise
+        shutil.copyfile(src, dst)
+        with open(dst, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def overwrite_in_place(path: Path, data: bytes) -> None:
+    """Rewrite a small file without a temp file: the last resort on a full disk, where the
+    blocks it frees are the ones it needs. Not atomic: only for files no manifest lists."""
+    with open(path, "r+b" if path.exists() else "wb") as fh:
+        fh.truncate(0)
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is 'no space left' or 'quota exceeded'."""
+    return disk_full_error(exc) is not None
+
+
+def disk_full_error(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def name_the_file(exc: BaseException, path: Path) -> None:
+    """A write's OSError often names no file (``fh.write``): name the one being written, so a
+    'no space left' message can say where."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL and not exc.filename:
+        exc.filename = str(path)

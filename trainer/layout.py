@@ -4,21 +4,58 @@ Pure Python (no numpy, no TensorFlow): both halves import it, so every file name
 down here exactly once.
 
     <remote_root>/runs/<run_id>/
-      run.json  deploy.json  pid  train.log  metrics.jsonl  status.json  MANIFEST.sha256
-      checkpoints/best.weights.h5  checkpoints/last.weights.h5  checkpoints/last.state.json
+      run.json  deploy.json  pid  lock  train.log  metrics.jsonl  status.json  MANIFEST.sha256
+      checkpoints/state.json                   the commit point (see below)
+      checkpoints/epoch-NNNN.weights.h5        weights + optimizer state of a committed epoch
+      checkpoints/best.weights.h5              the best epoch's file (hard link, or a copy)
       stats/wav2vec_mean.npy  wav2vec_std.npy  classes.json  split.json
             evaluation.json  training_curves.png  confusion_matrix.png
       tensorboard/
+
+One trainer per run directory: it holds an flock on ``lock`` for its whole life (taken before
+it writes anything; a second trainer exits busy, exit 6, naming the holder's pid).
+
+**The commit point.** A finished epoch N is committed in this order, and only at step 2:
+
+1. the weights (model and optimizer state, so the optimizer step continues exactly) are
+   written to a temp name in ``checkpoints/``, fsynced, hashed once, renamed to
+   ``checkpoints/epoch-NNNN.weights.h5``; the folder is fsynced;
+2. ``checkpoints/state.json`` is atomically replaced (temp, fsync, rename, fsync folder). It
+   holds the epoch, ``last`` and ``best`` (file + sha256), best_val_accuracy, best_epoch, the
+   parent's best and the full metrics history. This is the ONLY commit point.
+
+Everything else is derived from the committed state, and a restart re-derives it before it
+trains: metrics.jsonl (rewritten from the history), status.json, best.weights.h5 (a hard link,
+or a copy where links fail, of the state's best file), MANIFEST.sha256; epoch files the state
+no longer names are deleted, and so are temp files (names starting with ``.tmp-``). An
+extended run (``--init-from PARENT``) commits the parent's best weights as its epoch 0
+(``best_epoch`` 0: the parent's weights are still the best).
+
+**The manifest rule.** ``sha256sum -c MANIFEST.sha256`` passes at every instant, whatever was
+killed: the manifest lists only files that do not change while it lists them. Always: run.json,
+the statistics inputs (mean, std, classes.json, split.json) and best.weights.h5 (its sha256
+comes from the state, never from re-reading it). Only while the run is in a final state
+(finished, failed, stopped): status.json, metrics.jsonl and the evaluation outputs; a continued
+run rewrites the manifest without them before it changes them. best.weights.h5 is replaced as:
+manifest without it -> replace -> manifest with it. Until there is something to list (run.json
+or a best checkpoint) there is no manifest: ``sha256sum -c`` needs at least one line.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
 
 RUNS_DIR = "runs"
 CODE_DIR = "code"
 # Held (flock) by orch's busy check + launch on the machine: one launch at a time.
 LAUNCH_LOCK = "launch.lock"
+# Autostop (trainer/watcher.py), under remote.root: the setting, what the watcher last saw,
+# its decisions, and the lock the one running watcher holds.
+AUTOSTOP_SETTING = "autostop.json"
+WATCHER_STATE = "watcher.json"
+WATCHER_LOG = "watcher.log"
+WATCHER_LOCK = "watcher.lock"
 
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
@@ -32,9 +69,12 @@ TENSORBOARD_DIR = "tensorboard"
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_WEIGHTS = f"{CHECKPOINTS_DIR}/best.weights.h5"
-LAST_WEIGHTS = f"{CHECKPOINTS_DIR}/last.weights.h5"
-# Epoch, best-so-far and optimizer step of last.weights.h5: what a killed run continues from.
-LAST_STATE = f"{CHECKPOINTS_DIR}/last.state.json"
+# The commit point: what a killed run continues from, and what everything else derives from.
+STATE = f"{CHECKPOINTS_DIR}/state.json"
+# The layout before the commit point (last.weights.h5 + this): refused with one clear error.
+LEGACY_STATE = f"{CHECKPOINTS_DIR}/last.state.json"
+# Temp files (renamed into place, or removed by the next start) start with this.
+TEMP_PREFIX = ".tmp-"
 
 STATS_DIR = "stats"
 STATS_MEAN = "wav2vec_mean.npy"
@@ -44,6 +84,10 @@ SPLIT_JSON = "split.json"
 EVALUATION_JSON = "evaluation.json"
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
+# Written before training and never changed afterwards: listed in the manifest at once.
+STATS_INPUTS = (STATS_MEAN, STATS_STD, CLASSES_JSON, SPLIT_JSON)
+# Written when the run ends: listed only in a final state.
+STATS_OUTPUTS = (EVALUATION_JSON, CURVES_PNG, CONFUSION_PNG)
 
 # status.json "state" values.
 RUNNING = "running"
@@ -54,6 +98,33 @@ FINAL_STATES = (FINISHED, FAILED, STOPPED)
 
 # Keys of one metrics.jsonl line (more may follow; readers must ignore unknown keys).
 METRIC_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+_EPOCH_WEIGHTS = re.compile(r"epoch-(\d{4,})\.weights\.h5")
+
+
+def epoch_weights(epoch: int) -> str:
+    """``checkpoints/epoch-NNNN.weights.h5``: the weights of committed epoch ``epoch``."""
+    return f"{CHECKPOINTS_DIR}/epoch-{epoch:04d}.weights.h5"
+
+
+def epoch_of(name: str) -> int | None:
+    """The epoch of an epoch weights file's name (``epoch-0007.weights.h5`` -> 7), else None."""
+    match = _EPOCH_WEIGHTS.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is a temp file of the trainer's (never a committed file)."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def manifest_candidates(final: bool) -> list[str]:
+    """The files MANIFEST.sha256 lists when they exist (the manifest rule above), in order."""
+    rels = [BEST_WEIGHTS, RUN_JSON] + [stats_path(n) for n in STATS_INPUTS]
+    if final:
+        rels += [STATUS, METRICS] + [stats_path(n) for n in STATS_OUTPUTS]
+    return rels
 
 
 def stats_path(name: str) -> str:

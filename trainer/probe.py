@@ -10,27 +10,43 @@ commands never upload code).
     python -m trainer.probe snapshot RUN_DIR METRICS_OFFSET LOG_LINES
         status, liveness, metrics lines from METRICS_OFFSET on, the log's last lines, the host
                                                                     -> Snapshot
+    python -m trainer.probe machine ROOT
+        the host, every run and the autostop                        -> Machine
+    python -m trainer.probe files RUN_DIR
+        the manifest and the run's regular files with their sizes  -> RunFiles
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from trainer import layout
 from trainer.proc import is_locked, pid_alive
-from trainer.wire import NVIDIA_QUERY, Host, HostLoad, RunInfo, Snapshot, parse_nvidia_smi
+from trainer.wire import (
+    NVIDIA_QUERY,
+    Autostop,
+    Host,
+    HostLoad,
+    Machine,
+    RunFiles,
+    RunInfo,
+    Snapshot,
+    parse_nvidia_smi,
+)
 
 # What the probe imports: orch sends exactly these when it runs the probe without uploading.
 MODULES = ("trainer/__init__.py", "trainer/layout.py", "trainer/proc.py", "trainer/wire.py", "trainer/probe.py")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -39,7 +55,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
-    status, run = _read_json(run_dir / layout.STATUS), _read_json(run_dir / layout.RUN_JSON)
+    status, run = read_json(run_dir / layout.STATUS), read_json(run_dir / layout.RUN_JSON)
     pid, alive = pid_alive(run_dir / layout.PID_FILE)
     anchor = run_dir / layout.DEPLOY_JSON  # written by orch when it creates the run
     try:
@@ -53,7 +69,8 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         best_val_accuracy=status.get("best_val_accuracy"), best_epoch=status.get("best_epoch"),
         error=status.get("error"), updated_at=status.get("updated_at"),
         parent=run.get("parent_run", status.get("parent")),
-        parent_best_val_accuracy=config.get("parent_best_val_accuracy"),
+        parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
+        vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
         started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching,
     )
 
@@ -112,8 +129,58 @@ def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:
     except OSError:
         tail = []
     launching = is_locked(run_dir.parent.parent / layout.LAUNCH_LOCK)
-    return Snapshot(describe_run(run_dir, launching), _read_json(run_dir / layout.STATUS), metrics, count, tail,
+    return Snapshot(describe_run(run_dir, launching), read_json(run_dir / layout.STATUS), metrics, count, tail,
                     host())
+
+
+def autostop(root: Path) -> Autostop:
+    """The autostop setting and what the watcher (trainer/watcher.py) last saw."""
+    setting, state = read_json(root / layout.AUTOSTOP_SETTING), read_json(root / layout.WATCHER_STATE)
+    return Autostop(armed=bool(setting), idle_minutes=setting.get("idle_minutes"), command=setting.get("command"),
+                    watcher_alive=is_locked(root / layout.WATCHER_LOCK), idle_since=state.get("idle_since"),
+                    stops_at=state.get("stops_at") if setting else None, fired_at=state.get("fired_at"),
+                    now=time.time())
+
+
+# Far above what a run holds (tens of files, a manifest of a few KB): beyond, a run is crafted.
+MAX_RUN_FILES = 100_000
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def run_files(run_dir: Path) -> RunFiles:
+    """The run, its manifest and its regular files (links are never followed): all that
+    `orch download` needs, in one answer."""
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        return RunFiles()
+    run = describe_run(run_dir, is_locked(run_dir.parent.parent / layout.LAUNCH_LOCK))
+    files: dict[str, int] = {}
+    for dirpath, _dirnames, filenames in os.walk(run_dir):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue  # gone meanwhile
+            if stat.S_ISREG(st.st_mode):
+                files[os.path.relpath(path, run_dir)] = st.st_size
+                if len(files) > MAX_RUN_FILES:
+                    return RunFiles(None, {}, too_big=True, run=run)
+    manifest, too_big = _read_manifest(run_dir / layout.MANIFEST)
+    return RunFiles(manifest, files, too_big, run)
+
+
+def _read_manifest(path: Path) -> tuple[str | None, bool]:
+    """(text, too big); no text when it is missing or not a regular file."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None, False
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        return None, False
+    if len(data) > MAX_MANIFEST_BYTES:
+        return None, True
+    return data.decode("utf-8", "surrogateescape"), False
 
 
 def main(argv: list[str]) -> int:
@@ -123,9 +190,14 @@ def main(argv: list[str]) -> int:
         answer = host().to_json()
     elif len(argv) == 4 and argv[0] == "snapshot":
         answer = snapshot(Path(argv[1]), int(argv[2]), int(argv[3])).to_json()
+    elif len(argv) == 2 and argv[0] == "machine":
+        root = Path(argv[1])
+        answer = Machine(host(), list_runs(root), autostop(root)).to_json()
+    elif len(argv) == 2 and argv[0] == "files":
+        answer = run_files(Path(argv[1])).to_json()
     else:
-        print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES",
-              file=sys.stderr)
+        print("usage: python -m trainer.probe runs ROOT | host | snapshot RUN_DIR METRICS_OFFSET LOG_LINES | "
+              "machine ROOT | files RUN_DIR", file=sys.stderr)
         return 2
     print(json.dumps(answer))
     return 0

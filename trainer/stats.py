@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data import Dataset
+from trainer.data import Dataset, open_regular
 from trainer.errors import DataError
 from trainer.fsutil import atomic_save_npy
 from trainer.layout import STATS_MEAN, STATS_STD
@@ -71,7 +71,8 @@ def load_stats(directory: Path, feature_shape: tuple[int, ...]) -> Stats:
     for name in (STATS_MEAN, STATS_STD):
         path = directory / name
         try:
-            arr = np.load(path, allow_pickle=False)
+            with open_regular(path) as fh:  # a named pipe must not hang check-data
+                arr = np.load(fh, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot read statistics file ({exc})") from exc
         # Older scripts saved (1, D); the per-frame shape is what counts.

@@ -1,28 +1,30 @@
 """``python -m trainer train``: from a data directory to a finished run directory.
 
-Read top to bottom: resolve the config (a new run, a continued one, or one extended from a
-parent) -> load data -> split -> normalization stats -> model -> fit, recording every epoch
--> evaluate the best checkpoint -> finished. Each epoch leaves the run directory consistent
-(see trainer/layout.py), so a kill at any moment loses at most the epoch in progress.
+Read top to bottom: take the run directory's lock -> resolve the config (a new run, a
+continued one, or one extended from a parent) -> repair what a kill left half-done -> load
+data -> split -> normalization stats -> model -> fit, committing every finished epoch ->
+evaluate the best checkpoint -> finished. Each epoch is committed at one point (see
+trainer/layout.py), so a kill at any moment loses at most the epoch in progress; a full disk
+ends the run ``failed`` with the last committed epoch kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import shutil
 import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer import layout
+from trainer import faults, layout, runlock, runstate
 from trainer.codeversion import code_version
 from trainer.config import TrainConfig
 from trainer.data import load_dataset, require_samples
-from trainer.errors import DataError, ExitCode, TrainingFailed, UsageError
-from trainer.fsutil import atomic_write_json
+from trainer.errors import DataError, DiskFull, ExitCode, TrainerError, TrainingFailed, UsageError
+from trainer.fsutil import atomic_write_json, disk_full_error, link_or_copy
 from trainer.rundir import RunDir, now_iso
 from trainer.split import Split, load_split, make_split, save_split
 from trainer.stats import Stats, compute_stats, find_stats, load_stats, save_stats
@@ -32,46 +34,61 @@ Log = Callable[[str], None]
 
 
 def _log(msg: str) -> None:
-    print(f"[trainer] {msg}", flush=True)
+    # train.log may sit on the very disk that is full: logging is not worth a crash
+    with contextlib.suppress(OSError):
+        print(f"[trainer] {msg}", flush=True)
 
 
 def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
     """Train (or continue) the run in ``cfg.run_dir``; returns the exit code for the CLI."""
-    run = RunDir(Path(cfg.run_dir))
+    path = Path(cfg.run_dir)
+    runlock.hold(path)  # before anything is written: a second trainer leaves no trace (RunBusy)
+    run = RunDir(path)
     # ---- a run directory that already has a run.json is continued, with its own config
     previous = run.read_json(layout.RUN_JSON)
-    state = run.read_json(layout.LAST_STATE)
     if previous is not None:
         cfg = TrainConfig.from_json(previous["config"])
-        status = run.read_json(layout.STATUS) or {}
-        if status.get("state") == layout.FINISHED:
-            log(f"run {run.path.name} already finished; nothing to do (extend it with --init-from)")
-            return ExitCode.OK
-    run.create()
-    run.write_pid()
-    epoch0 = state["epoch"] if state else 0
-    # status.json first, before the slow imports, so a launcher sees the run start at once.
-    run.write_status(layout.RUNNING, epoch=epoch0, epochs=cfg.epochs, phase="loading data",
-                     best_val_accuracy=state["best_val_accuracy"] if state else cfg.parent_best_val_accuracy,
-                     best_epoch=state["best_epoch"] if state else (0 if cfg.parent_run else None),
-                     run_id=run.path.name, parent=cfg.parent_run)
+    run.state = runstate.read(path) or runstate.initial(cfg.parent_run, cfg.parent_best_val_accuracy)
+    if (run.read_json(layout.STATUS) or {}).get("state") == layout.FINISHED:
+        try:
+            run.repair(None, final=True)  # a kill may have cut the final publish short
+        except OSError as exc:
+            full = disk_full_error(exc)
+            if full is None:
+                raise
+            raise _disk_full(run, full) from exc
+        log(f"run {path.name} already finished; nothing to do (extend it with --init-from)")
+        return ExitCode.OK
     try:
         with _Stopper() as stopper:
-            return _train(cfg, run, previous, state, stopper, log)
+            run.create()
+            run.write_pid()
+            # The repair comes before any status write: a final state's manifest lists status.json.
+            run.repair(layout.RUNNING, epochs=cfg.epochs, phase="loading data", run_id=path.name,
+                       parent=cfg.parent_run)
+            return _train(cfg, run, previous, stopper, log)
     except StopRequested as stop:
-        run.write_status(layout.STOPPED, phase=None, error=None)
+        run.finish(layout.STOPPED, error=None)
         log(f"stopped by signal {stop.signum} before training began")
         return ExitCode.RUN_STOPPED
-    except (DataError, UsageError, TrainingFailed) as exc:
-        run.write_status(layout.FAILED, error=str(exc), phase=None)
-        raise
     except Exception as exc:
-        run.write_status(layout.FAILED, error=f"{type(exc).__name__}: {exc}", phase=None)
+        full = disk_full_error(exc)
+        if full is not None:
+            error = _disk_full(run, full)
+            run.fail_on_full_disk(str(error))
+            log(f"failed: {error}")
+            raise error from exc
+        run.finish(layout.FAILED, error=str(exc) if isinstance(exc, TrainerError) else f"{type(exc).__name__}: {exc}")
         raise
 
 
-def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | None, stopper: _Stopper,
-           log: Log) -> ExitCode:
+def _disk_full(run: RunDir, exc: OSError) -> DiskFull:
+    where = exc.filename or run.path
+    return DiskFull(f"no space left on device on {where}: free space and run "
+                    f"`orch resume {run.path.name} --continue`")
+
+
+def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopper, log: Log) -> ExitCode:
     # ---- data, split and statistics (reused from this run or the parent when they exist)
     ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
     require_samples(ds)
@@ -79,7 +96,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
         f"(cache: {ds.cache})")
     split = _split(cfg, run, ds, log)
     stats = _stats(cfg, run, ds, split, log)
-    atomic_write_json(run.file(layout.stats_path(layout.CLASSES_JSON)), list(cfg.classes))
+    _write_classes(run, cfg.classes)
 
     # ---- model and optimizer (TensorFlow/Keras imported only now)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -95,7 +112,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
         keras.mixed_precision.set_global_policy("mixed_float16")
     labels = ds.label_ids()
     weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
-    epoch0 = state["epoch"] if state else 0
+    epoch0 = run.state.epoch
     train_seq = BatchSequence(ds, split.train, stats, cfg.batch_size, shuffle=True, seed=cfg.seed,
                               epoch=epoch0, class_weights=weights, augmentation=augmentation(cfg))
     val_seq = BatchSequence(ds, split.val, stats, cfg.batch_size, shuffle=False)
@@ -107,11 +124,15 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
         optimizer = compile_model(model, cfg, steps)
     log(f"model: {model.count_params():,} parameters on {devices}; {steps} batches per epoch")
 
-    # ---- starting point: our own last checkpoint, the parent's best, or scratch
-    if state is not None:
+    # ---- starting point: our own last checkpoint, the parent's weights (epoch 0), or scratch
+    state = run.state
+    if state.last is not None:
         optimizer.build(model.trainable_variables)
-        model.load_weights(run.file(layout.LAST_WEIGHTS))
-        log(f"continuing from epoch {state['epoch']} (best val_accuracy {state['best_val_accuracy']})")
+        model.load_weights(run.file(state.last.file))
+        log(f"continuing from epoch {state.epoch} (best val_accuracy {state.best_val_accuracy})")
+    elif state.best is not None:  # an extended run's committed epoch 0
+        _load_initial_weights(model, run.file(state.best.file), "--init-from")
+        log(f"starting from the parent's weights ({state.best.file})")
     elif cfg.init_from:
         _init_from(cfg, run, model, log)
     if previous is None:
@@ -129,13 +150,13 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
                         "skipped_files": len(ds.skipped)},
         })
 
-    # ---- fit, recording every finished epoch; SIGTERM stops after the current batch
-    recorder = RunRecorder(run, cfg, state, stopper, log)
-    callbacks: list[Any] = training_callbacks(cfg, recorder, continuing=state is not None, log=log)
+    # ---- fit, committing every finished epoch; SIGTERM stops after the current batch
+    recorder = RunRecorder(run, stopper, log)
+    callbacks: list[Any] = training_callbacks(cfg, recorder, continuing=state.last is not None, log=log)
     if keras.backend.backend() == "tensorflow":
         callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
                                                      write_graph=False, profile_batch=0))
-    run.write_status(layout.RUNNING, phase="training")
+    run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
     stopper.model = model  # from now on a signal stops fit after the current batch
     model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=epoch0,
               callbacks=callbacks, verbose=2)
@@ -144,17 +165,16 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, state: dict | N
     if recorder.failure:
         raise TrainingFailed(recorder.failure)
     if stopper.signum is not None:
-        run.write_status(layout.STOPPED, phase=None, error=None)
-        run.refresh_manifest()
-        log(f"stopped by signal {stopper.signum} after epoch {recorder.epoch}; "
+        run.finish(layout.STOPPED, error=None)
+        log(f"stopped by signal {stopper.signum} after epoch {run.state.epoch}; "
             "start the same command again to continue")
         return ExitCode.RUN_STOPPED
 
     # ---- evaluate the best checkpoint on the validation split, then finish
-    _final_evaluation(run, model, ds, split, stats, recorder.history, log)
-    run.write_status(layout.FINISHED, phase=None, epoch=recorder.epoch)
-    run.refresh_manifest()
-    log(f"finished: best val_accuracy {recorder.best} at epoch {recorder.best_epoch}")
+    _final_evaluation(run, model, ds, split, stats, list(run.state.history), log)
+    faults.point("finish:evaluated")
+    run.finish(layout.FINISHED)
+    log(f"finished: best val_accuracy {run.state.best_val_accuracy} at epoch {run.state.best_epoch}")
     return ExitCode.OK
 
 
@@ -195,24 +215,38 @@ def _stats(cfg: TrainConfig, run: RunDir, ds: Any, split: Split, log: Log) -> St
 
 
 def _init_from(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
-    """Load the parent's best weights (not its optimizer state); the parent's best checkpoint
-    becomes this run's starting best, so 'best' only changes when this run beats it."""
+    """Load the parent's best weights (not its optimizer state). For a parent run they are
+    committed as this run's epoch 0: its best until this run beats it (best_epoch 0)."""
     source = Path(cfg.init_from)
     weights = source / layout.BEST_WEIGHTS if source.is_dir() else source
+    _load_initial_weights(model, weights, f"--init-from {weights}")
+    if cfg.parent_run:
+        saved = run.write_checkpoint(0, lambda tmp: link_or_copy(weights, tmp))
+        run.commit(run.state.with_parent_weights(saved))
+        run.publish(layout.RUNNING)
+    log(f"initialized from {weights}" + (f" (parent best val_accuracy {cfg.parent_best_val_accuracy})"
+                                         if cfg.parent_run else ""))
+
+
+def _load_initial_weights(model: Any, weights: Path, what: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Keras warns once per layer it cannot match
             model.load_weights(weights, objects_to_skip=[model.optimizer])
     except (ValueError, KeyError, OSError) as exc:
-        raise UsageError(f"--init-from {weights}: weights do not fit this architecture "
+        raise UsageError(f"{what}: weights do not fit this architecture "
                          f"(--hidden/--attention must match the run that wrote them): {exc}") from exc
-    if cfg.parent_run:
-        best = run.file(layout.BEST_WEIGHTS)
-        tmp = best.with_name(f".{best.name}.tmp")
-        shutil.copyfile(weights, tmp)
-        os.replace(tmp, best)
-    log(f"initialized from {weights}" + (f" (parent best val_accuracy {cfg.parent_best_val_accuracy})"
-                                         if cfg.parent_run else ""))
+
+
+def _write_classes(run: RunDir, classes: tuple[str, ...]) -> None:
+    """stats/classes.json, written once: the manifest lists it, so it is never rewritten."""
+    path = run.file(layout.stats_path(layout.CLASSES_JSON))
+    try:
+        if json.loads(path.read_text()) == list(classes):
+            return
+    except (OSError, ValueError):
+        pass
+    atomic_write_json(path, list(classes))
 
 
 def _distribution() -> tuple[Any, str]:
@@ -273,7 +307,7 @@ def _final_evaluation(run: RunDir, model: Any, ds: Any, split: Split, stats: Sta
     atomic_write_json(run.file(layout.stats_path(layout.EVALUATION_JSON)), report)
     # The plots carry the run id, mark the kept (best) checkpoint, and say when data is synthetic.
     note = "SYNTHETIC data" if (ds.root / SYNTHETIC_MARKER).is_file() else ""
-    best_epoch = (run.read_json(layout.STATUS) or {}).get("best_epoch")
+    best_epoch = run.state.best_epoch
     if history:
         plot_curves(history, run.file(layout.stats_path(layout.CURVES_PNG)), run.path.name, best_epoch, note)
     plot_confusion(report, run.file(layout.stats_path(layout.CONFUSION_PNG)), run.path.name, note)

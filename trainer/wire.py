@@ -102,6 +102,8 @@ class RunInfo:
     updated_at: str | None = None
     parent: str | None = None
     parent_best_val_accuracy: float | None = None
+    vs_parent: float | None = None  # best_val_accuracy - the parent's
+    beat_parent: bool | None = None  # did a checkpoint of this run beat the parent's best?
     started_at: str | None = None
     pid: int | None = None
     alive: bool = False  # the recorded pid lives, with the recorded start time
@@ -109,8 +111,8 @@ class RunInfo:
 
     @property
     def active(self) -> bool:
-        """Running, and its process really alive."""
-        return self.state == layout.RUNNING and self.alive
+        """Its process is alive and has not written a final state (running, or starting)."""
+        return self.alive and self.state in (None, layout.RUNNING)
 
     @property
     def shown_state(self) -> str | None:
@@ -126,6 +128,42 @@ class RunInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunInfo:
         return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
+class Autostop:
+    """The machine's autostop: the setting, and what its watcher last saw (times: seconds
+    since the epoch, by the machine's clock; ``now`` is that clock when asked)."""
+
+    armed: bool = False
+    idle_minutes: float | None = None
+    command: str | None = None
+    watcher_alive: bool = False
+    idle_since: float | None = None
+    stops_at: float | None = None
+    fired_at: float | None = None
+    now: float | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Autostop:
+        return cls(**_known(cls, d or {}))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """`orch status`'s question, one answer: the host, every run, the autostop."""
+
+    host: Host
+    runs: list[RunInfo]
+    autostop: Autostop
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Machine:
+        return cls(Host.from_json(d.get("host") or {}), [RunInfo.from_json(r) for r in d.get("runs") or []],
+                   Autostop.from_json(d.get("autostop")))
 
 
 @dataclass(frozen=True)
@@ -146,3 +184,27 @@ class Snapshot:
     def from_json(cls, d: dict[str, Any]) -> Snapshot:
         return cls(RunInfo.from_json(d["run"]), d.get("status") or {}, d.get("metrics") or [],
                    int(d.get("metrics_count") or 0), d.get("log_tail") or [], Host.from_json(d.get("host") or {}))
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """A run directory as `orch download` reads it: its MANIFEST.sha256 and every regular file
+    below it, reached without following a link, with its size. Never trusted blindly: orch
+    checks every manifest entry against these files and against its own destination."""
+
+    manifest: str | None = None  # None: no manifest, or not a regular file
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
+    too_big: bool = False  # more files, or a bigger manifest, than any run holds: a crafted run
+    run: RunInfo | None = None  # None: no such run folder (or a link, not a folder of its own)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunFiles:
+        files = d.get("files") if isinstance(d.get("files"), dict) else {}
+        manifest = d.get("manifest") if isinstance(d.get("manifest"), str) else None
+        # An answer is input like any other: a size that is not a count leaves its file out.
+        sizes = {str(k): v for k, v in files.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        run = RunInfo.from_json(d["run"]) if isinstance(d.get("run"), dict) else None
+        return cls(manifest, sizes, bool(d.get("too_big")), run)

@@ -157,7 +157,8 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     table = orch(day, "runs")
     assert table.returncode == 0 and "first" in table.stdout and "stopped" in table.stdout
     st = ok_json(orch(day, "status", "--json"))
-    assert st["instance"]["state"] == "running" and st["active_runs"] == [] and st["gpus"] == []
+    assert st["instance"]["state"] == "running" and st["machine"]["host"]["gpus"] == []
+    assert not [r for r in st["machine"]["runs"] if r["alive"]] and st["machine"]["autostop"]["armed"] is False
     assert "[trainer] finished" in orch(day, "logs", "first").stdout
 
 

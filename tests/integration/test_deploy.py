@@ -122,6 +122,8 @@ def test_unknown_host_key_is_refused_and_trust_accepts_it(tmp_path: Path, sshd: 
     assert not (tmp_path / "known_hosts").exists()
     trusted = run_orch("trust", "-c", cfg)
     assert trusted.returncode == 0, trusted.stderr
+    assert f"trusted 127.0.0.1:{sshd.port}: ssh-ed25519 {sshd.host_fingerprint}" in trusted.stdout  # shown
+    assert "already trusted" in run_orch("trust", "-c", cfg).stdout
     assert (tmp_path / "known_hosts").read_text().split()[1:] == sshd.known_hosts_line().split()[1:]
     # Now known: a deploy goes through without any flag.
     wait_final(Path(deployed(run_orch("deploy", "-c", cfg, "--json"))["run_dir"]))
@@ -224,7 +226,7 @@ def test_up_and_down(tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str,
     assert down.returncode == 0 and f"{instance} stopped" in down.stdout
     no_start = ec2_config(tmp_path, sshd, data, moto_endpoint, known=True, instance_id=instance, start_if_stopped=False)
     refused = run_orch("deploy", "-c", no_start)
-    assert refused.returncode == 3 and "is stopped; run `orch up`" in refused.stderr
+    assert refused.returncode == 11 and "is stopped; `orch up` starts it" in refused.stderr
     up = run_orch("up", "-c", cfg)
     assert up.returncode == 0 and f"{instance} running" in up.stdout
 

@@ -57,8 +57,14 @@ def test_training_writes_every_file_of_the_contract(parent: Path) -> None:
     pid, start = (parent / layout.PID_FILE).read_text().split()
     assert int(pid) > 0 and int(start) > 0
 
-    for rel in (layout.BEST_WEIGHTS, layout.LAST_WEIGHTS, layout.LAST_STATE):
-        assert (parent / rel).stat().st_size > 0
+    state = json.loads((parent / layout.STATE).read_text())
+    assert state["epoch"] == 12 and [r["epoch"] for r in state["history"]] == list(range(1, 13))
+    assert state["best_epoch"] == st["best_epoch"] and state["best"]["file"] == layout.epoch_weights(st["best_epoch"])
+    assert state["last"]["file"] == layout.epoch_weights(12)
+    # best.weights.h5 is the state's best file; no other epoch file is left
+    assert (parent / layout.BEST_WEIGHTS).read_bytes() == (parent / state["best"]["file"]).read_bytes()
+    assert {p.name for p in (parent / layout.CHECKPOINTS_DIR).iterdir()} == {
+        "state.json", "best.weights.h5", Path(state["best"]["file"]).name, Path(state["last"]["file"]).name}
     assert (parent / layout.BEST_WEIGHTS).read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
     stats = parent / layout.STATS_DIR
     assert np.load(stats / layout.STATS_MEAN).shape == (24,) and (np.load(stats / layout.STATS_STD) > 0).all()
@@ -92,7 +98,7 @@ def test_sigkill_then_restart_continues_without_losing_or_repeating_epochs(tmp_p
     proc.wait()
     killed_at = len(metrics(run))
     assert status(run)["state"] == "running" and killed_at < 10
-    best_before = json.loads((run / layout.LAST_STATE).read_text())["best_val_accuracy"]
+    best_before = json.loads((run / layout.STATE).read_text())["best_val_accuracy"]
 
     result = run_trainer(*args)
     assert f"continuing from epoch {killed_at}" in result.stdout or "continuing from epoch" in result.stdout

@@ -31,10 +31,12 @@ def run_trainer(*args: str | Path, check: bool = True, timeout: float = 300) -> 
     return proc
 
 
-def start_trainer(*args: str | Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as fh:
+def start_trainer(*args: str | Path, log: Path, env: dict[str, str] | None = None,
+                  append: bool = False) -> subprocess.Popen[bytes]:
+    """The trainer in the background, stdout and stderr into ``log``; ``env`` adds variables."""
+    with open(log, "ab" if append else "wb") as fh:
         return subprocess.Popen([sys.executable, "-m", "trainer", *map(str, args)], stdout=fh,
-                                stderr=subprocess.STDOUT, env=trainer_env())
+                                stderr=subprocess.STDOUT, env=trainer_env() | (env or {}))
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:

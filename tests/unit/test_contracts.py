@@ -67,7 +67,8 @@ def test_booleans_round_trip() -> None:
 def test_wire_records_round_trip_through_json() -> None:
     from trainer.wire import GpuRow, Host, HostLoad, RunInfo, Snapshot
 
-    snap = Snapshot(RunInfo("r1", 1.0, "running", 3, 10, 0.5, 0.6, 2, None, "t", "p0", 0.55, "s", 123, True, False),
+    snap = Snapshot(RunInfo("r1", 1.0, "running", 3, 10, 0.5, 0.6, 2, None, "t", "p0", 0.55, 0.05, True, "s", 123, True,
+                            False),
                     {"state": "running"}, [{"epoch": 3}], 3, ["line"],
                     Host([GpuRow(0, "A10G", 97.0, 1.0, 2.0, 70.0, 200.0)], None, HostLoad(4, [0.1], 8, 4)))
     assert Snapshot.from_json(json.loads(json.dumps(snap.to_json()))) == snap
@@ -75,15 +76,17 @@ def test_wire_records_round_trip_through_json() -> None:
     assert RunInfo.from_json({"run_id": "x", "future_field": 1}) == RunInfo("x")
 
 
-@pytest.mark.parametrize("state, alive, launching, shown", [
-    ("running", True, False, "running"), ("running", False, False, "died"), (None, False, False, "died"),
-    (None, False, True, None), ("finished", False, False, "finished"), ("stopped", False, False, "stopped"),
+@pytest.mark.parametrize("state, alive, launching, shown, active", [
+    ("running", True, False, "running", True), ("running", False, False, "died", False),
+    (None, False, False, "died", False), (None, False, True, None, False), (None, True, False, None, True),
+    ("finished", False, False, "finished", False), ("finished", True, False, "finished", False),
+    ("stopped", False, False, "stopped", False),
 ])
-def test_shown_state(state: str | None, alive: bool, launching: bool, shown: str | None) -> None:
+def test_shown_state(state: str | None, alive: bool, launching: bool, shown: str | None, active: bool) -> None:
     from trainer.wire import RunInfo
 
     run = RunInfo("r", state=state, alive=alive, launching=launching)
-    assert run.shown_state == shown and run.active == (state == "running" and alive)
+    assert run.shown_state == shown and run.active == active
 
 
 def test_one_code_version_for_the_bundle_and_the_trainer(tmp_path: Path) -> None:

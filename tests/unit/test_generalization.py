@@ -136,18 +136,19 @@ def test_a_continued_run_with_weight_averaging_trains_like_an_uninterrupted_one(
 
 def test_early_stop_counts_from_the_committed_best_epoch() -> None:
     logs: list[str] = []
-    recorder = SimpleNamespace(epoch=7, best_epoch=3)
-    stop = EarlyStop(recorder, patience=5, log=logs.append)
+    state = SimpleNamespace(epoch=7, best_epoch=3)
+    stop = EarlyStop(SimpleNamespace(run=SimpleNamespace(state=state)), patience=5, log=logs.append)
     model = SimpleNamespace(stop_training=False)
     stop.set_model(model)
     stop.on_epoch_end(6)
     assert not model.stop_training
-    recorder.epoch = 8
+    state.epoch = 8
     stop.on_epoch_end(7)
     assert model.stop_training and "best at epoch 3" in logs[0]
     # An extended run whose parent (epoch 0) is still the best stops after `patience` epochs.
     extended = SimpleNamespace(stop_training=False)
-    stop = EarlyStop(SimpleNamespace(epoch=5, best_epoch=0), patience=5, log=logs.append)
+    parent_best = SimpleNamespace(run=SimpleNamespace(state=SimpleNamespace(epoch=5, best_epoch=0)))
+    stop = EarlyStop(parent_best, patience=5, log=logs.append)
     stop.set_model(extended)
     stop.on_epoch_end(4)
     assert extended.stop_training

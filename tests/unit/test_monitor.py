@@ -81,3 +81,43 @@ def test_render_with_and_without_gpus() -> None:
 def test_sparkline() -> None:
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([]) == "" and sparkline([1.0, 1.0]) == "▁▁"
+
+
+def test_a_finished_run_is_never_shown_with_a_live_process() -> None:
+    view = RunView("r")
+    view.update(snap("finished", True, [row(1, 0.3)], 1))  # status written, exit not yet done
+    assert view.final and "alive" not in view.process_text()
+    view.update(snap("finished", False, [], 1))
+    assert view.process_text() == "process ended"
+    view.update(snap("running", True, [], 1))
+    assert view.process_text() == "process alive"
+
+
+def test_summary_says_whether_an_extended_run_beat_its_parent() -> None:
+    view = RunView("child")
+    s = snap("finished", False, [row(1, 0.7)], 1)
+    s.status.update(parent="first", parent_best_val_accuracy=0.61, vs_parent=0.0123, beat_parent=True)
+    view.update(s)
+    assert "parent first best 0.6100: +0.0123, beat it" in view.summary()
+    s.status.update(vs_parent=0.0, beat_parent=False)
+    view.update(s)
+    assert "+0.0000, did not beat it" in view.summary()
+
+
+def test_monitor_ends_at_once_on_a_run_that_never_started(tmp_path: Path) -> None:
+    """A run folder whose trainer never wrote a state and has no process: `died`, within one
+    refresh, with the log's last lines (it used to wait forever)."""
+    import sys
+
+    from orchestrator.config import DeployConfig
+    from orchestrator.monitor import monitor
+
+    run = tmp_path / "runs" / "never"
+    run.mkdir(parents=True)
+    (run / "deploy.json").write_text("{}")
+    (run / "train.log").write_text("Traceback (most recent call last):\nModuleNotFoundError: No module named 'keras'\n")
+    cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(tmp_path), "python": sys.executable}})
+    frames = []
+    view = monitor(cfg, "nev", interval=3600, show=frames.append)  # a prefix of the id will do
+    assert len(frames) == 1 and view.state == "died" and view.exit_code == ExitCode.RUN_DIED
+    assert "No module named 'keras'" in view.summary()

@@ -55,8 +55,8 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
     path.write_text("target: ssh\nssh:\n  host: gpu.example.com\ntrain:\n  epochs: 5\n")
     assert main(["config", "check", "-c", str(path)]) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert resolved["ssh"] == {"host": "gpu.example.com", "port": 22, "user": "ubuntu", "key_file": None,
-                               "known_hosts": None, "connect_timeout": 10.0}
+    assert resolved["ssh"] == {"host": "gpu.example.com", "port": None, "user": None, "key_file": None,
+                               "known_hosts": None, "config_file": "~/.ssh/config", "connect_timeout": 10.0}
     assert resolved["remote"]["root"] == "~/audio_emotion" and resolved["train"]["epochs"] == 5
     from trainer.options import OPTIONS
 
@@ -69,8 +69,9 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
 def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "train"}
-    for section in ("Ec2Config", "SshConfig", "RemoteConfig", "DataConfig"):
+    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "train"}
+    for section in ("Ec2Config", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
+                    "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():
             assert field.get("description"), f"{section}.{name} has no description"
 
@@ -80,7 +81,7 @@ def test_shipped_example_is_valid() -> None:
 
     cfg = load_config(Path(__file__).parents[2] / "deploy.yaml")
     assert cfg.target == "local" and cfg.remote_root.endswith("demo/remote")
-    assert cfg.remote_python == sys.executable  # the demo trains with the Python that has TensorFlow
+    assert cfg.helper_python == sys.executable and not cfg.managed_env  # the demo trains with orch's own Python
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
@@ -135,3 +136,43 @@ def test_deploy_refuses_bad_trainer_options_before_connecting(extra: list[str], 
     assert main(["deploy", "-c", str(path), "--", *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+ODD_FILES = {
+    "binary": (bytes(range(256)) * 4, "not a UTF-8 text file"),
+    "latin-1": ("target: local\nssh:\n  user: jos\xe9\n".encode("latin-1"), "not a UTF-8 text file"),
+    "NUL bytes": (b"target: local\n\0\0\0", "not a UTF-8 text file"),
+    "duplicate nested key": (b"target: ssh\nssh:\n  host: a.example.com\n  user: x\n  host: b.example.com\n",
+                             "line 5: duplicate key 'host' (first given on line 3)"),
+    "duplicate top key": (b"target: local\ntarget: ssh\n", "line 2: duplicate key 'target' (first given on line 1)"),
+    "duplicate train key": (b"target: local\ntrain:\n  epochs: 1\n  epochs: 2\n", "line 4: duplicate key 'epochs'"),
+    "duplicate in a flow mapping": (b"target: local\nssh: {host: a, host: b}\n", "line 2: duplicate key 'host'"),
+}
+
+
+@pytest.mark.parametrize("case", ODD_FILES)
+@pytest.mark.parametrize("command", [["config", "check"], ["deploy"]])
+def test_binary_files_and_duplicate_keys_are_one_line_and_exit_2(case: str, command: list[str], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data, expected = ODD_FILES[case]
+    path = tmp_path / "deploy.yaml"
+    path.write_bytes(data)
+    code = main([*command, "-c", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"orch: error: {path}: "), err
+    assert expected in err and "unexpected" not in err
+
+
+def test_merge_keys_and_a_byte_order_mark_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_bytes(b"\xef\xbb\xbftarget: ssh\nssh:\n  <<: {host: a.example.com, user: u}\n  user: v\n")
+    cfg = load_config(path)
+    assert (cfg.ssh.host, cfg.ssh.user) == ("a.example.com", "v")  # an explicit key overrides a merged one
+
+
+def test_a_log_line_with_brackets_is_printed_as_is(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import Env
+
+    Env().log("data: 3 files sent to /data/[raw]/x and [/oops]")
+    assert "/data/[raw]/x and [/oops]" in capsys.readouterr().err

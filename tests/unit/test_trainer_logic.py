@@ -122,17 +122,22 @@ def test_run_dir_files(tmp_path: Path) -> None:
     status = json.loads(run.file(layout.STATUS).read_text())
     assert status["state"] == "failed" and status["error"] == "boom" and status["epochs"] == 5
     assert set(status) >= {"state", "epoch", "epochs", "error", "updated_at"}
-    run.write_metrics([{"epoch": 1}, {"epoch": 2}])
-    run.write_metrics([{"epoch": 1}])
-    assert run.file(layout.METRICS).read_text() == '{"epoch": 1}\n'
-    (run.file(layout.BEST_WEIGHTS)).write_bytes(b"w" * 100)
     (run.file(layout.stats_path("classes.json"))).write_text("[]")
-    run.refresh_manifest()
+    saved = run.write_checkpoint(1, lambda tmp: tmp.write_bytes(b"w" * 100))
+    run.commit(run.state.after_epoch({"epoch": 1, "val_accuracy": 0.5}, saved))
+    run.publish(layout.RUNNING)
+    assert run.file(layout.METRICS).read_text() == '{"epoch": 1, "val_accuracy": 0.5}\n'
+    status = json.loads(run.file(layout.STATUS).read_text())
+    assert (status["state"], status["error"], status["epoch"], status["best_epoch"]) == ("running", None, 1, 1)
     entries = layout.parse_manifest(run.file(layout.MANIFEST).read_text())
-    assert list(entries) == [layout.BEST_WEIGHTS, layout.STATUS, layout.METRICS, "stats/classes.json"]
+    # while running: what does not change (status and metrics do)
+    assert list(entries) == [layout.BEST_WEIGHTS, "stats/classes.json"]
     import hashlib
 
     assert entries[layout.BEST_WEIGHTS] == hashlib.sha256(b"w" * 100).hexdigest()
+    run.finish(layout.FINISHED)
+    entries = layout.parse_manifest(run.file(layout.MANIFEST).read_text())
+    assert list(entries) == [layout.BEST_WEIGHTS, "stats/classes.json", layout.STATUS, layout.METRICS]
 
 
 def test_parse_manifest_rejects_garbage() -> None:

@@ -1,0 +1,62 @@
+"""What the instance costs: its hourly price (deploy.yaml's ec2.hourly_price, else the spot
+price EC2 reports for a spot instance, else the on-demand table shipped in prices.json, dated)
+and, from its uptime since it last started, an estimate of the cost so far."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from orchestrator import ec2
+from orchestrator.config import Ec2Config
+
+PRICES = Path(__file__).with_name("prices.json")
+
+
+@cache
+def price_table() -> dict[str, Any]:
+    return json.loads(PRICES.read_text())
+
+
+@dataclass(frozen=True)
+class Cost:
+    hourly_usd: float | None
+    source: str  # where the price comes from
+    uptime_hours: float | None  # since the instance last started (None: not running)
+    so_far_usd: float | None
+
+    def describe(self) -> str:
+        if self.hourly_usd is None:
+            return f"price unknown ({self.source})"
+        text = f"${self.hourly_usd:.3f}/hour ({self.source})"
+        if self.uptime_hours is not None and self.so_far_usd is not None:
+            text += f"; up {self.uptime_hours:.1f} h since it started: about ${self.so_far_usd:.2f} so far"
+        return text
+
+
+def estimate(client: Any, cfg: Ec2Config, inst: ec2.Instance, now: datetime | None = None) -> Cost:
+    hourly, source = _hourly(client, cfg, inst)
+    uptime = None
+    if inst.state == "running" and inst.launch_time is not None:
+        now = now or datetime.now(timezone.utc)
+        uptime = max(0.0, (now - inst.launch_time).total_seconds() / 3600)
+    so_far = hourly * uptime if hourly is not None and uptime is not None else None
+    return Cost(hourly, source, uptime, so_far)
+
+
+def _hourly(client: Any, cfg: Ec2Config, inst: ec2.Instance) -> tuple[float | None, str]:
+    if cfg.hourly_price is not None:
+        return cfg.hourly_price, "ec2.hourly_price"
+    if inst.spot:
+        price = ec2.spot_price(client, inst)
+        if price is not None:
+            return price, f"current spot price in {inst.zone or cfg.region}"
+    table = price_table()
+    price = table["usd_per_hour"].get(inst.instance_type or "")
+    if price is None:
+        return None, f"{inst.instance_type} is not in orch's price table: set ec2.hourly_price"
+    return price, f"on-demand, {table['region']} prices of {table['date']}; ec2.hourly_price overrides"

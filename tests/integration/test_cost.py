@@ -1,0 +1,208 @@
+"""Money: only deploy, resume and up start a stopped instance (moto says so); `orch down`
+refuses while a run is active; `orch status` shows what the box costs; autostop runs its
+command on the machine once, after the idle period, never while a run is active."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.integration.conftest import Sshd, run_orch, write_config
+from tests.integration.trainer_proc import metrics, status
+from trainer import layout
+from trainer.synth import synth
+
+pytestmark = pytest.mark.slow
+TINY = {"batch_size": 8, "hidden": 8, "attention": 4, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cost-features")
+    synth(root, n=60, dim=8, seed=8, min_frames=4, max_frames=6)
+    return root
+
+
+def ec2_client(endpoint: str):  # noqa: ANN201
+    return boto3.client("ec2", region_name="us-east-1", endpoint_url=endpoint, aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+def instance(endpoint: str, name: str, **kwargs: object) -> str:
+    ec2 = ec2_client(endpoint)
+    image = ec2.describe_images()["Images"][0]["ImageId"]
+    return ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, InstanceType="g5.xlarge", TagSpecifications=[
+        {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": name}]}], **kwargs)["Instances"][0]["InstanceId"]
+
+
+def state_of(endpoint: str, instance_id: str) -> str:
+    found = ec2_client(endpoint).describe_instances(InstanceIds=[instance_id])
+    return found["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+
+def config(tmp_path: Path, sshd: Sshd, features: Path, *, target: str = "ec2", ec2: dict | None = None,
+           **extra: object) -> Path:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts_line())
+    sections: dict = {
+        "target": target,
+        "ssh": {"host": "127.0.0.1", "port": sshd.port, "user": os.environ.get("USER") or "root",
+                "key_file": str(sshd.client_key), "known_hosts": str(known_hosts)},
+        "remote": {"root": str(tmp_path / "remote"), "python": sys.executable},
+        "data": {"remote_dir": str(features)},
+        "train": {**TINY, "cache_dir": str(tmp_path / "cache")}, **extra}
+    if ec2 is not None:
+        sections["ec2"] = {"region": "us-east-1", **ec2}
+    return write_config(tmp_path / "deploy.yaml", **sections)
+
+
+def test_read_only_commands_never_start_a_stopped_instance(tmp_path: Path, sshd: Sshd, features: Path,
+                                                          moto_endpoint: str, aws_creds: None) -> None:
+    iid = instance(moto_endpoint, f"stopped-{tmp_path.name}")
+    ec2_client(moto_endpoint).stop_instances(InstanceIds=[iid])
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
+    for command in (["runs"], ["logs"], ["monitor", "--once"], ["download"], ["stop"], ["status"]):
+        proc = run_orch(*command, "-c", cfg)
+        assert proc.returncode == 11, (command, proc.stderr)
+        assert f"instance {iid} is stopped; `orch up` starts it" in proc.stderr
+        assert state_of(moto_endpoint, iid) == "stopped", command
+    assert not (tmp_path / "remote").exists()  # nothing was asked of the machine
+    st = run_orch("status", "-c", cfg, "--json")
+    assert json.loads(st.stdout)["instance"]["type"] == "g5.xlarge"
+    assert run_orch("up", "-c", cfg).returncode == 0 and state_of(moto_endpoint, iid) == "running"
+
+
+def test_down_refuses_while_a_run_is_active(tmp_path: Path, sshd: Sshd, features: Path, moto_endpoint: str,
+                                           aws_creds: None) -> None:
+    iid = instance(moto_endpoint, f"busy-{tmp_path.name}")
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
+    run = run_orch("deploy", "-c", cfg, "--json", "--run-id", "long", "--", "--epochs", "500")
+    assert run.returncode == 0, run.stderr
+    run_dir = Path(json.loads(run.stdout)["run_dir"])
+    try:
+        refused = run_orch("down", "-c", cfg)
+        assert refused.returncode == 6 and "run long is still running" in refused.stderr
+        assert state_of(moto_endpoint, iid) == "running"
+        forced = run_orch("down", "-c", cfg, "--force")
+        assert forced.returncode == 0 and f"{iid} stopped" in forced.stdout
+        assert state_of(moto_endpoint, iid) == "stopped"
+    finally:
+        pid = int((run_dir / layout.PID_FILE).read_text().split()[0])
+        os.kill(pid, 9)
+
+
+def test_status_shows_the_cost(tmp_path: Path, sshd: Sshd, features: Path, moto_endpoint: str,
+                               aws_creds: None) -> None:
+    iid = instance(moto_endpoint, f"priced-{tmp_path.name}")
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
+    doc = json.loads(run_orch("status", "-c", cfg, "--json").stdout)
+    cost = doc["instance"]["cost"]
+    assert doc["instance"]["state"] == "running" and cost["hourly_usd"] == 1.006  # the shipped g5.xlarge price
+    assert "on-demand" in cost["source"] and cost["uptime_hours"] is not None and cost["so_far_usd"] >= 0
+    text = run_orch("status", "-c", cfg).stdout
+    assert "g5.xlarge" in text and "$1.006/hour" in text and "so far" in text and "autostop: off" in text
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint,
+                                               "hourly_price": 0.5})
+    assert json.loads(run_orch("status", "-c", cfg, "--json").stdout)["instance"]["cost"]["hourly_usd"] == 0.5
+    spot = instance(moto_endpoint, f"spot-{tmp_path.name}", InstanceMarketOptions={"MarketType": "spot"})
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": spot, "endpoint_url": moto_endpoint})
+    doc = json.loads(run_orch("status", "-c", cfg, "--json").stdout)
+    assert doc["instance"]["spot"] and "spot price" in doc["instance"]["cost"]["source"]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_autostop_runs_once_after_the_idle_period_and_never_during_a_run(tmp_path: Path, sshd: Sshd,
+                                                                         features: Path) -> None:
+    marker = tmp_path / "STOPPED"
+    # 3 s of idleness (fractions of minutes allowed); the command writes a marker, once
+    cfg = config(tmp_path, sshd, features, target="ssh",
+                 autostop={"idle_minutes": 0.05, "command": f"echo stopped >> {marker}"})
+    run = run_orch("deploy", "-c", cfg, "--json", "--", "--epochs", "8")
+    out = json.loads(run.stdout)
+    assert run.returncode == 0 and out["autostop"]["armed"] and out["autostop"]["watcher_alive"]
+    run_dir = Path(out["run_dir"])
+    while status(run_dir).get("state") not in layout.FINAL_STATES:
+        assert not marker.exists(), "autostop fired while a run was active"
+        time.sleep(0.2)
+    assert len(metrics(run_dir)) == 8
+    finished = time.monotonic()
+    wait_for(marker.exists, 60, "the autostop command")
+    assert time.monotonic() - finished >= 2.0  # not before the idle period
+    time.sleep(4)
+    assert marker.read_text() == "stopped\n"  # once
+    log = (tmp_path / "remote" / layout.WATCHER_LOG).read_text()
+    assert "no run active for" in log and "running" in log
+
+
+def test_a_deploy_inside_the_idle_period_rearms_autostop_and_off_disarms(tmp_path: Path, sshd: Sshd,
+                                                                          features: Path) -> None:
+    marker = tmp_path / "STOPPED"
+    # (tests never arm the default command: it would shut this machine down)
+    cfg = config(tmp_path, sshd, features, target="ssh", autostop={"idle_minutes": 0.1, "command": f"touch {marker}"})
+
+    def deploy_and_finish() -> float:
+        proc = run_orch("deploy", "-c", cfg, "--json", "--", "--epochs", "1")
+        assert proc.returncode == 0, proc.stderr
+        run_dir = Path(json.loads(proc.stdout)["run_dir"])
+        wait_for(lambda: status(run_dir).get("state") == "finished", 120, "the run")
+        return time.monotonic()
+
+    deploy_and_finish()
+    time.sleep(3)  # half of the 6 s idle period: one more deploy re-arms it
+    assert not marker.exists()
+    second = deploy_and_finish()
+    wait_for(marker.exists, 60, "the autostop command")
+    assert time.monotonic() - second >= 5.0  # counted from the last run, not the first
+    assert "autostop: off" in run_orch("status", "-c", cfg).stdout  # it ran: the next deploy arms it again
+    marker.unlink()
+    off = run_orch("deploy", "-c", cfg, "--json", "--autostop", "off", "--", "--epochs", "1")
+    assert off.returncode == 0 and json.loads(off.stdout)["autostop"]["armed"] is False
+    time.sleep(8)
+    assert not marker.exists()
+
+
+def test_autostop_on_target_local_needs_an_explicit_command(tmp_path: Path, features: Path) -> None:
+    cfg = write_config(tmp_path / "deploy.yaml", target="local", remote={"root": str(tmp_path / "remote")},
+                       data={"remote_dir": str(features)})
+    proc = run_orch("deploy", "-c", cfg, "--autostop", "5")
+    assert proc.returncode == 2 and "would shut this computer down" in proc.stderr
+    assert not (tmp_path / "remote").exists()
+
+
+def test_down_asks_on_a_terminal(tmp_path: Path, sshd: Sshd, features: Path, moto_endpoint: str,
+                                 aws_creds: None) -> None:
+    import pty
+    import select
+    import subprocess
+
+    from tests.integration.trainer_proc import trainer_env
+
+    iid = instance(moto_endpoint, f"asked-{tmp_path.name}")
+    cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "down", "-c", str(cfg)], stdin=slave,
+                            stdout=slave, stderr=slave, env=trainer_env())
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"Stop instance" not in seen and time.monotonic() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            seen += os.read(master, 4096)
+    assert f"Stop instance {iid}".encode() in seen
+    os.write(master, b"n\n")
+    assert proc.wait(timeout=60) == 130
+    os.close(master)
+    assert state_of(moto_endpoint, iid) == "running"  # declined: left running

@@ -1,0 +1,217 @@
+"""orch's command line: one error boundary (one line, exit 2 for usage mistakes), -c anywhere,
+--version, completion, exit codes in --help, run ids shown whole, text shown as it is."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from orchestrator import cli
+from orchestrator.cli import main
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orch: error: "), err
+    assert "unexpected" not in err and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bogus"], "No such command 'bogus'"),
+    (["monitor", "--interval", "0.1"], "--interval"),
+    (["runs", "--bogus"], "No such option: --bogus"),
+    (["deploy", "--bogus"], "No such option: --bogus"),  # only what follows `--` is the trainer's
+    (["resume", "--epochs", "ten"], "--epochs"),
+])
+def test_usage_mistakes_are_one_line_and_exit_2(argv: list[str], expected: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert expected in line and "--help" in line
+
+
+def test_bare_orch_and_bare_groups_show_their_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    out = capsys.readouterr()
+    assert "deploy" in out.out and "monitor" in out.out and "unexpected" not in out.err
+    assert main(["config"]) == 2
+    assert "schema" in capsys.readouterr().out
+
+
+def test_version_and_completion(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"orch {__version__}"
+    assert main(["--show-completion", "bash"]) == 0
+    assert "complete" in capsys.readouterr().out
+
+
+def test_help_lists_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.exitcodes import MEANINGS
+
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for code, (meaning, who) in MEANINGS.items():
+        if who in ("both", "orch"):
+            assert f"{int(code)} {meaning.split()[0]}" in text
+
+
+def test_config_before_or_after_the_command_or_from_the_environment(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    path = tmp_path / "my.yaml"
+    path.write_text("target: local\ntrain:\n  epochs: 7\n")
+    for argv in (["-c", str(path), "config", "check"], ["config", "check", "-c", str(path)],
+                 ["--config", str(path), "config", "check"]):
+        assert main(argv) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 7
+    monkeypatch.setenv("ORCH_CONFIG", str(path))
+    assert main(["config", "check"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 7
+    other = tmp_path / "other.yaml"
+    other.write_text("target: local\ntrain:\n  epochs: 3\n")
+    assert main(["config", "check", "-c", str(other)]) == 0  # the command line wins over the environment
+    assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 3
+
+
+def test_an_unknown_aws_profile_is_an_aws_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: ec2\nec2:\n  name: gpu\n  profile: nope\n")
+    assert main(["status", "-c", str(path)]) == 3
+    assert "nope" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_missing_key_file_is_named_before_connecting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: ssh\nssh:\n  host: 127.0.0.1\n  port: 1\n  key_file: nowhere.pem\n")
+    assert main(["runs", "-c", str(path)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"ssh.key_file: {tmp_path / 'nowhere.pem'} does not exist" in line
+
+
+def test_messages_show_brackets_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), markup=False, width=200)
+    monkeypatch.setattr(cli.env, "err", console)
+    cli.env.log("sent to /data/[x]/set [/x] and x[red]y")  # [/x] used to crash rich's markup parser
+    assert "sent to /data/[x]/set [/x] and x[red]y" in console.file.getvalue()
+
+
+def run_rows(ids: list[str]) -> list[dict]:
+    return [{"run_id": i, "parent": None, "state": "finished", "epoch": 3, "epochs": 3, "best_val_accuracy": 0.5,
+             "started_at": "2026-11-21T10:30:15+00:00", "seconds": 60.0} for i in ids]
+
+
+@pytest.mark.parametrize("terminal_width", [None, 40, 60, 120])
+def test_run_ids_are_never_cut(terminal_width: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from orchestrator.runs import runs_table
+
+    ids = ["20261121-103015-a3f9", "20261121-103015-a3f9-extended-by-hand"]
+    out = io.StringIO()
+    # None: a pipe (`orch runs | cat`); else a terminal that wide
+    console = Console(file=out, markup=False, force_terminal=terminal_width is not None,
+                      width=terminal_width or 80)
+    monkeypatch.setattr(cli.env, "out", console)
+    cli._print_table(runs_table(run_rows(ids)))
+    text = out.getvalue()
+    for run_id in ids:
+        assert run_id in text, text
+    assert "…" not in text.split("┃")[1]  # the id column's cells are whole
+
+
+def test_runs_with_no_runs_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"target: local\nremote:\n  root: {tmp_path / 'root'}\n")
+    assert main(["runs", "-c", str(path)]) == 0
+    assert "no runs yet" in capsys.readouterr().out
+
+
+def test_autostop_plan(tmp_path: Path) -> None:
+    from orchestrator.autostop import plan
+    from orchestrator.config import load_config
+    from orchestrator.errors import ConfigError
+
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: ssh\nssh:\n  host: gpu\n")
+    cfg = load_config(path)
+    assert not plan(cfg, None).change  # nothing said: the machine's setting is left as it is
+    assert plan(cfg, "off").change and plan(cfg, "off").idle_minutes is None
+    armed = plan(cfg, "30")
+    assert (armed.idle_minutes, armed.command) == (30.0, "sudo shutdown -h now")
+    for bad in ("soon", "0", "-5", "nan"):
+        with pytest.raises(ConfigError):
+            plan(cfg, bad)
+    path.write_text("target: ssh\nssh:\n  host: gpu\nautostop:\n  idle_minutes: 45\n")
+    assert plan(load_config(path), None).idle_minutes == 45
+
+
+def test_the_readme_iam_policy_lists_exactly_the_actions_orch_calls() -> None:
+    import json
+    import re
+
+    from orchestrator import ec2
+
+    source = Path(ec2.__file__).read_text()
+    called = {"ec2:" + "".join(w.title() for w in name.split("_"))
+              for name in re.findall(r"_call\([^,]+, ec2\.([a-z_]+)", source) if name != "get_waiter"}
+    called.add("ec2:DescribeInstances")  # what the instance_running/stopped waiters poll
+    assert called == set(ec2.IAM_ACTIONS)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    policy = json.loads(re.search(r"```json\n\s*(\{.*?\})\s*```", readme, re.S).group(1))
+    assert sorted(policy["Statement"][0]["Action"]) == sorted(ec2.IAM_ACTIONS)
+
+
+def test_run_ids_with_brackets_are_shown_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from orchestrator.runs import runs_table
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli.env, "out", Console(file=out, markup=False, width=200))
+    cli._print_table(runs_table(run_rows(["x[red]y", "a[/b]c"])))
+    assert "x[red]y" in out.getvalue() and "a[/b]c" in out.getvalue()
+
+
+def test_a_prefix_names_a_run_and_an_ambiguous_one_lists_the_candidates() -> None:
+    from orchestrator.errors import ConfigError
+    from orchestrator.machine import find_run
+    from trainer.wire import RunInfo
+
+    runs = [RunInfo(i) for i in ("20261121-103015-a3f9", "20261121-113015-b1c2", "20261122-090000-ffff")]
+    assert find_run(runs, "20261122", "host").run_id == "20261122-090000-ffff"
+    assert find_run(runs, "20261121-103015-a3f9", "host").run_id == "20261121-103015-a3f9"
+    with pytest.raises(ConfigError, match="ambiguous.*20261121-103015-a3f9, 20261121-113015-b1c2"):
+        find_run(runs, "20261121", "host")
+    with pytest.raises(ConfigError, match="no run 'nope'"):
+        find_run(runs, "nope", "host")
+
+
+def test_relative_remote_paths_are_relative_to_the_login_home(tmp_path: Path) -> None:
+    from orchestrator.remote import LocalRemote
+
+    remote = LocalRemote(tmp_path)
+    remote._home = "/home/ubuntu"  # as `printf %s "$HOME"` would say on the machine
+    assert remote.expand("audio_emotion") == "/home/ubuntu/audio_emotion"
+    assert remote.expand("~/x") == "/home/ubuntu/x" and remote.expand("/abs") == "/abs"
+
+
+def test_trainer_help_lists_the_shared_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import main as trainer_main
+    from trainer.exitcodes import MEANINGS
+
+    assert trainer_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for code, (meaning, who) in MEANINGS.items():
+        if who in ("both", "trainer"):
+            assert f"{int(code)} {meaning[:30]}" in " ".join(text.split())
