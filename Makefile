@@ -33,7 +33,7 @@ lint: $(VENV)/.installed
 ## bench: every benchmark (each prints ratios against its named baseline; ~10 minutes)
 bench: $(VENV)/.installed
 	$(PY) bench/bench_load.py
-	$(PY) bench/bench_train.py --n 3000 --epochs 25
+	$(PY) bench/bench_train.py --seeds 2
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_download.py
 
