@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## demo: the whole loop on the local target (deploy.yaml), on a SYNTHETIC data set
 demo: $(VENV)/.installed
-	$(PY) -m trainer synth $(DEMO)/data --n 1000 --seed 0
+	$(PY) -m trainer synth $(DEMO)/data --n 1500 --seed 0
 	$(PY) -m trainer check-data $(DEMO)/data
 	$(ORCH) deploy --sync-data --follow
 	$(ORCH) download --best
@@ -33,7 +33,7 @@ lint: $(VENV)/.installed
 ## bench: every benchmark (each prints ratios against its named baseline; ~10 minutes)
 bench: $(VENV)/.installed
 	$(PY) bench/bench_load.py
-	$(PY) bench/bench_train.py --n 3000 --epochs 25
+	$(PY) bench/bench_train.py --seeds 2
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_download.py
 

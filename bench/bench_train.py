@@ -1,14 +1,24 @@
-"""Training benchmarks on SYNTHETIC data (speaker split), each against a named baseline
-measured in the same run:
+"""Training benchmarks on SYNTHETIC data, each against a baseline measured in the same run.
 
-1. accuracy: `trainer train` vs logistic regression on mean-pooled normalized features
-   (scikit-learn, same split, same training-split statistics);
-2. input-pipeline overhead: median time per epoch of `trainer train` vs `model.fit` of the
-   same model on the same arrays already in memory as one padded tensor (target <= 1.1);
-3. memory: peak RSS of the training process vs the size of the dataset arrays, with the peak
-   RSS of the same run on a tiny dataset as the fixed baseline (TensorFlow itself).
+The data: ``trainer synth`` at its default difficulty; a share of the speakers of each corpus
+is moved to a HELD-OUT folder that neither training nor validation sees. Our model is measured
+on the product path: ``python -m trainer train`` (speaker split of the rest), then
+``python -m trainer predict --run-dir RUN HELDOUT --json``, scored from the files' labels.
 
-    python bench/bench_train.py [--n 2000] [--epochs 30]
+1. held-out speakers: our model (default options) vs a logistic regression and a small MLP
+   (scikit-learn) on mean+std pooled, z-scored features (the run's statistics and split;
+   each baseline's regularization chosen on the validation split); accuracy, unweighted
+   accuracy (UA, mean per-class recall) and macro-F1, mean ± sd over seeds;
+2. ablation: what each generalization measure adds on held-out speakers (each measure taken
+   out of the defaults, or added when it is off by default; paired by seed);
+3. layer weighting on (L, T, D) features: learned vs plain average;
+4. extension recipes: how often and by how much a run extended from a finished run
+   (``--init-from``) beats its parent on held-out speakers, the seed recipe vs alternatives;
+5. time per epoch of ``trainer train`` vs ``model.fit`` of the same model on one padded
+   in-memory tensor; peak RSS vs the same run on a tiny dataset.
+
+    python bench/bench_train.py [--n 3000] [--seeds 3] [--json results.json]
+    python bench/bench_train.py --quick      # tiny sizes, seconds of training, nothing asserted
 """
 
 from __future__ import annotations
@@ -21,7 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,40 +42,268 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import layout  # noqa: E402
+from trainer import layout, options  # noqa: E402
 from trainer.config import Architecture  # noqa: E402
-from trainer.data import load_dataset  # noqa: E402
-from trainer.split import load_split  # noqa: E402
-from trainer.stats import load_stats  # noqa: E402
-from trainer.synth import synth  # noqa: E402
+from trainer.data import Dataset, load_dataset  # noqa: E402
+from trainer.evaluate import classification_report  # noqa: E402
+from trainer.labels import label_from_path  # noqa: E402
+from trainer.split import Split, load_split  # noqa: E402
+from trainer.stats import Stats, load_stats  # noqa: E402
+from trainer.synth import MARKER, synth  # noqa: E402
+
+METRICS = ("accuracy", "unweighted_accuracy", "macro_f1")
+METRIC_NAMES = {"accuracy": "accuracy", "unweighted_accuracy": "UA", "macro_f1": "macro-F1"}
 
 
-def run_trainer(args: list[str], log: Path) -> tuple[int, float]:
+@dataclass(frozen=True)
+class Measure:
+    """One generalization measure of the ablation: its option, its value when it is left out
+    (the trainer before issue 11), and the value tried when the default leaves it out."""
+
+    option: str
+    off: Any
+    tried: Any
+
+    @property
+    def default(self) -> Any:
+        return options.default(self.option)
+
+    def row(self) -> tuple[str, dict[str, Any]]:
+        """(label, options) of the ablation row: the defaults without it, or with it added."""
+        if self.default != self.off:
+            return f"without {self.option} ({self.off})", {self.option: self.off}
+        return f"with {self.option} {self.tried}", {self.option: self.tried}
+
+
+MEASURES = (
+    Measure("frame_dropout", 0.0, 0.2),
+    Measure("feature_noise", 0.0, 0.5),
+    Measure("mixup", 0.0, 0.4),
+    Measure("head_dropout", 0.3, 0.6),
+    Measure("weight_decay", 1e-4, 0.05),
+    Measure("ema_epochs", 0.0, 2.0),
+    Measure("patience", 0, 10),
+)
+BEFORE = {m.option: m.off for m in MEASURES}  # every measure out: the trainer before issue 11
+# Extension recipes: (name, options of the extended run besides --init-from).
+RECIPES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("seed recipe (lr x0.5, warm-up 1)", {}),
+    ("lr x0.1, warm-up 1", {"learning_rate": 0.1}),
+    ("lr x1 (warm restart), warm-up 2", {"learning_rate": 1.0, "warmup_epochs": 2}),
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    n: int
+    dim: int
+    min_frames: int
+    max_frames: int
+    layers_dim: int  # (L, T, D) set of section 3
+    layers: int
+    epochs: int | None  # None: the trainer's default (with early stopping)
+    extension_epochs: int | None  # None: the recipe's own (the options table's extend value)
+    seeds: tuple[int, ...]
+    timing_epochs: int
+
+
+def sizes(args: argparse.Namespace) -> Sizes:
+    if args.quick:
+        return Sizes(n=480, dim=16, min_frames=6, max_frames=12, layers_dim=8, layers=3, epochs=2,
+                     extension_epochs=1, seeds=(1,), timing_epochs=2)
+    return Sizes(n=args.n, dim=args.dim, min_frames=20, max_frames=60, layers_dim=args.layers_dim,
+                 layers=args.layers, epochs=args.epochs, extension_epochs=args.extension_epochs,
+                 seeds=tuple(range(1, args.seeds + 1)), timing_epochs=6)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def speaker_of(path: Path) -> str:
+    info = label_from_path(path.name)
+    return f"{info.corpus}:{info.speaker}"
+
+
+def hold_out_speakers(source: Path, train_dir: Path, heldout_dir: Path, share: float, seed: int = 0) -> int:
+    """Move the files of ``share`` of each corpus's speakers to ``heldout_dir``, the rest to
+    ``train_dir`` (both keep the SYNTHETIC marker); returns the number of held-out speakers."""
+    files = sorted(p for p in source.iterdir() if p.suffix in (".npz", ".npy"))
+    speakers = sorted({speaker_of(p) for p in files})
+    rng = np.random.default_rng(seed)
+    held: set[str] = set()
+    for corpus in sorted({s.split(":")[0] for s in speakers}):
+        members = [s for s in speakers if s.startswith(corpus + ":")]
+        held |= set(rng.choice(members, max(1, round(share * len(members))), replace=False).tolist())
+    for folder in (train_dir, heldout_dir):
+        folder.mkdir(parents=True)
+        shutil.copy(source / MARKER, folder / MARKER)
+    for p in files:
+        p.rename((heldout_dir if speaker_of(p) in held else train_dir) / p.name)
+    return len(held)
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    train: Path
+    heldout: Path
+    description: str
+
+
+def make_data(work: Path, name: str, s: Sizes, share: float, *, dim: int, layers: int = 0) -> DataSet:
+    source = work / f"{name}-all"
+    summary = synth(source, n=s.n, seed=0, dim=dim, min_frames=s.min_frames, max_frames=s.max_frames,
+                    dtype="float16", layers=layers)
+    held = hold_out_speakers(source, work / f"{name}-train", work / f"{name}-heldout", share)
+    shutil.rmtree(source)
+    total = sum(summary.speakers.values())
+    heldout_files = sum(1 for p in (work / f"{name}-heldout").iterdir() if p.suffix in (".npz", ".npy"))
+    description = (f"{s.n} files, per-frame shape {summary.feature_shape}, {total} speakers; "
+                   f"{held} speakers ({heldout_files} files) held out")
+    return DataSet(name, work / f"{name}-train", work / f"{name}-heldout", description)
+
+
+# --------------------------------------------------------------------------- our model
+
+
+def run_trainer(args: Sequence[str], log: Path) -> tuple[int, float]:
     """Run `python -m trainer ...`; returns (exit code, peak RSS in MB of that process)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                env=env)
         _pid, status, usage = os.wait4(proc.pid, 0)
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
 
 
-def logistic_regression_accuracy(ds, split, stats) -> float:
+def score(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, float]:
+    index = {c: i for i, c in enumerate(classes)}
+    report = classification_report(np.array([index[t] for t in truth]), np.array([index[p] for p in predicted]),
+                                   classes)
+    return {m: report[m] for m in METRICS}
+
+
+def predict_heldout(run: Path, heldout: Path) -> dict[str, float]:
+    """The product path: `trainer predict --json` on the held-out folder, scored by file names."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "trainer", "predict", "--run-dir", str(run), str(heldout), "--json"],
+                         capture_output=True, text=True, env=env)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        sys.exit(f"predict on {heldout} gave nothing: {out.stderr[-2000:]}")
+    classes = list(rows[0]["probabilities"])
+    pairs = [(label_from_path(Path(r["path"]).name).label, r["label"]) for r in rows]
+    pairs = [(t, p) for t, p in pairs if t in classes]  # RAVDESS surprise is not a class
+    return score([t for t, _ in pairs], [p for _, p in pairs], classes)
+
+
+@dataclass
+class Run:
+    """One finished trainer run and its held-out scores."""
+
+    path: Path
+    heldout: dict[str, float]
+    status: dict[str, Any]
+    peak_rss_mb: float
+    seconds: float
+
+
+@dataclass
+class Trainer:
+    """Trains runs into ``work/runs`` with the bench's common options."""
+
+    work: Path
+    common: list[str]  # every run's options but --epochs (extra options come after: they win)
+    progress: Callable[[str], None]
+    runs: list[Run] = field(default_factory=list)
+
+    def train(self, name: str, data: DataSet, values: dict[str, Any], extra: Sequence[str], *,
+              epochs: int | None) -> Run:
+        """One run of ``epochs`` (None: the trainer's own choice, e.g. an extension recipe's)."""
+        run = self.work / "runs" / name
+        start = time.perf_counter()
+        argv = ["train", "--data-dir", str(data.train), "--run-dir", str(run), *self.common,
+                *([] if epochs is None else ["--epochs", str(epochs)]), *extra, *options.to_argv(values)]
+        code, peak = run_trainer(argv, self.work / "runs" / f"{name}.log")
+        if code != 0:
+            sys.exit(f"trainer failed ({code}); see {self.work / 'runs' / f'{name}.log'}")
+        result = Run(run, predict_heldout(run, data.heldout), json.loads((run / layout.STATUS).read_text()), peak,
+                     time.perf_counter() - start)
+        self.progress(f"{name}: held-out accuracy {result.heldout['accuracy']:.3f}, best val "
+                      f"{result.status['best_val_accuracy']:.3f} at epoch {result.status['best_epoch']} of "
+                      f"{result.status['epoch']} ({result.seconds:.0f} s)")
+        self.runs.append(result)
+        return result
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def pooled(ds: Dataset, stats: Stats) -> np.ndarray:
+    """Mean and standard deviation over frames of the z-scored features, one row per file."""
+    rows = []
+    for i in range(len(ds)):
+        z = stats.normalize(ds.sequence(i)).reshape(len(ds.sequence(i)), -1)
+        rows.append(np.concatenate([z.mean(axis=0), z.std(axis=0)]))
+    return np.stack(rows)
+
+
+def balanced_weights(y: np.ndarray) -> np.ndarray:
+    counts = np.bincount(y)
+    return (len(y) / (np.count_nonzero(counts) * counts[y])).astype(np.float64)
+
+
+def baselines(data: DataSet, run: Path, cache: Path, quick: bool) -> dict[str, dict[str, float]]:
+    """Logistic regression and MLP on pooled features of the run's split and statistics; each
+    one's regularization is the one of a small grid that scores best on the validation split."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
 
-    pooled = np.stack([stats.normalize(ds.sequence(i)).mean(axis=0) for i in range(len(ds))])
-    y = ds.label_ids()
-    clf = LogisticRegression(max_iter=3000, C=0.1).fit(pooled[split.train], y[split.train])
-    return float(clf.score(pooled[split.val], y[split.val]))
+    ds = load_dataset(data.train, cache_dir=cache)
+    held = load_dataset(data.heldout, cache_dir=cache)
+    split, _ = load_split(run / layout.stats_path(layout.SPLIT_JSON), ds)
+    stats = load_stats(run / layout.STATS_DIR, ds.feature_shape)
+    scaler = StandardScaler().fit(pooled(ds, stats)[split.train])
+    x, x_held = scaler.transform(pooled(ds, stats)), scaler.transform(pooled(held, stats))
+    y, y_held = ds.label_ids(), held.label_ids()
+    models: dict[str, Callable[[float], Any]] = {
+        "logistic regression": lambda c: LogisticRegression(C=c, max_iter=3000),
+        "MLP (256 hidden)": lambda a: MLPClassifier((256,), alpha=a, max_iter=60 if quick else 300, random_state=0),
+    }
+    grids = {"logistic regression": (1e-3, 1e-2, 1e-1, 1.0), "MLP (256 hidden)": (1e-2, 1.0, 10.0, 30.0)}
+    out = {}
+    for name, make in models.items():
+        fitted = [_fit(make(v), x, y, split) for v in grids[name]]
+        best = max(fitted, key=lambda m: m.score(x[split.val], y[split.val]))
+        out[name] = score([ds.classes[k] for k in y_held], [ds.classes[k] for k in best.predict(x_held)], ds.classes)
+    return out
 
 
-def in_memory_fit_seconds(ds, split, stats, arch: Architecture, batch: int, epochs: int) -> float:
+def _fit(model: Any, x: np.ndarray, y: np.ndarray, split: Split) -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings of the tiny quick mode
+        return model.fit(x[split.train], y[split.train], sample_weight=balanced_weights(y[split.train]))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def in_memory_fit_seconds(data: DataSet, run: Path, cache: Path, arch: Architecture, batch: int,
+                          epochs: int) -> float:
     """Median epoch time of model.fit on one padded in-memory tensor (the baseline)."""
     import keras
 
     from trainer.model import build_model
     from trainer.pipeline import pad_batch
 
-    def tensors(idx):
+    ds = load_dataset(data.train, cache_dir=cache)
+    split, _ = load_split(run / layout.stats_path(layout.SPLIT_JSON), ds)
+    stats = load_stats(run / layout.STATS_DIR, ds.feature_shape)
+
+    def tensors(idx: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         x = pad_batch([ds.sequence(int(i)) for i in idx], stats)
         return x, np.eye(len(ds.classes), dtype=np.float32)[ds.label_ids()[idx]]
 
@@ -75,10 +316,10 @@ def in_memory_fit_seconds(ds, split, stats, arch: Architecture, batch: int, epoc
     times: list[float] = []
 
     class Clock(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.t = time.perf_counter()
 
-        def on_epoch_end(self, epoch, logs=None):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             times.append(time.perf_counter() - self.t)
 
     model.fit(x_train, y_train, validation_data=(x_val, y_val), batch_size=batch, epochs=epochs,
@@ -86,54 +327,233 @@ def in_memory_fit_seconds(ds, split, stats, arch: Architecture, batch: int, epoc
     return float(np.median(times[1:]))  # epoch 1 includes tracing
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=32)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="orch-bench-train-"))
-    data, tiny, run, tiny_run = work / "data", work / "tiny", work / "run", work / "tiny-run"
-    synth(data, n=args.n, seed=0)
-    synth(tiny, n=60, seed=0)
-    common = ["--split", "speaker", "--val-fraction", "0.2", "--batch-size", str(args.batch_size),
-              "--cache-dir", str(work / "cache")]
-
-    code, peak = run_trainer(["train", "--data-dir", str(data), "--run-dir", str(run), "--epochs",
-                              str(args.epochs), *common], work / "train.log")
-    if code != 0:
-        sys.exit(f"trainer failed ({code}); see {work / 'train.log'}")
-    _, tiny_peak = run_trainer(["train", "--data-dir", str(tiny), "--run-dir", str(tiny_run),
-                                "--epochs", "2", *common], work / "tiny.log")
-
-    ds = load_dataset(data, cache_dir=work / "cache")
-    split, _ = load_split(run / layout.stats_path(layout.SPLIT_JSON), ds)
-    stats = load_stats(run / layout.STATS_DIR, ds.feature_shape)
-    status = json.loads((run / layout.STATUS).read_text())
-    report = json.loads((run / layout.stats_path(layout.EVALUATION_JSON)).read_text())
+def median_epoch_seconds(run: Path) -> float:
     rows = [json.loads(line) for line in (run / layout.METRICS).read_text().splitlines()]
-    lr_acc = logistic_regression_accuracy(ds, split, stats)
-    ours = float(np.median([r["seconds"] for r in rows[1:]]))
-    baseline = in_memory_fit_seconds(ds, split, stats, Architecture(), args.batch_size, epochs=6)
-    data_mb = ds.frames.nbytes / 1e6
-    raw_mb = sum(p.stat().st_size for p in data.iterdir()) / 1e6
+    return float(np.median([r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]))
 
-    print(f"SYNTHETIC data: {len(ds)} samples ({raw_mb:.0f} MB of files, {data_mb:.0f} MB as float16), "
-          f"speaker split {len(split.train)} train / {len(split.val)} validation, {args.epochs} epochs")
-    print("1. accuracy on unseen speakers (validation)")
-    print(f"   baseline: logistic regression, mean-pooled normalized features  {lr_acc:.3f}")
-    print(f"   trainer train (best checkpoint)                                 {status['best_val_accuracy']:.3f}"
-          f"   (unweighted accuracy {report['unweighted_accuracy']:.3f}, macro F1 {report['macro_f1']:.3f})")
-    print(f"   difference {status['best_val_accuracy'] - lr_acc:+.3f}")
-    print("2. time per epoch (median of epochs 2..)")
-    print(f"   baseline: model.fit on one padded in-memory tensor   {baseline:6.2f} s")
-    print(f"   trainer train (checkpoints, metrics, TensorBoard)    {ours:6.2f} s   ratio {ours / baseline:.2f} (target <= 1.1)")
-    print("3. memory")
-    print(f"   peak RSS, training run                               {peak:7.0f} MB")
-    print(f"   baseline: peak RSS, same run on 60 files             {tiny_peak:7.0f} MB")
-    print(f"   dataset arrays (float16)                             {data_mb:7.0f} MB")
-    print(f"   (peak - baseline) / dataset arrays                   {(peak - tiny_peak) / data_mb:7.2f}")
-    shutil.rmtree(work, ignore_errors=True)
+
+# --------------------------------------------------------------------------- report
+
+
+def mean_sd(values: Sequence[float]) -> str:
+    values = list(values)
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def signed_mean_sd(values: Sequence[float]) -> str:
+    values = list(values)
+    sd = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
+    return f"{np.mean(values):+.3f}{sd}"
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    print(f"  {line}\n  {'-' * len(line)}")
+    for row in rows:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def metric_cells(scores: Sequence[dict[str, float]]) -> list[str]:
+    return [mean_sd([s[m] for s in scores]) for m in METRICS]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def section_heldout(ablation: dict[str, list[Run]], base: dict[int, dict[str, dict[str, float]]],
+                    seeds: Sequence[int]) -> dict[str, list[dict[str, float]]]:
+    """Section 1: ours (defaults) vs the baselines, each measured once per seed."""
+    results = {"ours: trainer train + predict (defaults)": [r.heldout for r in ablation["defaults"]]}
+    for name in next(iter(base.values())):
+        results[name] = [base[s][name] for s in seeds]
+    rows = [[name, *metric_cells(scores)] for name, scores in results.items()]
+    print_table("1. held-out speakers (SYNTHETIC data): mean ± sd over seeds " + ", ".join(map(str, seeds)),
+                ["model", *(METRIC_NAMES[m] for m in METRICS)], rows)
+    ours = np.array([s["accuracy"] for s in results["ours: trainer train + predict (defaults)"]])
+    lr = np.array([s["accuracy"] for s in results["logistic regression"]])
+    print(f"  ours - logistic regression: {signed_mean_sd(ours - lr)} accuracy (target >= +0.10)")
+    return results
+
+
+def ablation_rows() -> list[tuple[str, dict[str, Any]]]:
+    return [("defaults", {}), *(m.row() for m in MEASURES), ("before issue 11 (all of them out)", dict(BEFORE))]
+
+
+def section_ablation(ablation: dict[str, list[Run]]) -> None:
+    """Section 2: each row's held-out scores and its paired difference to the defaults."""
+    reference = [r.heldout["accuracy"] for r in ablation["defaults"]]
+    rows = []
+    for name, runs in ablation.items():
+        delta = "" if name == "defaults" else signed_mean_sd(
+            [r.heldout["accuracy"] - ref for r, ref in zip(runs, reference, strict=True)])
+        epochs = mean_sd([r.status["epoch"] for r in runs]).replace(".000", "")
+        rows.append([name, *metric_cells([r.heldout for r in runs]), delta, epochs])
+    print_table("2. ablation on held-out speakers (SYNTHETIC data): defaults = "
+                + ", ".join(f"{m.option} {m.default}" for m in MEASURES),
+                ["options", *(METRIC_NAMES[m] for m in METRICS), "Δ accuracy vs defaults", "epochs run"], rows)
+
+
+def section_layers(runs: dict[str, list[Run]], description: str) -> None:
+    rows = [[name, *metric_cells([r.heldout for r in rs])] for name, rs in runs.items()]
+    learned, plain = runs.values()
+    delta = [a.heldout["accuracy"] - b.heldout["accuracy"] for a, b in zip(learned, plain, strict=True)]
+    print_table(f"3. layer weighting, (L, T, D) SYNTHETIC data ({description})",
+                ["layers", *(METRIC_NAMES[m] for m in METRICS)], rows)
+    print(f"  learned - plain average: {signed_mean_sd(delta)} accuracy")
+
+
+def section_extension(parents: list[Run], children: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
+    """Section 4: per recipe, how often the child beats its parent on held-out speakers."""
+    rows, out = [], {}
+    for name, runs in children.items():
+        delta = [c.heldout["accuracy"] - p.heldout["accuracy"] for c, p in zip(runs, parents, strict=True)]
+        val_beat = sum((c.status.get("best_epoch") or 0) > 0 for c in runs)
+        held_beat = sum(d > 0 for d in delta)
+        out[name] = {"delta": delta, "val_beat": val_beat, "heldout_beat": held_beat}
+        rows.append([name, f"{val_beat}/{len(runs)}", f"{held_beat}/{len(runs)}", signed_mean_sd(delta),
+                     mean_sd([c.heldout["accuracy"] for c in runs])])
+    print_table("4. extended runs (--init-from the defaults run of each seed; SYNTHETIC data)",
+                ["recipe", "beat parent on validation", "beat parent held-out", "Δ held-out accuracy",
+                 "held-out accuracy"], rows)
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 epochs: checks that the bench runs")
+    ap.add_argument("--n", type=int, default=3000, help="synthetic files (before holding speakers out)")
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=6, help="L of the (L, T, D) set of section 3")
+    ap.add_argument("--layers-dim", type=int, default=256, help="D of the (L, T, D) set of section 3")
+    ap.add_argument("--heldout-share", type=float, default=0.5, help="share of each corpus's speakers held out")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds (split, initial weights, order)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help=f"epochs of every run (default: the trainer's, {options.default('epochs')}, "
+                    "with its early stopping)")
+    ap.add_argument("--extension-epochs", type=int, default=None,
+                    help="cap the extended runs' epochs (default: the recipe's, early stopping ends them)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--sections", default="heldout,ablation,layers,extension,timing",
+                    help="comma-separated subset (the defaults rows of the ablation always run)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every measurement here (after each section)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (runs, logs, data)")
+    return ap.parse_args()
+
+
+def progress(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    s = sizes(args)
+    sections = set(args.sections.split(","))
+    work = Path(tempfile.mkdtemp(prefix="orch-bench-train-"))
+    (work / "runs").mkdir()
+    cache = work / "cache"
+    data = make_data(work, "main", s, args.heldout_share, dim=s.dim)
+    epochs = f"--epochs {s.epochs}" if s.epochs else f"{options.default('epochs')} epochs (the default)"
+    print(f"SYNTHETIC data (trainer synth, default difficulty): {data.description}")
+    print(f"trainer: --split speaker --val-fraction 0.2, {epochs}, seeds {list(s.seeds)}")
+    trainer = Trainer(work, ["--split", "speaker", "--val-fraction", "0.2", "--batch-size", str(args.batch_size),
+                             "--cache-dir", str(cache)], progress)
+    results: dict[str, Any] = {"data": data.description, "seeds": list(s.seeds), "epochs": s.epochs}
+
+    def save(key: str, value: Any) -> None:
+        results[key] = value
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+
+    rows = ablation_rows() if "ablation" in sections else ablation_rows()[:1]
+    if args.quick:  # every section and table once, with as few (slow to start) trainer processes as may be
+        rows = [rows[0], rows[-1]]
+    ablation = {name: [trainer.train(f"{_slug(name)}-s{seed}", data, values, ["--seed", str(seed)], epochs=s.epochs)
+                       for seed in s.seeds] for name, values in rows}
+    save("ablation", {name: [r.heldout | {"epochs": r.status["epoch"]} for r in runs]
+                      for name, runs in ablation.items()})
+    if "heldout" in sections:
+        base = {seed: baselines(data, run.path, cache, args.quick)
+                for seed, run in zip(s.seeds, ablation["defaults"], strict=True)}
+        save("heldout", section_heldout(ablation, base, s.seeds))
+    if "ablation" in sections:
+        section_ablation(ablation)
+    if "layers" in sections:
+        save("layers", run_layers(work, s, args, trainer))
+    if "extension" in sections:
+        save("extension", run_extension(s, trainer, data, ablation["defaults"], RECIPES[:1] if args.quick else RECIPES))
+    if "timing" in sections:
+        save("timing", run_timing(work, s, args, trainer, data, ablation))
+    if args.keep:
+        print(f"\nwork folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_extension(s: Sizes, trainer: Trainer, data: DataSet, parents: list[Run],
+                  recipes: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Section 4: every recipe extends every seed's defaults run."""
+    children = {name: [trainer.train(f"ext-{_slug(name)}-s{seed}", data, _recipe(values),
+                                     ["--init-from", str(parent.path)], epochs=s.extension_epochs)
+                       for seed, parent in zip(s.seeds, parents, strict=True)]
+                for name, values in recipes}
+    return section_extension(parents, children)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")[:40]
+
+
+def _recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's options; its learning_rate is a multiple of the parent's (the default rate)."""
+    out = dict(values)
+    if "learning_rate" in out:
+        out["learning_rate"] = out["learning_rate"] * options.default("learning_rate")
+    return out
+
+
+def run_layers(work: Path, s: Sizes, args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
+    data = make_data(work, "layers", s, args.heldout_share, dim=s.layers_dim, layers=s.layers)
+    runs = {name: [trainer.train(f"layers-{_slug(name)}-s{seed}", data, {"layer_weighting": learned},
+                                 ["--seed", str(seed)], epochs=s.epochs) for seed in s.seeds]
+            for name, learned in (("learned softmax weighting (default)", True), ("plain average", False))}
+    section_layers(runs, data.description)
+    return {name: [r.heldout for r in rs] for name, rs in runs.items()}
+
+
+def run_timing(work: Path, s: Sizes, args: argparse.Namespace, trainer: Trainer, data: DataSet,
+               ablation: dict[str, list[Run]]) -> dict[str, float]:
+    """Section 5: epoch time vs an in-memory model.fit, and peak RSS vs a tiny run."""
+    reference = ablation["defaults"][0]
+    plain = next((rs[0] for name, rs in ablation.items() if name.startswith("before")), reference)
+    tiny_source = work / "tiny"
+    synth(tiny_source, n=60, seed=0, dim=s.dim, min_frames=s.min_frames, max_frames=s.max_frames)
+    tiny = DataSet("tiny", tiny_source, tiny_source, "60 files")
+    tiny_code, tiny_peak = run_trainer(["train", "--data-dir", str(tiny.train), "--run-dir", str(work / "tiny-run"),
+                                        *trainer.common, "--epochs", "2"], work / "tiny.log")
+    if tiny_code != 0:
+        sys.exit(f"tiny run failed; see {work / 'tiny.log'}")
+    ds = load_dataset(data.train, cache_dir=work / "cache")
+    baseline = in_memory_fit_seconds(data, reference.path, work / "cache", Architecture(), args.batch_size,
+                                     s.timing_epochs)
+    ours, ours_plain = median_epoch_seconds(reference.path), median_epoch_seconds(plain.path)
+    data_mb = ds.frames.nbytes / 1e6
+    out = {"in_memory_fit_s": baseline, "trainer_defaults_s": ours, "trainer_no_augmentation_s": ours_plain,
+           "peak_rss_mb": reference.peak_rss_mb, "tiny_peak_rss_mb": tiny_peak, "dataset_mb": data_mb}
+    print("\n5. time per epoch (median of epochs 2..) and memory, SYNTHETIC training folder "
+          f"({len(ds)} files, {data_mb:.0f} MB as float16)")
+    print(f"   baseline: model.fit on one padded in-memory tensor        {baseline:6.2f} s")
+    print(f"   trainer train, defaults (augmentation in numpy, EMA)      {ours:6.2f} s   ratio {ours / baseline:.2f}")
+    print(f"   trainer train, no augmentation (before issue 11)          {ours_plain:6.2f} s   ratio "
+          f"{ours_plain / baseline:.2f} (target <= 1.1)")
+    print(f"   peak RSS, training run                                    {reference.peak_rss_mb:7.0f} MB")
+    print(f"   baseline: peak RSS, same run on 60 files                  {tiny_peak:7.0f} MB")
+    print(f"   (peak - baseline) / dataset arrays                        "
+          f"{(reference.peak_rss_mb - tiny_peak) / data_mb:7.2f}")
+    return out
 
 
 if __name__ == "__main__":

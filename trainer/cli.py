@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "synth", help="write a SYNTHETIC feature set for demos and tests",
         description="Write a synthetic wav2vec-like feature set with realistic RAVDESS and "
-        f"CREMA-D file names, several speakers and variable-length (T, D) arrays. {SYNTHETIC_NOTE}",
+        "CREMA-D file names, several speakers and variable-length (T, D) or (L, T, D) arrays. Like "
+        "real frozen features, they carry more speaker than emotion information, the emotion shows "
+        "in a fraction of the frames, speakers express it differently, each corpus has its own "
+        f"channel, and feature scales span ~50x. {SYNTHETIC_NOTE}",
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     p.add_argument("--n", type=_positive, default=1000, help="number of files (default 1000)")
@@ -67,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frames", type=int, default=20, help="shortest sequence (default 20)")
     p.add_argument("--max-frames", type=int, default=60, help="longest sequence (default 60)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--difficulty", type=_positive_float, default=1.0,
+                   help="divides every emotion amplitude: 2 halves the emotion (default 1: a linear "
+                   "model on pooled features scores well below a frame-level model)")
+    p.add_argument("--layers", type=int, default=0,
+                   help="write (L, T, D) arrays of this many layers, the emotion peaking in the "
+                   "upper-middle ones (default 0: (T, D) arrays)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -154,15 +163,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from trainer.synth import synth
 
     try:
-        summary = synth(args.out_dir, n=args.n, seed=args.seed, dim=args.dim,
-                        min_frames=args.min_frames, max_frames=args.max_frames, dtype=args.dtype)
+        summary = synth(args.out_dir, n=args.n, seed=args.seed, dim=args.dim, min_frames=args.min_frames,
+                        max_frames=args.max_frames, dtype=args.dtype, difficulty=args.difficulty,
+                        layers=args.layers)
     except ValueError as exc:
         raise _usage(str(exc)) from exc
     except OSError as exc:  # a file in the way, no permission...
         raise _usage(f"{args.out_dir}: cannot write the data set there ({exc.strerror})") from exc
     per_corpus = "; ".join(f"{c}: {sum(v.values())} files, {summary.speakers[c]} speakers"
                            for c, v in summary.by_corpus_label.items())
-    print(f"wrote {summary.files} SYNTHETIC feature files to {summary.out_dir} ({per_corpus})")
+    print(f"wrote {summary.files} SYNTHETIC feature files of per-frame shape {summary.feature_shape} to "
+          f"{summary.out_dir} ({per_corpus})")
     return ExitCode.OK
 
 
@@ -247,6 +258,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 

@@ -136,27 +136,43 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch (train and validation) as a PNG."""
+def plot_title(run_id: str | None, note: str = "") -> str:
+    """The heading every plot of a run carries: the run id, and e.g. 'SYNTHETIC data'."""
+    return " · ".join(part for part in (f"run {run_id}" if run_id else "", note) if part)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, run_id: str | None = None,
+                best_epoch: int | None = None, note: str = "") -> None:
+    """Loss and accuracy per epoch (train and validation) as a PNG; the best epoch (the
+    checkpoint the run keeps) is marked on both, epoch 0 meaning an extended run's parent."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.plot(epochs, [h[key] for h in history], label=f"train {key}")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], label=f"validation {key}")
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1,
+                       label=f"best epoch {best_epoch}" + (" (parent)" if best_epoch == 0 else ""))
         ax.set_xlabel("epoch")
         ax.set_title(key)
-        ax.legend()
         ax.grid(alpha=0.3)
+    best = next((h for h in history if h["epoch"] == best_epoch), None)
+    if best is not None:
+        ax_acc.plot([best_epoch], [best["val_accuracy"]], marker="*", markersize=14, color="tab:green",
+                    linestyle="none", label=f"best val accuracy {best['val_accuracy']:.3f}")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+    fig.suptitle(plot_title(run_id, note))
     fig.tight_layout()
     _save_png(fig, path)
 
 
-def plot_confusion(report: dict[str, Any], path: Path) -> None:
+def plot_confusion(report: dict[str, Any], path: Path, run_id: str | None = None, note: str = "") -> None:
     plt = _pyplot()
     cm = np.array(report["confusion_matrix"])
     classes = report["classes"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(classes), 0.8 + 0.8 * len(classes)))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(classes), 1.2 + 0.8 * len(classes)))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -167,6 +183,7 @@ def plot_confusion(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"validation: accuracy {report['accuracy']:.3f}, UA {report['unweighted_accuracy']:.3f}")
+    fig.suptitle(plot_title(run_id, note))
     fig.tight_layout()
     _save_png(fig, path)
 

@@ -4,7 +4,7 @@ frames (B, T, D) or (B, T, L, D)  + lengths (B,)
   -> [LayerWeighting: learned softmax over the L layers]
   -> Dense per frame (projection) -> LayerNorm -> Dropout
   -> AttentiveStatsPooling (attention-weighted mean and std over the *valid* frames)
-  -> Dropout -> Dense -> Dropout -> Dense(classes) logits (float32 even in mixed precision)
+  -> head: Dropout -> Dense -> Dropout -> Dense(classes) logits (float32 even in mixed precision)
 
 Sequence lengths are an explicit input, so padding never counts, whatever its values.
 """
@@ -98,17 +98,23 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "floor": self.floor}
 
 
-def build_model(arch: Architecture, feature_shape: tuple[int, ...], n_classes: int) -> keras.Model:
-    """A fresh, built model; weights saved from any model built with the same arguments load."""
+def build_model(arch: Architecture, feature_shape: tuple[int, ...], n_classes: int, *,
+                head_dropout: float = 0.0, layer_weighting: bool = True) -> keras.Model:
+    """A fresh, built model; weights saved from any model built with the same ``arch`` and
+    ``feature_shape`` load (``head_dropout`` and ``layer_weighting`` only change training:
+    with ``layer_weighting`` off the layer weights stay at their uniform start)."""
     frames = keras.Input(shape=(None, *feature_shape), name="frames")
     lengths = keras.Input(shape=(), dtype="int32", name="lengths")
-    x = LayerWeighting(name="layer_weighting")(frames) if len(feature_shape) == 2 else frames
+    x = frames
+    if len(feature_shape) == 2:
+        x = LayerWeighting(name="layer_weighting", trainable=layer_weighting)(x)
     x = layers.Dense(arch.hidden, activation="gelu", name="frame_projection")(x)
     x = layers.LayerNormalization(name="frame_norm")(x)
     x = layers.Dropout(arch.dropout)(x)
     x = AttentiveStatsPooling(arch.attention, name="pooling")(x, lengths)
-    x = layers.Dropout(arch.dropout)(x)
+    # The head sees one vector per utterance: its dropout is set apart from the frames'.
+    x = layers.Dropout(head_dropout)(x)
     x = layers.Dense(arch.hidden, activation="gelu", name="classifier_hidden")(x)
-    x = layers.Dropout(arch.dropout)(x)
+    x = layers.Dropout(head_dropout)(x)
     logits = layers.Dense(n_classes, dtype="float32", name="logits")(x)
     return keras.Model({"frames": frames, "lengths": lengths}, logits, name="emotion_classifier")

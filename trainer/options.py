@@ -155,7 +155,7 @@ def _classes(text: str) -> str:
 
 
 # Integer options where 0 turns the measure off.
-_ZERO_MEANS_OFF = {"patience"}
+_ZERO_MEANS_OFF = {"patience", "frame_dropout", "feature_noise", "mixup", "ema_epochs"}
 
 OPTIONS: tuple[Option, ...] = (
     # ---- training
@@ -172,8 +172,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("val_fraction", float, 0.1, "share of the data used for validation", gt=0, lt=1, on_extend=INHERIT),
     Option("seed", int, 42, "random seed (split, shuffling, initial weights)", ge=0, le=2**32 - 1,
            on_extend=INHERIT),
-    Option("patience", int, 0, "stop after this many epochs without a better validation accuracy "
-           "(0: off); the best checkpoint is what the run keeps", ge=0, le=1_000_000),
     Option("clip_norm", float, 1.0, "global gradient-norm clipping", gt=0, le=1e6, on_extend=INHERIT),
     Option("weight_decay", float, 1e-4, "AdamW weight decay", ge=0, le=1, on_extend=INHERIT),
     Option("mixed_precision", bool, False, "float16 compute (GPUs with tensor cores)"),
@@ -182,12 +180,31 @@ OPTIONS: tuple[Option, ...] = (
            ge=0, lt=1, on_extend=INHERIT),
     Option("class_weights", bool, True, "weight rare classes up (RAVDESS calm is ~7x rarer)",
            group="generalization", on_extend=INHERIT),
+    Option("frame_dropout", float, 0.5, "augmentation: share of each training sequence's frames left out "
+           "(a new random choice every epoch; 0: off)", group="generalization", ge=0, le=0.9,
+           on_extend=INHERIT),
+    Option("feature_noise", float, 0.3, "augmentation: standard deviation of Gaussian noise added to the "
+           "normalized training frames (0: off)", group="generalization", ge=0, le=10, on_extend=INHERIT),
+    Option("mixup", float, 0.0, "augmentation: mixup of pairs of training sequences and their labels, "
+           "weights drawn from Beta(x, x) (0: off)", group="generalization", ge=0, le=100,
+           on_extend=INHERIT),
+    Option("head_dropout", float, 0.3, "dropout of the pooled statistics and the classifier's hidden layer",
+           group="generalization", ge=0, lt=1, on_extend=INHERIT),
+    Option("ema_epochs", float, 2.0, "weight averaging: validate, checkpoint and keep an exponential moving "
+           "average of the weights over about this many epochs (0: off)", group="generalization", ge=0,
+           le=1_000_000, on_extend=INHERIT),
+    Option("patience", int, 15, "early stopping: stop after this many epochs without a better validation "
+           "accuracy (0: off); the best checkpoint is what the run keeps, evaluates and predicts with",
+           group="generalization", ge=0, le=1_000_000),
+    Option("layer_weighting", bool, True, "(L, T, D) inputs: learn a softmax weighting of the layers "
+           "(--no-layer-weighting: their plain average)", group="generalization", on_extend=INHERIT),
     # ---- architecture
     Option("hidden", int, 256, "per-frame projection width", group="architecture", ge=1, le=65_536,
            on_extend=INHERIT, shape=True),
     Option("attention", int, 128, "attention width of the pooling layer", group="architecture", ge=1,
            le=65_536, on_extend=INHERIT, shape=True),
-    Option("dropout", float, 0.3, "dropout rate", group="architecture", ge=0, lt=1, on_extend=INHERIT),
+    Option("dropout", float, 0.3, "dropout of the per-frame projection", group="architecture", ge=0, lt=1,
+           on_extend=INHERIT),
     # ---- data
     Option("classes", str, "neutral,calm,happy,sad,angry,fear,disgust", "comma-separated class list",
            group="data", check=_classes, on_extend=INHERIT, metavar="LIST"),

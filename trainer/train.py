@@ -102,7 +102,8 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from trainer.model import WarmupCosine, build_model
+    from trainer.fitting import augmentation, compile_model, training_callbacks
+    from trainer.model import build_model
     from trainer.pipeline import BatchSequence, balanced_class_weights
     from trainer.recorder import RunRecorder
 
@@ -113,19 +114,14 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
     weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
     epoch0 = run.state.epoch
     train_seq = BatchSequence(ds, split.train, stats, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                              epoch=epoch0, class_weights=weights)
+                              epoch=epoch0, class_weights=weights, augmentation=augmentation(cfg))
     val_seq = BatchSequence(ds, split.val, stats, cfg.batch_size, shuffle=False)
     steps = len(train_seq)
     scope, devices = _distribution()
     with scope:
-        model = build_model(cfg.architecture, ds.feature_shape, len(cfg.classes))
-        schedule = WarmupCosine(cfg.learning_rate, cfg.warmup_epochs * steps, cfg.epochs * steps)
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay,
-                                           global_clipnorm=cfg.clip_norm)
-        model.compile(optimizer=optimizer,
-                      loss=keras.losses.CategoricalCrossentropy(from_logits=True,
-                                                                label_smoothing=cfg.label_smoothing),
-                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+        model = build_model(cfg.architecture, ds.feature_shape, len(cfg.classes), head_dropout=cfg.head_dropout,
+                            layer_weighting=cfg.layer_weighting)
+        optimizer = compile_model(model, cfg, steps)
     log(f"model: {model.count_params():,} parameters on {devices}; {steps} batches per epoch")
 
     # ---- starting point: our own last checkpoint, the parent's weights (epoch 0), or scratch
@@ -156,12 +152,10 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
 
     # ---- fit, committing every finished epoch; SIGTERM stops after the current batch
     recorder = RunRecorder(run, stopper, log)
-    callbacks: list[Any] = [recorder]
+    callbacks: list[Any] = training_callbacks(cfg, recorder, continuing=state.last is not None, log=log)
     if keras.backend.backend() == "tensorflow":
         callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
                                                      write_graph=False, profile_batch=0))
-    if cfg.patience:
-        callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max"))
     run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
     stopper.model = model  # from now on a signal stops fit after the current batch
     model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=epoch0,
@@ -303,6 +297,7 @@ class _Stopper:
 def _final_evaluation(run: RunDir, model: Any, ds: Any, split: Split, stats: Stats,
                       history: list[dict[str, Any]], log: Log) -> None:
     from trainer.evaluate import classification_report, plot_confusion, plot_curves, predict_probabilities
+    from trainer.synth import MARKER as SYNTHETIC_MARKER
 
     best = run.file(layout.BEST_WEIGHTS)
     if best.is_file():
@@ -310,8 +305,11 @@ def _final_evaluation(run: RunDir, model: Any, ds: Any, split: Split, stats: Sta
     probs = predict_probabilities(model, [ds.sequence(int(i)) for i in split.val], stats)
     report = classification_report(ds.label_ids()[split.val], probs.argmax(axis=1), ds.classes)
     atomic_write_json(run.file(layout.stats_path(layout.EVALUATION_JSON)), report)
+    # The plots carry the run id, mark the kept (best) checkpoint, and say when data is synthetic.
+    note = "SYNTHETIC data" if (ds.root / SYNTHETIC_MARKER).is_file() else ""
+    best_epoch = run.state.best_epoch
     if history:
-        plot_curves(history, run.file(layout.stats_path(layout.CURVES_PNG)))
-    plot_confusion(report, run.file(layout.stats_path(layout.CONFUSION_PNG)))
+        plot_curves(history, run.file(layout.stats_path(layout.CURVES_PNG)), run.path.name, best_epoch, note)
+    plot_confusion(report, run.file(layout.stats_path(layout.CONFUSION_PNG)), run.path.name, note)
     log(f"validation: accuracy {report['accuracy']:.4f}, unweighted accuracy "
         f"{report['unweighted_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}")

@@ -42,7 +42,7 @@ def day(tmp_path_factory: pytest.TempPathFactory, sshd: Sshd, moto_endpoint: str
         remote={"root": str(work / "remote"), "python": sys.executable},
         data={"remote_dir": "data", "local_dir": "features"},
         train={"epochs": 60, "learning_rate": 0.003, "warmup_epochs": 1, "batch_size": 16, "hidden": 32,
-               "attention": 16, "seed": 1, "cache_dir": str(work / "cache")})
+               "attention": 16, "seed": 1, "patience": 0, "cache_dir": str(work / "cache")})
     return {"work": work, "cfg": cfg, "env": env}
 
 

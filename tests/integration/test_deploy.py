@@ -18,7 +18,7 @@ from trainer import layout
 from trainer.synth import synth
 
 pytestmark = pytest.mark.slow
-TRAIN = {"epochs": 3, "batch_size": 16, "hidden": 32, "attention": 16, "seed": 1}
+TRAIN = {"epochs": 3, "batch_size": 16, "hidden": 32, "attention": 16, "seed": 1, "patience": 0}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from trainer import layout
 from trainer.synth import synth
 
 pytestmark = pytest.mark.slow
-TINY = ["--batch-size", "16", "--hidden", "32", "--attention", "16", "--seed", "1"]
+# No early stopping: these tests count epochs.
+TINY = ["--batch-size", "16", "--hidden", "32", "--attention", "16", "--seed", "1", "--patience", "0"]
 
 
 @pytest.fixture(scope="module")

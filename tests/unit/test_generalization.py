@@ -1,0 +1,184 @@
+"""The generalization measures: augmentation reproducible per (seed, epoch), weight averaging
+that a continued run resumes exactly, early stopping that counts from the committed best."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+keras = pytest.importorskip("keras")
+
+from tests.conftest import frames, write_npy  # noqa: E402
+from trainer.config import Architecture, TrainConfig  # noqa: E402
+from trainer.data import Dataset, load_dataset  # noqa: E402
+from trainer.fitting import AveragedWeightsAtEpochEnd, EarlyStop, compile_model, ema_momentum  # noqa: E402
+from trainer.model import build_model  # noqa: E402
+from trainer.pipeline import Augmentation, BatchSequence, drop_frames, mix_pairs, padded_length  # noqa: E402
+from trainer.stats import Stats  # noqa: E402
+
+AUG = Augmentation(frame_dropout=0.3, noise=0.5, mixup=0.4)
+EMOS = ("NEU", "HAP", "SAD", "ANG")
+
+
+@pytest.fixture(scope="module")
+def ds() -> Dataset:
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(40):
+            write_npy(Path(tmp) / f"cremad_{1001 + i}_TIE_{EMOS[i % 4]}_XX.npy", frames(5 + 3 * (i % 7), 4, seed=i))
+        return load_dataset(tmp, use_cache=False)
+
+
+def sequence(ds: Dataset, epoch: int, augmentation: Augmentation = AUG) -> BatchSequence:
+    stats = Stats(np.zeros(4, np.float32), np.ones(4, np.float32))
+    weights = np.linspace(0.5, 2.0, len(ds.classes)).astype(np.float32)
+    return BatchSequence(ds, np.arange(len(ds)), stats, 8, shuffle=True, seed=3, epoch=epoch,
+                         class_weights=weights, augmentation=augmentation)
+
+
+def test_augmented_batches_depend_only_on_seed_and_epoch(ds: Dataset) -> None:
+    forward = [sequence(ds, 2)[i] for i in range(5)]
+    backward = [sequence(ds, 2)[i] for i in reversed(range(5))][::-1]  # worker threads take any order
+    for a, b in zip(forward, backward, strict=True):
+        np.testing.assert_array_equal(a[0]["frames"], b[0]["frames"])
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[2], b[2])
+    # A continued run builds the sequence at its epoch; an uninterrupted one gets there by on_epoch_end.
+    running = sequence(ds, 0)
+    running.on_epoch_end()
+    running.on_epoch_end()
+    np.testing.assert_array_equal(running[0][0]["frames"], forward[0][0]["frames"])
+    assert not np.array_equal(sequence(ds, 3)[0][0]["frames"], forward[0][0]["frames"])
+
+
+def test_augmentation_keeps_the_batch_shapes_and_the_label_mass(ds: Dataset) -> None:
+    plain, augmented = sequence(ds, 1, Augmentation()), sequence(ds, 1)
+    for i in range(len(plain)):
+        (x, _, w), (xa, ya, wa) = plain[i], augmented[i]
+        # The padded length comes from the stored lengths: Keras's input signature never changes.
+        assert xa["frames"].shape == x["frames"].shape
+        assert x["frames"].shape[1] == padded_length(int(x["lengths"].max()))
+        assert (xa["lengths"] <= x["lengths"].max()).all() and (xa["lengths"] >= 1).all()
+        np.testing.assert_allclose(ya.sum(axis=1), 1.0, rtol=1e-6)  # mixed labels stay distributions
+        assert wa.min() >= w.min() - 1e-6 and wa.max() <= w.max() + 1e-6
+        valid = np.arange(xa["frames"].shape[1])[None, :] < xa["lengths"][:, None]
+        assert (xa["frames"][~valid] == 0).all()  # padding stays zero
+
+
+def test_frame_dropout_keeps_order_and_at_least_one_frame() -> None:
+    rng = np.random.default_rng(0)
+    seq = np.arange(20, dtype=np.float32)[:, None]
+    kept = drop_frames(seq, 0.5, rng)
+    assert 1 <= len(kept) < 20 and (np.diff(kept[:, 0]) > 0).all()
+    assert len(drop_frames(seq[:1], 0.9, rng)) == 1
+
+
+def test_mixup_mixes_inputs_labels_and_weights_alike() -> None:
+    rng = np.random.default_rng(1)
+    x = {"frames": np.stack([np.full((8, 2), k, np.float32) for k in range(4)]), "lengths": np.array([8, 3, 5, 8])}
+    y = np.eye(4, dtype=np.float32)
+    mixed, labels, weights = mix_pairs((x, y, np.arange(4, dtype=np.float32)), 0.4, rng)
+    # Each mixed frame value k_a * lam + k_b * (1 - lam) equals the label-weighted class index.
+    np.testing.assert_allclose(mixed["frames"][:, 0, 0], labels @ np.arange(4), rtol=1e-5)
+    np.testing.assert_allclose(weights, labels @ np.arange(4), rtol=1e-5)
+
+
+def test_ema_momentum_averages_over_the_given_epochs() -> None:
+    assert ema_momentum(2.0, 50) == pytest.approx(0.99)
+    assert ema_momentum(0.01, 10) == 0.0
+
+
+def _fit(cfg: TrainConfig, x: dict, y: np.ndarray, first_epoch: int, start: Path | None,
+         stop_after: int | None = None, save: Path | None = None) -> list[np.ndarray]:
+    """Fit from ``first_epoch`` (from the checkpoint ``start``) as the trainer does: the weight
+    average swapped in before the checkpoint is taken; ``stop_after`` an epoch, stop there as
+    a signal would (and save the checkpoint). Returns the weights checkpointed last."""
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg.architecture, (4,), 4)
+    optimizer = compile_model(model, cfg, steps_per_epoch=2)
+    if start is not None:
+        optimizer.build(model.trainable_variables)
+        model.load_weights(start)
+    saved: list[np.ndarray] = []
+
+    class Checkpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            saved[:] = [w.copy() for w in model.get_weights()]
+            if epoch + 1 == stop_after:
+                model.save_weights(save)
+                model.stop_training = True
+
+    callbacks = [AveragedWeightsAtEpochEnd(continuing=start is not None), Checkpoint()]
+    model.fit(x, y, batch_size=8, epochs=cfg.epochs, initial_epoch=first_epoch, shuffle=False, verbose=0,
+              callbacks=callbacks)
+    return saved
+
+
+def test_a_continued_run_with_weight_averaging_trains_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = {"frames": rng.standard_normal((16, 6, 4)).astype(np.float32), "lengths": np.full(16, 6, np.int32)}
+    y = np.eye(4, dtype=np.float32)[np.arange(16) % 4]
+    cfg = TrainConfig(data_dir="d", run_dir="r", epochs=4, warmup_epochs=1, learning_rate=0.01, ema_epochs=1.0,
+                      head_dropout=0.0, architecture=Architecture(hidden=8, attention=4, dropout=0.0))
+    uninterrupted = _fit(cfg, x, y, 0, None)
+    checkpoint = tmp_path / "last.weights.h5"
+    stopped = _fit(cfg, x, y, 0, None, stop_after=2, save=checkpoint)
+    continued = _fit(cfg, x, y, 2, checkpoint)
+    assert not np.allclose(stopped[0], uninterrupted[0])
+    for a, b in zip(uninterrupted, continued, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stop_counts_from_the_committed_best_epoch() -> None:
+    logs: list[str] = []
+    state = SimpleNamespace(epoch=7, best_epoch=3)
+    stop = EarlyStop(SimpleNamespace(run=SimpleNamespace(state=state)), patience=5, log=logs.append)
+    model = SimpleNamespace(stop_training=False)
+    stop.set_model(model)
+    stop.on_epoch_end(6)
+    assert not model.stop_training
+    state.epoch = 8
+    stop.on_epoch_end(7)
+    assert model.stop_training and "best at epoch 3" in logs[0]
+    # An extended run whose parent (epoch 0) is still the best stops after `patience` epochs.
+    extended = SimpleNamespace(stop_training=False)
+    parent_best = SimpleNamespace(run=SimpleNamespace(state=SimpleNamespace(epoch=5, best_epoch=0)))
+    stop = EarlyStop(parent_best, patience=5, log=logs.append)
+    stop.set_model(extended)
+    stop.on_epoch_end(4)
+    assert extended.stop_training
+
+
+def test_plots_mark_the_best_epoch_and_carry_the_run_id(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from trainer.evaluate import plot_curves, plot_title
+
+    history = [{"epoch": e, "loss": 1.0 / e, "accuracy": 0.1 * e, "val_loss": 1.0, "val_accuracy": 0.05 * e}
+               for e in range(1, 6)]
+    for best in (3, 0, None):
+        path = tmp_path / f"curves-{best}.png"
+        plot_curves(history, path, run_id="r-42", best_epoch=best, note="SYNTHETIC data")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_title("r-42", "SYNTHETIC data") == "run r-42 · SYNTHETIC data"
+
+
+def test_an_extended_run_keeps_its_parents_generalization_measures(tmp_path: Path) -> None:
+    import json
+
+    from trainer import layout, options
+    from trainer.config import resolve
+
+    parent = tmp_path / "parent"
+    (parent / "checkpoints").mkdir(parents=True)
+    (parent / layout.BEST_WEIGHTS).write_bytes(b"weights")
+    cfg = TrainConfig(data_dir="d", run_dir=str(parent), frame_dropout=0.2, feature_noise=0.0, ema_epochs=0.0,
+                      layer_weighting=False, patience=3)
+    (parent / layout.RUN_JSON).write_text(json.dumps({"config": cfg.to_json()}))
+    child = resolve({"data_dir": "d", "run_dir": "child", "init_from": str(parent)})
+    assert (child.frame_dropout, child.feature_noise, child.ema_epochs, child.layer_weighting) == (0.2, 0.0, 0.0, False)
+    assert child.patience == options.default("patience")  # early stopping is the child's own choice
