@@ -30,7 +30,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-## bench: every benchmark (each prints ratios against its named baseline; ~10 minutes)
+## bench: every benchmark (each prints ratios against its named baseline; ~1.5 hours on 2 cores, bench_train most of it)
 bench: $(VENV)/.installed
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_train.py --seeds 2
