@@ -4,13 +4,14 @@ and a rename is on disk before whatever follows it. Pure Python (numpy only in a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,23 +56,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], failpoint: str | None = None) -> None:
-    """Write via ``write(fh)`` to a temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+@contextlib.contextmanager
+def replacing(path: Path, suffix: str = "", renamed_failpoint: str | None = None) -> Iterator[Path]:
+    """Write a temp file beside ``path`` in the body, then rename it over ``path`` and fsync the
+    folder: readers see the old file or the whole new one. On any failure the temp file goes and
+    a disk-full error names ``path``. ``renamed_failpoint``: the failpoint between rename and folder fsync."""
+    tmp = temp_path(path, suffix)
     try:
+        yield tmp
+        os.replace(tmp, path)
+        if renamed_failpoint:
+            faults.point(renamed_failpoint)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        name_the_file(exc, path)
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], failpoint: str | None = None) -> None:
+    """``write(file)`` to a temp file, fsync it, then replace ``path`` (see :func:`replacing`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         if failpoint:
             faults.point(failpoint)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        name_the_file(exc, path)
-        raise
-    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, failpoint: str | None = None) -> None:

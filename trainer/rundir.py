@@ -20,14 +20,12 @@ from trainer import faults, layout, runstate
 from trainer.fsutil import (
     atomic_write_bytes,
     fsync_and_hash,
-    fsync_dir,
     is_disk_full,
     json_bytes,
     link_or_copy,
-    name_the_file,
     overwrite_in_place,
+    replacing,
     sha256_file,
-    temp_path,
 )
 from trainer.proc import pid_line
 from trainer.runstate import Checkpoint, RunState
@@ -70,19 +68,12 @@ class RunDir:
         rel = layout.epoch_weights(epoch)
         final = self.file(rel)
         faults.point("commit:begin")
-        tmp = temp_path(final, suffix=".weights.h5")  # Keras insists on the suffix
-        try:
+        # Keras insists on the suffix of the temp file
+        with replacing(final, suffix=".weights.h5", renamed_failpoint="weights:renamed") as tmp:
             write(tmp)
             faults.point("weights:temp")
             digest = fsync_and_hash(tmp)
             faults.point("weights:synced")
-            os.replace(tmp, final)
-            faults.point("weights:renamed")
-            fsync_dir(final.parent)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            name_the_file(exc, final)
-            raise
         return Checkpoint(rel, digest)
 
     def commit(self, state: RunState) -> None:
@@ -188,16 +179,9 @@ class RunDir:
         if best is None:
             target.unlink(missing_ok=True)
             return
-        tmp = temp_path(target)
-        try:
+        with replacing(target) as tmp:
             link_or_copy(self.file(best.file), tmp)
             faults.point("best:temp")
-            os.replace(tmp, target)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            name_the_file(exc, target)
-            raise
-        fsync_dir(target.parent)
         self._best_source = best.file
 
     def _delete_unnamed(self) -> None:
