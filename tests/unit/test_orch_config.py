@@ -39,19 +39,33 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+ODD_FILES = {
+    "binary": (bytes(range(256)) * 4, "not a UTF-8 text file"),
+    "latin-1": ("target: local\nssh:\n  user: jos\xe9\n".encode("latin-1"), "not a UTF-8 text file"),
+    "NUL bytes": (b"target: local\n\0\0\0", "not a UTF-8 text file"),
+    "duplicate nested key": (b"target: ssh\nssh:\n  host: a.example.com\n  user: x\n  host: b.example.com\n",
+                             "line 5: duplicate key 'host' (first given on line 3)"),
+    "duplicate top key": (b"target: local\ntarget: ssh\n", "line 2: duplicate key 'target' (first given on line 1)"),
+    "duplicate train key": (b"target: local\ntrain:\n  epochs: 1\n  epochs: 2\n", "line 4: duplicate key 'epochs'"),
+    "duplicate in a flow mapping": (b"target: local\nssh: {host: a, host: b}\n", "line 2: duplicate key 'host'"),
+}
+
+
+@pytest.mark.parametrize("case", [*CASES, *ODD_FILES])
 @pytest.mark.parametrize("command", [["config", "check"], ["deploy"]])
 def test_every_config_error_is_one_line_and_exit_2(case: str, command: list[str], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    text, expected = CASES[case]
+    content, expected = CASES[case] if case in CASES else ODD_FILES[case]
     path = tmp_path / "deploy.yaml"
-    if text is not None:
-        path.write_text(text)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
     code = main([*command, "-c", str(path)])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith(f"orch: error: {path}:"), err
-    assert expected in err
+    assert err.count("\n") == 1 and err.startswith(f"orch: error: {path}: "), err
+    assert expected in err and "unexpected" not in err
 
 
 def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,30 +159,6 @@ def test_deploy_refuses_bad_trainer_options_before_connecting(extra: list[str], 
     assert err.count("\n") == 1 and expected in err, err
 
 
-ODD_FILES = {
-    "binary": (bytes(range(256)) * 4, "not a UTF-8 text file"),
-    "latin-1": ("target: local\nssh:\n  user: jos\xe9\n".encode("latin-1"), "not a UTF-8 text file"),
-    "NUL bytes": (b"target: local\n\0\0\0", "not a UTF-8 text file"),
-    "duplicate nested key": (b"target: ssh\nssh:\n  host: a.example.com\n  user: x\n  host: b.example.com\n",
-                             "line 5: duplicate key 'host' (first given on line 3)"),
-    "duplicate top key": (b"target: local\ntarget: ssh\n", "line 2: duplicate key 'target' (first given on line 1)"),
-    "duplicate train key": (b"target: local\ntrain:\n  epochs: 1\n  epochs: 2\n", "line 4: duplicate key 'epochs'"),
-    "duplicate in a flow mapping": (b"target: local\nssh: {host: a, host: b}\n", "line 2: duplicate key 'host'"),
-}
-
-
-@pytest.mark.parametrize("case", ODD_FILES)
-@pytest.mark.parametrize("command", [["config", "check"], ["deploy"]])
-def test_binary_files_and_duplicate_keys_are_one_line_and_exit_2(case: str, command: list[str], tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    data, expected = ODD_FILES[case]
-    path = tmp_path / "deploy.yaml"
-    path.write_bytes(data)
-    code = main([*command, "-c", str(path)])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith(f"orch: error: {path}: "), err
-    assert expected in err and "unexpected" not in err
 
 
 def test_merge_keys_and_a_byte_order_mark_are_fine(tmp_path: Path) -> None:
