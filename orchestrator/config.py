@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import ConfigError
-from trainer import options as trainer_options
+from trainer.contract import options as trainer_options
 
 
 class _Section(BaseModel):

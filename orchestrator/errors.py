@@ -3,7 +3,7 @@ The codes themselves are shared with the trainer: trainer/exitcodes.py."""
 
 from __future__ import annotations
 
-from trainer.exitcodes import ExitCode
+from trainer.contract.exitcodes import ExitCode
 
 __all__ = ["AwsError", "BusyError", "ConfigError", "ConnectError", "ConnectionLost", "DiskFull", "ExitCode",
            "HostKeyError", "InstanceStopped", "NoData", "NotReady", "OrchError", "RemoteError"]

@@ -15,8 +15,8 @@ import pytest
 
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import metrics, status
-from trainer import layout
-from trainer.synth import synth
+from trainer.contract import layout
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 TINY = {"batch_size": 8, "hidden": 8, "attention": 4, "seed": 1}
