@@ -46,7 +46,8 @@ from trainer.contract import layout, options  # noqa: E402
 from trainer.contract.labels import label_from_path  # noqa: E402
 from trainer.contract.layout import SYNTHETIC_MARKER as MARKER  # noqa: E402
 from trainer.ml.config import Architecture  # noqa: E402
-from trainer.ml.data import Dataset, load_dataset  # noqa: E402
+from trainer.ml.data import load_dataset  # noqa: E402
+from trainer.ml.dataset import Dataset  # noqa: E402
 from trainer.ml.evaluate import classification_report  # noqa: E402
 from trainer.ml.split import Split, load_split  # noqa: E402
 from trainer.ml.stats import Stats, load_stats  # noqa: E402

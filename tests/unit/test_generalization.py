@@ -16,7 +16,8 @@ keras = pytest.importorskip("keras")
 
 from tests.conftest import frames, write_npy  # noqa: E402
 from trainer.ml.config import Architecture, TrainConfig  # noqa: E402
-from trainer.ml.data import Dataset, load_dataset  # noqa: E402
+from trainer.ml.data import load_dataset  # noqa: E402
+from trainer.ml.dataset import Dataset  # noqa: E402
 from trainer.ml.fitting import AveragedWeightsAtEpochEnd, EarlyStop, compile_model, ema_momentum  # noqa: E402
 from trainer.ml.model import build_model  # noqa: E402
 from trainer.ml.pipeline import Augmentation, BatchSequence, drop_frames, mix_pairs, padded_length  # noqa: E402

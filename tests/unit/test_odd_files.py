@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import frames, write_npy
+from trainer.ml.arrays import load_array
 from trainer.ml.checkdata import render, report
-from trainer.ml.data import SkipReason, load_array, load_dataset
+from trainer.ml.data import load_dataset
+from trainer.ml.dataset import SkipReason
 from trainer.ml.split import load_split, make_split, save_split
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,7 +225,7 @@ def test_check_data_never_hangs_and_lists_every_reason(tmp_path: Path) -> None:
 
 
 def test_files_only_in_a_linked_folder_say_so(tmp_path: Path) -> None:
-    from trainer.ml.data import require_samples
+    from trainer.ml.dataset import require_samples
     from trainer.ml.errors import DataError
 
     write_npy(tmp_path / "real" / GOOD, frames(2, 8))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.ml.data import Dataset, SkipReason
+from trainer.ml.dataset import Dataset, SkipReason
 from trainer.ml.stats import find_stats, stats_problem
 
 EXAMPLES = 3

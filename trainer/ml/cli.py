@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_check_data, _add_synth, _add_train, _add_evaluate, _add_predict):
+        add(sub)
+    return parser
 
+
+def _add_check_data(sub: Any) -> None:
     p = sub.add_parser(
         "check-data", help="diagnose a data directory: files, labels, shapes, skips, stats",
         description="Show what a data directory holds: file kinds, recognised name patterns, "
@@ -55,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_arguments(p, DATA_OPTIONS)
     p.set_defaults(func=cmd_check_data)
 
+
+def _add_synth(sub: Any) -> None:
     p = sub.add_parser(
         "synth", help="write a SYNTHETIC feature set for demos and tests",
         description="Write a synthetic wav2vec-like feature set with realistic RAVDESS and "
@@ -78,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "upper-middle ones (default 0: (T, D) arrays)")
     p.set_defaults(func=cmd_synth)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train", help="train (or continue, or extend) a run",
         description="Train a classifier on DIR into the run directory RUN. Started again on the "
@@ -90,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="report a run's best checkpoint on labelled files it was not trained on",
                        description="Evaluate RUN's best checkpoint on the usable files of DIR that are not "
                        "in the run's training split: its validation split, and files it never saw (other "
@@ -103,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_arguments(p, ("cache_dir", "cache"))
     p.set_defaults(func=cmd_evaluate, classes=None)
 
+
+def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="label feature files with a run's best checkpoint",
                        description="Predict the emotion of feature files (files or folders) with "
                        "RUN's best checkpoint and normalization statistics.")
@@ -111,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: path, label, probabilities")
     p.set_defaults(func=cmd_predict)
-    return parser
-
 
 def _console(stderr: bool = False):  # rich is imported only by commands that print tables
     from rich.console import Console
@@ -147,7 +158,7 @@ def load_from_args(args: argparse.Namespace):
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from trainer.ml.checkdata import render, report
-    from trainer.ml.data import require_samples
+    from trainer.ml.dataset import require_samples
 
     ds = load_from_args(args)
     rep = report(ds, args.stats_dir)
@@ -186,7 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.ml.data import load_dataset, require_samples
+    from trainer.ml.data import load_dataset
+    from trainer.ml.dataset import require_samples
     from trainer.ml.evaluate import (
         classification_report,
         load_run_model,
@@ -214,7 +226,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from trainer.ml.data import as_frames, feature_files, load_array
+    from trainer.ml.arrays import as_frames, load_array
+    from trainer.ml.discover import feature_files
     from trainer.ml.evaluate import load_run_model, predict_probabilities
 
     model, stats, classes, shape = load_run_model(args.run_dir)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from trainer.ml.data import Dataset
+from trainer.ml.dataset import Dataset
 from trainer.ml.stats import Stats
 
 PAD_MULTIPLE = 8

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.machine.fsutil import atomic_write_json
-from trainer.ml.data import Dataset
+from trainer.ml.dataset import Dataset
 from trainer.ml.errors import DataError, UsageError
 
 METHODS = ("random", "speaker")

@@ -9,7 +9,8 @@ import numpy as np
 
 from trainer.contract.layout import STATS_MEAN, STATS_STD
 from trainer.machine.fsutil import atomic_write
-from trainer.ml.data import Dataset, open_regular
+from trainer.ml.arrays import open_regular
+from trainer.ml.dataset import Dataset
 from trainer.ml.errors import DataError
 
 # Floor for the standard deviation: a constant feature must not divide by ~0.

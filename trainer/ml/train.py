@@ -16,6 +16,7 @@ import os
 import signal
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json, link_or_copy
 from trainer.ml import runlock, runstate
 from trainer.ml.config import TrainConfig
-from trainer.ml.data import load_dataset, require_samples
+from trainer.ml.data import load_dataset
+from trainer.ml.dataset import require_samples
 from trainer.ml.errors import DataError, DiskFull, ExitCode, TrainerError, TrainingFailed, UsageError
 from trainer.ml.rundir import RunDir, now_iso
 from trainer.ml.split import Split, load_split, make_split, save_split
@@ -91,80 +93,22 @@ def _disk_full(run: RunDir, exc: OSError) -> DiskFull:
                     f"`orch resume {run.path.name} --continue`")
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What the model is trained and validated on: the data, its split, the normalization."""
+
+    ds: Any
+    split: Split
+    stats: Stats
+
+
 def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopper, log: Log) -> ExitCode:
-    # ---- data, split and statistics (reused from this run or the parent when they exist)
-    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
-    require_samples(ds)
-    log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
-        f"(cache: {ds.cache})")
-    split = _split(cfg, run, ds, log)
-    stats = _stats(cfg, run, ds, split, log)
-    _write_classes(run, cfg.classes)
-
-    # ---- model and optimizer (TensorFlow/Keras imported only now)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    from trainer.ml.fitting import augmentation, compile_model, training_callbacks
-    from trainer.ml.model import build_model
-    from trainer.ml.pipeline import BatchSequence, balanced_class_weights
-    from trainer.ml.recorder import RunRecorder
-
-    keras.utils.set_random_seed(cfg.seed)
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    labels = ds.label_ids()
-    weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
-    epoch0 = run.state.epoch
-    train_seq = BatchSequence(ds, split.train, stats, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                              epoch=epoch0, class_weights=weights, augmentation=augmentation(cfg))
-    val_seq = BatchSequence(ds, split.val, stats, cfg.batch_size, shuffle=False)
-    steps = len(train_seq)
-    scope, devices = _distribution()
-    with scope:
-        model = build_model(cfg.architecture, ds.feature_shape, len(cfg.classes), head_dropout=cfg.head_dropout,
-                            layer_weighting=cfg.layer_weighting)
-        optimizer = compile_model(model, cfg, steps)
-    log(f"model: {model.count_params():,} parameters on {devices}; {steps} batches per epoch")
-
-    # ---- starting point: our own last checkpoint, the parent's weights (epoch 0), or scratch
-    state = run.state
-    if state.last is not None:
-        optimizer.build(model.trainable_variables)
-        model.load_weights(run.file(state.last.file))
-        log(f"continuing from epoch {state.epoch} (best val_accuracy {state.best_val_accuracy})")
-    elif state.best is not None:  # an extended run's committed epoch 0
-        _load_initial_weights(model, run.file(state.best.file), "--init-from")
-        log(f"starting from the parent's weights ({state.best.file})")
-    elif cfg.init_from:
-        _init_from(cfg, run, model, log)
+    inputs = _inputs(cfg, run, log)
+    model, train_seq, val_seq = _model(cfg, run, inputs, log)
+    _starting_point(cfg, run, model, log)
     if previous is None:
-        atomic_write_json(run.file(layout.RUN_JSON), {
-            "run_id": run.path.name,
-            "config": cfg.to_json(),
-            "classes": list(cfg.classes),
-            "feature_shape": list(ds.feature_shape),
-            "parent_run": cfg.parent_run,
-            "code_version": code_version(),
-            "started_at": now_iso(),
-            "backend": keras.backend.backend(),
-            "keras_version": keras.__version__,
-            "samples": {"train": int(len(split.train)), "validation": int(len(split.val)),
-                        "skipped_files": len(ds.skipped)},
-        })
-
-    # ---- fit, committing every finished epoch; SIGTERM stops after the current batch
-    recorder = RunRecorder(run, stopper, log)
-    callbacks: list[Any] = training_callbacks(cfg, recorder, continuing=state.last is not None, log=log)
-    if keras.backend.backend() == "tensorflow":
-        callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
-                                                     write_graph=False, profile_batch=0))
-    run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
-    stopper.model = model  # from now on a signal stops fit after the current batch
-    model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=epoch0,
-              callbacks=callbacks, verbose=2)
-    stopper.model = None
-
+        _write_run_json(cfg, run, inputs)
+    recorder = _fit(cfg, run, model, train_seq, val_seq, stopper, log)
     if recorder.failure:
         raise TrainingFailed(recorder.failure)
     if stopper.signum is not None:
@@ -172,13 +116,107 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
         log(f"stopped by signal {stopper.signum} after epoch {run.state.epoch}; "
             "start the same command again to continue")
         return ExitCode.RUN_STOPPED
-
     # ---- evaluate the best checkpoint on the validation split, then finish
-    _final_evaluation(run, model, ds, split, stats, list(run.state.history), log)
+    _final_evaluation(run, model, inputs, list(run.state.history), log)
     faults.point("finish:evaluated")
     run.finish(layout.FINISHED)
     log(f"finished: best val_accuracy {run.state.best_val_accuracy} at epoch {run.state.best_epoch}")
     return ExitCode.OK
+
+
+def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
+    """Data, split and statistics (reused from this run or the parent when they exist)."""
+    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
+    require_samples(ds)
+    log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
+        f"(cache: {ds.cache})")
+    split = _split(cfg, run, ds, log)
+    stats = _stats(cfg, run, ds, split, log)
+    _write_classes(run, cfg.classes)
+    return _Inputs(ds, split, stats)
+
+
+def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, log: Log) -> tuple[Any, Any, Any]:
+    """The compiled model and its training and validation batches (TensorFlow/Keras imported only now)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from trainer.ml.fitting import augmentation, compile_model
+    from trainer.ml.model import build_model
+    from trainer.ml.pipeline import BatchSequence, balanced_class_weights
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    ds, split = inputs.ds, inputs.split
+    labels = ds.label_ids()
+    weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
+    train_seq = BatchSequence(ds, split.train, inputs.stats, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              epoch=run.state.epoch, class_weights=weights, augmentation=augmentation(cfg))
+    val_seq = BatchSequence(ds, split.val, inputs.stats, cfg.batch_size, shuffle=False)
+    steps = len(train_seq)
+    scope, devices = _distribution()
+    with scope:
+        model = build_model(cfg.architecture, ds.feature_shape, len(cfg.classes), head_dropout=cfg.head_dropout,
+                            layer_weighting=cfg.layer_weighting)
+        compile_model(model, cfg, steps)
+    log(f"model: {model.count_params():,} parameters on {devices}; {steps} batches per epoch")
+    return model, train_seq, val_seq
+
+
+def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
+    """Our own last checkpoint (weights and optimizer), the parent's weights (an extended run's
+    committed epoch 0), or scratch."""
+    state = run.state
+    if state.last is not None:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(run.file(state.last.file))
+        log(f"continuing from epoch {state.epoch} (best val_accuracy {state.best_val_accuracy})")
+    elif state.best is not None:
+        _load_initial_weights(model, run.file(state.best.file), "--init-from")
+        log(f"starting from the parent's weights ({state.best.file})")
+    elif cfg.init_from:
+        _init_from(cfg, run, model, log)
+
+
+def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs) -> None:
+    """run.json: everything needed to rebuild the model and to know where the run came from."""
+    import keras
+
+    atomic_write_json(run.file(layout.RUN_JSON), {
+        "run_id": run.path.name,
+        "config": cfg.to_json(),
+        "classes": list(cfg.classes),
+        "feature_shape": list(inputs.ds.feature_shape),
+        "parent_run": cfg.parent_run,
+        "code_version": code_version(),
+        "started_at": now_iso(),
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "samples": {"train": int(len(inputs.split.train)), "validation": int(len(inputs.split.val)),
+                    "skipped_files": len(inputs.ds.skipped)},
+    })
+
+
+def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any, stopper: _Stopper,
+         log: Log) -> Any:
+    """Fit, committing every finished epoch; SIGTERM stops after the current batch."""
+    import keras
+
+    from trainer.ml.fitting import training_callbacks
+    from trainer.ml.recorder import RunRecorder
+
+    recorder = RunRecorder(run, stopper, log)
+    callbacks: list[Any] = training_callbacks(cfg, recorder, continuing=run.state.last is not None, log=log)
+    if keras.backend.backend() == "tensorflow":
+        callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
+                                                     write_graph=False, profile_batch=0))
+    run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
+    stopper.model = model  # from now on a signal stops fit after the current batch
+    model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=run.state.epoch,
+              callbacks=callbacks, verbose=2)
+    stopper.model = None
+    return recorder
 
 
 def _split(cfg: TrainConfig, run: RunDir, ds: Any, log: Log) -> Split:
@@ -297,10 +335,10 @@ class _Stopper:
             signal.signal(s, h)
 
 
-def _final_evaluation(run: RunDir, model: Any, ds: Any, split: Split, stats: Stats,
-                      history: list[dict[str, Any]], log: Log) -> None:
+def _final_evaluation(run: RunDir, model: Any, inputs: _Inputs, history: list[dict[str, Any]], log: Log) -> None:
     from trainer.ml.evaluate import classification_report, plot_confusion, plot_curves, predict_probabilities
 
+    ds, split, stats = inputs.ds, inputs.split, inputs.stats
     best = run.file(layout.BEST_WEIGHTS)
     if best.is_file():
         model.load_weights(best, objects_to_skip=[model.optimizer])
