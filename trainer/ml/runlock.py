@@ -6,12 +6,12 @@ blocks the next one. The lock file holds the holder's pid, for the busy message 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
 
 from trainer.contract import layout
+from trainer.machine.locks import open_lock, try_lock
 from trainer.ml.errors import RunBusy, UsageError
 
 _held: list[int] = []  # open descriptors of the locks this process holds: never closed
@@ -25,12 +25,10 @@ def hold(run_dir: Path) -> None:
     forkserver/spawn, so no child keeps the lock alive after its parent dies."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / layout.RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock(run_dir / layout.RUN_LOCK)
     except OSError as exc:  # a file in the way, no permission, a read-only file system...
         raise UsageError(f"--run-dir {run_dir}: cannot use it as a run directory ({exc.strerror})") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not try_lock(fd):
         holder = _holder(fd)
         os.close(fd)
         raise RunBusy(f"run directory {run_dir} is in use by another trainer (pid {holder}); "
