@@ -1,5 +1,5 @@
 """One exception hierarchy for orch, mapped to exit codes in one place (orchestrator.cli).
-The codes themselves are shared with the trainer: trainer/exitcodes.py."""
+The codes themselves are shared with the trainer: trainer/contract/exitcodes.py."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The fault-injection harness: train a tiny model while SIGKILLing the trainer at many moments,
 restarting the same command after each kill, and check the run directory's guarantees
-(trainer/layout.py) after every kill and at the end of every run.
+(trainer/contract/layout.py) after every kill and at the end of every run.
 
-Kills come at the trainer's failpoints (trainer/faults.py: between any two file operations of
+Kills come at the trainer's failpoints (trainer/machine/faults.py: between any two file operations of
 the commit sequence, of the publishing of derived files and of the start-up repair; the n-th
 time a point is reached, so at various epochs) and at random moments. One harness for
 tests/integration/test_faults.py (a modest number of kills) and bench/bench_faults.py

@@ -1,4 +1,4 @@
-"""Faults a trainer must survive (trainer/layout.py states the guarantees): SIGKILL at any
+"""Faults a trainer must survive (trainer/contract/layout.py states the guarantees): SIGKILL at any
 moment, a full disk, a second trainer on the same run directory. Real training runs on tiny
 SYNTHETIC data.
 

@@ -1,4 +1,4 @@
-"""The run directory's commit point, derived files, repair, lock and failpoints (trainer/layout.py),
+"""The run directory's commit point, derived files, repair, lock and failpoints (trainer/contract/layout.py),
 with plain files standing in for weights: no TensorFlow, every failpoint, in-process."""
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ PREFLIGHT_CACHE = "orch/preflight"  # below $XDG_CACHE_HOME (~/.cache): the Tens
 SYNTHETIC_MARKER = "SYNTHETIC_DATA.txt"
 # Held (flock) by orch's busy check + launch on the machine: one launch at a time.
 LAUNCH_LOCK = "launch.lock"
-# Autostop (trainer/watcher.py), under remote.root: the setting, what the watcher last saw,
+# Autostop (trainer/machine/watcher.py), under remote.root: the setting, what the watcher last saw,
 # its decisions, and the lock the one running watcher holds.
 AUTOSTOP_SETTING = "autostop.json"
 WATCHER_STATE = "watcher.json"

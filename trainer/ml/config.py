@@ -1,6 +1,6 @@
 """The resolved training configuration: what run.json records and a continued run reuses.
 
-Its fields are the options of :mod:`trainer.options` (defaults are written there, once) plus
+Its fields are the options of :mod:`trainer.contract.options` (defaults are written there, once) plus
 the run's folders and, for an extended run, its parent. :func:`resolve` turns the options a
 command line gave (None = not given) into a config, applying the extension recipe when
 ``init_from`` names a parent run.
@@ -77,7 +77,7 @@ class TrainConfig:
         return cls(**d)
 
     def option(self, name: str) -> Any:
-        """The value of one option of trainer.options, architecture ones included."""
+        """The value of one option of trainer.contract.options, architecture ones included."""
         if name in ARCHITECTURE:
             return getattr(self.architecture, name)
         value = getattr(self, name)

@@ -1,5 +1,5 @@
 """One exception hierarchy for the trainer; the CLI maps it to exit codes in one place
-(codes shared with orch: trainer/exitcodes.py)."""
+(codes shared with orch: trainer/contract/exitcodes.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Log = Callable[[str], None]
 
 class RunRecorder(keras.callbacks.Callback):
     """Per finished epoch: weights (model + optimizer) under the epoch's own name, then the
-    state file (THE commit point), then everything derived from it (trainer/layout.py).
+    state file (THE commit point), then everything derived from it (trainer/contract/layout.py).
 
     It relies on no other callback: it saves whatever the model holds when its
     ``on_epoch_end`` runs, and the state it commits is its own."""

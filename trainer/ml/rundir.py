@@ -1,6 +1,6 @@
-"""Writing the run directory (the contract and its commit point: trainer/layout.py).
+"""Writing the run directory (the contract and its commit point: trainer/contract/layout.py).
 
-:class:`RunDir` keeps the last committed state (trainer/runstate.py) and derives everything
+:class:`RunDir` keeps the last committed state (trainer/ml/runstate.py) and derives everything
 else from it, in an order that keeps MANIFEST.sha256 true at every instant: whatever is about
 to change is first taken out of the manifest, and put back only once it is in place. The same
 :meth:`RunDir.publish` runs after every commit and, as the repair, when a run starts again.
@@ -205,7 +205,7 @@ class RunDir:
         return self._listed_cache
 
     def manifest_text(self, best: Checkpoint | None, final: bool) -> str:
-        """The manifest rule (trainer/layout.py): best's hash comes from the state; the other
+        """The manifest rule (trainer/contract/layout.py): best's hash comes from the state; the other
         listed files are small and hashed as they are."""
         lines = []
         for rel in layout.manifest_candidates(final):

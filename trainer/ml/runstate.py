@@ -1,7 +1,7 @@
 """The committed state of a run (``checkpoints/state.json``): the ONE commit point of an epoch.
 
 Everything else in the run directory (metrics.jsonl, status.json, best.weights.h5, the
-manifest) is derived from it; see trainer/layout.py. Pure Python.
+manifest) is derived from it; see trainer/contract/layout.py. Pure Python.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Read top to bottom: take the run directory's lock -> resolve the config (a new r
 continued one, or one extended from a parent) -> repair what a kill left half-done -> load
 data -> split -> normalization stats -> model -> fit, committing every finished epoch ->
 evaluate the best checkpoint -> finished. Each epoch is committed at one point (see
-trainer/layout.py), so a kill at any moment loses at most the epoch in progress; a full disk
+trainer/contract/layout.py), so a kill at any moment loses at most the epoch in progress; a full disk
 ends the run ``failed`` with the last committed epoch kept.
 """
 
