@@ -97,10 +97,13 @@ def uses_machine(func: Callable[..., Any] | None = None, *, launches: bool = Fal
         return functools.partial(uses_machine, launches=launches)
     extra = SHARED | (LAUNCHING if launches else {})
     hints = typing.get_type_hints(func)
+    given = inspect.signature(func).parameters
+    injected = {"ctx", "trainer_args"} | ({"launching", "follow"} if launches else set())
+    clash = (set(given) - injected) & set(extra)
+    assert not clash, f"{func.__name__}: {clash} are shared options, declared once above"
     own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
-           for p in list(inspect.signature(func).parameters.values())[1:]
-           if p.name not in ("launching", "follow", "trainer_args")]
-    wants_args = "trainer_args" in inspect.signature(func).parameters
+           for p in given.values() if p.name not in injected]
+    wants_args = "trainer_args" in given
     params = [inspect.Parameter("typer_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context), *own,
               *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
                 for name, (kind, option) in extra.items())]

@@ -80,7 +80,7 @@ def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
     prefix, or no id, asks for the list of runs first."""
     if run_id is not None:
         files = _read_files(m, run_id)
-        if files.run is not None:
+        if files.run is not None and files.run.run_id == run_id:  # the machine names the folder: never trusted
             return files
     run = m.choose(run_id, best=not latest)
     try:  # the machine names the folder: it gets the same check

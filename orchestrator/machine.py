@@ -82,9 +82,9 @@ class _FrameReader:
         kind, _, payload = line[at + len(self.mark):].partition(" ")
         try:
             value = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested beyond any record
             return
-        if kind == verbs.ANSWER:
+        if kind == verbs.ANSWER and not self.answered:  # the first answer counts
             self.answer, self.answered = value, True
         elif kind == verbs.PROGRESS and self.on_progress is not None and isinstance(value, str):
             self.on_progress(value)
@@ -126,7 +126,12 @@ class Machine:
         """Run ``verb`` in the background (its output is not read); the bundle is sent, its stdin
         stays open for the caller until the handle is closed."""
         held = self.remote.start(self._command(verb, args, verbs.NO_FRAME, None))
-        held.write(self.payload)
+        try:
+            held.write(self.payload)
+        except OSError as exc:  # the interpreter did not start (a wrong remote.python, say)
+            held.close()
+            raise RemoteError(f"{self.cfg.helper_python} could not run {verb.name} on {self.remote.host} "
+                              f"({exc.strerror or exc}); check remote.python / remote.env.base_python") from exc
         return held
 
     def answer(self, verb: Verb[R], *args: str | int, **kwargs: Any) -> R:

@@ -137,15 +137,26 @@ class Ec2Provider(SshProvider):
                               inst.spot, price)
 
     def ensure_running(self, *, start: bool) -> Endpoint:
-        was = self.find().state
-        inst = ec2.ensure_running(self.client, self.cfg.ec2, allow_start=start and self.cfg.ec2.start_if_stopped,
-                                  log=self.ctx.log)
-        host = self.cfg.ssh.host or inst.address
-        if host is None:
-            raise AwsError(f"instance {inst.instance_id} has no public address; set ssh.host "
-                           "(e.g. its private address behind a ProxyJump host in ssh.config_file)")
-        return Endpoint(host, inst, started=was in ("stopped", "stopping"),
+        was = self.find()
+        started = was.state in ("stopped", "stopping") and start and self.cfg.ec2.start_if_stopped
+        try:
+            inst = ec2.ensure_running(self.client, self.cfg.ec2, allow_start=start and self.cfg.ec2.start_if_stopped,
+                                      log=self.ctx.log)
+            host = self.cfg.ssh.host or inst.address
+            if host is None:
+                raise AwsError(f"instance {inst.instance_id} has no public address; set ssh.host "
+                               "(e.g. its private address behind a ProxyJump host in ssh.config_file)")
+        except BaseException:  # a wait that timed out, Ctrl-C, no address: what this command started, it stops
+            if started:
+                self._stop_again(was.instance_id)
+            raise
+        return Endpoint(host, inst, started=started,
                         fingerprints=lambda: ec2.console_fingerprints(self.client, inst.instance_id))
+
+    def _stop_again(self, instance_id: str) -> None:
+        self.ctx.log(f"stopping instance {instance_id} again: it was started for this command, which failed")
+        with contextlib.suppress(OrchError):
+            self.stop()
 
     def start(self) -> InstanceStatus:
         ec2.ensure_running(self.client, self.cfg.ec2, allow_start=True, log=self.ctx.log)
@@ -186,11 +197,8 @@ def acquire(ctx: Context, *, start: bool = False) -> Iterator[Machine]:
             yield machine
     except BaseException:
         if endpoint.started and not (machine is not None and machine.launched):
-            assert endpoint.instance is not None
-            ctx.log(f"stopping instance {endpoint.instance.instance_id} again: it was started for this command, "
-                    "which failed")
-            with contextlib.suppress(OrchError):
-                p.stop()
+            assert isinstance(p, Ec2Provider) and endpoint.instance is not None
+            p._stop_again(endpoint.instance.instance_id)
         raise
 
 

@@ -47,11 +47,14 @@ class LineFeed:
     """Bytes in, complete lines out to a callback (for what is shown as it happens)."""
 
     def __init__(self, on_line: Callable[[str], None]) -> None:
-        self.on_line, self.pending = on_line, b""
+        self.on_line, self.pending = on_line, bytearray()
 
     def feed(self, chunk: bytes) -> bytes:
-        self.pending += chunk
-        *complete, self.pending = self.pending.split(b"\n")
+        if b"\n" not in chunk:  # only the new bytes are searched: a long line costs what it is long
+            self.pending += chunk
+            return chunk
+        *complete, rest = (bytes(self.pending) + chunk).split(b"\n")
+        self.pending = bytearray(rest)
         for line in complete:
             self.on_line(line.decode(errors="replace"))
         return chunk
@@ -59,7 +62,7 @@ class LineFeed:
     def flush(self) -> None:
         if self.pending:
             self.on_line(self.pending.decode(errors="replace"))
-            self.pending = b""
+            self.pending = bytearray()
 
 
 class Background(ABC):

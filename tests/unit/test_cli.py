@@ -302,3 +302,22 @@ def test_data_remote_dir_slash_is_a_config_error(tmp_path: Path) -> None:
     path.write_text(f"target: local\ndata:\n  remote_dir: /\n  local_dir: {tmp_path / 'features'}\n")
     with pytest.raises(ConfigError, match="not /"):
         sync_data(local_machine(tmp_path, load_config(path)))
+
+
+def test_every_command_keeps_its_own_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared options are added to a command, never in place of its own (`logs -f` was lost once)."""
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"target: local\nremote:\n  root: {tmp_path / 'root'}\n")
+    for argv in (["logs", "--follow"], ["logs", "-f"], ["monitor", "--once"], ["stop", "--json"]):
+        assert main([*argv, "-c", str(path)]) == 2  # parsed; then: there is no run
+        assert "no run" in capsys.readouterr().err, argv
+    assert main(["logs", "--help"]) == 0
+    assert "--follow" in capsys.readouterr().out
+
+
+def test_a_helper_python_that_cannot_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"target: local\nremote:\n  root: {tmp_path / 'root'}\n  python: /no/such/python3\n")
+    assert main(["download", "-c", str(path)]) == 7
+    line = one_error_line(capsys.readouterr().err)
+    assert "/no/such/python3" in line and "unexpected" not in line

@@ -125,3 +125,37 @@ def test_the_probe_runs_from_what_is_sent_with_the_question(tmp_path: Path) -> N
 def test_exit_codes_mean_one_thing() -> None:
     assert set(MEANINGS) == set(ExitCode)
     assert len({meaning for meaning, _ in MEANINGS.values()}) == len(MEANINGS)
+
+
+@pytest.mark.parametrize("answer", [
+    {"run_id": "a", "created": 10**400},  # beyond any float
+    {"run_id": "a", "epoch": "3", "val_accuracy": float("nan"), "best_val_accuracy": float("inf")},
+    {"run_id": "a", "alive": 1, "pid": True, "state": ["running"]},
+])
+def test_a_crafted_field_defaults_and_never_raises(answer: dict) -> None:
+    from trainer.contract.wire import RunInfo
+
+    run = RunInfo.from_json(answer)
+    assert run.run_id == "a" and run.created is None and run.epoch is None and run.val_accuracy is None
+    assert run.alive is False and run.pid is None and run.state is None
+
+
+def test_a_nested_record_that_is_not_one_leaves_its_field_at_the_default() -> None:
+    from trainer.contract.wire import RunFiles, WireError
+
+    files = RunFiles.from_json({"run": {"run_id": 5}, "files": {"a": 1, "b": -1, "c": 10**30, "d": "1"}})
+    assert files.run is None and files.files == {"a": 1}
+    with pytest.raises(WireError):
+        RunFiles.from_json([])
+
+
+def test_the_frame_reader_takes_the_first_answer_and_survives_crafted_lines() -> None:
+    from orchestrator.machine import _FrameReader
+
+    progress: list[str] = []
+    reader = _FrameReader("F00", progress.append)
+    for line in ("Welcome to the box", "F00 answer " + "[" * 100_000, 'noise F00 progress "working"',
+                 'F00 answer {"home": "/home/u"}', 'F00 answer {"home": "/elsewhere"}', "F01 answer {}"):
+        reader.line(line)
+    assert reader.answer == {"home": "/home/u"} and progress == ["working"]
+    assert reader.noise == ["Welcome to the box", "noise ", "F01 answer {}"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -91,10 +92,33 @@ def test_the_bundle_is_derived_from_the_packages() -> None:
 
 # --------------------------------------------------------------------------- for real
 
-def bare_python(code: str, stdin: bytes = b"", *args: str) -> subprocess.CompletedProcess[bytes]:
+def other_pythons() -> list[str]:
+    """One interpreter of every other python3 version >= 3.8 on this machine (a bare CI machine
+    has none): the machine's python3 may be older than the laptop's."""
+    candidates = {shutil.which(f"python3.{minor}") for minor in range(8, 15)}
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path("~/.pyenv").expanduser()) / "versions"
+    candidates |= {str(p) for p in pyenv.glob("3.*/bin/python3")}
+    versions: dict[str, str] = {}
+    for path in sorted(p for p in candidates if p):
+        try:
+            out = subprocess.run([path, "-I", "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=20)
+        except OSError:
+            continue
+        version = out.stdout.strip()
+        if out.returncode == 0 and version.count(".") == 1 and tuple(map(int, version.split("."))) >= (3, 8):
+            versions.setdefault(version, path)
+    mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return [path for version, path in sorted(versions.items()) if version != mine]
+
+
+PYTHONS = [sys.executable, *other_pythons()]
+
+
+def bare_python(code: str, stdin: bytes = b"", *args: str, python: str = sys.executable
+                ) -> subprocess.CompletedProcess[bytes]:
     """The machine's bare python3: no PYTHON* variables, no user or site packages, no working folder."""
-    return subprocess.run([sys.executable, "-I", "-S", "-c", code, *args], input=stdin, capture_output=True,
-                          timeout=60)
+    return subprocess.run([python, "-I", "-S", "-c", code, *args], input=stdin, capture_output=True, timeout=60)
 
 
 def test_heavy_packages_cannot_be_imported_there() -> None:
@@ -102,7 +126,7 @@ def test_heavy_packages_cannot_be_imported_there() -> None:
         assert bare_python(f"import {name}").returncode != 0, name
 
 
-def import_every_module(payload: bytes, modules: list[str]) -> list[str]:
+def import_every_module(payload: bytes, modules: list[str], python: str = sys.executable) -> list[str]:
     """Import each module from the bundle with the bootstrap's own finder; the modules that fail, with why."""
     script = (bootstrap_source() + "\nimport importlib, traceback\n"
               "sys.meta_path.insert(0, BundleFinder(zipfile.ZipFile(io.BytesIO(read_exactly(int(read_exactly(HEADER)))))))\n"
@@ -110,7 +134,7 @@ def import_every_module(payload: bytes, modules: list[str]) -> list[str]:
               "    try:\n        importlib.import_module(name)\n"
               "    except BaseException as exc:\n        print(name, type(exc).__name__, exc)\n")
     script = script.replace('if __name__ == "__main__":\n    main()', "")  # the loader only, not its main()
-    out = bare_python(script, payload)
+    out = bare_python(script, payload, python=python)
     assert out.returncode == 0, out.stderr.decode()
     return [line for line in out.stdout.decode().splitlines() if line.strip()]
 
@@ -151,7 +175,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
     }
 
 
-def run_every_verb(payload: bytes, tmp: Path) -> list[str]:
+def run_every_verb(payload: bytes, tmp: Path, python: str = sys.executable) -> list[str]:
     """Each verb through the bootstrap, as orch runs it; the problems (no answer where the
     contract names one, an answer that is not its record, a traceback)."""
     cases = smoke_cases(tmp)
@@ -160,7 +184,7 @@ def run_every_verb(payload: bytes, tmp: Path) -> list[str]:
     problems = []
     for name, (args, stdin) in cases.items():
         verb = verbs.VERBS[name]
-        out = bare_python(bootstrap_source(), payload + stdin, "FRAME", name, *args)
+        out = bare_python(bootstrap_source(), payload + stdin, "FRAME", name, *args, python=python)
         err = out.stderr.decode(errors="replace")
         frames = [line.split(" ", 2) for line in out.stdout.decode().splitlines() if line.startswith("FRAME ")]
         answers = [json.loads(payload) for _, kind, payload in frames if kind == verbs.ANSWER]
@@ -174,11 +198,12 @@ def run_every_verb(payload: bytes, tmp: Path) -> list[str]:
     return problems
 
 
-def test_every_machine_module_imports_and_every_verb_runs_from_the_bundle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("python", PYTHONS)
+def test_every_machine_module_imports_and_every_verb_runs_from_the_bundle(tmp_path: Path, python: str) -> None:
     modules = machine_modules(bundle_files())
     assert "trainer.machine.proc" in modules and len(modules) >= 12
-    assert import_every_module(bundle(), modules) == []
-    assert run_every_verb(bundle(), tmp_path) == []
+    assert import_every_module(bundle(), modules, python) == []
+    assert run_every_verb(bundle(), tmp_path, python) == []
 
 
 def test_a_bundle_without_a_module_fails_the_check(tmp_path: Path) -> None:

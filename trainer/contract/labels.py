@@ -23,7 +23,8 @@ CREMAD_EMOTIONS: dict[str, str] = {
     "NEU": "neutral", "HAP": "happy", "SAD": "sad", "ANG": "angry", "FEA": "fear", "DIS": "disgust",
 }
 # Folder names that mean an emotion (common spellings included).
-FOLDER_ALIASES: dict[str, str] = {name: name for name in ALL_EMOTIONS} | {
+FOLDER_ALIASES: dict[str, str] = {
+    **{name: name for name in ALL_EMOTIONS},
     "fearful": "fear", "disgusted": "disgust", "surprised": "surprise", "anger": "angry",
     "happiness": "happy", "sadness": "sad",
 }

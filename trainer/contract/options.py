@@ -137,7 +137,7 @@ def _convert(kind: type, value: Any) -> Any:
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return int(value) if isinstance(value, int | float) else int(str(value).strip())
+        return int(value) if isinstance(value, (int, float)) else int(str(value).strip())
     if kind is float:
         return float(value)
     if not isinstance(value, str):

@@ -15,12 +15,13 @@ import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
-from functools import cache
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
 
+MAX_FILE_SIZE = 1 << 62  # beyond any disk: a size above it is a crafted answer
 DIED = "died"  # shown state: status.json says running (or nothing), but the process is gone
 NVIDIA_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
@@ -35,7 +36,7 @@ class _Invalid(Exception):
     pass
 
 
-@cache
+@lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -52,7 +53,7 @@ def _decode(kind: Any, value: Any) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return _decode(option, value)
-            except _Invalid:
+            except (_Invalid, WireError):  # a nested record that is not one: the field defaults
                 continue
         raise _Invalid
     if origin is list:
@@ -87,8 +88,13 @@ def _scalar(kind: Any, value: Any) -> Any:
         return value
     if kind is int and number and isinstance(value, int):
         return value
-    if kind is float and number and math.isfinite(value):
-        return float(value)
+    if kind is float and number:
+        try:
+            converted = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise _Invalid from None
+        if math.isfinite(converted):
+            return converted
     if kind is str and isinstance(value, str):
         return value
     raise _Invalid
@@ -292,7 +298,8 @@ class RunFiles(Record):
     def from_json(cls, d: Any) -> RunFiles:
         files = super().from_json(d)
         # A size that is not a count leaves its file out (it is then "not a regular file of the run").
-        return RunFiles(files.manifest, {k: v for k, v in files.files.items() if v >= 0}, files.too_big, files.run)
+        sizes = {k: v for k, v in files.files.items() if 0 <= v < MAX_FILE_SIZE}
+        return RunFiles(files.manifest, sizes, files.too_big, files.run)
 
 
 @dataclass(frozen=True)

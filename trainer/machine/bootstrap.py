@@ -12,13 +12,18 @@ disk stands in for a module of the bundle. Standard library only.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import io
-import os
-import runpy
 import sys
-import zipfile
+
+# The working folder (the login's home) must not lend this loader a module of its own
+# (a zipfile.py there), whatever flags the interpreter was started with.
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+
+import importlib.abc  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import runpy  # noqa: E402
+import zipfile  # noqa: E402
 
 HEADER = 16
 PACKAGE = "trainer"
@@ -70,6 +75,9 @@ class BundleFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
 
 
 def main() -> None:
+    if sys.version_info < (3, 8):
+        raise SystemExit(f"orch needs python3 >= 3.8 on the machine; {sys.executable} is "
+                         f"{sys.version.split()[0]} (set remote.env.base_python or remote.python)")
     size = int(read_exactly(HEADER))
     sys.meta_path.insert(0, BundleFinder(zipfile.ZipFile(io.BytesIO(read_exactly(size)))))
     sys.argv = ["python3 -m trainer.machine", *sys.argv[1:]]

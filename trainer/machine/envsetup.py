@@ -26,9 +26,8 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable  # typing's: subscripted at run time on python3 3.8
 
 from trainer.contract import layout
 from trainer.contract.wire import EnvAnswer

@@ -143,7 +143,7 @@ def _fire(root: Path, setting: dict[str, Any], idle_since: float) -> bool:
 def _write_state(root: Path, fields: dict[str, Any]) -> None:
     """Update watcher.json; on a full disk the watcher goes on deciding without it."""
     with contextlib.suppress(OSError):
-        atomic_write_json(root / STATE, read_json(root / STATE) | fields)
+        atomic_write_json(root / STATE, {**read_json(root / STATE), **fields})
 
 
 def _log_quietly(root: Path, message: str) -> None:
