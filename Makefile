@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 ## shared servers and trained runs stay in one process): 11 min instead of 18.5 on 2 cores,
 ## because the integration tests wait on sshd, moto and trainer processes much of the time.
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

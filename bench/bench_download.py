@@ -24,10 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.context import Context  # noqa: E402
 from orchestrator.download import download  # noqa: E402
-from orchestrator.machine import connect  # noqa: E402
+from orchestrator.provision import acquire  # noqa: E402
 from tests.servers import ssh_deploy_config, start_sshd  # noqa: E402
-from trainer import layout  # noqa: E402
+from trainer.contract import layout  # noqa: E402
 
 REPEATS = 3
 
@@ -71,10 +72,10 @@ def main() -> None:
             subprocess.run(["scp", "-q", *ssh_opts, f"{user}@127.0.0.1:{src}", str(work / f"scp-{rep}.h5")], check=True)
             scp.append(time.perf_counter() - start)
             start = time.perf_counter()
-            got = download(cfg, "big", dest=work / f"ours-{rep}")
+            got = download(Context(cfg), "big", dest=work / f"ours-{rep}")
             ours.append(time.perf_counter() - start)
             assert got.fetched == [layout.BEST_WEIGHTS]
-        with connect(cfg) as m:
+        with acquire(Context(cfg)) as m:
             m.snapshot("big", 0, 10)  # first use opens what needs opening
             refresh, floor = [], []
             for _ in range(refreshes):

@@ -25,8 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.data import default_workers, load_dataset  # noqa: E402
-from trainer.synth import synth  # noqa: E402
+from trainer.ml.arrays import default_workers  # noqa: E402
+from trainer.ml.data import load_dataset  # noqa: E402
+from trainer.ml.synth import synth  # noqa: E402
 
 
 def timed(fn) -> tuple[float, object]:

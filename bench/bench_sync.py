@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.context import Context  # noqa: E402
+from orchestrator.machine import Machine  # noqa: E402
+from orchestrator.provision import acquire  # noqa: E402
 from orchestrator.sync import sync_data  # noqa: E402
-from orchestrator.target import open_remote  # noqa: E402
 from tests.servers import ssh_deploy_config, start_sshd  # noqa: E402
 
 REPEATS = 3
@@ -48,7 +50,8 @@ def main() -> None:
     baseline, first = [], []
     with start_sshd(work / "sshd") as sshd:
         cfg = ssh_deploy_config(sshd, work, local_dir=str(local), remote_dir="data")
-        with open_remote(cfg) as remote:
+        with acquire(Context(cfg)) as m:
+            remote = m.remote
             ssh = shlex.join(remote.openssh_argv())
             # Alternate the two, each into a fresh folder: deleting 8,690 files right before a
             # measurement slows the next writes down for seconds on this disk.
@@ -59,10 +62,11 @@ def main() -> None:
                                f"'mkdir -p {dest} && tar -C {dest} -xf -'", shell=True, check=True)
                 baseline.append(time.perf_counter() - start)
                 cfg = ssh_deploy_config(sshd, work, local_dir=str(local), remote_dir=f"data-{rep}")
-                result = sync_data(remote, cfg, lambda _m: None)
+                # the same connection, another data folder
+                result = sync_data(Machine(Context(cfg), remote))
                 assert result.files == args.n
                 first.append(result.seconds)
-            second = sync_data(remote, cfg, lambda _m: None)
+            second = sync_data(Machine(Context(cfg), remote))
     assert second.files == 0
     base, ours = statistics.median(baseline), statistics.median(first)
     print(f"  baseline: tar c | ssh host tar x      {base:6.2f} s   (median of {repeats})")

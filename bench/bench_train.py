@@ -42,14 +42,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import layout, options  # noqa: E402
-from trainer.config import Architecture  # noqa: E402
-from trainer.data import Dataset, load_dataset  # noqa: E402
-from trainer.evaluate import classification_report  # noqa: E402
-from trainer.labels import label_from_path  # noqa: E402
-from trainer.split import Split, load_split  # noqa: E402
-from trainer.stats import Stats, load_stats  # noqa: E402
-from trainer.synth import MARKER, synth  # noqa: E402
+from trainer.contract import layout, options  # noqa: E402
+from trainer.contract.labels import label_from_path  # noqa: E402
+from trainer.contract.layout import SYNTHETIC_MARKER as MARKER  # noqa: E402
+from trainer.ml.config import Architecture  # noqa: E402
+from trainer.ml.data import load_dataset  # noqa: E402
+from trainer.ml.dataset import Dataset  # noqa: E402
+from trainer.ml.evaluate import classification_report  # noqa: E402
+from trainer.ml.split import Split, load_split  # noqa: E402
+from trainer.ml.stats import Stats, load_stats  # noqa: E402
+from trainer.ml.synth import synth  # noqa: E402
 
 METRICS = ("accuracy", "unweighted_accuracy", "macro_f1")
 METRIC_NAMES = {"accuracy": "accuracy", "unweighted_accuracy": "UA", "macro_f1": "macro-F1"}
@@ -296,8 +298,8 @@ def in_memory_fit_seconds(data: DataSet, run: Path, cache: Path, arch: Architect
     """Median epoch time of model.fit on one padded in-memory tensor (the baseline)."""
     import keras
 
-    from trainer.model import build_model
-    from trainer.pipeline import pad_batch
+    from trainer.ml.model import build_model
+    from trainer.ml.pipeline import pad_batch
 
     ds = load_dataset(data.train, cache_dir=cache)
     split, _ = load_split(run / layout.stats_path(layout.SPLIT_JSON), ds)

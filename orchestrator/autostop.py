@@ -1,18 +1,16 @@
-"""Autostop: arm (or disarm) the watcher on the machine (trainer/watcher.py) after a launch,
-with deploy.yaml's `autostop:` setting or `--autostop N|off`."""
+"""Autostop: arm (or disarm) the watcher on the machine (trainer/machine/watcher.py) after a
+launch, with deploy.yaml's `autostop:` setting or `--autostop N|off`."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.config import DeployConfig
-from orchestrator.errors import ConfigError, RemoteError
+from orchestrator.errors import ConfigError
 from orchestrator.machine import Machine
-from trainer.wire import Autostop
+from trainer.contract import verbs
+from trainer.contract.wire import Autostop
 
-Log = Callable[[str], None]
 OFF = "off"
 
 
@@ -43,28 +41,24 @@ def plan(cfg: DeployConfig, given: str | None) -> AutostopPlan:
     return AutostopPlan(change=True, idle_minutes=minutes, command=cfg.autostop.command)
 
 
-def apply(m: Machine, autostop: AutostopPlan, log: Log) -> Autostop | None:
+def apply(m: Machine, autostop: AutostopPlan) -> Autostop | None:
     """Arm or disarm the watcher; each deploy re-arms it (the idle clock starts again)."""
     if not autostop.change:
         return None
-    args = ["arm", "--idle-minutes", str(autostop.idle_minutes), "--command", autostop.command] \
-        if autostop.idle_minutes is not None else ["disarm"]
-    return _watcher(m, args, log)
+    if autostop.idle_minutes is None:
+        return _watcher(m, "disarm")
+    return _watcher(m, "arm", "--idle-minutes", str(autostop.idle_minutes), "--command", autostop.command,
+                    "--code", m.code.path)
 
 
-def wake(m: Machine, log: Log) -> Autostop:
+def wake(m: Machine) -> Autostop:
     """After a reboot the setting is still there but its watcher is not: start it again."""
-    return _watcher(m, ["wake"], log)
+    return _watcher(m, "wake", "--code", m.code.path)
 
 
-def _watcher(m: Machine, args: list[str], log: Log) -> Autostop:
-    out = m.remote.run(m.module_command("trainer.watcher", m.root, *args), what="setting autostop").stdout
-    try:
-        state = Autostop.from_json(json.loads(out.strip().splitlines()[-1]))
-    except (ValueError, IndexError) as exc:
-        raise RemoteError(f"setting autostop on {m.remote.host}: its answer was not understood "
-                          f"({out[:200]!r})") from exc
-    log(describe(state))
+def _watcher(m: Machine, *args: str) -> Autostop:
+    state = m.answer(verbs.AUTOSTOP, m.root, *args)
+    m.log(describe(state))
     return state
 
 

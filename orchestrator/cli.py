@@ -1,18 +1,30 @@
 """``orch``: parse, call one core function, render. Errors are mapped to exit codes in
-:func:`main` and nowhere else (the codes: trainer/exitcodes.py, shared with the trainer)."""
+:func:`main` and nowhere else (the codes: trainer/contract/exitcodes.py, shared with the trainer).
+
+No module-global state: :func:`main` builds an :class:`Invocation` (where output goes, --debug,
+a -c given before the command) and every command gets a :class:`~orchestrator.context.Context`
+built from it; tests pass their own ``Output`` to :func:`main`.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from orchestrator import __version__
+from orchestrator.context import Context, Output, Trust
 from orchestrator.errors import ExitCode, OrchError
-from trainer.exitcodes import help_table
+from orchestrator.requests import Extension, LaunchOptions
+from trainer.contract.exitcodes import help_table
 
 app = typer.Typer(
     name="orch",
@@ -27,6 +39,16 @@ app = typer.Typer(
 config_app = typer.Typer(help="Validate deploy.yaml or print its JSON schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
+
+@dataclass
+class Invocation:
+    """One run of `orch`: where output goes, --debug, and a -c given before the command."""
+
+    output: Output
+    debug: bool = False
+    config: str | None = None
+
+
 # $ORCH_CONFIG is read once, by the option before the command: a -c anywhere on the command
 # line wins over it (after the command: over a -c before it too).
 RootConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_default=False,
@@ -34,176 +56,219 @@ RootConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_
 ConfigOpt = typer.Option(None, "--config", "-c", show_default=False,
                          help="the configuration file (default: $ORCH_CONFIG, else deploy.yaml)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of text")
-TrustOpt = typer.Option(False, "--trust-new-host",
-                        help="accept an unknown SSH host key (it is shown) and remember it")
-AllowCpuOpt = typer.Option(False, "--allow-cpu", help="launch even though TensorFlow sees none of the GPUs "
-                           "nvidia-smi lists (training on the CPU of a GPU box)")
-AutostopOpt = typer.Option(None, "--autostop", metavar="MINUTES|off", show_default=False,
-                           help="run autostop.command (default: shut the machine down) once no run has been "
-                           "active this many minutes; `off` disarms (default: deploy.yaml's autostop)")
-FollowOpt = typer.Option(False, "--follow", "-f", help="then monitor the run to its end; the exit code "
-                         "says how it ended (as `orch monitor`)")
 RunArg = typer.Argument(None, help="the run: its id or any unique prefix of it (default: the latest)",
                         show_default=False)
 
+# The options every command that talks to the machine takes, and those of the commands that
+# launch a run, each declared ONCE (uses_machine adds them to a command's signature).
+SHARED: dict[str, tuple[Any, Any]] = {
+    "config": (str | None, ConfigOpt),
+    "trust_new_host": (bool, typer.Option(False, "--trust-new-host",
+                                          help="accept an unknown SSH host key (it is shown) and remember it")),
+}
+LAUNCHING: dict[str, tuple[Any, Any]] = {
+    "force": (bool, typer.Option(False, "--force", help="start even if another run is still running")),
+    "allow_cpu": (bool, typer.Option(False, "--allow-cpu", help="launch even though TensorFlow sees none of the "
+                                     "GPUs nvidia-smi lists (training on the CPU of a GPU box)")),
+    "autostop": (str | None, typer.Option(None, "--autostop", metavar="MINUTES|off", show_default=False,
+                                          help="run autostop.command (default: shut the machine down) once no run "
+                                          "has been active this many minutes; `off` disarms (default: "
+                                          "deploy.yaml's autostop)")),
+    "follow": (bool, typer.Option(False, "--follow", "-f", help="then monitor the run to its end; the exit code "
+                                  "says how it ended (as `orch monitor`)")),
+}
 
-class Env:
-    """Where output goes; tests swap the consoles. Markup is off: paths and run ids are shown
-    as they are, brackets included."""
 
-    def __init__(self) -> None:
-        from rich.console import Console
-
-        self.out = Console(highlight=False, soft_wrap=True, markup=False)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
-
-    def log(self, message: str) -> None:
-        from rich.text import Text
-
-        self.err.print(Text.assemble(("orch:", "dim"), " ", message))
+def _invocation(typer_ctx: typer.Context) -> Invocation:
+    return typer_ctx.find_root().obj
 
 
-env = Env()
+def _config_path(typer_ctx: typer.Context, config: str | None) -> str:
+    """-c after the command, else -c before it, else $ORCH_CONFIG, else ./deploy.yaml."""
+    return config or _invocation(typer_ctx).config or "deploy.yaml"
 
 
-def _version(value: bool) -> None:
+def uses_machine(func: Callable[..., Any] | None = None, *, launches: bool = False) -> Any:
+    """A command that talks to the machine: its options get -c and --trust-new-host (and, with
+    ``launches``, --force, --allow-cpu, --autostop, --follow), and it is called with the
+    :class:`Context` first (and ``launching=LaunchOptions``, ``follow`` for a launching command;
+    a ``trainer_args`` parameter gets the arguments after `--`)."""
+    if func is None:
+        return functools.partial(uses_machine, launches=launches)
+    extra = SHARED | (LAUNCHING if launches else {})
+    hints = typing.get_type_hints(func)
+    given = inspect.signature(func).parameters
+    injected = {"ctx", "trainer_args"} | ({"launching", "follow"} if launches else set())
+    clash = (set(given) - injected) & set(extra)
+    assert not clash, f"{func.__name__}: {clash} are shared options, declared once above"
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+           for p in given.values() if p.name not in injected]
+    wants_args = "trainer_args" in given
+    params = [inspect.Parameter("typer_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context), *own,
+              *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+                for name, (kind, option) in extra.items())]
+
+    @functools.wraps(func)
+    def command(*, typer_ctx: typer.Context, **kwargs: Any) -> Any:
+        shared = {name: kwargs.pop(name) for name in extra}
+        invocation = _invocation(typer_ctx)
+        from orchestrator.config import load_config
+
+        ctx = Context(load_config(_config_path(typer_ctx, shared["config"])), invocation.output,
+                      Trust(accept_new=shared["trust_new_host"]), invocation.debug)
+        if launches:
+            kwargs |= {"launching": LaunchOptions(shared["force"], shared["allow_cpu"], shared["autostop"]),
+                       "follow": shared["follow"]}
+        if wants_args:
+            kwargs["trainer_args"] = list(typer_ctx.args)
+        return func(ctx, **kwargs)
+
+    command.__signature__ = inspect.Signature(params, return_annotation=hints.get("return"))  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def _out(ctx: Context) -> Any:
+    assert ctx.output is not None
+    return ctx.output.out
+
+
+def _print_json(console: Any, obj: Any) -> None:
+    console.print_json(json.dumps(obj))
+
+
+def _print_table(console: Any, table: Any) -> None:
+    """A table on the terminal as wide as it is; in a pipe as wide as the table needs (never cut)."""
+    from rich.console import Console
+
+    if not console.is_terminal:
+        console = Console(file=console.file, width=10_000, highlight=False, markup=False)
+    console.print(table)
+
+
+def _version(typer_ctx: typer.Context, value: bool) -> None:
     if value:
-        env.out.print(f"orch {__version__}")
+        typer_ctx.find_root().obj.output.out.print(f"orch {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    ctx: typer.Context,
+    typer_ctx: typer.Context,
     config: str | None = RootConfigOpt,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors"),
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print orch's version"),
 ) -> None:
     """(--debug is read by main())"""
-    ctx.obj = {"config": config}
-
-
-def _config_path(ctx: typer.Context, config: str | None) -> str:
-    """-c after the command, else -c before it, else $ORCH_CONFIG, else ./deploy.yaml."""
-    root = ctx.find_root().obj or {}
-    return config or root.get("config") or "deploy.yaml"
-
-
-def _load(ctx: typer.Context, config: str | None) -> Any:
-    from orchestrator.config import load_config
-
-    return load_config(_config_path(ctx, config))
+    _invocation(typer_ctx).config = config
 
 
 @app.command("version")
-def version_cmd() -> None:
+def version_cmd(typer_ctx: typer.Context) -> None:
     """Print orch's version."""
-    env.out.print(f"orch {__version__}")
+    _invocation(typer_ctx).output.out.print(f"orch {__version__}")
 
 
 @config_app.command("check")
-def config_check(ctx: typer.Context, config: str | None = ConfigOpt) -> None:
+def config_check(typer_ctx: typer.Context, config: str | None = ConfigOpt) -> None:
     """Validate the file and print the resolved configuration (defaults filled in)."""
-    _print_json(_load(ctx, config).model_dump(mode="json"))
+    from orchestrator.config import load_config
+
+    cfg = load_config(_config_path(typer_ctx, config))
+    _print_json(_invocation(typer_ctx).output.out, cfg.model_dump(mode="json"))
 
 
 @config_app.command("schema")
-def config_schema(config: str | None = ConfigOpt) -> None:  # -c accepted (and not needed) like everywhere
+def config_schema(typer_ctx: typer.Context, config: str | None = ConfigOpt) -> None:  # -c accepted, not needed
     """Print the JSON schema of deploy.yaml (every key: type, default, description)."""
     from orchestrator.config import json_schema
 
-    _print_json(json_schema())
+    _print_json(_invocation(typer_ctx).output.out, json_schema())
 
 
 @app.command()
-def up(ctx: typer.Context, config: str | None = ConfigOpt, trust_new_host: bool = TrustOpt) -> None:
+@uses_machine
+def up(ctx: Context) -> None:
     """Start the EC2 instance and wait until it runs (an armed autostop is watched again)."""
     from orchestrator.status import up as run_up
 
-    inst = run_up(_load(ctx, config), trust_new_host=trust_new_host, log=env.log)
-    env.out.print(f"{inst.instance_id} {inst.state} {inst.address or '(no public address)'}")
+    inst = run_up(ctx)
+    _out(ctx).print(f"{inst.id} {inst.state} {inst.address or '(no public address)'}")
 
 
 @app.command()
+@uses_machine
 def down(
-    ctx: typer.Context,
-    config: str | None = ConfigOpt,
+    ctx: Context,
     force: bool = typer.Option(False, "--force", help="stop it even while a run is active (the run dies; "
                                "`orch resume RUN --continue` picks it up later)"),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation on a terminal"),
-    trust_new_host: bool = TrustOpt,
 ) -> None:
     """Stop the EC2 instance (its disk, runs and data stay). Refuses while a run is active."""
     from orchestrator.status import down as run_down
 
-    confirm = None if yes or not sys.stdin.isatty() else (lambda question: typer.confirm(question, default=False))
-    inst = run_down(_load(ctx, config), force=force, confirm=confirm, trust_new_host=trust_new_host, log=env.log)
+    ask = not yes and ctx.output is not None and ctx.output.stdin_isatty
+    confirm = (lambda question: typer.confirm(question, default=False)) if ask else None
+    inst = run_down(ctx, force=force, confirm=confirm)
     if inst is None:
-        env.out.print("left running")
+        _out(ctx).print("left running")
         raise typer.Exit(int(ExitCode.INTERRUPTED))
-    env.out.print(f"{inst.instance_id} {inst.state}")
+    _out(ctx).print(f"{inst.id} {inst.state}")
 
 
 @app.command()
-def trust(ctx: typer.Context, config: str | None = ConfigOpt) -> None:
+@uses_machine
+def trust(ctx: Context) -> None:
     """Connect once and remember the machine's SSH host key in known_hosts. Check the
     fingerprint it shows (for EC2: against the instance's console output) first."""
-    from orchestrator.target import trust_host
+    from orchestrator.provision import trust_host
 
-    key = trust_host(_load(ctx, config), log=env.log)
-    env.out.print(f"{'trusted' if key.added else 'already trusted'} {key.host}: {key.kind} {key.fingerprint} "
-                  f"({key.known_hosts})")
+    key = trust_host(ctx)
+    _out(ctx).print(f"{'trusted' if key.added else 'already trusted'} {key.host}: {key.kind} {key.fingerprint} "
+                    f"({key.known_hosts})")
 
 
 @app.command(context_settings={"allow_extra_args": True})
+@uses_machine(launches=True)
 def deploy(
-    ctx: typer.Context,
-    config: str | None = ConfigOpt,
+    ctx: Context,
     run_id: str | None = typer.Option(None, "--run-id", help="name of the run (default: time-sortable id)"),
     sync_data: bool = typer.Option(False, "--sync-data", help="upload data.local_dir first (changed files only)"),
-    force: bool = typer.Option(False, "--force", help="start even if another run is still running"),
-    allow_cpu: bool = AllowCpuOpt,
-    autostop: str | None = AutostopOpt,
-    follow: bool = FollowOpt,
     json_out: bool = JsonOpt,
-    trust_new_host: bool = TrustOpt,
+    trainer_args: list[str] | None = None,
+    launching: LaunchOptions | None = None,
+    follow: bool = False,
 ) -> int:
     """Ship the trainer and start training, detached. Trainer options go after `--`:
     `orch deploy -- --epochs 50 --split speaker` (checked before anything is launched)."""
     from orchestrator.deploy import deploy as run_deploy
 
-    cfg = _load(ctx, config)
-    launched = run_deploy(cfg, run_id=run_id, with_data=sync_data, force=force, allow_cpu=allow_cpu, autostop=autostop,
-                          trainer_args=ctx.args, trust_new_host=trust_new_host, log=env.log)
-    _show_launched(launched, json_out)
-    return _follow(cfg, launched.run_id, trust_new_host) if follow else 0
+    launched = run_deploy(ctx, run_id=run_id, with_data=sync_data, launching=launching, trainer_args=trainer_args or ())
+    _show_launched(ctx, launched, json_out)
+    return _follow(ctx, launched.run_id) if follow else 0
 
 
-def _show_launched(launched: Any, json_out: bool, how: str = "") -> None:
+def _show_launched(ctx: Context, launched: Any, json_out: bool, how: str = "") -> None:
     if json_out:
-        _print_json(launched.to_json())
+        _print_json(_out(ctx), launched.to_json())
     else:
-        env.out.print(f"run {launched.run_id} started on {launched.host} (pid {launched.pid}{how}; code version "
-                      f"{launched.code_version}); watch it with: orch monitor {launched.run_id}")
-
-
-def _print_json(obj: Any) -> None:
-    env.out.print_json(json.dumps(obj))
+        _out(ctx).print(f"run {launched.run_id} started on {launched.host} (pid {launched.pid}{how}; code version "
+                        f"{launched.code_version}); watch it with: orch monitor {launched.run_id}")
 
 
 def _recipe_help(name: str) -> str:
-    from trainer.options import extension_help
+    from trainer.contract.options import extension_help
 
     return extension_help(name)
 
 
 @app.command()
+@uses_machine(launches=True)
 def resume(
-    ctx: typer.Context,
+    ctx: Context,
     run: str | None = typer.Argument(None, help="the run to extend or continue (an id or unique prefix; "
                                      "default: the best finished run)", show_default=False),
-    config: str | None = ConfigOpt,
-    # Ranges are the trainer's own (trainer/options.py), checked before anything connects.
+    # Ranges are the trainer's own (trainer/contract/options.py), checked before anything connects.
     epochs: int | None = typer.Option(None, "--epochs", help=_recipe_help("epochs"), show_default=False),
     learning_rate: float | None = typer.Option(None, "--learning-rate", help=_recipe_help("learning_rate"),
                                                show_default=False),
@@ -211,78 +276,68 @@ def resume(
                                              show_default=False),
     in_place: bool = typer.Option(False, "--continue", help="restart a killed/stopped RUN in place, from its "
                                   "last committed epoch (the spot-interruption case)"),
-    force: bool = typer.Option(False, "--force", help="start even if another run is still running"),
-    allow_cpu: bool = AllowCpuOpt,
-    autostop: str | None = AutostopOpt,
-    follow: bool = FollowOpt,
     json_out: bool = JsonOpt,
-    trust_new_host: bool = TrustOpt,
+    launching: LaunchOptions | None = None,
+    follow: bool = False,
 ) -> int:
     """Extended training from a finished run's best checkpoint: a new run with the same
     architecture, statistics and split, a lower learning rate and more epochs. With --follow
     its last line says whether it beat its parent, and by how much."""
     from orchestrator.deploy import resume as run_resume
 
-    cfg = _load(ctx, config)
-    launched = run_resume(cfg, run, epochs=epochs, learning_rate=learning_rate,
-                          warmup_epochs=warmup_epochs, in_place=in_place, force=force, allow_cpu=allow_cpu,
-                          autostop=autostop,
-                          trust_new_host=trust_new_host, log=env.log)
-    _show_launched(launched, json_out, "; continued" if in_place else f"; extends {launched.extra.get('parent')}")
-    return _follow(cfg, launched.run_id, trust_new_host) if follow else 0
+    launched = run_resume(ctx, run, extension=Extension(epochs, learning_rate, warmup_epochs), in_place=in_place,
+                          launching=launching)
+    _show_launched(ctx, launched, json_out, "; continued" if in_place else f"; extends {launched.extra.get('parent')}")
+    return _follow(ctx, launched.run_id) if follow else 0
 
 
 @app.command()
+@uses_machine
 def monitor(
-    ctx: typer.Context,
+    ctx: Context,
     run: str | None = RunArg,
-    config: str | None = ConfigOpt,
     once: bool = typer.Option(False, "--once", help="print one snapshot and exit"),
     json_out: bool = typer.Option(False, "--json", help="print the snapshot as one JSON object (implies --once)"),
     interval: float = typer.Option(5.0, "--interval", min=0.2, max=3600, help="seconds between refreshes"),
-    trust_new_host: bool = TrustOpt,
 ) -> int:
     """Live view of a run: epochs, accuracy, trends, GPUs, log. Exits when the run ends, with
     0 finished, 8 failed, 9 stopped, 10 died. Ctrl-C leaves the run untouched."""
     from orchestrator.monitor import monitor as run_monitor
 
-    cfg = _load(ctx, config)
     if json_out or once:
-        view = run_monitor(cfg, run, once=True, trust_new_host=trust_new_host, log=env.log)
+        view = run_monitor(ctx, run, once=True)
         if json_out:
-            _print_json(view.to_json())
+            _print_json(_out(ctx), view.to_json())
         else:
-            env.out.print(view.render())
+            _out(ctx).print(view.render())
         return int(view.exit_code)
-    return _follow(cfg, run, trust_new_host, interval)
+    return _follow(ctx, run, interval)
 
 
-def _follow(cfg: Any, run: str | None, trust_new_host: bool, interval: float = 2.0) -> int:
+def _follow(ctx: Context, run: str | None, interval: float = 2.0) -> int:
     """The live monitor view until the run ends; its last line and exit code say how."""
     from rich.live import Live
 
     from orchestrator.monitor import monitor as run_monitor
 
-    with Live(console=env.out, auto_refresh=False, transient=False) as live:
-        view = run_monitor(cfg, run, interval=interval, trust_new_host=trust_new_host, log=env.log,
-                           show=lambda v: live.update(v.render(), refresh=True))
-    env.out.line()
-    env.out.print(view.summary())
+    with Live(console=_out(ctx), auto_refresh=False, transient=False) as live:
+        view = run_monitor(ctx, run, interval=interval, show=lambda v: live.update(v.render(), refresh=True))
+    _out(ctx).line()
+    _out(ctx).print(view.summary())
     return int(view.exit_code)
 
 
 @app.command()
+@uses_machine
 def download(
-    ctx: typer.Context,
+    ctx: Context,
     run: str | None = typer.Argument(None, help="the run, an id or unique prefix (default: the finished run "
                                      "with the best val accuracy)", show_default=False),
-    config: str | None = ConfigOpt,
     best: bool = typer.Option(True, "--best",
                               help="the best checkpoint and the stats files (what MANIFEST.sha256 lists)"),
     latest: bool = typer.Option(False, "--latest", help="the newest run instead of the best one"),
     dest: Path = typer.Option(Path("artifacts"), "--dest", help="files go to DEST/<run_id>/"),
     json_out: bool = JsonOpt,
-    trust_new_host: bool = TrustOpt,
 ) -> None:
     """Bring back a run's best checkpoint and stats files, each checked against the run's
     MANIFEST.sha256 and written atomically; files already here and correct are kept."""
@@ -290,96 +345,63 @@ def download(
 
     from orchestrator.download import download as run_download
 
+    assert ctx.output is not None
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=env.err, transient=True,
-                  disable=json_out or not env.err.is_terminal) as bar:  # no stray blank line in logs
+                  TransferSpeedColumn(), console=ctx.output.err, transient=True,
+                  disable=json_out or not ctx.output.err.is_terminal) as bar:  # no stray blank line in logs
         task = bar.add_task("downloading", total=None)
 
         def progress(rel: str, done: int, total: int) -> None:
             bar.update(task, description=rel, completed=done, total=total)
 
-        got = run_download(_load(ctx, config), run, latest=latest, dest=dest, progress=progress,
-                           trust_new_host=trust_new_host, log=env.log)
+        got = run_download(ctx, run, latest=latest, dest=dest, progress=progress)
     if json_out:
-        _print_json(got.to_json())
+        _print_json(_out(ctx), got.to_json())
         return
     acc = f"{got.best_val_accuracy:.4f}" if got.best_val_accuracy is not None else "n/a"
-    env.out.print(f"run {got.run_id}: best val_accuracy {acc}; {len(got.fetched)} files fetched, "
-                  f"{len(got.already_there)} already there, in {got.dest}")
+    _out(ctx).print(f"run {got.run_id}: best val_accuracy {acc}; {len(got.fetched)} files fetched, "
+                    f"{len(got.already_there)} already there, in {got.dest}")
 
 
 @app.command("runs")
-def runs_cmd(ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt,
-             trust_new_host: bool = TrustOpt) -> None:
+@uses_machine
+def runs_cmd(ctx: Context, json_out: bool = JsonOpt) -> None:
     """All runs on the machine: state, epochs, best val accuracy, parent and how the run
     compares with it, start, duration. Run ids are shown whole."""
-    from orchestrator.runs import list_runs, runs_table
+    from orchestrator.runs import list_runs, run_json, runs_table
 
-    cfg = _load(ctx, config)
-    runs = list_runs(cfg, trust_new_host=trust_new_host, log=env.log)
+    runs = list_runs(ctx)
     if json_out:
-        _print_json(runs)
+        _print_json(_out(ctx), [run_json(r) for r in runs])
     elif not runs:
-        env.out.print("no runs yet; start one with `orch deploy`")
+        _out(ctx).print("no runs yet; start one with `orch deploy`")
     else:
-        _print_table(runs_table(runs))
-
-
-def _print_table(table: Any) -> None:
-    """A table on the terminal as wide as it is; in a pipe as wide as the table needs (never cut)."""
-    from rich.console import Console
-
-    console = env.out
-    if not console.is_terminal:
-        console = Console(file=console.file, width=10_000, highlight=False, markup=False)
-    console.print(table)
+        _print_table(_out(ctx), runs_table(runs))
 
 
 @app.command()
-def status(ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt,
-           trust_new_host: bool = TrustOpt) -> int:
+@uses_machine
+def status(ctx: Context, json_out: bool = JsonOpt) -> int:
     """The machine: instance type, state, uptime and cost, GPUs (or CPU load), the active run,
     autostop. Never starts the instance: a stopped one exits 11."""
     from orchestrator.status import machine_status
+    from orchestrator.views import status_lines
 
-    st = machine_status(_load(ctx, config), trust_new_host=trust_new_host, log=env.log)
+    st = machine_status(ctx)
     if json_out:
-        _print_json(st.to_json())
+        _print_json(_out(ctx), st.to_json())
     else:
-        _render_status(st)
+        for line in status_lines(st):
+            _out(ctx).print(line)
     if st.stopped:
-        assert st.instance is not None
-        env.err.print(f"orch: instance {st.instance.id} is {st.instance.state}; `orch up` starts it")
+        assert st.instance is not None and ctx.output is not None
+        ctx.output.err.print(f"orch: instance {st.instance.id} is {st.instance.state}; `orch up` starts it")
         return int(ExitCode.INSTANCE_STOPPED)
     return 0
 
 
-def _render_status(st: Any) -> None:
-    from orchestrator.autostop import describe
-    from orchestrator.monitor import describe_load
-
-    if st.instance is not None:
-        i = st.instance
-        env.out.print(f"instance {i.id} ({i.type}{', spot' if i.spot else ''}): {i.state}, address {i.address or '-'}")
-        env.out.print(f"  cost: {i.cost.describe()}")
-    if st.machine is None:
-        return
-    env.out.print(f"host {st.host}")
-    for g in st.machine.host.gpus:
-        env.out.print(f"  GPU {g.index} {g.name}: {g.utilization}% util, {g.memory_used}/{g.memory_total} MiB, "
-                      f"{g.temperature} °C, {g.power} W")
-    if not st.machine.host.gpus:
-        env.out.print(f"  {describe_load(st.machine.host)}")
-    active = [r for r in st.machine.runs if r.active]
-    for r in active:
-        env.out.print(f"  running: {r.run_id} epoch {r.epoch}/{r.epochs}, best {r.best_val_accuracy}")
-    if not active:
-        env.out.print("  no run is running")
-    env.out.print(f"  {describe(st.machine.autostop)}")
-
-
 @app.command()
-def doctor(ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt) -> int:
+def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt) -> int:
     """Every check a first day needs, in order, each ok or failed with the fix: config, AWS,
     instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data,
     disk. Never starts the instance. Exit 0 only if all pass (else 12)."""
@@ -387,97 +409,96 @@ def doctor(ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = 
 
     from orchestrator.doctor import doctor as run_doctor
 
-    results = run_doctor(_config_path(ctx, config), log=env.log)
+    output = _invocation(typer_ctx).output
+    results = run_doctor(_config_path(typer_ctx, config), output)
     ok = all(r.ok for r in results)
     if json_out:
-        _print_json({"ok": ok, "checks": [asdict(r) | {"exit_code": int(r.exit_code)} for r in results]})
+        _print_json(output.out, {"ok": ok, "checks": [asdict(r) | {"exit_code": int(r.exit_code)} for r in results]})
     else:
         from rich.table import Table
 
         table = Table("check", "", "detail", "fix", show_lines=False)
         for r in results:
             table.add_row(r.check, "ok" if r.ok else "FAILED", r.detail, "" if r.ok else r.fix)
-        _print_table(table)
+        _print_table(output.out, table)
     return 0 if ok else int(ExitCode.NOT_READY)
 
 
 @app.command()
+@uses_machine
 def logs(
-    ctx: typer.Context,
+    ctx: Context,
     run: str | None = RunArg,
-    config: str | None = ConfigOpt,
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
-    trust_new_host: bool = TrustOpt,
 ) -> None:
     """Print (or follow) a run's train.log."""
     from orchestrator.runs import logs as run_logs
 
-    run_logs(_load(ctx, config), run, follow=follow, trust_new_host=trust_new_host, log=env.log,
-             write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    run_logs(ctx, run, follow=follow, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
 
 
 @app.command()
+@uses_machine
 def stop(
-    ctx: typer.Context,
+    ctx: Context,
     run: str | None = typer.Argument(None, help="the run, an id or unique prefix (default: the one running)",
                                      show_default=False),
-    config: str | None = ConfigOpt,
     json_out: bool = JsonOpt,
-    trust_new_host: bool = TrustOpt,
 ) -> int:
     """Stop a run: SIGTERM, the trainer saves and marks it stopped; reports the final state."""
-    from orchestrator.monitor import EXIT_CODES
+    from orchestrator.runs import run_json
     from orchestrator.runs import stop as run_stop
 
-    final = run_stop(_load(ctx, config), run, trust_new_host=trust_new_host, log=env.log)
+    final = run_stop(ctx, run)
     if json_out:
-        _print_json(final)
+        _print_json(_out(ctx), run_json(final))
     else:
-        env.out.print(f"run {final['run_id']} {final['state']} at epoch {final.get('epoch')}/{final.get('epochs')}")
-    return 0 if final["state"] == "stopped" else int(EXIT_CODES.get(final["state"] or "", 1))
+        _out(ctx).print(f"run {final.run_id} {final.shown_state} at epoch {final.epoch}/{final.epochs}")
+    return 0 if final.shown_state == "stopped" else int(final.exit_code or ExitCode.ERROR)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, output: Output | None = None) -> int:
     """Entry point: run the command; every error -> one line on stderr and its exit code."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
+    invocation = Invocation(output or Output.terminal(), debug="--debug" in args)
+    err = invocation.output.err
     try:
-        result = app(args=args, prog_name="orch", standalone_mode=False)
+        result = typer.main.get_command(app)(args=args, prog_name="orch", standalone_mode=False, obj=invocation)
         code = int(result) if isinstance(result, int) else 0
     except typer.Exit as exc:
         code = exc.exit_code
     except SystemExit as exc:  # typer's completion options exit by themselves
         code = exc.code if isinstance(exc.code, int) else 0
     except typer.TyperException as exc:  # click's usage errors (typer vendors click)
-        code = _usage_error(exc)
+        code = _usage_error(invocation.output, exc)
     except (typer.Abort, KeyboardInterrupt):
-        env.err.print("orch: interrupted")
+        err.print("orch: interrupted")
         code = ExitCode.INTERRUPTED
     except OrchError as exc:
-        if debug:
+        if invocation.debug:
             raise
-        env.err.print(f"orch: error: {_one_line(str(exc))}")
+        err.print(f"orch: error: {_one_line(str(exc))}")
         code = exc.exit_code
     except Exception as exc:
-        if debug:
+        if invocation.debug:
             raise
-        env.err.print(f"orch: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
-                      "(a bug: run with --debug for the traceback and report it)")
+        err.print(f"orch: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+                  "(a bug: run with --debug for the traceback and report it)")
         code = ExitCode.ERROR
     if argv is None:
         sys.exit(int(code))
     return int(code)
 
 
-def _usage_error(exc: Any) -> int:
+def _usage_error(output: Output, exc: Any) -> int:
     """A command-line mistake: one line saying what and where to look (bare `orch` and a
     bare group print their help instead)."""
     ctx = getattr(exc, "ctx", None)
     if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-        env.out.print(ctx.get_help())
+        output.out.print(ctx.get_help())
         return ExitCode.USAGE
     where = ctx.command_path if ctx is not None else "orch"
-    env.err.print(f"orch: error: {_one_line(exc.format_message())} (see `{where} --help`)")
+    output.err.print(f"orch: error: {_one_line(exc.format_message())} (see `{where} --help`)")
     return ExitCode.USAGE
 
 

@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import ConfigError
-from trainer import options as trainer_options
+from trainer.contract import options as trainer_options
 
 
 class _Section(BaseModel):
@@ -128,7 +128,7 @@ def _reject_orch_keys(values: Any) -> Any:
     return values
 
 
-# deploy.yaml's `train:` section: generated from trainer/options.py, the one declaration.
+# deploy.yaml's `train:` section: generated from trainer/contract/options.py, the one declaration.
 TrainOptions: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "TrainOptions",
     __config__=ConfigDict(extra="forbid"),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from orchestrator.destination import PART
 from orchestrator.errors import ConfigError, RemoteError
-from trainer import layout
-from trainer.wire import RunFiles
+from trainer.contract import layout
+from trainer.contract.wire import RunFiles
 
 # Far above what a run lists (about ten files): more is a crafted manifest.
 MAX_ENTRIES = 1000

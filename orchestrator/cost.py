@@ -5,14 +5,15 @@ and, from its uptime since it last started, an estimate of the cost so far."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from orchestrator import ec2
 from orchestrator.config import Ec2Config
+from orchestrator.ec2 import Instance
 
 PRICES = Path(__file__).with_name("prices.json")
 
@@ -38,8 +39,11 @@ class Cost:
         return text
 
 
-def estimate(client: Any, cfg: Ec2Config, inst: ec2.Instance, now: datetime | None = None) -> Cost:
-    hourly, source = _hourly(client, cfg, inst)
+def estimate(cfg: Ec2Config, inst: Instance, spot_price: Callable[[], float | None],
+             now: datetime | None = None) -> Cost:
+    """The price per hour and the cost so far; ``spot_price`` asks EC2 (only for a spot instance
+    without ec2.hourly_price)."""
+    hourly, source = _hourly(cfg, inst, spot_price)
     uptime = None
     if inst.state == "running" and inst.launch_time is not None:
         now = now or datetime.now(timezone.utc)
@@ -48,11 +52,11 @@ def estimate(client: Any, cfg: Ec2Config, inst: ec2.Instance, now: datetime | No
     return Cost(hourly, source, uptime, so_far)
 
 
-def _hourly(client: Any, cfg: Ec2Config, inst: ec2.Instance) -> tuple[float | None, str]:
+def _hourly(cfg: Ec2Config, inst: Instance, spot_price: Callable[[], float | None]) -> tuple[float | None, str]:
     if cfg.hourly_price is not None:
         return cfg.hourly_price, "ec2.hourly_price"
     if inst.spot:
-        price = ec2.spot_price(client, inst)
+        price = spot_price()
         if price is not None:
             return price, f"current spot price in {inst.zone or cfg.region}"
     table = price_table()

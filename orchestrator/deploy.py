@@ -1,37 +1,33 @@
 """``orch deploy`` and ``orch resume``, SkyPilot-style steps over one connection: provision
-(start the instance) -> sync code (and data) -> setup (the managed env, remote.setup) ->
-preflight (can this machine train?) -> launch the trainer detached, atomically -> verify it
-started."""
+(orchestrator/provision.py: start the instance) -> sync code (and data) -> setup (the managed
+env, remote.setup) -> preflight (can this machine train?) -> launch the trainer detached,
+atomically -> verify it started -> autostop."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestrator import ec2
-from orchestrator.activity import activity
 from orchestrator.autostop import apply as apply_autostop
 from orchestrator.autostop import plan as autostop_plan
 from orchestrator.config import DeployConfig
+from orchestrator.context import Context
 from orchestrator.environment import TrainingPython, ensure_env, run_setup
-from orchestrator.errors import BusyError, ConfigError, OrchError, RemoteError
-from orchestrator.machine import Machine, connect
+from orchestrator.errors import BusyError, ConfigError, RemoteError
+from orchestrator.machine import Machine, check_run_id
 from orchestrator.preflight import require_ready
-from orchestrator.remote import Remote, q
+from orchestrator.provision import acquire
+from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.sync import DataSync, sync_data
-from trainer import layout, options
-from trainer.wire import Autostop
+from trainer.contract import layout, options, verbs
+from trainer.contract.wire import Autostop, LaunchAnswer, RunInfo
 
-Log = Callable[[str], None]
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 START_TIMEOUT = 60.0  # seconds for the trainer to write status.json
 
 
@@ -60,13 +56,6 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def check_run_id(run_id: str) -> str:
-    if not RUN_ID.match(run_id):
-        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only "
-                          "(it names a folder on the machine)")
-    return run_id
-
-
 def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[str, Any] | None = None,
                  *, extending: bool = False) -> list[str]:
     """The trainer's options for a run: deploy.yaml's `train:` keys, then ``overrides``, then
@@ -75,7 +64,7 @@ def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[s
     given = cfg.train_given()
     if extending:
         given = {k: v for k, v in given.items() if options.BY_NAME[k].on_extend == options.GIVEN}
-    argv = options.to_argv(given | {k: v for k, v in (overrides or {}).items() if v is not None}) + list(extra)
+    argv = options.to_argv(given | (overrides or {})) + list(extra)
     for flag in ("--data-dir", "--run-dir"):
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise ConfigError(f"{flag}: set by orch (data.remote_dir and the run), not after `--`")
@@ -86,104 +75,73 @@ def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[s
     return argv
 
 
-def launch(m: Machine, run_id: str, options: Sequence[str], *, python: str, force: bool, fresh: bool,
-           log: Log) -> int:
+def launch(m: Machine, run_id: str, argv: Sequence[str], *, python: str, force: bool, fresh: bool) -> int:
     """Start ``python -m trainer train`` detached (it outlives the SSH session); its pid.
 
-    ONE remote command (trainer/launch.py) does the busy check, creates the run folder and
-    starts the trainer under the machine's launch lock: of two launches at the same moment,
-    exactly one starts and the other gets the busy error. ``fresh``: a new run (its folder
-    must not exist); else the run folder is continued.
+    ONE remote command (trainer/machine/launch.py) does the busy check, creates the run folder
+    and starts the trainer under the machine's launch lock: of two launches at the same moment,
+    exactly one starts and the other gets the busy error. ``fresh``: a new run (its folder must
+    not exist); else the run folder is continued.
     """
-    remote, run_dir = m.remote, m.run_dir(run_id)
     resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
+    deploy_json = json.dumps(resolved, indent=2).encode()
     args = [m.root, run_id, "--fresh" if fresh else "--continue", *(["--force"] if force else []),
-            "--python", python, "--code", m.code.path, "--data-dir", remote.expand(m.cfg.remote_data_dir),
-            "--", *options]
-    result = remote.run(m.module_command("trainer.launch", *args), check=False,
-                        write=lambda fh: fh.write(json.dumps(resolved, indent=2).encode()) if fresh else None,
-                        what="launching the trainer")
-    answer = _launch_answer(result.stdout)
-    if "pid" not in answer:
-        _refuse(answer, run_id, remote.host, result.stderr)
-    pid = int(answer["pid"])
+            "--python", python, "--code", m.code.path, "--data-dir", m.data_dir, "--", *argv]
+    got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if fresh else None)
+    answer = LaunchAnswer.from_json(got.record) if isinstance(got.record, dict) else LaunchAnswer()
+    if answer.pid is None:
+        _refuse(answer, run_id, m.remote.host, got.result.stderr)
+    assert answer.pid is not None
     m.launched = True
-    log(f"launched run {run_id} (pid {pid}) on {remote.host}")
-    wait_started(remote, run_dir, pid)
-    return pid
+    m.log(f"launched run {run_id} (pid {answer.pid}) on {m.remote.host}")
+    wait_started(m, m.run_dir(run_id), answer.pid)
+    return answer.pid
 
 
-def _launch_answer(stdout: str) -> dict[str, Any]:
-    try:
-        return json.loads(stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {}
-
-
-def _refuse(answer: dict[str, Any], run_id: str, host: str, stderr: str) -> None:
+def _refuse(answer: LaunchAnswer, run_id: str, host: str, stderr: str) -> None:
     """The launcher's refusal as orch's error (one line, the documented exit code)."""
-    kind, message = answer.get("error"), answer.get("message", "")
-    if kind == "busy":
-        raise BusyError(f"{message} on {host}; wait for it, `orch stop` it, or pass --force to start another "
+    if answer.error == "busy":
+        raise BusyError(f"{answer.message} on {host}; wait for it, `orch stop` it, or pass --force to start another "
                         "beside it")
-    if kind == "exists":
+    if answer.error == "exists":
         raise ConfigError(f"run {run_id} already exists on {host}; choose another --run-id")
-    if kind == "missing":
+    if answer.error == "missing":
         raise ConfigError(f"no run {run_id} on {host}; `orch runs` lists them")
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     raise RemoteError(f"launching the trainer failed on {host}: {lines[-1] if lines else 'no answer'}")
 
 
-def wait_started(remote: Remote, run_dir: str, pid: int, timeout: float = START_TIMEOUT) -> None:
+def wait_started(m: Machine, run_dir: str, pid: int, timeout: float = START_TIMEOUT) -> None:
     """Succeed once the new process (``pid``) wrote status.json and has not failed; else show
-    the log's tail. (A continued run's folder holds the status of the previous process.)"""
-    status = f"{run_dir}/{layout.STATUS}"
-    check = (f"cat {q(status)} 2>/dev/null || echo '{{}}'; echo; "
-             f"kill -0 {pid} 2>/dev/null && echo ALIVE || echo GONE")
+    the log's tail."""
     deadline = time.monotonic() + timeout
     while True:
-        out = remote.run(check, what="checking the run").stdout.strip().splitlines()
-        alive = out[-1] == "ALIVE"
-        try:
-            status_doc = json.loads("\n".join(out[:-1]) or "{}")
-        except ValueError:
-            status_doc = {}  # caught mid-rename: look again
-        state = status_doc.get("state") if status_doc.get("pid") == pid else None
-        if state in (layout.RUNNING, layout.FINISHED, layout.STOPPED):
+        check = m.answer(verbs.STARTED, run_dir, pid)
+        if check.state in (layout.RUNNING, layout.FINISHED, layout.STOPPED):
             return
-        if state == layout.FAILED or not alive or time.monotonic() > deadline:
-            tail = remote.run(f"tail -n 15 {q(run_dir + '/' + layout.TRAIN_LOG)}", check=False).stdout
-            why = "failed" if state == layout.FAILED else "exited" if not alive else "wrote no status.json"
-            last = [line for line in tail.splitlines() if line.strip()][-3:]
-            raise RemoteError(f"the trainer {why} right after launch; last lines of train.log: "
-                              + " | ".join(last))
+        if check.state == layout.FAILED or not check.alive or time.monotonic() > deadline:
+            why = "failed" if check.state == layout.FAILED else "exited" if not check.alive else "wrote no status.json"
+            last = [line for line in check.log_tail if line.strip()][-3:]
+            raise RemoteError(f"the trainer {why} right after launch; last lines of train.log: " + " | ".join(last))
         time.sleep(0.5)
 
 
-def prepare(m: Machine, *, allow_cpu: bool, log: Log) -> TrainingPython:
+def prepare(m: Machine, *, allow_cpu: bool) -> TrainingPython:
     """Setup and preflight: the training Python (managed env built if needed, remote.setup
     run), then the machine's checks. Nothing of a run exists yet."""
-    python = ensure_env(m, log)
-    run_setup(m, python, log)
+    python = ensure_env(m)
+    run_setup(m, python)
     require_ready(m, python.python, allow_cpu=allow_cpu)
     return python
 
 
 @contextmanager
-def working(cfg: DeployConfig, *, trust_new_host: bool, log: Log) -> Iterator[Machine]:
-    """The machine for a command that launches: started if stopped, and held busy (autostop
-    waits) while orch works. If this command started the instance and fails before a run was
-    launched, the instance is stopped again: nobody asked for an idle, paid machine."""
-    with connect(cfg, trust_new_host=trust_new_host, start=True, log=log) as m, activity(m):
-        try:
-            yield m
-        except BaseException:
-            started = m.remote.started_instance
-            if started and not m.launched:
-                log(f"stopping instance {started} again: it was started for this command, which failed")
-                with contextlib.suppress(OrchError):
-                    ec2.stop(ec2.client(cfg.ec2), cfg.ec2, log=log)
-            raise
+def working(ctx: Context) -> Iterator[Machine]:
+    """The machine for a command that launches: started if stopped (and stopped again if the
+    command fails before launching: orchestrator/provision.py), and held busy (autostop waits)
+    while orch works there."""
+    with acquire(ctx, start=True) as m, m.busy():
+        yield m
 
 
 def _refuse_if_busy(m: Machine, force: bool, except_run: str | None = None) -> None:
@@ -195,58 +153,65 @@ def _refuse_if_busy(m: Machine, force: bool, except_run: str | None = None) -> N
                         "or pass --force to start another beside it")
 
 
-def deploy(cfg: DeployConfig, *, run_id: str | None = None, with_data: bool = False, force: bool = False,
-           allow_cpu: bool = False, autostop: str | None = None, trainer_args: Sequence[str] = (),
-           trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
+def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
+           launching: LaunchOptions = LaunchOptions(), trainer_args: Sequence[str] = ()) -> Launched:
     """The whole of ``orch deploy`` over one connection: provision, sync, setup, preflight, launch."""
     run_id = check_run_id(run_id) if run_id else new_run_id()
-    argv = trainer_argv(cfg, trainer_args)
-    stop_plan = autostop_plan(cfg, autostop)
-    with working(cfg, trust_new_host=trust_new_host, log=log) as m:
-        _refuse_if_busy(m, force)
-        data = sync_data(m.remote, cfg, log) if with_data else None
-        python = prepare(m, allow_cpu=allow_cpu, log=log)
-        pid = launch(m, run_id, argv, python=python.python, force=force, fresh=True, log=log)
-        armed = apply_autostop(m, stop_plan, log)
+    argv = trainer_argv(ctx.cfg, trainer_args)
+    stop_plan = autostop_plan(ctx.cfg, launching.autostop)
+    with working(ctx) as m:
+        _refuse_if_busy(m, launching.force)
+        data = sync_data(m) if with_data else None
+        python = prepare(m, allow_cpu=launching.allow_cpu)
+        pid = launch(m, run_id, argv, python=python.python, force=launching.force, fresh=True)
+        armed = apply_autostop(m, stop_plan)
         return Launched(run_id, m.run_dir(run_id), m.remote.host, pid, m.code.version, m.code.transferred, data,
                         extra={"env": _env_json(python)} | _autostop_json(armed))
 
 
-def resume(cfg: DeployConfig, run_id: str | None = None, *, epochs: int | None = None,
-           learning_rate: float | None = None, warmup_epochs: int | None = None, in_place: bool = False,
-           force: bool = False, allow_cpu: bool = False, autostop: str | None = None,
-           trust_new_host: bool = False, log: Log = lambda _m: None) -> Launched:
+def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Extension(), in_place: bool = False,
+           launching: LaunchOptions = LaunchOptions()) -> Launched:
     """Extend a finished run from its best checkpoint as a new run (default: the best
     finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
-    overrides = {"epochs": epochs, "learning_rate": learning_rate, "warmup_epochs": warmup_epochs}
-    if in_place and any(v is not None for v in overrides.values()):
+    if in_place and extension.given():
         raise ConfigError("--continue keeps the run's own settings: --epochs, --learning-rate and --warmup-epochs "
                           "are for an extended run (`orch resume RUN` without --continue)")
-    argv = trainer_argv(cfg, overrides=overrides, extending=True)
-    stop_plan = autostop_plan(cfg, autostop)
-    with working(cfg, trust_new_host=trust_new_host, log=log) as m:
+    argv = trainer_argv(ctx.cfg, overrides=extension.given(), extending=True)
+    stop_plan = autostop_plan(ctx.cfg, launching.autostop)
+    with working(ctx) as m:
         if in_place:
-            run = m.choose(run_id)
-            if run.state == layout.FINISHED:
-                raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
-            if run.alive:
-                raise BusyError(f"run {run.run_id} is still running; nothing to continue")
-            _refuse_if_busy(m, force, except_run=run.run_id)
-            target, argv, fresh, extra = run.run_id, [], False, {}
+            target, argv, fresh, extra = _continued(m, run_id, launching.force), [], False, {}
         else:
-            parent = m.choose(run_id, best=True)
-            if parent.state != layout.FINISHED:
-                raise ConfigError(f"run {parent.run_id} is {parent.shown_state}, not finished; continue it with "
-                                  f"`orch resume {parent.run_id} --continue`")
-            _refuse_if_busy(m, force)
+            parent = _parent(m, run_id, launching.force)
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
             target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
-            log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")
-        python = prepare(m, allow_cpu=allow_cpu, log=log)
-        pid = launch(m, target, argv, python=python.python, force=force, fresh=fresh, log=log)
-        armed = apply_autostop(m, stop_plan, log)
+        python = prepare(m, allow_cpu=launching.allow_cpu)
+        pid = launch(m, target, argv, python=python.python, force=launching.force, fresh=fresh)
+        armed = apply_autostop(m, stop_plan)
         return Launched(target, m.run_dir(target), m.remote.host, pid, m.code.version, m.code.transferred,
                         extra=extra | {"env": _env_json(python)} | _autostop_json(armed))
+
+
+def _continued(m: Machine, run_id: str | None, force: bool) -> str:
+    """The run `resume --continue` restarts in place: killed or stopped, not finished."""
+    run = m.choose(run_id)
+    if run.state == layout.FINISHED:
+        raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
+    if run.alive:
+        raise BusyError(f"run {run.run_id} is still running; nothing to continue")
+    _refuse_if_busy(m, force, except_run=run.run_id)
+    return run.run_id
+
+
+def _parent(m: Machine, run_id: str | None, force: bool) -> RunInfo:
+    """The finished run an extension starts from (default: the best)."""
+    parent = m.choose(run_id, best=True)
+    if parent.state != layout.FINISHED:
+        raise ConfigError(f"run {parent.run_id} is {parent.shown_state}, not finished; continue it with "
+                          f"`orch resume {parent.run_id} --continue`")
+    _refuse_if_busy(m, force)
+    m.log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")
+    return parent
 
 
 def _autostop_json(state: Autostop | None) -> dict[str, Any]:

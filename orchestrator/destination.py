@@ -4,7 +4,6 @@ folders a download creates (gone again if it fails), and the free space it needs
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import stat
@@ -12,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator.errors import ConfigError, DiskFull
+from trainer.contract.files import DISK_FULL_ERRNOS as FULL
 
-FULL = (errno.ENOSPC, errno.EDQUOT)
 # A download's temp file beside its destination: .<name>.part-<pid of orch>
 PART = re.compile(r"^\..+\.part-(\d+)$")
 
@@ -42,14 +41,6 @@ def check_dest(dest: Path) -> None:
 
 def disk_full(dest: Path) -> DiskFull:
     return DiskFull(f"no space left on device on {dest}: free space and run the download again")
-
-
-def caused_by_full_disk(exc: BaseException | None) -> bool:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in FULL:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def free_bytes(path: Path) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import signal
 import threading
@@ -24,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import children, destination
-from orchestrator.activity import activity
-from orchestrator.config import DeployConfig
 from orchestrator.confine import Entry, checked_entries
-from orchestrator.deploy import check_run_id
+from orchestrator.context import Context
 from orchestrator.errors import ConfigError, OrchError, RemoteError
-from orchestrator.machine import Machine, connect
+from orchestrator.machine import Machine, check_run_id
+from orchestrator.provision import acquire
 from orchestrator.remote import Remote
-from trainer import layout
-from trainer.wire import DIED, RunFiles, RunInfo
+from trainer.contract import layout, verbs
+from trainer.contract.files import is_disk_full, sha256_file
+from trainer.contract.wire import DIED, RunFiles, RunInfo
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done in all, total bytes)
 Log = Callable[[str], None]
@@ -64,25 +63,16 @@ class Downloaded:
                 "fetched": self.fetched, "already_there": self.already_there}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(cfg: DeployConfig, run_id: str | None = None, *, latest: bool = False, dest: Path = Path("artifacts"),
-             progress: Progress | None = None, trust_new_host: bool = False,
-             log: Log = lambda _m: None) -> Downloaded:
+def download(ctx: Context, run_id: str | None = None, *, latest: bool = False, dest: Path = Path("artifacts"),
+             progress: Progress | None = None) -> Downloaded:
     """Download RUN (its id or a unique prefix; default: the finished run with the best val
     accuracy; ``latest``: the newest run) into ``dest/<run_id>/``."""
     destination.check_dest(dest)
     if run_id is not None:
         check_run_id(run_id)  # before connecting: it becomes a local folder name
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m, activity(m):  # autostop waits for us
+    with acquire(ctx) as m, m.busy():  # autostop waits for us
         files = _resolve(m, run_id, latest)
-        return _Download(m, files, dest, progress or (lambda _r, _d, _t: None), log).execute()
+        return _Download(m, files, dest, progress or (lambda _r, _d, _t: None), ctx.log).execute()
 
 
 def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
@@ -90,7 +80,7 @@ def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
     prefix, or no id, asks for the list of runs first."""
     if run_id is not None:
         files = _read_files(m, run_id)
-        if files.run is not None:
+        if files.run is not None and files.run.run_id == run_id:  # the machine names the folder: never trusted
             return files
     run = m.choose(run_id, best=not latest)
     try:  # the machine names the folder: it gets the same check
@@ -105,7 +95,7 @@ def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
 
 
 def _read_files(m: Machine, run_id: str) -> RunFiles:
-    return RunFiles.from_json(m.probe("files", m.run_dir(run_id)))
+    return m.answer(verbs.FILES, m.run_dir(run_id))
 
 
 @dataclass
@@ -155,7 +145,7 @@ class _Download:
             raise self._no_best()
         todo = []
         for e in entries:
-            if destination.is_regular_file(e.local) and sha256_of(e.local) == e.sha256:
+            if destination.is_regular_file(e.local) and sha256_file(e.local) == e.sha256:
                 if e.rel not in result.fetched and e.rel not in result.already_there:
                     result.already_there.append(e.rel)
             else:
@@ -218,7 +208,7 @@ def _fetch(remote: Remote, path: str, e: Entry, progress: Callable[[int], None],
         try:
             got = remote.fetch(path, tmp, progress)
         except OrchError as exc:
-            if destination.caused_by_full_disk(exc) or destination.short_for_lack_of_room(tmp, e.size):
+            if is_disk_full(exc) or destination.short_for_lack_of_room(tmp, e.size):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
             raise
         if destination.short_for_lack_of_room(tmp, e.size):  # OpenSSH exits 0 when it cannot write its output

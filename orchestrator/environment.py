@@ -1,23 +1,17 @@
 """Setup: the Python that trains on the machine. An explicit ``remote.python`` is used as it
-is; otherwise (ssh/ec2 targets by default) orch builds and reuses a virtualenv there with
-trainer/envsetup.py, showing pip's progress; ``remote.setup`` runs after it, in the code
-folder beside requirements.txt, with the env's bin/ first on PATH."""
+is; otherwise (ssh/ec2 targets by default) orch builds and reuses a virtualenv there
+(trainer/machine/envsetup.py), showing pip's progress; ``remote.setup`` runs after it, once per
+code version (trainer/machine/setup.py)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.errors import NotReady, RemoteError
 from orchestrator.machine import Machine
-from orchestrator.remote import q
-from trainer.codeversion import code_files
-
-Log = Callable[[str], None]
-ENVS_DIR = "envs"
-SETUP_LOG = "setup.log"
-_SETUP_DONE = ".setup-done"
+from trainer.contract import layout, verbs
+from trainer.contract.codeversion import code_files
+from trainer.contract.wire import EnvAnswer
 
 
 @dataclass(frozen=True)
@@ -28,83 +22,54 @@ class TrainingPython:
     gpus: int = 0  # as nvidia-smi listed them when the env was made
 
 
-def ensure_env(m: Machine, log: Log) -> TrainingPython:
+def ensure_env(m: Machine) -> TrainingPython:
     """The interpreter that trains: remote.python, orch's managed env (built if missing), or
     the helper Python (env mode off / target local)."""
     cfg = m.cfg
     if not cfg.managed_env:
-        return TrainingPython(m.remote.expand_user(cfg.remote.python) if cfg.remote.python else m.helper_python,
-                              managed=False)
-    answer: dict = {}
-
-    def on_line(line: str) -> None:
-        kind, _, text = line.partition(": ")
-        if kind == "orch-progress":
-            log(f"env: {text}")
-        elif kind == "orch-result":
-            answer.update(json.loads(text))
-
-    result = m.ask("trainer.envsetup", *_envsetup_args(m), check=False, on_line=on_line)
-    if "python" not in answer:
-        tail = " | ".join(answer.get("log_tail") or []) or result.stderr.strip()[-300:]
-        where = f" (log: {answer['log']} on the machine)" if answer.get("log") else ""
+        return TrainingPython(m.expand_user(cfg.remote.python or cfg.helper_python), managed=False)
+    got = m.ask(verbs.ENV, *_envsetup_args(m), on_progress=lambda text: m.log(f"env: {text}"))
+    answer = EnvAnswer.from_json(got.record) if isinstance(got.record, dict) else EnvAnswer()
+    if answer.python is None:
+        tail = " | ".join(answer.log_tail) or got.result.stderr.strip()[-300:]
+        where = f" (log: {answer.log} on the machine)" if answer.log else ""
         raise RemoteError(f"the managed environment could not be built on {m.remote.host}: "
-                          f"{answer.get('error', 'no answer')}{where}; {tail}")
-    if answer["built"]:
-        log(f"env: ready at {answer['python']}")
-    return TrainingPython(answer["python"], managed=True, built=bool(answer["built"]), gpus=int(answer.get("gpus", 0)))
+                          f"{answer.error or 'no answer'}{where}; {tail}")
+    if answer.built:
+        m.log(f"env: ready at {answer.python}")
+    return TrainingPython(answer.python, managed=True, built=answer.built, gpus=answer.gpus)
 
 
 def existing_python(m: Machine) -> str | None:
     """The training interpreter if it is there already (builds nothing: orch doctor); None
     when the managed env is not built yet."""
     if not m.cfg.managed_env:
-        return ensure_env(m, lambda _m: None).python
-    result = m.ask("trainer.envsetup", *_envsetup_args(m), "--check", check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("orch-result: ")]
-    if not lines:
-        why = (result.stderr.strip().splitlines() or [f"exit code {result.code}"])[-1]
-        raise NotReady(f"remote.env.base_python {m.helper_python} cannot run on {m.remote.host}: {why}")
-    return json.loads(lines[-1].partition(": ")[2]).get("python")
+        return ensure_env(m).python
+    got = m.ask(verbs.ENV, *_envsetup_args(m), "--check")
+    if not isinstance(got.record, dict):
+        why = (got.result.stderr.strip().splitlines() or [f"exit code {got.result.code}"])[-1]
+        raise NotReady(f"remote.env.base_python {m.cfg.helper_python} cannot run on {m.remote.host}: {why}")
+    return EnvAnswer.from_json(got.record).python
 
 
 def _envsetup_args(m: Machine) -> list[str]:
     env = m.cfg.remote.env
-    return [f"{m.root}/{ENVS_DIR}", "--requirements", code_files()["trainer/requirements.txt"].decode(),
+    return [f"{m.root}/{layout.ENVS_DIR}", "--requirements", code_files()["trainer/requirements.txt"].decode(),
             *(["--packages-from", env.packages_from] if env.packages_from else []),
             *(["--index-url", env.index_url] if env.index_url else []),
             *(f"--pip-arg={arg}" for arg in env.pip_args)]
 
 
-def run_setup(m: Machine, python: TrainingPython, log: Log) -> None:
+def run_setup(m: Machine, python: TrainingPython) -> None:
     """remote.setup, once per code version, in the code folder (requirements.txt is there),
-    with the training Python's bin/ first on PATH (so `pip install ...` installs into the env),
-    under a lock: two deploys at once run it once, the second waits for the first."""
+    with the training Python's folder first on PATH (so `pip install ...` installs into the env);
+    two deploys at once run it once, the second waits for the first."""
     setup = m.cfg.remote.setup
-    code = m.code.path
-    if not setup or m.remote.run(f"test -e {q(code + '/' + _SETUP_DONE)}", check=False).code == 0:
+    if not setup:
         return
-    log(f"running remote.setup for code version {m.code.version}")
-    bin_dir = python.python.rsplit("/", 1)[0] if "/" in python.python else None
-    path = f'PATH={q(bin_dir)}:"$PATH" ' if bin_dir else ""
-    # remote.setup is the user's own shell command: it is run as written, on purpose.
-    shell = f"export {path}ORCH_PYTHON={q(python.python)} && ( {setup} ) > {SETUP_LOG} 2>&1"
-    result = m.remote.run(f"cd {q(code)} && {q(m.helper_python)} -c {q(_ONCE)} {q(shell)}", check=False)
+    result = m.answer(verbs.SETUP, m.code.path, python.python, setup)
+    if result.ran:
+        m.log(f"ran remote.setup for code version {m.code.version}")
     if result.code != 0:
-        tail = m.remote.run(f"tail -n 5 {q(code + '/' + SETUP_LOG)}", check=False).stdout.strip()
         raise RemoteError(f"remote.setup failed (exit {result.code}); last lines of "
-                          f"{code}/{SETUP_LOG}: {' | '.join(tail.splitlines())}")
-
-
-# Run a shell command once per folder, under an flock: the first runs it, the others wait.
-_ONCE = f"""\
-import fcntl, os, subprocess, sys
-lock = os.open('.setup.lock', os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.flock(lock, fcntl.LOCK_EX)
-if os.path.exists({_SETUP_DONE!r}):
-    sys.exit(0)
-code = subprocess.run(['/bin/sh', '-c', sys.argv[1]]).returncode
-if code == 0:
-    open({_SETUP_DONE!r}, 'w').close()
-sys.exit(code)
-"""
+                          f"{m.code.path}/{layout.SETUP_LOG}: {' | '.join(result.log_tail)}")

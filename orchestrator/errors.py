@@ -1,9 +1,9 @@
 """One exception hierarchy for orch, mapped to exit codes in one place (orchestrator.cli).
-The codes themselves are shared with the trainer: trainer/exitcodes.py."""
+The codes themselves are shared with the trainer: trainer/contract/exitcodes.py."""
 
 from __future__ import annotations
 
-from trainer.exitcodes import ExitCode
+from trainer.contract.exitcodes import ExitCode
 
 __all__ = ["AwsError", "BusyError", "ConfigError", "ConnectError", "ConnectionLost", "DiskFull", "ExitCode",
            "HostKeyError", "InstanceStopped", "NoData", "NotReady", "OrchError", "RemoteError"]

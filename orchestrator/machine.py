@@ -1,130 +1,205 @@
-"""An open connection to the training machine plus what every command asks of it: the
-runs there, one run's snapshot, choosing a run. Each question is ONE remote command, answered
-by ``trainer.probe`` as a record of trainer/wire.py.
+"""A connected training machine and the one way orch runs code there: a verb of
+``python3 -m trainer.machine`` (trainer/contract/verbs.py), answered by a framed record of
+trainer/contract/wire.py.
 
-The probe's few pure-Python modules travel with each question (on stdin), so asking never
-uploads code: read-only commands leave the machine as they found it.
+The machine side travels with every question, on stdin (a zip of ``trainer.contract`` and
+``trainer.machine``, trainer/machine/bootstrap.py unpacks it in memory), so asking never
+uploads code and never depends on what is installed there: read-only commands leave the
+machine as they found it. Each call has a frame token of its own; whatever else the machine
+prints (a login shell's greeting, a warning) is outside the frame and ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import secrets
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import cache, cached_property
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.remote import Remote, Result, q
-from orchestrator.sync import CodeSync, sync_code
-from orchestrator.target import open_remote
-from trainer import envsetup, layout, preflight, probe
-from trainer.wire import Host, RunInfo, Snapshot
+from orchestrator.remote import Background, Remote, Result, Writer, path_word, q
+from trainer.contract import layout, verbs
+from trainer.contract.codeversion import bootstrap_source, bundle_files
+from trainer.contract.verbs import R, Verb
+from trainer.contract.wire import Host, RunInfo, Snapshot, WireError
 
-Log = Callable[[str], None]
+if TYPE_CHECKING:
+    from orchestrator.context import Context
+    from orchestrator.sync import CodeSync
 
-# Runs a trainer module's main() from a zip read on stdin: a meta-path importer for exactly the
-# modules in the zip. `python -c BOOTSTRAP trainer.probe ARGS...`
-_BOOTSTRAP = """\
-import importlib.abc, importlib.util, io, sys, zipfile
-z = zipfile.ZipFile(io.BytesIO(sys.stdin.buffer.read()))
-names = set(z.namelist())
-def source(name):
-    base = name.replace('.', '/')
-    return next((p for p in (base + '/__init__.py', base + '.py') if p in names), None)
-class Zip(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-        src = source(name)
-        return src and importlib.util.spec_from_loader(name, self, is_package=src.endswith('__init__.py'))
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        src = source(module.__name__)
-        exec(compile(z.read(src), src, 'exec'), module.__dict__)
-sys.meta_path.insert(0, Zip())
-module = importlib.import_module(sys.argv[1])
-sys.exit(module.main(sys.argv[2:]))
-"""
+HEADER = 16  # trainer/machine/bootstrap.py: the bundle's size, in decimal, before it
+PING, SILENCE = 20.0, 90.0  # the activity hold: a ping this often; gone after this much silence
 
 
-# The machine-side modules orch asks questions of, and the pure-Python files each imports.
-ASKABLE = {"trainer.probe": probe.MODULES, "trainer.preflight": preflight.MODULES,
-           "trainer.envsetup": envsetup.MODULES}
+def bundle_payload(files: dict[str, bytes]) -> bytes:
+    """What precedes a verb's own stdin: the bundle's size, then the bundle (a reproducible zip of ``files``)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, content in sorted(files.items()):
+            z.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), content)
+    data = buf.getvalue()
+    return f"{len(data):0{HEADER}d}".encode() + data
 
 
 @cache
-def bundle(module: str) -> bytes:
-    """A zip of ``module``'s files, sent on stdin with every question to it."""
-    package = Path(probe.__file__).parent
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name in ASKABLE[module]:
-            z.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), (package.parent / name).read_bytes())
-    return buf.getvalue()
+def bundle() -> bytes:
+    """The payload of this very package's machine side (trainer.contract.codeversion.bundle_files)."""
+    return bundle_payload(bundle_files())
 
 
 @dataclass
+class Answer:
+    """What a verb said: its record (None: it gave none), its progress lines, and the rest."""
+
+    result: Result
+    record: Any = None
+    noise: list[str] = field(default_factory=list)  # stdout outside the frame
+
+
+class _FrameReader:
+    """Framed lines of one call (``<frame> <kind> <json>``) out of its stdout, as they arrive."""
+
+    def __init__(self, frame: str, on_progress: Callable[[str], None] | None) -> None:
+        self.mark, self.on_progress = f"{frame} ", on_progress
+        self.answer: Any = None
+        self.answered = False
+        self.noise: list[str] = []
+
+    def line(self, line: str) -> None:
+        at = line.find(self.mark)
+        if at < 0:
+            if line.strip():
+                self.noise.append(line)
+            return
+        if line[:at].strip():
+            self.noise.append(line[:at])  # a greeting without its newline, before the frame
+        kind, _, payload = line[at + len(self.mark):].partition(" ")
+        try:
+            value = json.loads(payload)
+        except (ValueError, RecursionError):  # not JSON, or nested beyond any record
+            return
+        if kind == verbs.ANSWER and not self.answered:  # the first answer counts
+            self.answer, self.answered = value, True
+        elif kind == verbs.PROGRESS and self.on_progress is not None and isinstance(value, str):
+            self.on_progress(value)
+
+
 class Machine:
-    cfg: DeployConfig
-    remote: Remote
-    root: str  # remote.root, absolute
-    log: Log = lambda _m: None
-    _code: CodeSync | None = None
-    launched: bool = False  # a trainer was started by this command
+    """A connected machine (from orchestrator.provision.acquire) and what commands ask of it."""
 
-    @property
-    def code(self) -> CodeSync:
-        """The current code version on the machine, sent (tiny) the first time it is needed."""
-        if self._code is None:
-            self._code = sync_code(self.remote, self.cfg, self.log)
-        return self._code
+    def __init__(self, ctx: Context, remote: Remote, payload: bytes | None = None) -> None:
+        self.ctx, self.cfg, self.remote, self.log = ctx, ctx.cfg, remote, ctx.log
+        self.payload = payload if payload is not None else bundle()  # what runs there (tests send broken ones)
+        self.launched = False  # a trainer was started by this command (provision keeps the instance running)
 
-    @property
-    def helper_python(self) -> str:
-        """The interpreter for orch's helpers on the machine (``~/...`` expanded there)."""
-        return self.remote.expand_user(self.cfg.helper_python)
+    # ---- running a verb -----------------------------------------------------------------
 
-    def module_command(self, module: str, *args: str, python: str | None = None) -> str:
-        """A shell command running ``python -m module args`` from the code sent to the machine.
-        It runs IN the code folder: `-m` puts the working folder first on sys.path, and a
-        stray trainer/ in the login's home must not stand in for the shipped one."""
-        code = self.code.path
-        return (f"cd {q(code)} && PYTHONPATH={q(code)} {q(python or self.helper_python)} -m {module} "
-                + " ".join(q(a) for a in args))
+    def _command(self, verb: Verb, args: tuple[str | int | float, ...], frame: str, python: str | None) -> str:
+        flags = "" if verb.site else "-I -S "
+        return (f"{path_word(python or self.cfg.helper_python)} {flags}-c {q(bootstrap_source())} {frame} "
+                f"{q(verb.name)} " + " ".join(q(str(a)) for a in args))
+
+    def ask(self, verb: Verb, *args: str | int, stdin: Writer | None = None, python: str | None = None,
+            on_progress: Callable[[str], None] | None = None) -> Answer:
+        """Run ``verb`` on the machine from the bundle sent on stdin (then ``stdin``'s bytes)."""
+        frame = secrets.token_hex(12)
+        reader = _FrameReader(frame, on_progress)
+
+        def write(fh: Any) -> None:
+            fh.write(self.payload)
+            if stdin is not None:
+                stdin(fh)
+
+        result = self.remote.run(self._command(verb, args, frame, python), write=write, check=False,
+                                 on_line=reader.line)
+        if reader.noise and self.ctx.debug:
+            self.log(f"outside the answer to {verb.name}: " + " | ".join(reader.noise[-5:]))
+        return Answer(result, reader.answer if reader.answered else None, reader.noise)
+
+    def start(self, verb: Verb, *args: str | int | float) -> Background:
+        """Run ``verb`` in the background (its output is not read); the bundle is sent, its stdin
+        stays open for the caller until the handle is closed."""
+        held = self.remote.start(self._command(verb, args, verbs.NO_FRAME, None))
+        try:
+            held.write(self.payload)
+        except OSError as exc:  # the interpreter did not start (a wrong remote.python, say)
+            held.close()
+            raise RemoteError(f"{self.cfg.helper_python} could not run {verb.name} on {self.remote.host} "
+                              f"({exc.strerror or exc}); check remote.python / remote.env.base_python") from exc
+        return held
+
+    def answer(self, verb: Verb[R], *args: str | int, **kwargs: Any) -> R:
+        """``verb``'s answer, as the record the contract says it answers with
+        (trainer/contract/verbs.py); RemoteError when there is none, or it is not one."""
+        assert verb.answer is not None, f"{verb.name} answers nothing"
+        got = self.ask(verb, *args, **kwargs)
+        if got.record is None:
+            lines = [line for line in got.result.stderr.strip().splitlines() if line.strip()]
+            why = lines[-1] if lines else f"exit code {got.result.code}"
+            raise RemoteError(f"asking the machine ({verb.name}) failed on {self.remote.host}: {why}")
+        try:
+            return verb.answer.from_json(got.record)
+        except WireError as exc:
+            raise RemoteError(f"the machine's answer ({verb.name}) was not understood: {exc}") from exc
+
+    # ---- paths on the machine -------------------------------------------------------------
+
+    @cached_property
+    def home(self) -> str:
+        return self.answer(verbs.HOME).home
+
+    def expand(self, path: str) -> str:
+        """``~``, ``~/x`` and relative paths -> absolute: relative to the login's home folder,
+        as ssh and scp take them (every command then works whatever folder it runs in)."""
+        if path == "~":
+            return self.home
+        if path.startswith("~/"):
+            return f"{self.home.rstrip('/')}/{path[2:]}"
+        if not path.startswith("/"):
+            return f"{self.home.rstrip('/')}/{path}"
+        return path
+
+    def expand_user(self, path: str) -> str:
+        """``~`` and ``~/x`` -> absolute; anything else as it is (``python3`` stays a command)."""
+        return self.expand(path) if path == "~" or path.startswith("~/") else path
+
+    @cached_property
+    def root(self) -> str:
+        """remote.root, absolute."""
+        return self.expand(self.cfg.remote_root)
+
+    @cached_property
+    def data_dir(self) -> str:
+        return self.expand(self.cfg.remote_data_dir)
 
     def run_dir(self, run_id: str) -> str:
         return layout.run_dir(self.root, run_id)
 
-    def ask(self, module: str, *args: str | int, python: str | None = None, check: bool = True,
-            on_line: Callable[[str], None] | None = None) -> Result:
-        """Run a machine-side module (its files travel on stdin: nothing is uploaded)."""
-        payload = bundle(module)
-        command = (f"{q(python or self.helper_python)} -c {q(_BOOTSTRAP)} {q(module)} "
-                   + " ".join(q(str(a)) for a in args))
-        return self.remote.run(command, write=lambda fh: fh.write(payload), what="asking the machine", check=check,
-                               on_line=on_line)
+    @cached_property
+    def code(self) -> CodeSync:
+        """The current code version on the machine, sent (small) the first time it is needed."""
+        from orchestrator.sync import sync_code
 
-    def probe(self, *args: str | int) -> dict:
-        out = self.ask("trainer.probe", *args).stdout
-        try:
-            return json.loads(out)
-        except ValueError as exc:
-            raise RemoteError(f"the machine's answer was not understood: {out[:200]!r}") from exc
+        return sync_code(self)
+
+    # ---- questions ------------------------------------------------------------------------
 
     def runs(self) -> list[RunInfo]:
         """Every run, oldest first."""
-        runs = [RunInfo.from_json(r) for r in self.probe("runs", self.root)["runs"]]
+        runs: list[RunInfo] = self.answer(verbs.RUNS, self.root).runs
         return sorted(runs, key=lambda r: (r.created or 0, r.run_id))
 
-    def host(self) -> Host:
-        return Host.from_json(self.probe("host"))
+    def host_report(self) -> Host:
+        return self.answer(verbs.HOST)
 
     def snapshot(self, run_id: str, metrics_offset: int = 0, log_lines: int = 10) -> Snapshot:
-        return Snapshot.from_json(self.probe("snapshot", self.run_dir(run_id), metrics_offset, log_lines))
+        return self.answer(verbs.SNAPSHOT, self.run_dir(run_id), metrics_offset, log_lines)
 
     def choose(self, run_id: str | None, *, best: bool = False, finished: bool = False) -> RunInfo:
         """The named run (its full id or any unique prefix); else the finished run with the
@@ -142,6 +217,28 @@ class Machine:
         kind = "finished run with a best checkpoint" if best or finished else "run"
         raise ConfigError(f"no {kind} on {self.remote.host}; start one with `orch deploy`")
 
+    @contextlib.contextmanager
+    def busy(self, ping_every: float = PING, silence: float = SILENCE) -> Iterator[None]:
+        """Hold the machine's activity lock for the block (trainer/machine/hold.py): the autostop
+        watcher never calls the machine idle while orch works there."""
+        held = self.start(verbs.HOLD, self.root, silence)
+        stop = threading.Event()
+
+        def ping() -> None:
+            while not stop.wait(ping_every):
+                try:
+                    held.write(b".")
+                except Exception:  # the connection is gone: so is the lock, with the command
+                    return
+
+        pinger = threading.Thread(target=ping, daemon=True, name="orch-activity")
+        pinger.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            held.close()
+
 
 def find_run(runs: list[RunInfo], run_id: str, host: str) -> RunInfo:
     """The run whose id is ``run_id``, else the one it is a unique prefix of."""
@@ -158,10 +255,9 @@ def find_run(runs: list[RunInfo], run_id: str, host: str) -> RunInfo:
     raise ConfigError(f"no run {run_id!r} on {host}; `orch runs` lists them")
 
 
-@contextmanager
-def connect(cfg: DeployConfig, *, trust_new_host: bool = False, start: bool = False,
-            log: Log = lambda _m: None) -> Iterator[Machine]:
-    """Open the machine (``start``: a stopped instance may be started: deploy and resume only).
-    The current code version is made sure of when first needed (sent only if missing)."""
-    with open_remote(cfg, trust_new_host=trust_new_host, log=log, start=start) as remote:
-        yield Machine(cfg, remote, remote.expand(cfg.remote_root), log)
+def check_run_id(run_id: str) -> str:
+    """A run id given by the user: it names a folder on the machine and on this computer."""
+    if not layout.is_run_id(run_id):
+        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' only "
+                          "(it names a folder on the machine)")
+    return run_id

@@ -8,15 +8,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.config import DeployConfig
+from orchestrator.context import Context
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
-from orchestrator.machine import connect
+from orchestrator.provision import acquire
 from orchestrator.runs import compared_with_parent
-from trainer import layout
-from trainer.wire import DIED, Host, RunInfo, Snapshot
+from trainer.contract import layout
+from trainer.contract.wire import DIED, Epoch, Host, RunInfo, Snapshot
 
-EXIT_CODES = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED,
-              layout.STOPPED: ExitCode.RUN_STOPPED, DIED: ExitCode.RUN_DIED}
 LOG_LINES = 10
 EXIT_WAIT_REFRESHES = 25  # x 0.2 s: how long the last frame waits for a finished trainer to exit
 SPARK = "▁▂▃▄▅▆▇█"
@@ -36,8 +34,7 @@ class RunView:
     """What monitor knows of a run, grown one snapshot at a time."""
 
     run_id: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)
+    history: list[Epoch] = field(default_factory=list)
     run: RunInfo | None = None
     host: Host = field(default_factory=Host)
     log_tail: list[str] = field(default_factory=list)
@@ -47,7 +44,7 @@ class RunView:
         if snap.metrics_count < len(self.history):  # metrics.jsonl was rewritten (a continued run)
             self.history = self.history[: snap.metrics_count - len(snap.metrics)]
         self.history += snap.metrics
-        self.status, self.run, self.host, self.log_tail = snap.status, snap.run, snap.host, snap.log_tail
+        self.run, self.host, self.log_tail = snap.run, snap.host, snap.log_tail
         self.note = None
 
     @property
@@ -55,43 +52,45 @@ class RunView:
         return self.run is not None and self.run.alive
 
     @property
+    def info(self) -> RunInfo:
+        return self.run if self.run is not None else RunInfo(self.run_id)
+
+    @property
     def state(self) -> str | None:
-        return self.run.shown_state if self.run is not None else None
+        return self.info.shown_state if self.run is not None else None
 
     @property
     def final(self) -> bool:
-        return self.state in EXIT_CODES
+        return self.run is not None and self.run.final
 
     @property
     def exit_code(self) -> ExitCode:
-        return EXIT_CODES.get(self.state or "", ExitCode.OK)
+        return self.info.exit_code if self.run is not None else ExitCode.OK
 
     def eta_seconds(self) -> float | None:
-        epoch, epochs = self.status.get("epoch") or 0, self.status.get("epochs")
-        seconds = [h["seconds"] for h in self.history[-10:] if "seconds" in h]
+        epoch, epochs = self.info.epoch or 0, self.info.epochs
+        seconds = [h.seconds for h in self.history[-10:] if h.seconds is not None]
         if not epochs or not seconds or self.final:
             return None
         return statistics.median(seconds) * (epochs - epoch)
 
     def to_json(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
+        run, last = self.info, self.history[-1] if self.history else None
         return {
-            "run_id": self.run_id, "state": self.state, "epoch": self.status.get("epoch"),
-            "epochs": self.status.get("epochs"), "val_accuracy": last.get("val_accuracy"),
-            "best_val_accuracy": self.status.get("best_val_accuracy"), "best_epoch": self.status.get("best_epoch"),
-            "alive": self.alive, "error": self.status.get("error"), "eta_seconds": self.eta_seconds(),
+            "run_id": self.run_id, "state": self.state, "epoch": run.epoch, "epochs": run.epochs,
+            "val_accuracy": last.val_accuracy if last else None, "best_val_accuracy": run.best_val_accuracy,
+            "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "eta_seconds": self.eta_seconds(),
             "gpus": [asdict(g) for g in self.host.gpus], "load": asdict(self.host.load), "log_tail": self.log_tail,
         }
 
     def summary(self) -> str:
-        best = self.status.get("best_val_accuracy")
-        best_text = f"best val_accuracy {best:.4f} (epoch {self.status.get('best_epoch')})" if best is not None \
-            else "no best checkpoint"
-        where = f"epoch {self.status.get('epoch')}/{self.status.get('epochs')}"
-        text = f"run {self.run_id} {self.state} at {where}: {best_text}"
-        if self.state == layout.FAILED and self.status.get("error"):
-            text += f"; error: {self.status['error']}"
-        versus = compared_with_parent(self.status, long=True)
+        run = self.info
+        best_text = f"best val_accuracy {run.best_val_accuracy:.4f} (epoch {run.best_epoch})" \
+            if run.best_val_accuracy is not None else "no best checkpoint"
+        text = f"run {self.run_id} {self.state} at epoch {run.epoch}/{run.epochs}: {best_text}"
+        if self.state == layout.FAILED and run.error:
+            text += f"; error: {run.error}"
+        versus = compared_with_parent(run, long=True)
         if versus:
             text += f"; {versus}"
         if self.state == DIED:
@@ -114,8 +113,8 @@ class RunView:
         from rich.table import Table
         from rich.text import Text
 
-        st = self.status
-        epoch, epochs = st.get("epoch") or 0, st.get("epochs") or 0
+        run = self.info
+        epoch, epochs = run.epoch or 0, run.epochs or 0
         color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", layout.STOPPED: "yellow"}.get(
             self.state or "", "cyan")
         head = Text.assemble(("run ", "bold"), (self.run_id, "bold"), "  ", (str(self.state), f"bold {color}"),
@@ -125,16 +124,16 @@ class RunView:
         bar = Table.grid(padding=(0, 1))
         bar.add_row(f"epoch {epoch}/{epochs}", ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
                     f"ETA {_duration(eta)}" if eta is not None else "")
-        last = self.history[-1] if self.history else {}
+        last = self.history[-1] if self.history else Epoch(0)
         acc = Table.grid(padding=(0, 2))
-        best = st.get("best_val_accuracy")
-        acc.add_row("val_accuracy", _fmt(last.get("val_accuracy")),
-                    "best", f"{_fmt(best)} (epoch {st.get('best_epoch')})" if best is not None else "-")
-        acc.add_row("val_acc trend", sparkline([h["val_accuracy"] for h in self.history]), "", "")
-        acc.add_row("loss trend", sparkline([h["loss"] for h in self.history]), "last", _fmt(last.get("loss")))
+        best = run.best_val_accuracy
+        acc.add_row("val_accuracy", _fmt(last.val_accuracy),
+                    "best", f"{_fmt(best)} (epoch {run.best_epoch})" if best is not None else "-")
+        acc.add_row("val_acc trend", sparkline(_series(self.history, "val_accuracy")), "", "")
+        acc.add_row("loss trend", sparkline(_series(self.history, "loss")), "last", _fmt(last.loss))
         parts: list[Any] = [head, bar, acc, self._machine_table()]
-        if st.get("error"):
-            parts.append(Text(f"error: {st['error']}", style="red"))
+        if run.error:
+            parts.append(Text(f"error: {run.error}", style="red"))
         parts.append(Text("\n".join(self.log_tail[-LOG_LINES:]), style="dim"))
         return Group(*parts)
 
@@ -150,6 +149,10 @@ class RunView:
             table.add_row(str(g.index), g.name, _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
                           _fmt(g.power, 1))
         return table
+
+
+def _series(history: list[Epoch], name: str) -> list[float]:
+    return [v for v in (getattr(h, name) for h in history) if v is not None]
 
 
 def describe_load(host: Host) -> str:
@@ -172,16 +175,15 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def monitor(cfg: DeployConfig, run_id: str | None, *, interval: float = 5.0, once: bool = False,
-            show: Callable[[RunView], None] | None = None, trust_new_host: bool = False,
-            log: Callable[[str], None] = lambda _m: None, max_backoff: float = 30.0) -> RunView:
+def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bool = False,
+            show: Callable[[RunView], None] | None = None, max_backoff: float = 30.0) -> RunView:
     """Follow a run until it ends (or one snapshot with ``once``). ``show`` draws each refresh.
     A dropped connection is retried with backoff; the run itself is never touched."""
     view: RunView | None = None
     backoff = 1.0
     while True:
         try:
-            with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+            with acquire(ctx) as m:
                 if view is None:
                     view = RunView(m.choose(run_id).run_id)
                 backoff = 1.0
@@ -203,7 +205,7 @@ def monitor(cfg: DeployConfig, run_id: str | None, *, interval: float = 5.0, onc
             if view is None and not isinstance(exc, ConnectionLost):
                 raise  # cannot connect at all (wrong host, key, port): say so at once
             note = f"connection lost ({exc}); reconnecting in {backoff:.0f} s"
-            log(note)
+            ctx.log(note)
             if view is not None:
                 view.note = note
                 if show is not None:

@@ -1,110 +1,113 @@
-"""The companions of deploy and monitor: ``orch runs``, ``status``, ``logs``, ``stop``."""
+"""The companions of deploy and monitor: ``orch runs``, ``logs``, ``stop``."""
 
 from __future__ import annotations
 
+import base64
+import codecs
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from orchestrator.config import DeployConfig
+from orchestrator.context import Context
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.machine import Machine, connect
-from trainer.wire import RunInfo
+from orchestrator.machine import Machine
+from orchestrator.provision import acquire
+from trainer.contract import verbs
+from trainer.contract.wire import RunInfo
 
-Log = Callable[[str], None]
 STOP_TIMEOUT = 120.0
 
 
-def _seconds_between(start: str | None, end: str | None) -> float | None:
+def duration_seconds(run: RunInfo) -> float | None:
+    """From the run's start to its last status update."""
     try:
-        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()  # type: ignore[arg-type]
+        return (datetime.fromisoformat(run.updated_at) - datetime.fromisoformat(run.started_at)).total_seconds()  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
 
 
-def list_runs(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> list[dict[str, Any]]:
-    """Every run on the machine, oldest first, with ``state`` as users see it and a duration."""
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-        runs = m.runs()
-    return [r.to_json() | {"state": r.shown_state, "seconds": _seconds_between(r.started_at, r.updated_at)}
-            for r in runs]
+def run_json(run: RunInfo) -> dict[str, Any]:
+    """A run as `--json` shows it: the record, the state users see, the duration."""
+    return run.to_json() | {"state": run.shown_state, "seconds": duration_seconds(run)}
 
 
-def compared_with_parent(run: Mapping[str, Any], *, long: bool = False) -> str:
-    """How an extended run compares with its parent, from status.json's (or RunInfo's) fields:
-    '+0.0123 (beat it)'; long: 'parent first best 0.6100: +0.0123, beat it'. '' without a parent."""
-    parent = run.get("parent")
-    if not parent:
+def list_runs(ctx: Context) -> list[RunInfo]:
+    """Every run on the machine, oldest first."""
+    with acquire(ctx) as m:
+        return m.runs()
+
+
+def compared_with_parent(run: RunInfo, *, long: bool = False) -> str:
+    """How an extended run compares with its parent: '+0.0123 (beat it)'; long: 'parent P
+    best 0.6100: +0.0123, beat it'. '' without a parent."""
+    if not run.parent:
         return ""
-    delta, beat, base = run.get("vs_parent"), run.get("beat_parent"), run.get("parent_best_val_accuracy")
-    verdict = "beat it" if beat else "did not beat it (its best is still the parent's weights)" if long \
+    verdict = "beat it" if run.beat_parent else "did not beat it (its best is still the parent's weights)" if long \
         else "did not beat it"
-    if delta is None:
-        return f"parent {parent}: no comparison yet" if long else "-"
+    if run.vs_parent is None:
+        return f"parent {run.parent}: no comparison yet" if long else "-"
     if not long:
-        return f"{delta:+.4f} ({verdict})"
-    base_text = f" best {base:.4f}" if base is not None else ""
-    return f"parent {parent}{base_text}: {delta:+.4f}, {verdict}"
+        return f"{run.vs_parent:+.4f} ({verdict})"
+    base = f" best {run.parent_best_val_accuracy:.4f}" if run.parent_best_val_accuracy is not None else ""
+    return f"parent {run.parent}{base}: {run.vs_parent:+.4f}, {verdict}"
 
 
-def runs_table(runs: list[dict[str, Any]]) -> Any:
+def runs_table(runs: list[RunInfo]) -> Any:
     """The `orch runs` table. The run column never shrinks (ids are what users copy); the
     others wrap when the terminal is narrow."""
     from rich.table import Column, Table
 
-    width = max(len(r["run_id"]) for r in runs)
+    width = max(len(r.run_id) for r in runs)
     table = Table(Column("run", no_wrap=True, min_width=width, overflow="fold"),
                   *(Column(name, overflow="fold") for name in
                     ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")))
     for r in runs:
-        best = r.get("best_val_accuracy")
-        table.add_row(r["run_id"], r.get("parent") or "", str(r["state"]), f"{r.get('epoch')}/{r.get('epochs')}",
-                      f"{best:.4f}" if best is not None else "-", compared_with_parent(r),
-                      (r.get("started_at") or "")[:19].replace("T", " "),
-                      f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else "")
+        seconds = duration_seconds(r)
+        table.add_row(r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
+                      f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
+                      compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
+                      f"{seconds / 60:.1f} min" if seconds is not None else "")
     return table
 
 
-def logs(cfg: DeployConfig, run_id: str | None, *, follow: bool, write: Callable[[str], None],
-         interval: float = 1.0, trust_new_host: bool = False, log: Log = lambda _m: None) -> str:
+def logs(ctx: Context, run_id: str | None, *, follow: bool, write: Callable[[str], None],
+         interval: float = 1.0) -> str:
     """Print train.log (default: the latest run); ``follow`` keeps printing until the run ends."""
-    import base64
-    import codecs
-
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+    with acquire(ctx) as m:
         run_id = m.choose(run_id).run_id
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a character cut in two
         offset, was_active = 0, True
         while True:
-            answer = m.probe("log", m.run_dir(run_id), offset)
-            text = decode.decode(base64.b64decode(answer["data"]))
+            chunk = m.answer(verbs.LOG, m.run_dir(run_id), offset)
+            text = decode.decode(base64.b64decode(chunk.data))
             if text:
                 write(text)
-            offset = answer["offset"]
-            if answer["more"]:
+            offset = chunk.offset
+            if chunk.more:
                 continue
             if not follow or not was_active:  # one more read after the run ended: nothing is missed
                 write(decode.decode(b"", final=True))
                 return run_id
-            was_active = answer["active"]
+            was_active = chunk.active
             if was_active:
                 time.sleep(interval)
 
 
-def stop(cfg: DeployConfig, run_id: str | None, *, timeout: float = STOP_TIMEOUT, trust_new_host: bool = False,
-         log: Log = lambda _m: None) -> dict[str, Any]:
+def stop(ctx: Context, run_id: str | None, *, timeout: float = STOP_TIMEOUT) -> RunInfo:
     """SIGTERM the run's process (default: the running one), wait for its final state."""
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+    with acquire(ctx) as m:
         run = _running(m, run_id)
-        # The probe just matched pid and start time: this pid is the trainer, not a reused one.
-        m.remote.run(f"kill -TERM {int(run.pid or 0)}", what="stopping the run")
-        log(f"sent SIGTERM to run {run.run_id} (pid {run.pid}); waiting for it to save and stop")
+        # The machine checks pid and start time again before it signals: never a reused pid.
+        sent = m.answer(verbs.SIGNAL, m.run_dir(run.run_id))
+        if not sent.sent:
+            raise ConfigError(f"run {run.run_id}: {sent.message}")
+        ctx.log(f"sent SIGTERM to run {run.run_id} (pid {sent.pid}); waiting for it to save and stop")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             now = m.choose(run.run_id)
             if not now.alive:
-                return now.to_json() | {"state": now.shown_state}
+                return now
             time.sleep(1.0)
     raise RemoteError(f"run {run.run_id} did not stop within {timeout:.0f} s; it is still running")
 

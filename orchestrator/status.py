@@ -1,5 +1,5 @@
-"""`orch status` and `orch down`: the machine as it is (instance, cost, GPUs, runs,
-autostop), and stopping it without surprises. Neither ever starts a stopped instance."""
+"""`orch status`, `orch up` and `orch down`: the machine as it is (instance, cost, GPUs, runs,
+autostop), starting it, and stopping it without surprises. Only `up` ever starts an instance."""
 
 from __future__ import annotations
 
@@ -7,90 +7,66 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from orchestrator import cost, ec2
-from orchestrator.config import DeployConfig
-from orchestrator.errors import BusyError, ConfigError, OrchError
-from orchestrator.machine import connect
-from trainer.wire import Machine
-
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class InstanceInfo:
-    id: str
-    type: str | None
-    state: str
-    address: str | None
-    spot: bool
-    cost: cost.Cost
+from orchestrator.autostop import wake
+from orchestrator.context import Context
+from orchestrator.errors import BusyError, OrchError
+from orchestrator.provision import InstanceStatus, acquire, provider
+from trainer.contract import verbs
+from trainer.contract.wire import MachineReport
 
 
 @dataclass(frozen=True)
 class MachineStatus:
     target: str
-    instance: InstanceInfo | None
+    instance: InstanceStatus | None
     host: str | None  # None: the instance is not running, nothing was asked of it
-    machine: Machine | None
+    machine: MachineReport | None
 
     @property
     def stopped(self) -> bool:
-        return self.instance is not None and self.instance.state != "running"
+        return self.instance is not None and not self.instance.running
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def require_ec2(cfg: DeployConfig) -> None:
-    if cfg.target != "ec2":
-        raise ConfigError(f"this command needs target: ec2 (the config says {cfg.target})")
-
-
-def machine_status(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> MachineStatus:
+def machine_status(ctx: Context) -> MachineStatus:
     """The instance (type, state, price, uptime, cost so far), then, if it runs, ONE question
     to the machine: GPUs, load, runs, autostop."""
-    info = None
-    if cfg.target == "ec2":
-        client = ec2.client(cfg.ec2)
-        inst = ec2.find_instance(client, cfg.ec2)
-        info = InstanceInfo(inst.instance_id, inst.instance_type, inst.state, cfg.ssh.host or inst.address, inst.spot,
-                            cost.estimate(client, cfg.ec2, inst))
-        if inst.state != "running":
-            return MachineStatus(cfg.target, info, None, None)
-    with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-        return MachineStatus(cfg.target, info, m.remote.host, Machine.from_json(m.probe("machine", m.root)))
+    instance = provider(ctx).status()
+    if instance is not None and not instance.running:
+        return MachineStatus(ctx.cfg.target, instance, None, None)
+    with acquire(ctx) as m:
+        return MachineStatus(ctx.cfg.target, instance, m.remote.host, m.answer(verbs.MACHINE, m.root))
 
 
-def up(cfg: DeployConfig, *, trust_new_host: bool = False, log: Log = lambda _m: None) -> ec2.Instance:
+def up(ctx: Context) -> InstanceStatus:
     """Start the instance; then, as a reboot loses the autostop watcher (not its setting),
     start the watcher again if autostop is armed."""
-    from orchestrator.autostop import wake
-
-    require_ec2(cfg)
-    inst = ec2.ensure_running(ec2.client(cfg.ec2), cfg.ec2, allow_start=True, log=log)
+    inst = provider(ctx).start()
     try:
-        with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
-            wake(m, log)
+        with acquire(ctx) as m:
+            wake(m)
     except OrchError as exc:
-        log(f"could not check autostop on the machine ({exc}); the next deploy arms it again")
+        ctx.log(f"could not check autostop on the machine ({exc}); the next deploy arms it again")
     return inst
 
 
-def down(cfg: DeployConfig, *, force: bool = False, confirm: Callable[[str], bool] | None = None,
-         trust_new_host: bool = False, log: Log = lambda _m: None) -> ec2.Instance | None:
+def down(ctx: Context, *, force: bool = False, confirm: Callable[[str], bool] | None = None) -> InstanceStatus | None:
     """Stop the instance; refuse while a run is active unless ``force``. ``confirm`` (a
     terminal's yes/no) may decline: None is returned and the instance keeps running."""
-    require_ec2(cfg)
-    client = ec2.client(cfg.ec2)
-    inst = ec2.find_instance(client, cfg.ec2)
-    if inst.state == "running" and not force:
-        with connect(cfg, trust_new_host=trust_new_host, log=log) as m:
+    p = provider(ctx)
+    inst = p.status()
+    if inst is None:
+        return p.stop()  # the provider says why it cannot
+    if inst.running and not force:
+        with acquire(ctx) as m:
             active = [r.run_id for r in m.runs() if r.active]
         if active:
-            raise BusyError(f"run {', '.join(active)} is still running on {inst.instance_id}: `orch stop` it first, "
+            raise BusyError(f"run {', '.join(active)} is still running on {inst.id}: `orch stop` it first, "
                             "or pass --force to stop the instance anyway (the run dies; `orch resume RUN --continue` "
                             "picks it up later)")
-    if inst.state == "running" and confirm is not None and not confirm(
-            f"Stop instance {inst.instance_id} ({inst.instance_type})? Its disk, runs and data stay."):
+    if inst.running and confirm is not None and not confirm(
+            f"Stop instance {inst.id} ({inst.type})? Its disk, runs and data stay."):
         return None
-    return ec2.stop(client, cfg.ec2, log=log)
+    return p.stop()

@@ -1,5 +1,6 @@
 """Ship the trainer code (content-addressed, once per version) and the data (only what
-changed, never a half-written file in place) to the machine."""
+changed, never a half-written file in place) to the machine. The machine's end is
+trainer/machine/receive.py."""
 
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from orchestrator import children
-from orchestrator.config import DeployConfig
 from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.remote import Remote, SshRemote, q
-from trainer import layout
-from trainer.codeversion import code_files, code_version
+from orchestrator.machine import Machine
+from orchestrator.remote import q
+from orchestrator.ssh import SshRemote
+from trainer.contract import layout, verbs
+from trainer.contract.codeversion import code_files, code_version
 
 Log = Callable[[str], None]
-_COMPLETE = ".complete"
 
 
 @dataclass(frozen=True)
@@ -58,20 +59,18 @@ class CodeSync:
     transferred: bool
 
 
-def sync_code(remote: Remote, cfg: DeployConfig, log: Log) -> CodeSync:
-    """Make ROOT/code/<version>/ exist on the machine; transfer only if it does not yet."""
+def sync_code(m: Machine) -> CodeSync:
+    """Make ROOT/code/<version>/ exist on the machine; transfer only if it does not yet. It is
+    unpacked beside and renamed, under a lock: a half-sent bundle never becomes a code version,
+    and two deploys at once never remove each other's."""
     bundle = code_bundle()
-    root = remote.expand(cfg.remote_root)
-    code_dir = f"{root}/{layout.CODE_DIR}/{bundle.version}"
-    transferred = remote.run(f"test -e {q(code_dir + '/' + _COMPLETE)}", check=False).code != 0
-    if transferred:
+    code_dir = f"{m.root}/{layout.CODE_DIR}/{bundle.version}"
+    present = m.answer(verbs.CODE_STATE, m.root, bundle.version).present
+    if not present:
         payload = bundle.tar_gz()
-        log(f"sending code version {bundle.version} ({len(payload) / 1024:.0f} KiB)")
-        # Unpack beside, then rename, under a lock: a half-sent bundle never becomes a code
-        # version, and two deploys at once never remove each other's.
-        remote.run(f"{q(remote.expand_user(cfg.helper_python))} -c {q(_UNPACK_CODE)} {q(root)} {q(bundle.version)}",
-                   write=lambda fh: fh.write(payload), what="unpacking the code")
-    return CodeSync(bundle.version, code_dir, transferred)
+        m.log(f"sending code version {bundle.version} ({len(payload) / 1024:.0f} KiB)")
+        m.answer(verbs.CODE_UNPACK, m.root, bundle.version, stdin=lambda fh: fh.write(payload))
+    return CodeSync(bundle.version, code_dir, not present)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class DataSync:
     skipped: int = 0  # entries left out: links to nothing, pipes, devices, unreadable files or folders
 
 
-def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bool = True) -> DataSync:
+def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
     """Upload data.local_dir to data.remote_dir: new or changed files only (size and mtime).
 
     One listing, then ONE tar stream of what changed into a hidden staging folder beside the
@@ -92,22 +91,18 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
     end (listings are NUL-separated): any valid POSIX name travels. Only regular files are
     sent, a link as the file it leads to; what cannot be sent is counted and logged.
     """
+    cfg, remote = m.cfg, m.remote
     if not cfg.data.local_dir:
         raise ConfigError("--sync-data needs data.local_dir in the config")
     local = cfg.local_path(cfg.data.local_dir).resolve()
     if not local.is_dir():
         raise ConfigError(f"data.local_dir: {local} is not a folder")
-    dest = remote.expand(cfg.remote_data_dir)
-    python = remote.expand_user(cfg.helper_python)
+    dest = m.data_dir
     start = time.perf_counter()
     if not dest.strip("/"):
         raise ConfigError("data.remote_dir: the data needs a folder of its own, not / (e.g. data or ~/features)")
-    parent, name = dest.rstrip("/").rsplit("/", 1)
-    incoming = f".{name}.orch-incoming-"
     # Also clears what an interrupted upload left in its staging folder.
-    listing = remote.run(f"rm -rf -- {q(parent)}/{q(incoming)}*; mkdir -p {q(dest)} && "
-                         f"{q(python)} -c {q(_LIST)} {q(dest)}", what="listing the data").stdout
-    have = _parse_listing(listing)
+    have = _parse_listing(m.answer(verbs.DATA_LIST, dest).listing)
     found = _local_files(local)
     changed_stats = [(rel, st) for rel, st in found.files if have.get(rel) != (st.st_size, int(st.st_mtime))]
     changed_stats = [(rel, st) for rel, st in changed_stats if found.readable(local, rel)]
@@ -115,23 +110,23 @@ def sync_data(remote: Remote, cfg: DeployConfig, log: Log, *, use_ssh_client: bo
     over_openssh = isinstance(remote, SshRemote) and shutil.which("ssh") and shutil.which("tar")
     method = "ssh" if use_ssh_client and over_openssh else "channel"
     if changed:
-        # A hidden sibling of the data folder: same file system, never read as data.
-        staging = f"{parent}/{incoming}{time.time_ns()}"
-        # The trap: an upload cut off mid-way removes its own staging folder when its tar fails
-        # (a later sync's clean-up may run before this one has noticed the cut).
-        unpack = (f"set -e; trap {q('rm -rf -- ' + q(staging))} EXIT; mkdir -p {q(staging)}; "
-                  f"tar -xf - -C {q(staging)}; {q(python)} -c {q(_MOVE)} {q(staging)} {q(dest)}")
+        parent, name = dest.rstrip("/").rsplit("/", 1)
+        staging = f"{parent}/{layout.data_staging_prefix(name)}{time.time_ns()}"
+        # An upload cut off mid-way removes its own staging folder when its tar fails (a later
+        # sync's listing clears it too, if this one never noticed the cut).
+        unpack = f"mkdir -p {q(staging)} && tar -xf - -C {q(staging)} || {{ rm -rf -- {q(staging)}; exit 1; }}"
         if method == "ssh":
             _tar_over_ssh_client(remote, local, changed, unpack)  # type: ignore[arg-type]
         else:
             remote.run(unpack, write=lambda fh: _write_tar(fh, local, changed), what="unpacking the data")
+        m.answer(verbs.DATA_MOVE, staging, dest)
     sent = sum(st.st_size for _, st in changed_stats)
     seconds = time.perf_counter() - start
-    log(f"data: {len(changed)} new or changed files ({sent / 1e6:.1f} MB) sent to {dest} in {seconds:.1f} s")
+    m.log(f"data: {len(changed)} new or changed files ({sent / 1e6:.1f} MB) sent to {dest} in {seconds:.1f} s")
     if found.skipped:
         why = ", ".join(f"{n} {reason}" for reason, n in found.skipped.most_common())
-        log(f"data: {found.skipped.total()} entries not sent ({why}); `python -m trainer check-data {local}` "
-            "lists them")
+        m.log(f"data: {found.skipped.total()} entries not sent ({why}); `python -m trainer check-data {local}` "
+              "lists them")
     return DataSync(len(changed), sent, seconds, method, found.skipped.total())
 
 
@@ -218,42 +213,3 @@ def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[bytes], unpa
     if tar.returncode != 0 or ssh.returncode != 0:
         why = (ssh_err or tar_err).decode(errors="replace").strip().splitlines()
         raise RemoteError(f"uploading the data to {remote.host} failed: {why[-1] if why else 'no message'}")
-
-
-_UNPACK_CODE = f"""\
-import fcntl, os, shutil, sys, tarfile
-root, version = sys.argv[1:3]
-folder = os.path.join(root, {layout.CODE_DIR!r})
-os.makedirs(folder, exist_ok=True)
-lock = os.open(os.path.join(folder, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.flock(lock, fcntl.LOCK_EX)
-final = os.path.join(folder, version)
-if os.path.exists(os.path.join(final, {_COMPLETE!r})):
-    sys.stdin.buffer.read()
-    sys.exit()
-tmp = final + '.tmp-%d' % os.getpid()
-shutil.rmtree(tmp, ignore_errors=True)
-with tarfile.open(fileobj=sys.stdin.buffer, mode='r|gz') as tar:
-    tar.extractall(tmp)
-open(os.path.join(tmp, {_COMPLETE!r}), 'w').close()
-shutil.rmtree(final, ignore_errors=True)
-os.rename(tmp, final)
-"""
-# Names are bytes on both sides: the listing is NUL-separated records of bytes, sent as base64
-# because a command's output reaches us as text.
-_LIST = ("import base64,os,stat,sys\nroot=os.fsencode(sys.argv[1]);out=[]\n"
-         "for d,ds,fs in os.walk(root):\n"
-         " ds[:]=[x for x in ds if not x.startswith(b'.')]\n"
-         " for f in fs:\n  p=os.path.join(d,f)\n"
-         "  try:s=os.stat(p)\n  except OSError:continue\n"
-         "  if stat.S_ISREG(s.st_mode):\n"
-         "   out.append(b'%s\\0%d\\0%d\\0'%(os.path.relpath(p,root),s.st_size,int(s.st_mtime)))\n"
-         "sys.stdout.write(base64.b64encode(b''.join(out)).decode())\n")
-# Into an empty data folder, the staging folder is renamed as a whole; otherwise each file is
-# renamed into place (os.replace: atomic per file).
-_MOVE = ("import os,sys,shutil\nsrc,dst=map(os.fsencode,sys.argv[1:3])\n"
-         "if not os.listdir(dst):\n os.rmdir(dst);os.rename(src,dst);sys.exit()\n"
-         "for d,ds,fs in os.walk(src):\n"
-         " t=os.path.join(dst,os.path.relpath(d,src));os.makedirs(t,exist_ok=True)\n"
-         " for f in fs:\n  os.replace(os.path.join(d,f),os.path.join(t,f))\n"
-         "shutil.rmtree(src)\n")

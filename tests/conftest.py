@@ -32,3 +32,19 @@ def write_npy(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, array)
     return path
+
+
+def local_machine(root: Path, cfg: object | None = None, **config: object) -> object:
+    """A connected Machine for ``target: local`` with remote.root ``root`` (or the given config),
+    as orchestrator.provision.acquire would give."""
+    import sys
+
+    from orchestrator.config import DeployConfig
+    from orchestrator.context import Context
+    from orchestrator.local import LocalRemote
+    from orchestrator.machine import Machine
+
+    if cfg is None:
+        cfg = DeployConfig.model_validate({"target": "local", "base_dir": root,
+                                           "remote": {"root": str(root), "python": sys.executable}} | config)
+    return Machine(Context(cfg), LocalRemote(root))

@@ -1,7 +1,16 @@
-"""The remote half of orch: data discovery, model, training loop, evaluation, predict.
+"""orch's remote half, in three kinds of code with different import rules (tests/unit/test_layers.py
+enforces them):
 
-Never imports ``orchestrator``. TensorFlow/Keras are imported lazily by the commands that
-need them, so ``python -m trainer check-data`` and ``synth`` run with numpy alone.
+- :mod:`trainer.contract`: what both halves import (the run directory's layout, the trainer's
+  options, the wire records, exit codes, the code version, labels in file names). Standard
+  library only; imports nothing of ``trainer`` but itself.
+- :mod:`trainer.machine`: what orch runs on the machine with its bare ``python3`` (probe, launch,
+  environment set-up, preflight, watcher, locks, sync helpers). Standard library and the contract
+  only. orch ships it as a bundle (this file, ``contract/`` and ``machine/``) and runs every
+  piece of it the one way: ``python3 -m trainer.machine FRAME VERB [ARGS...]``.
+- :mod:`trainer.ml`: the trainer itself (numpy, Keras): ``python -m trainer COMMAND``.
+
+This file travels in the bundle: standard library only.
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """The fault-injection harness: train a tiny model while SIGKILLing the trainer at many moments,
 restarting the same command after each kill, and check the run directory's guarantees
-(trainer/layout.py) after every kill and at the end of every run.
+(trainer/contract/layout.py) after every kill and at the end of every run.
 
-Kills come at the trainer's failpoints (trainer/faults.py: between any two file operations of
+Kills come at the trainer's failpoints (trainer/machine/faults.py: between any two file operations of
 the commit sequence, of the publishing of derived files and of the start-up repair; the n-th
 time a point is reached, so at various epochs) and at random moments. One harness for
 tests/integration/test_faults.py (a modest number of kills) and bench/bench_faults.py
@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.trainer_proc import metrics, run_trainer, start_trainer
-from trainer import faults, layout, runstate
-from trainer.runstate import RunState
+from trainer.contract import layout
+from trainer.machine import faults
+from trainer.ml import runstate
+from trainer.ml.runstate import RunState
 
 # Failpoints reached once per start, or only when there is something to do: always the 1st time.
 _ONCE = {"repair:begin", "repair:temp-removed", "best:temp", "publish:best", "finish:evaluated"}
@@ -62,7 +64,7 @@ class Scenario:
 
 
 def make_data(root: Path) -> Path:
-    from trainer.synth import synth
+    from trainer.ml.synth import synth
 
     synth(root, n=240, dim=16, seed=5, min_frames=6, max_frames=20)
     return root
@@ -263,7 +265,7 @@ class Judge:
 
     def _repaired(self, run: Path, state: RunState) -> list[str]:
         """What a restart makes of the directory, on a copy (the real one restarts untouched)."""
-        from trainer.rundir import RunDir
+        from trainer.ml.rundir import RunDir
 
         copy = self.scratch / "repaired"
         shutil.rmtree(copy, ignore_errors=True)
@@ -310,7 +312,7 @@ class Judge:
     # ---- evaluation
     def accuracy(self, run: Path, weights: Path) -> float:
         """Accuracy of ``weights`` on ``run``'s validation split (as the trainer's evaluate scores it)."""
-        from trainer.evaluate import predict_probabilities
+        from trainer.ml.evaluate import predict_probabilities
 
         model, sequences, labels, stats = self._evaluator(run)
         model.load_weights(weights)
@@ -319,10 +321,10 @@ class Judge:
 
     def _evaluator(self, run: Path) -> Any:
         if run not in self._evaluators:
-            from trainer.config import TrainConfig
-            from trainer.data import load_dataset
-            from trainer.model import build_model
-            from trainer.stats import load_stats
+            from trainer.ml.config import TrainConfig
+            from trainer.ml.data import load_dataset
+            from trainer.ml.model import build_model
+            from trainer.ml.stats import load_stats
 
             doc = json.loads((run / layout.RUN_JSON).read_text())
             cfg, shape = TrainConfig.from_json(doc["config"]), tuple(doc["feature_shape"])

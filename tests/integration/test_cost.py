@@ -15,8 +15,8 @@ import pytest
 
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import metrics, status
-from trainer import layout
-from trainer.synth import synth
+from trainer.contract import layout
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 TINY = {"batch_size": 8, "hidden": 8, "attention": 4, "seed": 1}
@@ -240,3 +240,31 @@ def test_up_watches_an_armed_autostop_again_after_a_reboot(tmp_path: Path, sshd:
     assert st["machine"]["autostop"]["armed"] and st["machine"]["autostop"]["watcher_alive"]
     assert out["autostop"]["idle_minutes"] == 30
     run_orch("deploy", "-c", cfg, "--autostop", "off", "--", "--epochs", "1")  # leave no watcher behind
+
+
+def test_an_instance_started_by_a_command_that_fails_while_it_starts_is_stopped_again(
+        tmp_path: Path, sshd: Sshd, features: Path, moto_endpoint: str, aws_creds: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The money rule holds before any connection too: a wait that fails (a timeout, Ctrl-C,
+    no address) after the instance was started stops it again."""
+    from orchestrator import ec2
+    from orchestrator.config import load_config
+    from orchestrator.context import Context, Output
+    from orchestrator.errors import AwsError
+    from orchestrator.provision import acquire
+
+    iid = instance(moto_endpoint, f"halfway-{tmp_path.name}")
+    ec2_client(moto_endpoint).stop_instances(InstanceIds=[iid])
+    cfg = load_config(config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint}))
+    original = ec2.ensure_running
+
+    def starts_then_fails(*args: object, **kwargs: object) -> object:
+        original(*args, **kwargs)  # started for real
+        raise AwsError("waiting for the instance: timed out")
+
+    monkeypatch.setattr(ec2, "ensure_running", starts_then_fails)
+    output = Output.captured()
+    with pytest.raises(AwsError, match="timed out"), acquire(Context(cfg, output), start=True):
+        pass
+    assert state_of(moto_endpoint, iid) == "stopped"
+    assert f"stopping instance {iid} again" in output.err.file.getvalue()

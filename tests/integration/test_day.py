@@ -17,8 +17,8 @@ import pytest
 
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import metrics, status, trainer_env
-from trainer import layout
-from trainer.synth import synth
+from trainer.contract import layout
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import metrics, status
-from trainer import layout
-from trainer.synth import synth
+from trainer.contract import layout
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 TRAIN = {"epochs": 3, "batch_size": 16, "hidden": 32, "attention": 16, "seed": 1, "patience": 0}

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
+from orchestrator.context import Context
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import trainer_env
-from trainer import layout
-from trainer.proc import pid_line
+from trainer.contract import layout
+from trainer.machine.proc import pid_line
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +172,8 @@ def test_dest_that_is_a_file_is_a_usage_error(site: dict[str, Path]) -> None:
 
 def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: dict[str, Path],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import remote as remote_mod
+    from orchestrator import ssh
+    from orchestrator.context import Context, Output
     from orchestrator.download import download
 
     files = normal_files()
@@ -183,7 +185,7 @@ def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: d
     run_dir = make_run(site["remote"], "live", files, state="running", best=0.99, manifest=stale,
                        pid=pid_line(os.getpid()))
     fetches: list[str] = []
-    original = remote_mod.SshRemote.fetch
+    original = ssh.SshRemote.fetch
 
     def fetch(self, path, local, progress=None):  # the trainer commits its manifest meanwhile
         fetches.append(path)
@@ -193,33 +195,35 @@ def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: d
                 "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
         return digest
 
-    monkeypatch.setattr(remote_mod.SshRemote, "fetch", fetch)
-    logs: list[str] = []
-    got = download(load_config(site["cfg"]), "live", dest=site["dest"], log=logs.append)
+    monkeypatch.setattr(ssh.SshRemote, "fetch", fetch)
+    output = Output.captured()
+    got = download(Context(load_config(site["cfg"]), output), "live", dest=site["dest"])
     assert sorted(got.fetched) == sorted(files) and (site["dest"] / "live" / BEST).read_bytes() == files[BEST]
-    assert len([p for p in fetches if p.endswith(BEST)]) == 2 and any("again" in m for m in logs)
+    assert len([p for p in fetches if p.endswith(BEST)]) == 2 and "again" in output.err.file.getvalue()
 
 
 def test_a_live_run_between_two_bests_is_read_again(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.context import Context
     from orchestrator.download import download
     from orchestrator.machine import Machine
+    from trainer.contract import verbs
 
     files = normal_files()
     without_best = "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items() if rel != BEST)
     run_dir = make_run(site["remote"], "live", files, state="running", best=0.99, manifest=without_best,
                        pid=pid_line(os.getpid()))
-    original, asked = Machine.probe, []
+    original, asked = Machine.answer, []
 
-    def probe(self, *args):  # the trainer puts best.weights.h5 back into its manifest meanwhile
-        answer = original(self, *args)
-        if args[0] == "files":
+    def answer(self, verb, *args, **kwargs):  # the trainer puts best.weights.h5 back into its manifest meanwhile
+        got = original(self, verb, *args, **kwargs)
+        if verb == verbs.FILES:
             asked.append(args)
             (run_dir / layout.MANIFEST).write_text(
                 "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
-        return answer
+        return got
 
-    monkeypatch.setattr(Machine, "probe", probe)
-    got = download(load_config(site["cfg"]), "live", dest=site["dest"])
+    monkeypatch.setattr(Machine, "answer", answer)
+    got = download(Context(load_config(site["cfg"])), "live", dest=site["dest"])
     assert len(asked) == 2 and BEST in got.fetched
     assert (site["dest"] / "live" / BEST).read_bytes() == files[BEST]
 
@@ -391,5 +395,5 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(site: dict[str, Path], monke
         if not mounted:  # no tmpfs here: the file system's answer is simulated at the write call
             monkeypatch.setattr(destination, "short_for_lack_of_room", lambda _tmp, _size: True)
         with pytest.raises(DiskFull, match="no space left on device on"):
-            download(load_config(site["cfg"]), "big", dest=dest)
+            download(Context(load_config(site["cfg"])), "big", dest=dest)
         assert not list(dest.rglob("*.part-*")) and not (dest / "big" / BEST).exists()

@@ -1,4 +1,4 @@
-"""Faults a trainer must survive (trainer/layout.py states the guarantees): SIGKILL at any
+"""Faults a trainer must survive (trainer/contract/layout.py states the guarantees): SIGKILL at any
 moment, a full disk, a second trainer on the same run directory. Real training runs on tiny
 SYNTHETIC data.
 
@@ -21,8 +21,10 @@ import pytest
 
 from tests.integration.fault_harness import Judge, Reference, Scenario, kill_loop, make_data, reference_run
 from tests.integration.trainer_proc import metrics, run_trainer, start_trainer, status, wait_for_epochs
-from trainer import faults, layout, runstate
-from trainer.exitcodes import ExitCode
+from trainer.contract import layout
+from trainer.contract.exitcodes import ExitCode
+from trainer.machine import faults
+from trainer.ml import runstate
 
 pytestmark = pytest.mark.slow
 KILLS = int(os.environ.get("ORCH_FAULT_KILLS", "14"))

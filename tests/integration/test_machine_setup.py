@@ -17,8 +17,8 @@ import pytest
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import status
 from tests.servers import start_sshd
-from trainer import layout
-from trainer.synth import synth
+from trainer.contract import layout
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 # The machine's plain python3: no TensorFlow (the interpreter this test venv was made from).
@@ -136,11 +136,12 @@ def test_a_failed_install_is_reported_and_never_taken_for_ready(tmp_path: Path, 
 def test_two_installs_at_once_share_one_env(tmp_path: Path) -> None:
     """Two deploys installing at once: one builds, the other waits for it and reuses it."""
     code = str(Path(__file__).resolve().parents[2])
-    argv = [BARE_PYTHON, "-m", "trainer.envsetup", str(tmp_path / "envs"), "--requirements", "numpy\n",
+    argv = [BARE_PYTHON, "-m", "trainer.machine", "F", "env", str(tmp_path / "envs"), "--requirements", "numpy\n",
             "--packages-from", sys.executable]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": code})
              for _ in range(2)]
-    results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1].partition(": ")[2]) for p in procs]
+    results = [json.loads(next(line for line in p.communicate(timeout=300)[0].splitlines()
+                               if line.startswith("F answer ")).removeprefix("F answer ")) for p in procs]
     assert sorted(r["built"] for r in results) == [False, True] and results[0]["python"] == results[1]["python"]
 
 

@@ -15,9 +15,9 @@ import pytest
 
 from tests.integration.conftest import Sshd, write_config
 from tests.integration.trainer_proc import metrics, trainer_env
-from trainer import layout
-from trainer.proc import pid_alive
-from trainer.synth import synth
+from trainer.contract import layout
+from trainer.machine.proc import pid_alive
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 TINY = {"batch_size": 16, "hidden": 16, "attention": 8, "seed": 1}

@@ -14,7 +14,7 @@ import pytest
 
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.servers import start_sshd
-from trainer.synth import synth
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,8 @@ def test_a_failing_stdin_writer_closes_its_channel(tmp_path: Path, sshd: Sshd) -
     """A command whose stdin writer raises must not leak its SSH channel: sshd allows 10
     sessions per connection, so 15 failed commands in a row, their errors kept, must leave
     the connection usable (the channel gets EOF, then is closed, whatever happened)."""
-    from orchestrator.target import open_remote
+    from orchestrator.context import Context
+    from orchestrator.provision import acquire
     from tests.servers import ssh_deploy_config
 
     def broken(fh) -> None:  # noqa: ANN001
@@ -139,7 +140,8 @@ def test_a_failing_stdin_writer_closes_its_channel(tmp_path: Path, sshd: Sshd) -
 
     import time
 
-    with open_remote(ssh_deploy_config(sshd, tmp_path)) as remote:
+    with acquire(Context(ssh_deploy_config(sshd, tmp_path))) as m:
+        remote = m.remote
         channels = remote.client.get_transport()._channels  # paramiko forgets a channel once both ends closed it
         kept = []  # the errors are kept (as a caller reporting them would): their frames hold the channels
         for _ in range(15):

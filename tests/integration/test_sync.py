@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.remote import Remote
+from orchestrator.context import Context
+from orchestrator.machine import Machine
+from orchestrator.provision import acquire
 from orchestrator.sync import sync_data
-from orchestrator.target import open_remote
 from tests.integration.conftest import Sshd, run_orch
 from tests.servers import ssh_deploy_config
 
@@ -44,19 +45,19 @@ def test_only_new_or_changed_files_travel(tmp_path: Path, sshd: Sshd, use_ssh_cl
     cfg = ssh_deploy_config(sshd, tmp_path, local_dir=str(local), remote_dir="data")
     dest = tmp_path / "remote" / "data"
 
-    def sync(remote: Remote) -> int:
-        result = sync_data(remote, cfg, lambda _m: None, use_ssh_client=use_ssh_client)
+    def sync(m: Machine) -> int:
+        result = sync_data(m, use_ssh_client=use_ssh_client)
         assert result.method == ("ssh" if use_ssh_client else "channel")
         return result.files
 
-    with open_remote(cfg) as remote:
-        assert sync(remote) == 40
+    with acquire(Context(cfg)) as m:
+        assert sync(m) == 40
         assert same_tree(local, dest) and not (dest / ".hidden-cache").exists()
-        assert sync(remote) == 0  # nothing changed: nothing sent
+        assert sync(m) == 0  # nothing changed: nothing sent
         files[5].write_bytes(os.urandom(3000))
         os.utime(files[7], (time.time() + 100, time.time() + 100))
         (local / "cremad_1999_TIE_SAD_XX.npy").write_bytes(b"new")
-        assert sync(remote) == 3
+        assert sync(m) == 3
         assert same_tree(local, dest)
 
 
@@ -81,23 +82,23 @@ def test_an_interrupted_upload_leaves_no_partial_file(tmp_path: Path, sshd: Sshd
             raise Cut()
         return original(self, tarinfo, fileobj)
 
-    with open_remote(cfg) as remote:
+    with acquire(Context(cfg)) as m:
         tarfile.TarFile.addfile = addfile
         try:
             with pytest.raises(Exception):  # noqa: B017 - any failure of the upload will do
-                sync_data(remote, cfg, lambda _m: None, use_ssh_client=False)
+                sync_data(m, use_ssh_client=False)
         finally:
             tarfile.TarFile.addfile = original
         visible = [p for p in dest.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(dest).parts)]
         assert visible == []  # nothing half-written under a final name
-        assert sync_data(remote, cfg, lambda _m: None).files == 10  # running it again finishes the job
+        assert sync_data(m).files == 10  # running it again finishes the job
         assert not list((tmp_path / "remote").glob(".data.orch-incoming-*"))  # and leaves no staging behind
     assert same_tree(local, dest)
 
 
 def test_deploy_sync_data_reports_what_it_sent(tmp_path: Path, sshd: Sshd) -> None:
     from tests.integration.conftest import write_config
-    from trainer.synth import synth
+    from trainer.ml.synth import synth
 
     local = tmp_path / "features"
     synth(local, n=80, dim=8, seed=2, min_frames=4, max_frames=8)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.context import Context
+from orchestrator.provision import acquire
 from orchestrator.sync import DataSync, sync_data
-from orchestrator.target import open_remote
 from tests.integration.conftest import Sshd, write_config
 from tests.integration.trainer_proc import trainer_env
 from tests.servers import ssh_deploy_config
@@ -43,8 +44,9 @@ def remote_tree(dest: Path) -> dict[bytes, bytes]:
 def sync(tmp_path: Path, sshd: Sshd, use_ssh_client: bool) -> tuple[DataSync, list[str]]:
     cfg = ssh_deploy_config(sshd, tmp_path, local_dir=str(tmp_path / "local"), remote_dir="data")
     logs: list[str] = []
-    with open_remote(cfg) as remote:
-        result = sync_data(remote, cfg, logs.append, use_ssh_client=use_ssh_client)
+    with acquire(Context(cfg)) as m:
+        m.log = logs.append
+        result = sync_data(m, use_ssh_client=use_ssh_client)
     assert result.method == ("ssh" if use_ssh_client else "channel")
     return result, logs
 
@@ -116,10 +118,11 @@ SCRIPT = """
 import json, sys
 from orchestrator.config import load_config
 from orchestrator.sync import sync_data
-from orchestrator.target import open_remote
-cfg = load_config(sys.argv[1])
-with open_remote(cfg) as remote:
-    result = sync_data(remote, cfg, lambda m: print(m, file=sys.stderr), use_ssh_client=sys.argv[2] == "1")
+from orchestrator.context import Context
+from orchestrator.provision import acquire
+with acquire(Context(load_config(sys.argv[1]))) as m:
+    m.log = lambda message: print(message, file=sys.stderr)
+    result = sync_data(m, use_ssh_client=sys.argv[2] == "1")
 print(json.dumps({"files": result.files, "skipped": result.skipped}))
 """
 

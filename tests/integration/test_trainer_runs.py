@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.integration.trainer_proc import metrics, run_trainer, start_trainer, status, wait_for_epochs
-from trainer import layout
-from trainer.synth import synth
+from trainer.contract import layout
+from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
 # No early stopping: these tests count epochs.
@@ -202,7 +202,7 @@ def test_predict_matches_evaluate(tmp_path: Path, data: Path, parent: Path) -> N
     lines = run_trainer("predict", "--run-dir", parent, data, "--json").stdout.splitlines()
     predictions = [json.loads(line) for line in lines]
     classes = evaluated["classes"]
-    from trainer.labels import label_from_path
+    from trainer.contract.labels import label_from_path
 
     scored = [(label_from_path(Path(p["path"]).name).label, p) for p in predictions]
     scored = [(truth, p) for truth, p in scored if truth in classes]  # surprise files are not in the classes

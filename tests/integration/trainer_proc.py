@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer import layout
+from trainer.contract import layout
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import frames, write_npy
-from trainer.cli import main
-from trainer.data import load_dataset
-from trainer.labels import label_from_path
-from trainer.synth import MARKER
+from trainer.contract.labels import label_from_path
+from trainer.contract.layout import SYNTHETIC_MARKER as MARKER
+from trainer.ml.cli import main
+from trainer.ml.data import load_dataset
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -129,7 +129,7 @@ def _pooled_accuracy(ds, target: np.ndarray, layer: int | None = None) -> float:
 def test_synth_shows_the_properties_of_real_features(tmp_path: Path) -> None:
     """More speaker than emotion information, feature scales over 30x, calm ~7x rarer, and a
     difficulty knob that takes emotion away."""
-    from trainer.synth import synth
+    from trainer.ml.synth import synth
 
     synth(tmp_path / "d1", n=700, dim=32, seed=0)
     ds = load_dataset(tmp_path / "d1", use_cache=False)
@@ -146,7 +146,7 @@ def test_synth_shows_the_properties_of_real_features(tmp_path: Path) -> None:
 
 
 def test_synth_layers_carry_emotion_in_the_upper_middle(tmp_path: Path) -> None:
-    from trainer.synth import synth
+    from trainer.ml.synth import synth
 
     summary = synth(tmp_path, n=500, dim=16, seed=1, layers=5, min_frames=10, max_frames=20)
     ds = load_dataset(tmp_path, use_cache=False)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_version_and_completion(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_help_lists_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.exitcodes import MEANINGS
+    from trainer.contract.exitcodes import MEANINGS
 
     assert main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
@@ -97,22 +98,23 @@ def test_a_missing_key_file_is_named_before_connecting(tmp_path: Path, capsys: p
     assert f"ssh.key_file: {tmp_path / 'nowhere.pem'} does not exist" in line
 
 
-def test_messages_show_brackets_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rich.console import Console
+def test_messages_show_brackets_as_they_are() -> None:
+    from orchestrator.context import Output
 
-    console = Console(file=io.StringIO(), markup=False, width=200)
-    monkeypatch.setattr(cli.env, "err", console)
-    cli.env.log("sent to /data/[x]/set [/x] and x[red]y")  # [/x] used to crash rich's markup parser
-    assert "sent to /data/[x]/set [/x] and x[red]y" in console.file.getvalue()
+    output = Output.captured()
+    output.log("sent to /data/[x]/set [/x] and x[red]y")  # [/x] used to crash rich's markup parser
+    assert "sent to /data/[x]/set [/x] and x[red]y" in output.err.file.getvalue()
 
 
-def run_rows(ids: list[str]) -> list[dict]:
-    return [{"run_id": i, "parent": None, "state": "finished", "epoch": 3, "epochs": 3, "best_val_accuracy": 0.5,
-             "started_at": "2026-11-21T10:30:15+00:00", "seconds": 60.0} for i in ids]
+def run_rows(ids: list[str]) -> list:
+    from trainer.contract.wire import RunInfo
+
+    return [RunInfo(i, state="finished", epoch=3, epochs=3, best_val_accuracy=0.5,
+                    started_at="2026-11-21T10:30:15+00:00", updated_at="2026-11-21T10:31:15+00:00") for i in ids]
 
 
 @pytest.mark.parametrize("terminal_width", [None, 40, 60, 120])
-def test_run_ids_are_never_cut(terminal_width: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_ids_are_never_cut(terminal_width: int | None) -> None:
     from rich.console import Console
 
     from orchestrator.runs import runs_table
@@ -122,8 +124,7 @@ def test_run_ids_are_never_cut(terminal_width: int | None, monkeypatch: pytest.M
     # None: a pipe (`orch runs | cat`); else a terminal that wide
     console = Console(file=out, markup=False, force_terminal=terminal_width is not None,
                       width=terminal_width or 80)
-    monkeypatch.setattr(cli.env, "out", console)
-    cli._print_table(runs_table(run_rows(ids)))
+    cli._print_table(console, runs_table(run_rows(ids)))
     text = out.getvalue()
     for run_id in ids:
         assert run_id in text, text
@@ -172,21 +173,20 @@ def test_the_readme_iam_policy_lists_exactly_the_actions_orch_calls() -> None:
     assert sorted(policy["Statement"][0]["Action"]) == sorted(ec2.IAM_ACTIONS)
 
 
-def test_run_ids_with_brackets_are_shown_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_ids_with_brackets_are_shown_as_they_are() -> None:
     from rich.console import Console
 
     from orchestrator.runs import runs_table
 
     out = io.StringIO()
-    monkeypatch.setattr(cli.env, "out", Console(file=out, markup=False, width=200))
-    cli._print_table(runs_table(run_rows(["x[red]y", "a[/b]c"])))
+    cli._print_table(Console(file=out, markup=False, width=200), runs_table(run_rows(["x[red]y", "a[/b]c"])))
     assert "x[red]y" in out.getvalue() and "a[/b]c" in out.getvalue()
 
 
 def test_a_prefix_names_a_run_and_an_ambiguous_one_lists_the_candidates() -> None:
     from orchestrator.errors import ConfigError
     from orchestrator.machine import find_run
-    from trainer.wire import RunInfo
+    from trainer.contract.wire import RunInfo
 
     runs = [RunInfo(i) for i in ("20261121-103015-a3f9", "20261121-113015-b1c2", "20261122-090000-ffff")]
     assert find_run(runs, "20261122", "host").run_id == "20261122-090000-ffff"
@@ -198,17 +198,18 @@ def test_a_prefix_names_a_run_and_an_ambiguous_one_lists_the_candidates() -> Non
 
 
 def test_relative_remote_paths_are_relative_to_the_login_home(tmp_path: Path) -> None:
-    from orchestrator.remote import LocalRemote
+    from tests.conftest import local_machine
 
-    remote = LocalRemote(tmp_path)
-    remote._home = "/home/ubuntu"  # as `printf %s "$HOME"` would say on the machine
-    assert remote.expand("audio_emotion") == "/home/ubuntu/audio_emotion"
-    assert remote.expand("~/x") == "/home/ubuntu/x" and remote.expand("/abs") == "/abs"
+    m = local_machine(tmp_path)
+    assert m.home == os.path.expanduser("~")  # asked of the machine (verb home)
+    m.home = "/home/ubuntu"  # as the machine would say
+    assert m.expand("audio_emotion") == "/home/ubuntu/audio_emotion"
+    assert m.expand("~/x") == "/home/ubuntu/x" and m.expand("/abs") == "/abs"
 
 
 def test_trainer_help_lists_the_shared_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.cli import main as trainer_main
-    from trainer.exitcodes import MEANINGS
+    from trainer.contract.exitcodes import MEANINGS
+    from trainer.ml.cli import main as trainer_main
 
     assert trainer_main(["--help"]) == 0
     text = capsys.readouterr().out
@@ -293,11 +294,30 @@ def test_proxyjump_in_uri_form(tmp_path: Path) -> None:
 def test_data_remote_dir_slash_is_a_config_error(tmp_path: Path) -> None:
     from orchestrator.config import load_config
     from orchestrator.errors import ConfigError
-    from orchestrator.remote import LocalRemote
     from orchestrator.sync import sync_data
+    from tests.conftest import local_machine
 
     (tmp_path / "features").mkdir()
     path = tmp_path / "deploy.yaml"
     path.write_text(f"target: local\ndata:\n  remote_dir: /\n  local_dir: {tmp_path / 'features'}\n")
     with pytest.raises(ConfigError, match="not /"):
-        sync_data(LocalRemote(tmp_path), load_config(path), lambda _m: None)
+        sync_data(local_machine(tmp_path, load_config(path)))
+
+
+def test_every_command_keeps_its_own_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared options are added to a command, never in place of its own (`logs -f` was lost once)."""
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"target: local\nremote:\n  root: {tmp_path / 'root'}\n")
+    for argv in (["logs", "--follow"], ["logs", "-f"], ["monitor", "--once"], ["stop", "--json"]):
+        assert main([*argv, "-c", str(path)]) == 2  # parsed; then: there is no run
+        assert "no run" in capsys.readouterr().err, argv
+    assert main(["logs", "--help"]) == 0
+    assert "--follow" in capsys.readouterr().out
+
+
+def test_a_helper_python_that_cannot_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"target: local\nremote:\n  root: {tmp_path / 'root'}\n  python: /no/such/python3\n")
+    assert main(["download", "-c", str(path)]) == 7
+    line = one_error_line(capsys.readouterr().err)
+    assert "/no/such/python3" in line and "unexpected" not in line

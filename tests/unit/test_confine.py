@@ -14,8 +14,8 @@ from orchestrator import children
 from orchestrator.confine import CorruptRun, checked_entries, path_problem
 from orchestrator.destination import check_dest, remove_stale_parts
 from orchestrator.errors import ConfigError
-from trainer import layout
-from trainer.wire import RunFiles
+from trainer.contract import layout
+from trainer.contract.wire import RunFiles
 
 H = "a" * 64
 
@@ -152,7 +152,7 @@ def test_a_child_dies_with_orch(tmp_path: Path) -> None:
 
 
 def test_the_machine_lists_regular_files_reached_without_a_link(tmp_path: Path) -> None:
-    from trainer.probe import run_files
+    from trainer.machine.probe import run_files
 
     run = tmp_path / "run"
     (run / "stats").mkdir(parents=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer import options
-from trainer.config import Architecture, TrainConfig
-from trainer.exitcodes import MEANINGS, ExitCode
+from trainer.contract import options
+from trainer.contract.exitcodes import MEANINGS, ExitCode
+from trainer.ml.config import Architecture, TrainConfig
 
 
 def test_train_config_is_the_options_table() -> None:
@@ -27,7 +27,7 @@ def test_train_config_is_the_options_table() -> None:
 
 
 def test_trainer_argparse_is_the_options_table(capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.cli import main
+    from trainer.ml.cli import main
 
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
@@ -49,7 +49,7 @@ def test_trainer_argparse_is_the_options_table(capsys: pytest.CaptureFixture[str
 ])
 def test_out_of_range_options_are_usage_errors_before_anything_is_written(
         argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.cli import main
+    from trainer.ml.cli import main
 
     run = tmp_path / "run"
     assert main(["train", "--data-dir", str(tmp_path), "--run-dir", str(run), *argv]) == 2
@@ -65,11 +65,11 @@ def test_booleans_round_trip() -> None:
 
 
 def test_wire_records_round_trip_through_json() -> None:
-    from trainer.wire import GpuRow, Host, HostLoad, RunInfo, Snapshot
+    from trainer.contract.wire import Epoch, GpuRow, Host, HostLoad, RunInfo, Snapshot
 
-    snap = Snapshot(RunInfo("r1", 1.0, "running", 3, 10, 0.5, 0.6, 2, None, "t", "p0", 0.55, 0.05, True, "s", 123, True,
-                            False),
-                    {"state": "running"}, [{"epoch": 3}], 3, ["line"],
+    snap = Snapshot(RunInfo("r1", 1.0, "running", "training", 3, 10, 0.5, 0.6, 2, None, "t", "p0", 0.55, 0.05, True,
+                            "s", 123, True, False),
+                    [Epoch(3, 1.5, 0.4, 1.6, 0.5, 1e-3, 2.0)], 3, ["line"],
                     Host([GpuRow(0, "A10G", 97.0, 1.0, 2.0, 70.0, 200.0)], None, HostLoad(4, [0.1], 8, 4)))
     assert Snapshot.from_json(json.loads(json.dumps(snap.to_json()))) == snap
     # a probe of another version: unknown keys ignored, missing ones default
@@ -83,7 +83,7 @@ def test_wire_records_round_trip_through_json() -> None:
     ("stopped", False, False, "stopped", False),
 ])
 def test_shown_state(state: str | None, alive: bool, launching: bool, shown: str | None, active: bool) -> None:
-    from trainer.wire import RunInfo
+    from trainer.contract.wire import RunInfo
 
     run = RunInfo("r", state=state, alive=alive, launching=launching)
     assert run.shown_state == shown and run.active == active
@@ -103,28 +103,59 @@ def test_one_code_version_for_the_bundle_and_the_trainer(tmp_path: Path) -> None
     # what the trainer computes on the machine, from the files it was sent (caches and all)
     (unpacked / "trainer" / "__pycache__").mkdir()
     (unpacked / "trainer" / "__pycache__" / "x.pyc").write_bytes(b"cache")
-    out = subprocess.run([sys.executable, "-c", "from trainer.codeversion import code_version; print(code_version())"],
+    out = subprocess.run([sys.executable, "-c", "from trainer.contract.codeversion import code_version; print(code_version())"],
                          cwd=unpacked, capture_output=True, text=True, check=True, env={"PYTHONPATH": str(unpacked)})
     assert out.stdout.strip() == bundle.version
 
 
 def test_the_probe_runs_from_what_is_sent_with_the_question(tmp_path: Path) -> None:
     """Read-only commands upload nothing: the probe's modules travel on stdin."""
-    from orchestrator.config import DeployConfig
-    from orchestrator.machine import Machine
-    from orchestrator.remote import LocalRemote
+    from tests.conftest import local_machine
 
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     (tmp_path / "runs" / "r1" / "status.json").write_text('{"state": "finished", "best_val_accuracy": 0.5}')
-    cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(tmp_path), "python": sys.executable}})
     # a working directory without the trainer package: nothing to import from but stdin
-    m = Machine(cfg, LocalRemote(tmp_path / "runs"), str(tmp_path))
+    m = local_machine(tmp_path)
     runs = m.runs()
     assert [(r.run_id, r.state, r.best_val_accuracy, r.shown_state) for r in runs] == [("r1", "finished", 0.5, "finished")]
     assert not (tmp_path / "code").exists()
-    assert m.host().load.cpus
+    assert m.host_report().load.cpus
 
 
 def test_exit_codes_mean_one_thing() -> None:
     assert set(MEANINGS) == set(ExitCode)
     assert len({meaning for meaning, _ in MEANINGS.values()}) == len(MEANINGS)
+
+
+@pytest.mark.parametrize("answer", [
+    {"run_id": "a", "created": 10**400},  # beyond any float
+    {"run_id": "a", "epoch": "3", "val_accuracy": float("nan"), "best_val_accuracy": float("inf")},
+    {"run_id": "a", "alive": 1, "pid": True, "state": ["running"]},
+])
+def test_a_crafted_field_defaults_and_never_raises(answer: dict) -> None:
+    from trainer.contract.wire import RunInfo
+
+    run = RunInfo.from_json(answer)
+    assert run.run_id == "a" and run.created is None and run.epoch is None and run.val_accuracy is None
+    assert run.alive is False and run.pid is None and run.state is None
+
+
+def test_a_nested_record_that_is_not_one_leaves_its_field_at_the_default() -> None:
+    from trainer.contract.wire import RunFiles, WireError
+
+    files = RunFiles.from_json({"run": {"run_id": 5}, "files": {"a": 1, "b": -1, "c": 10**30, "d": "1"}})
+    assert files.run is None and files.files == {"a": 1}
+    with pytest.raises(WireError):
+        RunFiles.from_json([])
+
+
+def test_the_frame_reader_takes_the_first_answer_and_survives_crafted_lines() -> None:
+    from orchestrator.machine import _FrameReader
+
+    progress: list[str] = []
+    reader = _FrameReader("F00", progress.append)
+    for line in ("Welcome to the box", "F00 answer " + "[" * 100_000, 'noise F00 progress "working"',
+                 'F00 answer {"home": "/home/u"}', 'F00 answer {"home": "/elsewhere"}', "F01 answer {}"):
+        reader.line(line)
+    assert reader.answer == {"home": "/home/u"} and progress == ["working"]
+    assert reader.noise == ["Welcome to the box", "noise ", "F01 answer {}"]

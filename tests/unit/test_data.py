@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import frames, write_npy, write_npz
-from trainer.data import SkipReason, load_dataset, require_samples
-from trainer.errors import DataError
-from trainer.labels import ALL_EMOTIONS
+from trainer.contract.labels import ALL_EMOTIONS
+from trainer.ml.data import load_dataset
+from trainer.ml.dataset import SkipReason, require_samples
+from trainer.ml.errors import DataError
 
 R = "ravdess_03-01-{code}-01-01-01-{actor}"
 C = "cremad_{actor}_TSI_{emo}_XX"
@@ -206,7 +207,7 @@ def test_unusable_directories_raise_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_worker_processes_give_the_same_dataset(tmp_path: Path) -> None:
-    from trainer.data import CHUNK
+    from trainer.ml.arrays import CHUNK
 
     for i in range(CHUNK + 40):  # more than one chunk, so the pool really is used
         write_npy(tmp_path / f"cremad_{1000 + i % 50}_TIE_{('HAP', 'SAD')[i % 2]}_XX_{i}.npy",

@@ -15,12 +15,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
 from tests.conftest import frames, write_npy  # noqa: E402
-from trainer.config import Architecture, TrainConfig  # noqa: E402
-from trainer.data import Dataset, load_dataset  # noqa: E402
-from trainer.fitting import AveragedWeightsAtEpochEnd, EarlyStop, compile_model, ema_momentum  # noqa: E402
-from trainer.model import build_model  # noqa: E402
-from trainer.pipeline import Augmentation, BatchSequence, drop_frames, mix_pairs, padded_length  # noqa: E402
-from trainer.stats import Stats  # noqa: E402
+from trainer.ml.config import Architecture, TrainConfig  # noqa: E402
+from trainer.ml.data import load_dataset  # noqa: E402
+from trainer.ml.dataset import Dataset  # noqa: E402
+from trainer.ml.fitting import AveragedWeightsAtEpochEnd, EarlyStop, compile_model, ema_momentum  # noqa: E402
+from trainer.ml.model import build_model  # noqa: E402
+from trainer.ml.pipeline import Augmentation, BatchSequence, drop_frames, mix_pairs, padded_length  # noqa: E402
+from trainer.ml.stats import Stats  # noqa: E402
 
 AUG = Augmentation(frame_dropout=0.3, noise=0.5, mixup=0.4)
 EMOS = ("NEU", "HAP", "SAD", "ANG")
@@ -156,7 +157,7 @@ def test_early_stop_counts_from_the_committed_best_epoch() -> None:
 
 def test_plots_mark_the_best_epoch_and_carry_the_run_id(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from trainer.evaluate import plot_curves, plot_title
+    from trainer.ml.evaluate import plot_curves, plot_title
 
     history = [{"epoch": e, "loss": 1.0 / e, "accuracy": 0.1 * e, "val_loss": 1.0, "val_accuracy": 0.05 * e}
                for e in range(1, 6)]
@@ -170,8 +171,8 @@ def test_plots_mark_the_best_epoch_and_carry_the_run_id(tmp_path: Path) -> None:
 def test_an_extended_run_keeps_its_parents_generalization_measures(tmp_path: Path) -> None:
     import json
 
-    from trainer import layout, options
-    from trainer.config import resolve
+    from trainer.contract import layout, options
+    from trainer.ml.config import resolve
 
     parent = tmp_path / "parent"
     (parent / "checkpoints").mkdir(parents=True)

@@ -1,7 +1,6 @@
 import pytest
 
-from trainer.errors import UsageError
-from trainer.labels import DEFAULT_CLASSES, label_from_path, parse_classes
+from trainer.contract.labels import DEFAULT_CLASSES, ClassListError, label_from_path, parse_classes
 
 
 @pytest.mark.parametrize(
@@ -57,7 +56,7 @@ def test_parse_classes() -> None:
     assert parse_classes(None) == DEFAULT_CLASSES
     assert "surprise" not in DEFAULT_CLASSES and len(DEFAULT_CLASSES) == 7
     assert parse_classes(" Happy, sad ") == ("happy", "sad")
-    with pytest.raises(UsageError, match="unknown class 'joy'"):
+    with pytest.raises(ClassListError, match="unknown class 'joy'"):
         parse_classes("happy,joy")
-    with pytest.raises(UsageError):
+    with pytest.raises(ClassListError):
         parse_classes("happy")

@@ -8,8 +8,8 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
-from trainer.config import Architecture  # noqa: E402
-from trainer.model import WarmupCosine, build_model  # noqa: E402
+from trainer.ml.config import Architecture  # noqa: E402
+from trainer.ml.model import WarmupCosine, build_model  # noqa: E402
 
 ARCH = Architecture(hidden=16, attention=8, dropout=0.2)
 

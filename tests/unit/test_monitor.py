@@ -4,7 +4,7 @@ from pathlib import Path
 
 from orchestrator.errors import ExitCode
 from orchestrator.monitor import RunView, sparkline
-from trainer.wire import Snapshot, parse_nvidia_smi
+from trainer.contract.wire import Snapshot, parse_nvidia_smi
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "nvidia-smi-4gpu.csv"
 
@@ -24,12 +24,13 @@ def test_names_with_commas_and_blank_lines() -> None:
     assert parse_nvidia_smi("") == []
 
 
-def snap(state: str | None, alive: bool, metrics: list, count: int, gpus_csv: str | None = None) -> Snapshot:
+def snap(state: str | None, alive: bool, metrics: list, count: int, gpus_csv: str | None = None,
+         **run: object) -> Snapshot:
     """A snapshot as the probe's JSON would carry it (through the wire record's parser)."""
     gpus = [g.__dict__ for g in parse_nvidia_smi(gpus_csv)] if gpus_csv else []
     return Snapshot.from_json({
-        "run": {"run_id": "r", "state": state, "alive": alive},
-        "status": {"state": state, "epoch": count, "epochs": 10, "best_val_accuracy": 0.5, "best_epoch": 1},
+        "run": {"run_id": "r", "state": state, "alive": alive, "epoch": count, "epochs": 10,
+                "best_val_accuracy": 0.5, "best_epoch": 1} | run,
         "metrics": metrics, "metrics_count": count, "log_tail": ["line"],
         "host": {"gpus": gpus, "gpu_error": None if gpus else "no nvidia-smi", "load": {"cpus": 2, "loadavg": [0.5]}}})
 
@@ -42,7 +43,7 @@ def test_view_accumulates_metrics_and_knows_the_state() -> None:
     view = RunView("r")
     view.update(snap("running", True, [row(1, 0.3), row(2, 0.4)], 2, FIXTURE.read_text()))
     view.update(snap("running", True, [row(3, 0.5)], 3))
-    assert [h["epoch"] for h in view.history] == [1, 2, 3]
+    assert [h.epoch for h in view.history] == [1, 2, 3]
     assert view.state == "running" and not view.final and view.eta_seconds() == 14.0
     doc = view.to_json()
     assert doc["val_accuracy"] == 0.5 and doc["gpus"] == [] and doc["alive"] is True
@@ -53,7 +54,7 @@ def test_view_accumulates_metrics_and_knows_the_state() -> None:
     assert "--continue" in view.summary()
     # A continued run rewrites metrics.jsonl: monitor re-syncs instead of double counting.
     view.update(snap("running", True, [row(1, 0.3), row(2, 0.4)], 2))
-    assert [h["epoch"] for h in view.history] == [1, 2]
+    assert [h.epoch for h in view.history] == [1, 2]
 
 
 def test_exit_codes_per_final_state() -> None:
@@ -95,12 +96,10 @@ def test_a_finished_run_is_never_shown_with_a_live_process() -> None:
 
 def test_summary_says_whether_an_extended_run_beat_its_parent() -> None:
     view = RunView("child")
-    s = snap("finished", False, [row(1, 0.7)], 1)
-    s.status.update(parent="first", parent_best_val_accuracy=0.61, vs_parent=0.0123, beat_parent=True)
-    view.update(s)
+    parent = {"parent": "first", "parent_best_val_accuracy": 0.61}
+    view.update(snap("finished", False, [row(1, 0.7)], 1, vs_parent=0.0123, beat_parent=True, **parent))
     assert "parent first best 0.6100: +0.0123, beat it" in view.summary()
-    s.status.update(vs_parent=0.0, beat_parent=False)
-    view.update(s)
+    view.update(snap("finished", False, [], 1, vs_parent=0.0, beat_parent=False, **parent))
     assert "+0.0000, did not beat it" in view.summary()
 
 
@@ -110,6 +109,7 @@ def test_monitor_ends_at_once_on_a_run_that_never_started(tmp_path: Path) -> Non
     import sys
 
     from orchestrator.config import DeployConfig
+    from orchestrator.context import Context
     from orchestrator.monitor import monitor
 
     run = tmp_path / "runs" / "never"
@@ -118,6 +118,6 @@ def test_monitor_ends_at_once_on_a_run_that_never_started(tmp_path: Path) -> Non
     (run / "train.log").write_text("Traceback (most recent call last):\nModuleNotFoundError: No module named 'keras'\n")
     cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(tmp_path), "python": sys.executable}})
     frames = []
-    view = monitor(cfg, "nev", interval=3600, show=frames.append)  # a prefix of the id will do
+    view = monitor(Context(cfg), "nev", interval=3600, show=frames.append)  # a prefix of the id will do
     assert len(frames) == 1 and view.state == "died" and view.exit_code == ExitCode.RUN_DIED
     assert "No module named 'keras'" in view.summary()

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import frames, write_npy
-from trainer.checkdata import render, report
-from trainer.data import SkipReason, load_array, load_dataset
-from trainer.split import load_split, make_split, save_split
+from trainer.ml.arrays import load_array
+from trainer.ml.checkdata import render, report
+from trainer.ml.data import load_dataset
+from trainer.ml.dataset import SkipReason
+from trainer.ml.split import load_split, make_split, save_split
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = "cremad_1001_TSI_HAP_XX.npy"
@@ -187,7 +189,7 @@ def test_any_posix_file_name_loads_caches_splits_and_prints(tmp_path: Path) -> N
 
     from rich.console import Console
 
-    from trainer.checkdata import printable
+    from trainer.ml.checkdata import printable
 
     rep = report(first)
     rep["unrecognized_examples"] = list(ODD_NAMES.values())
@@ -223,8 +225,8 @@ def test_check_data_never_hangs_and_lists_every_reason(tmp_path: Path) -> None:
 
 
 def test_files_only_in_a_linked_folder_say_so(tmp_path: Path) -> None:
-    from trainer.data import require_samples
-    from trainer.errors import DataError
+    from trainer.ml.dataset import require_samples
+    from trainer.ml.errors import DataError
 
     write_npy(tmp_path / "real" / GOOD, frames(2, 8))
     (tmp_path / "d").mkdir()

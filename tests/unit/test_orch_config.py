@@ -76,7 +76,7 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
     assert resolved["ssh"] == {"host": "gpu.example.com", "port": None, "user": None, "key_file": None,
                                "known_hosts": None, "config_file": "~/.ssh/config", "connect_timeout": 10.0}
     assert resolved["remote"]["root"] == "~/audio_emotion" and resolved["train"]["epochs"] == 5
-    from trainer.options import OPTIONS
+    from trainer.contract.options import OPTIONS
 
     # every trainer option with its default (the trainer's own), and none the trainer does not know
     assert set(resolved["train"]) == {o.name for o in OPTIONS if o.in_yaml}
@@ -128,7 +128,7 @@ def test_trainer_argv_from_the_train_mapping(tmp_path: Path) -> None:
     assert trainer_argv(cfg, ["--seed", "3"]) == ["--epochs=5", "--split=speaker", "--mixed-precision",
                                                   "--no-class-weights", "--no-cache", "--seed", "3"]
     # booleans round-trip: what orch writes is what the trainer reads back
-    from trainer.options import parse_argv
+    from trainer.contract.options import parse_argv
 
     assert parse_argv(trainer_argv(cfg)) == {"epochs": 5, "split": "speaker", "mixed_precision": True,
                                              "class_weights": False, "cache": False}
@@ -169,7 +169,7 @@ def test_merge_keys_and_a_byte_order_mark_are_fine(tmp_path: Path) -> None:
 
 
 def test_a_log_line_with_brackets_is_printed_as_is(capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator.cli import Env
+    from orchestrator.context import Output
 
-    Env().log("data: 3 files sent to /data/[raw]/x and [/oops]")
+    Output.terminal().log("data: 3 files sent to /data/[raw]/x and [/oops]")
     assert "/data/[raw]/x and [/oops]" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The run directory's commit point, derived files, repair, lock and failpoints (trainer/layout.py),
+"""The run directory's commit point, derived files, repair, lock and failpoints (trainer/contract/layout.py),
 with plain files standing in for weights: no TensorFlow, every failpoint, in-process."""
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from trainer import faults, layout, runlock, runstate
-from trainer.config import TrainConfig
-from trainer.errors import RunBusy, TrainerError, UsageError
-from trainer.fsutil import atomic_write_json, disk_full_error
-from trainer.rundir import RunDir
-from trainer.runstate import Checkpoint, RunState
+from trainer.contract import layout
+from trainer.contract.files import disk_full_error
+from trainer.machine import faults
+from trainer.machine.fsutil import atomic_write_json
+from trainer.ml import runlock, runstate
+from trainer.ml.config import TrainConfig
+from trainer.ml.errors import RunBusy, TrainerError, UsageError
+from trainer.ml.rundir import RunDir
+from trainer.ml.runstate import Checkpoint, RunState
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCURACIES = [0.30, 0.25, 0.40, 0.40, 0.35, 0.50]  # best moves at epochs 1, 3, 6 (ties do not move it)
@@ -219,7 +222,7 @@ def test_a_run_directory_of_the_old_layout_is_one_clear_error(tmp_path: Path) ->
     (old / layout.BEST_WEIGHTS).write_bytes(b"w")
     with pytest.raises(UsageError, match=f"--init-from {old}"):
         runstate.read(old)
-    from trainer.train import train
+    from trainer.ml.train import train
 
     before = sorted(p.name for p in old.rglob("*"))
     with pytest.raises(UsageError, match="written by an older trainer"):
@@ -239,7 +242,7 @@ def test_a_full_disk_keeps_the_committed_state_and_marks_the_run_failed(
     def full(path: Path, data: bytes, failpoint: str | None = None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("trainer.rundir.atomic_write_bytes", full)
+    monkeypatch.setattr("trainer.ml.rundir.atomic_write_bytes", full)
     run.fail_on_full_disk("no space left on device on X: free space and run `orch resume run --continue`")
     status = run.read_json(layout.STATUS)
     assert status["state"] == "failed" and status["error"].startswith("no space left on device on X")
@@ -265,20 +268,20 @@ def test_failpoint_specs_and_the_points_the_code_reaches() -> None:
     for bad in ("commit:begin", "commit:begin@0", "nowhere@1", "commit:begin@x"):
         with pytest.raises(ValueError):
             faults.parse(bad)
-    source = "".join(p.read_text() for p in (ROOT / "trainer").glob("*.py"))
+    source = "".join(p.read_text() for p in (ROOT / "trainer").rglob("*.py"))
     used = set(re.findall(r'point\("([^"]+)"\)', source)) | set(re.findall(r'failpoint="([^"]+)"', source))
     assert used == set(faults.POINTS)
 
 
 def test_a_failpoint_kills_the_process_the_nth_time_it_is_reached() -> None:
-    code = "from trainer import faults\nfor i in range(5):\n    print(i, flush=True)\n    faults.point('commit:begin')"
+    code = "from trainer.machine import faults\nfor i in range(5):\n    print(i, flush=True)\n    faults.point('commit:begin')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={faults.ENV: "commit:begin@3", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == -9 and proc.stdout.split() == ["0", "1", "2"]
 
 
 def _hold_lock_in_a_child(run: Path) -> subprocess.Popen[str]:
-    code = ("import sys, time\nfrom pathlib import Path\nfrom trainer import runlock\n"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom trainer.ml import runlock\n"
             "runlock.hold(Path(sys.argv[1]))\nprint('held', flush=True)\ntime.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert child.stdout is not None and child.stdout.readline() == "held\n"
@@ -292,7 +295,7 @@ def test_one_trainer_per_run_directory_and_a_killed_holder_blocks_nobody(tmp_pat
         with pytest.raises(RunBusy, match=rf"in use by another trainer \(pid {child.pid}\)"):
             runlock.hold(run)
         before = sorted(p.name for p in run.iterdir())
-        from trainer.train import train
+        from trainer.ml.train import train
 
         with pytest.raises(RunBusy):  # before anything is written: not even status.json
             train(TrainConfig(data_dir=str(tmp_path / "no-data"), run_dir=str(run)))
@@ -308,7 +311,7 @@ def test_a_full_train_log_does_not_change_the_exit_code() -> None:
     """Output left buffered on a full disk would make Python's own exit fail (exit 120)."""
     code = """
 import errno, io, sys
-from trainer import cli, errors
+from trainer.ml import cli, errors
 
 class Full(io.RawIOBase):
     def writable(self):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import frames, write_npy
-from trainer.data import load_dataset
-from trainer.errors import DataError, UsageError
-from trainer.split import load_split, make_split, save_split
-from trainer.stats import compute_stats, find_stats, load_stats, save_stats
-from trainer.synth import synth
+from trainer.ml.data import load_dataset
+from trainer.ml.errors import DataError, UsageError
+from trainer.ml.split import load_split, make_split, save_split
+from trainer.ml.stats import compute_stats, find_stats, load_stats, save_stats
+from trainer.ml.synth import synth
 
 EMOS = ["NEU", "HAP", "SAD", "ANG", "FEA", "DIS"]
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import layout, options
-from trainer.config import Architecture, TrainConfig, resolve
-from trainer.errors import UsageError
-from trainer.evaluate import classification_report
-from trainer.rundir import RunDir
-from trainer.stats import Stats
+from trainer.contract import layout, options
+from trainer.ml.config import Architecture, TrainConfig, resolve
+from trainer.ml.errors import UsageError
+from trainer.ml.evaluate import classification_report
+from trainer.ml.rundir import RunDir
+from trainer.ml.stats import Stats
 
 
 def test_classification_report_numbers() -> None:
@@ -30,7 +30,7 @@ def test_classification_report_numbers() -> None:
 
 def test_length_sorted_batches_cover_everything_once_with_little_padding() -> None:
     pytest.importorskip("keras")
-    from trainer.pipeline import length_sorted_batches
+    from trainer.ml.pipeline import length_sorted_batches
 
     rng_lengths = np.random.default_rng(0).integers(5, 200, size=1000)
     idx = np.arange(1000)
@@ -46,7 +46,7 @@ def test_length_sorted_batches_cover_everything_once_with_little_padding() -> No
 
 def test_pad_batch_normalizes_valid_frames_and_zero_pads() -> None:
     pytest.importorskip("keras")
-    from trainer.pipeline import pad_batch
+    from trainer.ml.pipeline import pad_batch
 
     stats = Stats(np.full(4, 1.0, np.float32), np.full(4, 2.0, np.float32))
     batch = pad_batch([np.full((3, 4), 5.0, np.float16), np.full((9, 4), 3.0, np.float16)], stats)
@@ -57,7 +57,7 @@ def test_pad_batch_normalizes_valid_frames_and_zero_pads() -> None:
 
 def test_balanced_class_weights() -> None:
     pytest.importorskip("keras")
-    from trainer.pipeline import balanced_class_weights
+    from trainer.ml.pipeline import balanced_class_weights
 
     w = balanced_class_weights(np.array([0] * 70 + [1] * 10 + [2] * 70), 4)
     assert w[1] == pytest.approx(7 * w[0]) and w[3] == 0.0
@@ -152,8 +152,8 @@ def test_first_two_batches_differ_in_padded_length() -> None:
     import tempfile
 
     from tests.conftest import frames, write_npy
-    from trainer.data import load_dataset
-    from trainer.pipeline import BatchSequence, padded_length
+    from trainer.ml.data import load_dataset
+    from trainer.ml.pipeline import BatchSequence, padded_length
 
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(64):  # mostly one padded length, a few longer sequences

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import layout, watcher
+from trainer.contract import layout
+from trainer.machine import watcher
 
 
 def arm(root: Path, command: str, minutes: float = 0.01) -> None:
@@ -23,12 +24,12 @@ def arm(root: Path, command: str, minutes: float = 0.01) -> None:
 
 
 def run_watcher(root: Path, timeout: float = 20) -> int:
-    """watcher.run in a thread of this process, until it fires (it exits) or the timeout."""
+    """watcher.watch in a thread of this process, until it fires (it exits) or the timeout."""
     outcome: list[object] = []
 
     def target() -> None:
         try:
-            outcome.append(watcher.run(root))
+            outcome.append(watcher.watch(root))
         except SystemExit as exc:
             outcome.append(exc.code)
 
@@ -53,7 +54,7 @@ def test_the_watcher_fires_even_when_it_cannot_write_its_state(tmp_path: Path,
 
 def test_a_failing_command_keeps_autostop_armed_and_says_so(tmp_path: Path) -> None:
     from orchestrator.autostop import describe
-    from trainer.probe import autostop
+    from trainer.machine.probe import autostop
 
     root = tmp_path / "root"
     arm(root, "echo 'sudo: a password is required' >&2; exit 1", minutes=0.01)
@@ -70,17 +71,14 @@ def test_a_failing_command_keeps_autostop_armed_and_says_so(tmp_path: Path) -> N
 
 
 def test_orch_at_work_keeps_the_machine_busy_and_a_vanished_holder_lets_go(tmp_path: Path) -> None:
-    from orchestrator.activity import HOLD, activity
-    from orchestrator.config import DeployConfig
-    from orchestrator.machine import Machine
-    from orchestrator.remote import LocalRemote, q
+    from tests.conftest import local_machine
+    from trainer.contract import verbs
 
     root = tmp_path / "root"
     root.mkdir()
-    cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(root), "python": sys.executable}})
-    m = Machine(cfg, LocalRemote(tmp_path), str(root))
+    m = local_machine(root)
     assert watcher.busy(root) is None
-    with activity(m, ping_every=0.2, silence=1.0):
+    with m.busy(ping_every=0.2, silence=1.0):
         deadline = time.monotonic() + 10
         while watcher.busy(root) is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -90,7 +88,7 @@ def test_orch_at_work_keeps_the_machine_busy_and_a_vanished_holder_lets_go(tmp_p
     time.sleep(0.5)
     assert watcher.busy(root) is None
     # a holder whose orch vanished (no pings, stdin never closed) lets go after the silence
-    held = m.remote.start(f"{q(sys.executable)} -c {q(HOLD)} {q(str(root))} 1.0")
+    held = m.start(verbs.HOLD, root, 1.0)
     time.sleep(0.5)
     assert watcher.busy(root) is not None
     time.sleep(1.5)
@@ -100,13 +98,14 @@ def test_orch_at_work_keeps_the_machine_busy_and_a_vanished_holder_lets_go(tmp_p
 
 def test_logs_keep_a_character_cut_between_two_reads(tmp_path: Path) -> None:
     from orchestrator.config import DeployConfig
+    from orchestrator.context import Context
     from orchestrator.runs import logs
 
     run = tmp_path / "root" / "runs" / "r1"
     run.mkdir(parents=True)
     (run / layout.TRAIN_LOG).write_bytes(b"caf\xc3")  # the first byte of 'é' only
     sleeper = __import__("subprocess").Popen(["sleep", "30"])
-    from trainer.proc import pid_line
+    from trainer.machine.proc import pid_line
 
     (run / layout.PID_FILE).write_text(pid_line(sleeper.pid))
     (run / layout.STATUS).write_text(json.dumps({"state": "running"}))
@@ -124,5 +123,5 @@ def test_logs_keep_a_character_cut_between_two_reads(tmp_path: Path) -> None:
         (run / layout.STATUS).write_text(json.dumps({"state": "finished"}))
 
     threading.Thread(target=finish, daemon=True).start()
-    logs(cfg, "r1", follow=True, write=out.append, interval=0.2)
+    logs(Context(cfg), "r1", follow=True, write=out.append, interval=0.2)
     assert "".join(out) == "caf\u00e9 second line\n"

@@ -1,0 +1,222 @@
+"""The machine over SSH: one paramiko connection (through the ProxyJump hosts, each hop checked
+with orch's host-key policy, orchestrator/hostkeys.py), reused for every step of a command,
+keepalive on. Bulk data goes through the OpenSSH client with the very same settings
+(orchestrator/sshconfig.py): about twice as fast as paramiko."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from orchestrator import children
+from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
+from orchestrator.hostkeys import HostKey, VerifyNewHostKey, fingerprint, load_known_hosts
+from orchestrator.remote import Background, LineFeed, Progress, Remote, Result, Writer, q
+from orchestrator.sshconfig import Hop, SshTarget, openssh_config
+from orchestrator.transfer import copy_hashing, hash_growing
+
+
+class _ChannelBackground(Background):
+    def __init__(self, chan: Any) -> None:
+        self.chan = chan
+
+    def write(self, data: bytes) -> None:
+        self.chan.sendall(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.chan.shutdown_write()
+        self.chan.close()
+
+
+class SshRemote(Remote):
+    """One SSH connection (paramiko), through the ProxyJump hosts if any."""
+
+    def __init__(self, target: SshTarget, *, trusted_fingerprints: Callable[[], Iterable[str]] = tuple,
+                 trust_new_host: bool = False, log: Callable[[str], None] = lambda _m: None) -> None:
+        self.target = target
+        self.host = target.hop.label
+        self.accepted: list[HostKey] = []
+        self._clients: list[Any] = []
+        self._openssh_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._sftp: Any = None
+        try:
+            sock = None
+            hops = (*target.jumps, target.hop)
+            for i, hop in enumerate(hops):
+                final = i == len(hops) - 1
+                trusted = trusted_fingerprints if final else tuple  # the console lists the instance's keys only
+                client = self._connect(hop, sock, trusted, trust_new_host, log)
+                self._clients.append(client)
+                if not final:
+                    sock = self._tunnel(client, hops[i + 1])
+        except BaseException:
+            self.close()
+            raise
+        self.client = self._clients[-1]
+        transport = self.client.get_transport()
+        self.server_key = transport.get_remote_server_key()
+
+    def _connect(self, hop: Hop, sock: Any, trusted: Callable[[], Iterable[str]], trust_new_host: bool,
+                 log: Callable[[str], None]) -> Any:
+        import paramiko
+
+        t = self.target
+        client = paramiko.SSHClient()
+        revoked = load_known_hosts(client, t.known_hosts, log)
+        # A revoked key is never known (so paramiko asks the policy), and the policy refuses it:
+        # before authentication, whatever the flags.
+        policy = VerifyNewHostKey(t.known_hosts, trusted, trust_new_host, log, revoked)
+        client.set_missing_host_key_policy(policy)
+        where = f"{hop.user}@{hop.label}" + (f" (via {', '.join(j.label for j in t.jumps)})" if t.jumps else "")
+        try:
+            client.connect(
+                hop.hostname, port=hop.port, username=hop.user, key_filename=list(hop.key_files) or None,
+                allow_agent=not hop.key_files, look_for_keys=not hop.key_files, sock=sock,
+                timeout=t.connect_timeout, banner_timeout=t.connect_timeout, auth_timeout=t.connect_timeout,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(
+                f"the host key of {hop.label} CHANGED (known {fingerprint(exc.expected_key)}, offered "
+                f"{fingerprint(exc.key)}): refusing to connect. If the machine was rebuilt, remove the "
+                f"old key (ssh-keygen -f '{t.known_hosts}' -R '{hop.known_hosts_name}') and trust the new one"
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise ConnectError(f"authentication failed for {where}: check ssh.user and ssh.key_file "
+                               "(or the keys in your ssh-agent)") from exc
+        except (OSError, paramiko.SSHException) as exc:
+            client.close()
+            if "No authentication methods available" in str(exc):
+                raise ConnectError(f"no SSH key to log in to {where} with: set ssh.key_file (or an IdentityFile in "
+                                   "ssh.config_file), or add the key to ssh-agent") from exc
+            raise ConnectError(f"cannot connect to {where}: {exc or type(exc).__name__}; is the machine "
+                               "up and the port open?") from exc
+        self.accepted += policy.accepted
+        client.get_transport().set_keepalive(15)
+        return client
+
+    def _tunnel(self, client: Any, to: Hop) -> Any:
+        """A channel from a jump host to the next hop (what ProxyJump does)."""
+        import paramiko
+
+        try:
+            return client.get_transport().open_channel("direct-tcpip", (to.hostname, to.port), ("127.0.0.1", 0),
+                                                       timeout=self.target.connect_timeout)
+        except (OSError, paramiko.SSHException) as exc:
+            raise ConnectError(f"the jump host cannot reach {to.label}: {exc or type(exc).__name__}") from exc
+
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result:
+        import paramiko
+
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(f"the connection to {self.host} was lost")
+        try:
+            chan = transport.open_session(timeout=self.target.connect_timeout)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        try:  # the channel is closed whatever happens (a failing stdin writer included)
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            if write is not None:
+                with chan.makefile_stdin("wb") as stdin:
+                    write(stdin)
+            chan.shutdown_write()
+            out_f, err_f = chan.makefile("rb"), chan.makefile_stderr("rb")
+            out = _drain(chan, out_f, err_f, lines)
+            code = chan.recv_exit_status()
+            if code == -1:  # the channel closed without an exit status: the connection went away
+                raise ConnectionLost(f"the connection to {self.host} was lost during a command")
+            return Result(code, out[0].decode(errors="replace"), out[1].decode(errors="replace"))
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        finally:
+            # EOF first: a command still reading its stdin (the writer failed half-way) ends,
+            # so sshd frees the session too (it allows 10 per connection).
+            with contextlib.suppress(Exception):
+                chan.shutdown_write()
+            chan.close()
+
+    def start(self, command: str) -> Background:
+        import paramiko
+
+        try:
+            chan = self.client.get_transport().open_session(timeout=self.target.connect_timeout)
+            chan.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        return _ChannelBackground(chan)
+
+    def openssh_argv(self) -> list[str]:
+        """OpenSSH with the very settings of this connection (same hops, users, keys and
+        known_hosts, strict host-key checking: the keys were verified when we connected). For
+        bulk data: OpenSSH moves it about twice as fast as paramiko."""
+        if self._openssh_dir is None:
+            self._openssh_dir = tempfile.TemporaryDirectory(prefix="orch-ssh-")
+            Path(self._openssh_dir.name, "config").write_text(openssh_config(self.target))
+        return ["ssh", "-F", str(Path(self._openssh_dir.name, "config")), "orch-target"]
+
+    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
+        if shutil.which("ssh"):
+            # ssh writes straight into the file; a thread hashes what has landed, from the page
+            # cache, meanwhile: no copy through Python (measured: the difference between 1.5x
+            # and 1x of scp's time on 2 cores).
+            with open(local, "wb") as out:
+                proc = children.spawn([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=out,
+                                      stderr=subprocess.PIPE)  # dies with orch
+                digest = hash_growing(local, proc, progress)
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            if proc.returncode != 0:
+                why = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
+                raise RemoteError(f"cannot read {path} on {self.host}: {why}")
+            return digest
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+        try:
+            with self._sftp.open(path, "rb") as src:
+                src.prefetch()  # pipelined reads: paramiko's one-request-at-a-time is slow
+                return copy_hashing(src, local, progress)
+        except OSError as exc:
+            raise RemoteError(f"cannot read {path} on {self.host}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+        for client in reversed(self._clients):
+            client.close()
+        if self._openssh_dir is not None:
+            self._openssh_dir.cleanup()
+
+
+def _drain(chan: Any, out_f: Any, err_f: Any, lines: LineFeed | None = None) -> tuple[bytes, bytes]:
+    """Read stdout and stderr to the end without deadlocking on a full stderr window."""
+    import select
+
+    out, err = bytearray(), bytearray()
+    while True:
+        if chan.recv_ready():
+            chunk = chan.recv(1 << 16)
+            out += lines.feed(chunk) if lines is not None else chunk
+        elif chan.recv_stderr_ready():
+            err += chan.recv_stderr(1 << 16)
+        elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+            break
+        else:
+            select.select([chan], [], [], 1.0)
+    # Anything left in the buffers after the exit status arrived.
+    rest = out_f.read()
+    out += lines.feed(rest) if lines is not None else rest
+    err += err_f.read()
+    return bytes(out), bytes(err)
+
+

@@ -1,0 +1,191 @@
+"""The run directory: the one contract between ``orchestrator`` and ``trainer``.
+
+Standard library only: both halves import it, so every file name either half uses on the machine
+(runs, code, environments, locks, the watcher's files, the data folder's staging) is written
+down here exactly once.
+
+    <remote_root>/
+      code/<version>/     the uploaded trainer package (.complete once whole; code/.lock)
+      envs/<key>/         managed virtualenvs (.orch-ready once pip succeeded; install.log)
+      runs/<run_id>/      one folder per run, below
+      launch.lock  activity.lock  autostop.json  watcher.json  watcher.log  watcher.lock
+
+    <remote_root>/runs/<run_id>/
+      run.json  deploy.json  pid  lock  train.log  metrics.jsonl  status.json  MANIFEST.sha256
+      checkpoints/state.json                   the commit point (see below)
+      checkpoints/epoch-NNNN.weights.h5        weights + optimizer state of a committed epoch
+      checkpoints/best.weights.h5              the best epoch's file (hard link, or a copy)
+      stats/wav2vec_mean.npy  wav2vec_std.npy  classes.json  split.json
+            evaluation.json  training_curves.png  confusion_matrix.png
+      tensorboard/
+
+One trainer per run directory: it holds an flock on ``lock`` for its whole life (taken before
+it writes anything; a second trainer exits busy, exit 6, naming the holder's pid).
+
+**The commit point.** A finished epoch N is committed in this order, and only at step 2:
+
+1. the weights (model and optimizer state, so the optimizer step continues exactly) are
+   written to a temp name in ``checkpoints/``, fsynced, hashed once, renamed to
+   ``checkpoints/epoch-NNNN.weights.h5``; the folder is fsynced;
+2. ``checkpoints/state.json`` is atomically replaced (temp, fsync, rename, fsync folder). It
+   holds the epoch, ``last`` and ``best`` (file + sha256), best_val_accuracy, best_epoch, the
+   parent's best and the full metrics history. This is the ONLY commit point.
+
+Everything else is derived from the committed state, and a restart re-derives it before it
+trains: metrics.jsonl (rewritten from the history), status.json, best.weights.h5 (a hard link,
+or a copy where links fail, of the state's best file), MANIFEST.sha256; epoch files the state
+no longer names are deleted, and so are temp files (names starting with ``.tmp-``). An
+extended run (``--init-from PARENT``) commits the parent's best weights as its epoch 0
+(``best_epoch`` 0: the parent's weights are still the best).
+
+**The manifest rule.** ``sha256sum -c MANIFEST.sha256`` passes at every instant, whatever was
+killed: the manifest lists only files that do not change while it lists them. Always: run.json,
+the statistics inputs (mean, std, classes.json, split.json) and best.weights.h5 (its sha256
+comes from the state, never from re-reading it). Only while the run is in a final state
+(finished, failed, stopped): status.json, metrics.jsonl and the evaluation outputs; a continued
+run rewrites the manifest without them before it changes them. best.weights.h5 is replaced as:
+manifest without it -> replace -> manifest with it. Until there is something to list (run.json
+or a best checkpoint) there is no manifest: ``sha256sum -c`` needs at least one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+RUNS_DIR = "runs"
+CODE_DIR = "code"
+CODE_COMPLETE = ".complete"  # in code/<version>/: the version is unpacked whole
+CODE_LOCK = ".lock"  # in code/: held while a version is unpacked (two deploys never remove each other's)
+SETUP_LOG = "setup.log"  # in code/<version>/: remote.setup's output
+SETUP_DONE = ".setup-done"  # ... it succeeded for this code version
+SETUP_LOCK = ".setup.lock"  # ... held while it runs
+ENVS_DIR = "envs"
+ENV_READY = ".orch-ready"  # in envs/<key>/: written (atomically) only after pip succeeded
+ENV_LOG = "install.log"  # in envs/<key>/: pip's output
+ENV_LOCK_SUFFIX = ".lock"  # envs/<key>.lock: one install of an env at a time
+PREFLIGHT_CACHE = "orch/preflight"  # below $XDG_CACHE_HOME (~/.cache): the TensorFlow import check
+# In the data folder: a file set written by `trainer synth` (every output made from it says so).
+SYNTHETIC_MARKER = "SYNTHETIC_DATA.txt"
+# Held (flock) by orch's busy check + launch on the machine: one launch at a time.
+LAUNCH_LOCK = "launch.lock"
+# Autostop (trainer/machine/watcher.py), under remote.root: the setting, what the watcher last saw,
+# its decisions, and the lock the one running watcher holds.
+AUTOSTOP_SETTING = "autostop.json"
+WATCHER_STATE = "watcher.json"
+WATCHER_LOG = "watcher.log"
+WATCHER_LOCK = "watcher.lock"
+# Held (shared flock) by every orch command doing work on the machine (deploy, resume,
+# download): the machine is not idle while one runs, whatever the runs say.
+ACTIVITY_LOCK = "activity.lock"
+
+RUN_JSON = "run.json"
+DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
+PID_FILE = "pid"
+RUN_LOCK = "lock"  # held (flock) by the one trainer of this run directory, for its whole life
+TRAIN_LOG = "train.log"
+METRICS = "metrics.jsonl"
+STATUS = "status.json"
+MANIFEST = "MANIFEST.sha256"
+TENSORBOARD_DIR = "tensorboard"
+
+CHECKPOINTS_DIR = "checkpoints"
+BEST_WEIGHTS = f"{CHECKPOINTS_DIR}/best.weights.h5"
+# The commit point: what a killed run continues from, and what everything else derives from.
+STATE = f"{CHECKPOINTS_DIR}/state.json"
+# The layout before the commit point (last.weights.h5 + this): refused with one clear error.
+LEGACY_STATE = f"{CHECKPOINTS_DIR}/last.state.json"
+# Temp files (renamed into place, or removed by the next start) start with this.
+TEMP_PREFIX = ".tmp-"
+
+STATS_DIR = "stats"
+STATS_MEAN = "wav2vec_mean.npy"
+STATS_STD = "wav2vec_std.npy"
+CLASSES_JSON = "classes.json"
+SPLIT_JSON = "split.json"
+EVALUATION_JSON = "evaluation.json"
+CURVES_PNG = "training_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+# Written before training and never changed afterwards: listed in the manifest at once.
+STATS_INPUTS = (STATS_MEAN, STATS_STD, CLASSES_JSON, SPLIT_JSON)
+# Written when the run ends: listed only in a final state.
+STATS_OUTPUTS = (EVALUATION_JSON, CURVES_PNG, CONFUSION_PNG)
+
+# status.json "state" values.
+RUNNING = "running"
+FINISHED = "finished"
+FAILED = "failed"
+STOPPED = "stopped"
+FINAL_STATES = (FINISHED, FAILED, STOPPED)
+
+# Keys of one metrics.jsonl line (more may follow; readers must ignore unknown keys).
+METRIC_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+_EPOCH_WEIGHTS = re.compile(r"epoch-(\d{4,})\.weights\.h5")
+
+
+def data_staging_prefix(data_dir_name: str) -> str:
+    """An upload's staging folder, a hidden sibling of the data folder (same file system, never
+    read as data): ``.<name>.orch-incoming-<ns>``."""
+    return f".{data_dir_name}.orch-incoming-"
+
+
+# What a run id may be: it names a folder on the machine and one on the laptop.
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+def is_run_id(text: str) -> bool:
+    return RUN_ID.match(text) is not None
+
+
+def epoch_weights(epoch: int) -> str:
+    """``checkpoints/epoch-NNNN.weights.h5``: the weights of committed epoch ``epoch``."""
+    return f"{CHECKPOINTS_DIR}/epoch-{epoch:04d}.weights.h5"
+
+
+def epoch_of(name: str) -> int | None:
+    """The epoch of an epoch weights file's name (``epoch-0007.weights.h5`` -> 7), else None."""
+    match = _EPOCH_WEIGHTS.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is a temp file of the trainer's (never a committed file)."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def manifest_candidates(final: bool) -> list[str]:
+    """The files MANIFEST.sha256 lists when they exist (the manifest rule above), in order."""
+    rels = [BEST_WEIGHTS, RUN_JSON] + [stats_path(n) for n in STATS_INPUTS]
+    if final:
+        rels += [STATUS, METRICS] + [stats_path(n) for n in STATS_OUTPUTS]
+    return rels
+
+
+def stats_path(name: str) -> str:
+    """Path of a stats/ file relative to the run directory."""
+    return f"{STATS_DIR}/{name}"
+
+
+def run_dir(remote_root: str, run_id: str) -> str:
+    """``<remote_root>/runs/<run_id>`` (POSIX, since runs live on a Linux machine)."""
+    return str(PurePosixPath(remote_root) / RUNS_DIR / run_id)
+
+
+def manifest_line(sha256_hex: str, rel_path: str) -> str:
+    """One line in ``sha256sum`` format: ``<hex>  <relative path>``."""
+    return f"{sha256_hex}  {rel_path}"
+
+
+def parse_manifest(text: str) -> dict[str, str]:
+    """``{relative path: sha256 hex}`` from a MANIFEST.sha256 text (sha256sum format)."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise ValueError(f"malformed manifest line: {line!r}")
+        entries[rel.lstrip("*")] = digest
+    return entries

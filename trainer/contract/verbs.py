@@ -1,0 +1,53 @@
+"""What orch can ask of the machine: every verb of ``python3 -m trainer.machine FRAME VERB``,
+declared once. orch names verbs from here; the machine's entry (trainer/machine/entry.py)
+dispatches on this table and imports only the module that answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from trainer.contract import wire
+
+R = TypeVar("R", bound=wire.Record)
+
+
+@dataclass(frozen=True)
+class Verb(Generic[R]):
+    name: str
+    module: str  # trainer.machine.<module> answers it
+    answer: type[R] | None  # the record it answers with (None: it answers nothing)
+    summary: str
+    # Runs with the interpreter's own packages (the training Python's TensorFlow), as the
+    # trainer will; every other verb runs under `python3 -I -S` (the standard library and the bundle only).
+    site: bool = False
+
+
+HOME = Verb("home", "probe", wire.Home, "the login's home folder")
+RUNS = Verb("runs", "probe", wire.RunList, "ROOT: every run, with liveness")
+HOST = Verb("host", "probe", wire.Host, "the GPUs (nvidia-smi) and the CPU/memory load")
+SNAPSHOT = Verb("snapshot", "probe", wire.Snapshot, "RUN_DIR METRICS_OFFSET LOG_LINES: one monitor refresh")
+MACHINE = Verb("machine", "probe", wire.MachineReport, "ROOT: the host, every run and the autostop")
+LOG = Verb("log", "probe", wire.LogChunk, "RUN_DIR OFFSET: train.log's bytes from OFFSET on")
+FILES = Verb("files", "probe", wire.RunFiles, "RUN_DIR: the manifest and the run's regular files")
+STARTED = Verb("started", "probe", wire.StartCheck, "RUN_DIR PID: has the launched trainer written its first status?")
+LAUNCH = Verb("launch", "launch", wire.LaunchAnswer, "ROOT RUN_ID ...: busy check and detached start, atomically")
+SIGNAL = Verb("signal", "launch", wire.Signalled, "RUN_DIR: SIGTERM the run's trainer (its pid and start time checked)")
+ENV = Verb("env", "envsetup", wire.EnvAnswer, "ENVS_DIR ...: the managed virtualenv, built once")
+PREFLIGHT = Verb("preflight", "preflight", wire.Preflight, "ROOT DATA_DIR: can this interpreter train here?", site=True)
+SETUP = Verb("setup", "setup", wire.SetupResult, "CODE_DIR PYTHON COMMAND: remote.setup, once per code version")
+AUTOSTOP = Verb("autostop", "watcher", wire.Autostop, "ROOT arm|disarm|status|wake: autostop")
+WATCH = Verb("watch", "watcher", None, "ROOT: the watcher's loop (started detached by autostop arm)")
+HOLD = Verb("hold", "hold", None, "ROOT SILENCE: hold the activity lock while orch works here")
+CODE_STATE = Verb("code-state", "receive", wire.CodeState, "ROOT VERSION: is this code version here?")
+CODE_UNPACK = Verb("code-unpack", "receive", wire.CodeState, "ROOT VERSION < tar.gz: unpack a code version atomically")
+DATA_LIST = Verb("data-list", "receive", wire.DataListing, "DEST: the data files there (size, mtime)")
+DATA_MOVE = Verb("data-move", "receive", wire.Moved, "STAGING DEST: move received files into place")
+
+VERBS: dict[str, Verb] = {v.name: v for v in (
+    HOME, RUNS, HOST, SNAPSHOT, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP, AUTOSTOP,
+    WATCH, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE)}
+
+NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
+ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`

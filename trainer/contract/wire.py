@@ -1,0 +1,451 @@
+"""What the machine answers and orch reads: typed records, defined once.
+
+The machine builds them and its entry prints them (``dataclasses.asdict``, framed:
+trainer/machine/entry.py); orch reads them with :meth:`Record.from_json`, which checks every
+field against its type: unknown keys are ignored, missing ones default (a machine of another
+code version still answers), and a value of the wrong type (a number written as a string in a
+hand-edited status.json, a crafted answer) is dropped and the field defaults, never trusted. A
+field without a default that is missing or wrong makes the record unreadable (:class:`WireError`).
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from trainer.contract import layout
+from trainer.contract.exitcodes import ExitCode
+
+MAX_FILE_SIZE = 1 << 62  # beyond any disk: a size above it is a crafted answer
+DIED = "died"  # shown state: status.json says running (or nothing), but the process is gone
+NVIDIA_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
+
+R = TypeVar("R", bound="Record")
+
+
+class WireError(ValueError):
+    """An answer that is not the record it should be."""
+
+
+class _Invalid(Exception):
+    pass
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode(kind: Any, value: Any) -> Any:
+    """``value`` as ``kind`` (a scalar, ``X | None``, ``list[X]``, ``dict[str, X]``, a record);
+    _Invalid when it is not one. Elements of a list or dict that do not fit are left out."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return value
+    if origin is typing.Union or origin is getattr(types, "UnionType", typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _decode(option, value)
+            except (_Invalid, WireError):  # a nested record that is not one: the field defaults
+                continue
+        raise _Invalid
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid
+        return [item for item in (_try(args[0], v) for v in value) if item is not _SKIP]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Invalid
+        decoded = {k: _try(args[1], v) for k, v in value.items() if isinstance(k, str)}
+        return {k: v for k, v in decoded.items() if v is not _SKIP}
+    if is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise _Invalid
+        return _record(kind, value)
+    return _scalar(kind, value)
+
+
+_SKIP = object()
+
+
+def _try(kind: Any, value: Any) -> Any:
+    try:
+        return _decode(kind, value)
+    except (_Invalid, WireError):
+        return _SKIP
+
+
+def _scalar(kind: Any, value: Any) -> Any:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and number and isinstance(value, int):
+        return value
+    if kind is float and number:
+        try:
+            converted = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise _Invalid from None
+        if math.isfinite(converted):
+            return converted
+    if kind is str and isinstance(value, str):
+        return value
+    raise _Invalid
+
+
+def _record(cls: type[R], d: dict[str, Any]) -> R:
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in d:
+            try:
+                values[f.name] = _decode(hints[f.name], d[f.name])
+                continue
+            except _Invalid:
+                pass
+        if f.default is MISSING and f.default_factory is MISSING:
+            raise WireError(f"{cls.__name__}.{f.name}: missing or not a {hints[f.name]}")
+    return cls(**values)
+
+
+class Record:
+    """A wire record: ``to_json`` for the machine, ``from_json`` (checked) for orch."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[R], d: Any) -> R:
+        if not isinstance(d, dict):
+            raise WireError(f"{cls.__name__}: not a JSON object")
+        return _record(cls, d)
+
+
+# --------------------------------------------------------------------------- the host
+
+
+@dataclass(frozen=True)
+class GpuRow(Record):
+    """One GPU as nvidia-smi reports it; None where it says [N/A] or [Not Supported]."""
+
+    index: int
+    name: str
+    utilization: float | None = None  # %
+    memory_used: float | None = None  # MiB
+    memory_total: float | None = None  # MiB
+    temperature: float | None = None  # C
+    power: float | None = None  # W
+
+
+def parse_nvidia_smi(csv_text: str) -> list[GpuRow]:
+    """Rows of ``nvidia-smi --query-gpu=NVIDIA_QUERY --format=csv,noheader,nounits``."""
+
+    def number(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:
+            return None  # [N/A], [Not Supported], [Unknown Error]
+
+    gpus = []
+    for line in csv_text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 7 or not parts[0].isdigit():
+            continue
+        # A GPU name may itself hold commas: it is everything between the first field and the last five.
+        gpus.append(GpuRow(int(parts[0]), ", ".join(parts[1:-5]), *(number(x) for x in parts[-5:])))
+    return gpus
+
+
+@dataclass(frozen=True)
+class HostLoad(Record):
+    cpus: int | None = None
+    loadavg: list[float] | None = None
+    mem_total_mb: int | None = None
+    mem_available_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class Host(Record):
+    """The machine: its GPUs (or why none are listed) and its load."""
+
+    gpus: list[GpuRow] = field(default_factory=list)
+    gpu_error: str | None = None
+    load: HostLoad = field(default_factory=HostLoad)
+
+
+@dataclass(frozen=True)
+class Home(Record):
+    """The login's home folder: what ``~`` and relative paths in deploy.yaml mean there."""
+
+    home: str
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunInfo(Record):
+    """One run as the machine sees it: status.json and run.json fields, and liveness."""
+
+    run_id: str
+    created: float | None = None  # when orch created the run folder (seconds since the epoch)
+    state: str | None = None  # status.json's state; None before the trainer wrote one
+    phase: str | None = None  # what a running trainer is doing ("loading data", "training")
+    epoch: int | None = None
+    epochs: int | None = None
+    val_accuracy: float | None = None
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    error: str | None = None
+    updated_at: str | None = None
+    parent: str | None = None
+    parent_best_val_accuracy: float | None = None
+    vs_parent: float | None = None  # best_val_accuracy - the parent's
+    beat_parent: bool | None = None  # did a checkpoint of this run beat the parent's best?
+    started_at: str | None = None
+    pid: int | None = None
+    alive: bool = False  # the recorded pid lives, with the recorded start time
+    launching: bool = False  # a launch holds the machine's lock: a run without a state may be starting
+
+    @property
+    def active(self) -> bool:
+        """Its process is alive and has not written a final state (running, or starting)."""
+        return self.alive and self.state in (None, layout.RUNNING)
+
+    @property
+    def shown_state(self) -> str | None:
+        """The state users see: ``died`` when the process is gone without a final state (or
+        never wrote one, unless a launch is under way)."""
+        if not self.alive and (self.state == layout.RUNNING or (self.state is None and not self.launching)):
+            return DIED
+        return self.state
+
+    @property
+    def final(self) -> bool:
+        """It has ended (finished, failed, stopped, or died)."""
+        return self.shown_state in ENDED
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """How it ended, as the exit code of a command that followed it (OK while it runs)."""
+        return ENDED.get(self.shown_state or "", ExitCode.OK)
+
+
+# How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
+ENDED = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED, layout.STOPPED: ExitCode.RUN_STOPPED,
+         DIED: ExitCode.RUN_DIED}
+
+
+@dataclass(frozen=True)
+class RunList(Record):
+    runs: list[RunInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Epoch(Record):
+    """One line of metrics.jsonl (layout.METRIC_KEYS): a committed epoch."""
+
+    epoch: int
+    loss: float | None = None
+    accuracy: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    lr: float | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot(Record):
+    """Everything one monitor refresh shows, from ONE remote command."""
+
+    run: RunInfo
+    metrics: list[Epoch] = field(default_factory=list)  # metrics.jsonl lines from the offset on
+    metrics_count: int = 0  # lines in metrics.jsonl
+    log_tail: list[str] = field(default_factory=list)
+    host: Host = field(default_factory=Host)
+
+
+@dataclass(frozen=True)
+class LogChunk(Record):
+    """train.log's bytes from an offset on (base64: a log is bytes, and a character cut between
+    two reads must not be lost), and whether the run is still active."""
+
+    data: str = ""
+    offset: int = 0
+    more: bool = False
+    active: bool = False
+
+
+@dataclass(frozen=True)
+class RunFiles(Record):
+    """A run directory as `orch download` reads it: its MANIFEST.sha256 and every regular file
+    below it, reached without following a link, with its size. Never trusted blindly: orch
+    checks every manifest entry against these files and against its own destination."""
+
+    manifest: str | None = None  # None: no manifest, or not a regular file
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> size in bytes
+    too_big: bool = False  # more files, or a bigger manifest, than any run holds: a crafted run
+    run: RunInfo | None = None  # None: no such run folder (or a link, not a folder of its own)
+
+    @classmethod
+    def from_json(cls, d: Any) -> RunFiles:
+        files = super().from_json(d)
+        # A size that is not a count leaves its file out (it is then "not a regular file of the run").
+        sizes = {k: v for k, v in files.files.items() if 0 <= v < MAX_FILE_SIZE}
+        return RunFiles(files.manifest, sizes, files.too_big, files.run)
+
+
+@dataclass(frozen=True)
+class StartCheck(Record):
+    """Right after a launch: what the new trainer (pid) has written so far."""
+
+    state: str | None = None  # status.json's state, when the new process wrote it
+    alive: bool = False
+    log_tail: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LaunchAnswer(Record):
+    """The launcher's answer: the trainer's pid, or why nothing was started (``error`` is a kind:
+    busy, exists, missing)."""
+
+    pid: int | None = None
+    error: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Signalled(Record):
+    """``signal``: whether the run's trainer was sent SIGTERM (its pid and start time checked)."""
+
+    sent: bool
+    pid: int | None = None
+    message: str | None = None
+
+
+# --------------------------------------------------------------------------- setting up
+
+
+@dataclass(frozen=True)
+class EnvAnswer(Record):
+    """The managed environment: its interpreter (None: not built, with --check), or why not."""
+
+    python: str | None = None
+    key: str | None = None
+    built: bool = False
+    gpus: int = 0  # as nvidia-smi listed them (-1: it is there but fails)
+    error: str | None = None
+    log: str | None = None  # the pip log on the machine
+    log_tail: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SetupResult(Record):
+    """remote.setup: whether it ran now (else it had run for this code version), and how."""
+
+    ran: bool = False
+    code: int = 0
+    log_tail: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CodeState(Record):
+    present: bool = False  # the code version is unpacked, whole
+
+
+@dataclass(frozen=True)
+class DataListing(Record):
+    """The data folder's regular files: base64 of NUL-separated (name, size, mtime) records
+    (names are bytes; an answer is text)."""
+
+    listing: str = ""
+
+
+@dataclass(frozen=True)
+class Moved(Record):
+    files: int = 0
+
+
+@dataclass(frozen=True)
+class PythonInfo(Record):
+    executable: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class NvidiaInfo(Record):
+    count: int = 0
+    names: list[str] = field(default_factory=list)
+    driver: str | None = None
+    cuda: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorflowCheck(Record):
+    gpus: int | None = None  # the GPUs TensorFlow sees (None: it does not import)
+    built_with_cuda: bool | None = None
+    error: str | None = None
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class DataCheck(Record):
+    dir: str = ""
+    exists: bool = False
+    feature_files: int = 0
+    labelled: int = 0
+
+
+@dataclass(frozen=True)
+class DiskCheck(Record):
+    path: str = ""
+    free_bytes: int = 0
+    total_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Preflight(Record):
+    """Can this interpreter train here: versions, GPUs, TensorFlow, data, disk."""
+
+    python: PythonInfo = field(default_factory=PythonInfo)
+    packages: dict[str, str | None] = field(default_factory=dict)  # name -> version (None: missing)
+    nvidia: NvidiaInfo = field(default_factory=NvidiaInfo)
+    tensorflow: TensorflowCheck | None = None  # None: TensorFlow or Keras is not installed
+    data: DataCheck = field(default_factory=DataCheck)
+    disk: DiskCheck = field(default_factory=DiskCheck)
+
+
+# --------------------------------------------------------------------------- autostop
+
+
+@dataclass(frozen=True)
+class Autostop(Record):
+    """The machine's autostop: the setting, and what its watcher last saw (times: seconds
+    since the epoch, by the machine's clock; ``now`` is that clock when asked)."""
+
+    armed: bool = False
+    idle_minutes: float | None = None
+    command: str | None = None
+    watcher_alive: bool = False
+    idle_since: float | None = None
+    stops_at: float | None = None
+    fired_at: float | None = None
+    error: str | None = None  # the command's last failure (it is tried again)
+    now: float | None = None
+
+
+@dataclass(frozen=True)
+class MachineReport(Record):
+    """`orch status`'s question, one answer: the host, every run, the autostop."""
+
+    host: Host = field(default_factory=Host)
+    runs: list[RunInfo] = field(default_factory=list)
+    autostop: Autostop = field(default_factory=Autostop)

@@ -1,0 +1,138 @@
+"""Starting and stopping trainers on the machine (verbs ``launch`` and ``signal``):
+
+    launch ROOT RUN_ID (--fresh | --continue) [--force] --python PY --code DIR --data-dir DATA
+           [-- TRAINER_OPTIONS...]          (deploy.json on stdin with --fresh)   -> LaunchAnswer
+    signal RUN_DIR                          SIGTERM the run's trainer             -> Signalled
+
+A launch is ONE atomic step under an flock on ROOT/launch.lock (one launch at a time per
+machine; the lock dies with this process): check that no run is active (unless --force), create
+(or check) the run folder, start ``python -m trainer train`` in its own session with SIGHUP
+ignored (it outlives the SSH session), and write its pid file before letting go of the lock, so
+the next launch's busy check already sees it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.contract import layout
+from trainer.contract.exitcodes import ExitCode
+from trainer.contract.wire import LaunchAnswer, Signalled
+from trainer.machine.fsutil import atomic_write_bytes
+from trainer.machine.locks import is_locked, lock
+from trainer.machine.probe import describe_run, list_runs
+from trainer.machine.proc import pid_alive, pid_line
+
+LOCK_WAIT = 60.0  # seconds to wait for another launch on this machine to finish
+
+
+class Refused(Exception):
+    def __init__(self, kind: str, message: str, code: ExitCode) -> None:
+        super().__init__(message)
+        self.kind, self.code = kind, code
+
+
+def _lock(root: Path) -> int:
+    """Take ROOT/launch.lock, waiting a while for a launch in progress; the fd holds it."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = lock(root / layout.LAUNCH_LOCK, wait=LOCK_WAIT)
+    if fd is None:
+        raise Refused("busy", f"another launch on this machine has held {layout.LAUNCH_LOCK} for {LOCK_WAIT:.0f} s",
+                      ExitCode.BUSY)
+    return fd
+
+
+def _check(root: Path, run_dir: Path, fresh: bool, force: bool) -> None:
+    active = [r.run_id for r in list_runs(root) if r.active]
+    if fresh:
+        if active and not force:
+            raise Refused("busy", f"run {', '.join(active)} is still running", ExitCode.BUSY)
+        if run_dir.exists():
+            raise Refused("exists", f"run {run_dir.name} already exists", ExitCode.USAGE)
+        return
+    run = describe_run(run_dir)
+    if not run_dir.is_dir():
+        raise Refused("missing", f"no run {run_dir.name}", ExitCode.USAGE)
+    # The run lock is the surest sign of a live trainer (started by orch or by hand).
+    if run.alive or is_locked(run_dir / layout.RUN_LOCK):
+        raise Refused("busy", f"run {run.run_id} is still running (pid {run.pid})", ExitCode.BUSY)
+    others = [a for a in active if a != run.run_id]
+    if others and not force:
+        raise Refused("busy", f"run {', '.join(others)} is still running", ExitCode.BUSY)
+
+
+def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None) -> int:
+    if deploy_json is not None:
+        run_dir.mkdir(parents=True)
+        atomic_write_bytes(run_dir / layout.DEPLOY_JSON, deploy_json)
+    argv = [args.python, "-m", "trainer", "train", "--data-dir", args.data_dir, "--run-dir", str(run_dir),
+            *args.trainer_options]
+    env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
+    # A fresh run's log starts empty; a continued run appends to its log.
+    with open(run_dir / layout.TRAIN_LOG, "ab" if deploy_json is None else "wb") as log:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: the trainer ignores hang-ups (nohup)
+        child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)  # setsid
+    atomic_write_bytes(run_dir / layout.PID_FILE, pid_line(child.pid).encode())
+    return child.pid
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python3 -m trainer.machine FRAME launch")
+    parser.add_argument("root")
+    parser.add_argument("run_id")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--fresh", action="store_true")
+    mode.add_argument("--continue", dest="fresh", action="store_false")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--python", required=True)
+    parser.add_argument("--code", required=True)
+    parser.add_argument("--data-dir", required=True)
+    return parser
+
+
+def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
+    # Everything after `--` is the trainer's: split by hand (argparse would take it for positionals).
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = _parser().parse_args(argv[:cut])
+    args.trainer_options = argv[cut + 1:]
+    root = Path(args.root)
+    run_dir = Path(layout.run_dir(args.root, args.run_id))
+    deploy_json = sys.stdin.buffer.read() if args.fresh else None
+    try:
+        fd = _lock(root)
+        try:
+            _check(root, run_dir, args.fresh, args.force)
+            return LaunchAnswer(pid=_start(args, run_dir, deploy_json)), 0
+        finally:
+            os.close(fd)
+    except Refused as exc:
+        return LaunchAnswer(error=exc.kind, message=str(exc)), int(exc.code)
+
+
+def stop_run(run_dir: Path) -> Signalled:
+    """SIGTERM the run's trainer, if the recorded pid still is that trainer (start time checked:
+    a reused pid is never signalled)."""
+    pid, alive = pid_alive(run_dir / layout.PID_FILE)
+    if pid is None or not alive:
+        return Signalled(False, pid, f"run {run_dir.name} is not running")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError as exc:
+        return Signalled(False, pid, f"cannot signal pid {pid}: {exc.strerror}")
+    return Signalled(True, pid)
+
+
+def run(verb: str, args: list[str], out: Any) -> int:
+    if verb == "signal":
+        out.answer(stop_run(Path(args[0])))
+        return 0
+    answer, code = launch(args)
+    out.answer(answer)
+    return code

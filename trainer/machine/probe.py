@@ -1,0 +1,240 @@
+"""What orch asks about the machine and its runs, each answer ONE record of
+trainer/contract/wire.py (verbs: trainer/contract/verbs.py):
+
+    home                                   -> Home
+    runs ROOT                              -> RunList: every run under ROOT/runs, with liveness
+    host                                   -> Host: nvidia-smi's GPUs and CPU/memory load
+    snapshot RUN_DIR METRICS_OFFSET LOG_LINES -> Snapshot: the run, metrics lines from the
+                                              offset on, the log's last lines, the host
+    machine ROOT                           -> MachineReport: the host, every run, the autostop
+    log RUN_DIR OFFSET                     -> LogChunk: train.log's bytes from OFFSET on
+    files RUN_DIR                          -> RunFiles: the manifest and the run's regular files
+    started RUN_DIR PID                    -> StartCheck: what a just-launched trainer wrote
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from trainer.contract import layout
+from trainer.contract.wire import (
+    NVIDIA_QUERY,
+    Autostop,
+    Epoch,
+    Home,
+    Host,
+    HostLoad,
+    LogChunk,
+    MachineReport,
+    RunFiles,
+    RunInfo,
+    RunList,
+    Snapshot,
+    StartCheck,
+    parse_nvidia_smi,
+)
+from trainer.machine.locks import is_locked
+from trainer.machine.proc import pid_alive
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
+    status, run = read_json(run_dir / layout.STATUS), read_json(run_dir / layout.RUN_JSON)
+    pid, alive = pid_alive(run_dir / layout.PID_FILE)
+    anchor = run_dir / layout.DEPLOY_JSON  # written by orch when it creates the run
+    try:
+        created = (anchor if anchor.exists() else run_dir).stat().st_mtime
+    except OSError:
+        created = None
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    return RunInfo(
+        run_id=run_dir.name, created=created, state=status.get("state"), phase=status.get("phase"),
+        epoch=status.get("epoch"), epochs=status.get("epochs"), val_accuracy=status.get("val_accuracy"),
+        best_val_accuracy=status.get("best_val_accuracy"), best_epoch=status.get("best_epoch"),
+        error=status.get("error"), updated_at=status.get("updated_at"),
+        parent=run.get("parent_run", status.get("parent")),
+        parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
+        vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
+        started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching,
+    )
+
+
+def launching(root: Path) -> bool:
+    """Whether a launch holds the machine's lock (a run without a state may be starting)."""
+    return is_locked(root / layout.LAUNCH_LOCK)
+
+
+def list_runs(root: Path) -> list[RunInfo]:
+    runs = root / layout.RUNS_DIR
+    if not runs.is_dir():
+        return []
+    busy = launching(root)
+    return [describe_run(d, busy) for d in sorted(runs.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
+def nvidia_smi() -> tuple[list[Any], str | None]:
+    """(GPU rows, None) or ([], why there are none)."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        return [], "no nvidia-smi"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], str(exc)
+    if out.returncode != 0:
+        return [], (out.stderr or out.stdout).strip()[:200] or f"nvidia-smi exited {out.returncode}"
+    return parse_nvidia_smi(out.stdout), None
+
+
+def host_load() -> HostLoad:
+    try:
+        loadavg = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return HostLoad(os.cpu_count(), loadavg, int(meminfo["MemTotal"].split()[0]) // 1024,
+                        int(meminfo["MemAvailable"].split()[0]) // 1024)
+    except (OSError, KeyError, ValueError):
+        return HostLoad(os.cpu_count(), list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+
+
+def host() -> Host:
+    gpus, error = nvidia_smi()
+    return Host(gpus, error, host_load())
+
+
+def _metrics(path: Path, offset: int) -> tuple[list[Epoch], int]:
+    """metrics.jsonl's rows from line ``offset`` on, and its number of lines."""
+    rows: list[Any] = []  # JSON rows: orch reads them as Epoch records
+    count = 0
+    try:
+        with open(path) as fh:
+            for count, line in enumerate(fh, 1):
+                if count > offset and line.strip():
+                    rows.append(json.loads(line))
+    except (OSError, ValueError):
+        pass
+    return rows, count
+
+
+def log_tail(run_dir: Path, lines: int) -> list[str]:
+    try:
+        with open(run_dir / layout.TRAIN_LOG, errors="replace") as fh:
+            return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
+    except OSError:
+        return []
+
+
+def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:
+    """Everything one monitor refresh shows."""
+    metrics, count = _metrics(run_dir / layout.METRICS, metrics_offset)
+    return Snapshot(describe_run(run_dir, launching(run_dir.parent.parent)), metrics, count,
+                    log_tail(run_dir, log_lines), host())
+
+
+def autostop(root: Path) -> Autostop:
+    """The autostop setting and what the watcher (trainer/machine/watcher.py) last saw."""
+    setting, state = read_json(root / layout.AUTOSTOP_SETTING), read_json(root / layout.WATCHER_STATE)
+    return Autostop(armed=bool(setting), idle_minutes=setting.get("idle_minutes"), command=setting.get("command"),
+                    watcher_alive=is_locked(root / layout.WATCHER_LOCK), idle_since=state.get("idle_since"),
+                    stops_at=state.get("stops_at") if setting else None, fired_at=state.get("fired_at"),
+                    error=state.get("error") if setting else None, now=time.time())
+
+
+# Far above what a run holds (tens of files, a manifest of a few KB): beyond, a run is crafted.
+MAX_RUN_FILES = 100_000
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def run_files(run_dir: Path) -> RunFiles:
+    """The run, its manifest and its regular files (links are never followed): all that
+    `orch download` needs, in one answer."""
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        return RunFiles()
+    run = describe_run(run_dir, launching(run_dir.parent.parent))
+    files: dict[str, int] = {}
+    for dirpath, _dirnames, filenames in os.walk(run_dir):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue  # gone meanwhile
+            if stat.S_ISREG(st.st_mode):
+                files[os.path.relpath(path, run_dir)] = st.st_size
+                if len(files) > MAX_RUN_FILES:
+                    return RunFiles(None, {}, too_big=True, run=run)
+    manifest, too_big = _read_manifest(run_dir / layout.MANIFEST)
+    return RunFiles(manifest, files, too_big, run)
+
+
+def _read_manifest(path: Path) -> tuple[str | None, bool]:
+    """(text, too big); no text when it is missing or not a regular file."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None, False
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        return None, False
+    if len(data) > MAX_MANIFEST_BYTES:
+        return None, True
+    return data.decode("utf-8", "surrogateescape"), False
+
+
+LOG_CHUNK = 1 << 20
+
+
+def log_bytes(run_dir: Path, offset: int) -> LogChunk:
+    """train.log's bytes from ``offset`` on (at most LOG_CHUNK), and whether the run is active."""
+    try:
+        with open(run_dir / layout.TRAIN_LOG, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(LOG_CHUNK)
+    except OSError:
+        data = b""
+    return LogChunk(base64.b64encode(data).decode(), offset + len(data), len(data) == LOG_CHUNK,
+                    describe_run(run_dir).active)
+
+
+def started(run_dir: Path, pid: int) -> StartCheck:
+    """What the trainer launched as ``pid`` has written: its status (a continued run's folder
+    holds the status of the previous process: only the new pid's counts), and its log's tail."""
+    status = read_json(run_dir / layout.STATUS)
+    mine = status.get("pid") == pid
+    alive = pid_alive(run_dir / layout.PID_FILE) == (pid, True)
+    return StartCheck(status.get("state") if mine else None, alive, log_tail(run_dir, 15))
+
+
+def run(verb: str, args: list[str], out: Any) -> int:
+    """Answer one probe verb (trainer/machine/entry.py)."""
+    answers = {
+        ("home", 0): lambda: Home(os.path.expanduser("~")),
+        ("runs", 1): lambda: RunList(list_runs(Path(args[0]))),
+        ("host", 0): host,
+        ("snapshot", 3): lambda: snapshot(Path(args[0]), int(args[1]), int(args[2])),
+        ("machine", 1): lambda: MachineReport(host(), list_runs(Path(args[0])), autostop(Path(args[0]))),
+        ("log", 2): lambda: log_bytes(Path(args[0]), int(args[1])),
+        ("files", 1): lambda: run_files(Path(args[0])),
+        ("started", 2): lambda: started(Path(args[0]), int(args[1])),
+    }
+    answer = answers.get((verb, len(args)))
+    if answer is None:
+        raise SystemExit(f"usage: python3 -m trainer.machine FRAME {verb} ... (see trainer/machine/probe.py)")
+    out.answer(answer())
+    return 0

@@ -1,0 +1,180 @@
+"""Autostop, on the machine: a small detached process (one per machine) that runs a command
+(``sudo shutdown -h now`` by default) once no run has been active for N minutes. It lives on
+the machine, so a closed laptop or a dropped SSH connection does not matter.
+
+    autostop ROOT arm --idle-minutes N --command CMD --code DIR                  -> Autostop
+        write the setting and make sure a watcher runs, started from the code version in DIR
+        (each deploy re-arms: the idle clock starts again, with the newest setting)
+    autostop ROOT disarm | status | wake [--code DIR]                            -> Autostop
+    watch ROOT          the watcher itself (`arm` and `wake` start it detached)
+
+Files under ROOT: autostop.json (the setting), watcher.json (what the watcher last saw: idle
+since, stops at), watcher.log (its decisions), watcher.lock (held by the running watcher: a
+second one exits at once). Idleness is judged from run states and process liveness (the
+probe's), not from a timer alone. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from trainer.contract import layout
+from trainer.contract.verbs import NO_FRAME, WATCH
+from trainer.contract.wire import Autostop
+from trainer.machine.fsutil import atomic_write_json
+from trainer.machine.locks import is_locked, open_lock, try_lock
+from trainer.machine.probe import autostop, list_runs, read_json
+
+SETTING, STATE = layout.AUTOSTOP_SETTING, layout.WATCHER_STATE
+LOG, LOCK = layout.WATCHER_LOG, layout.WATCHER_LOCK
+
+
+def log(root: Path, message: str) -> None:
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with open(root / LOG, "a") as fh:
+        fh.write(f"{stamp} {message}\n")
+
+
+def arm(root: Path, idle_minutes: float, command: str, code: Path) -> Autostop:
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / SETTING, {"idle_minutes": idle_minutes, "command": command, "armed_at": time.time()})
+    if read_json(root / STATE).get("error"):  # a new setting: the old command's failure is history
+        _write_state(root, {"error": None})
+    log(root, f"armed: run {command!r} after {idle_minutes:g} idle minutes")
+    if not is_locked(root / LOCK):
+        _start(root, code)
+    return autostop(root)
+
+
+def disarm(root: Path) -> Autostop:
+    if (root / SETTING).exists():
+        (root / SETTING).unlink()
+        log(root, "disarmed")
+    return autostop(root)
+
+
+def _start(root: Path, code: Path) -> None:
+    """The watcher, detached: its own session, no terminal, no SSH channel held open; from the
+    uploaded code version ``code`` (`-m` looks in the working folder first; -S: the standard
+    library is all it needs)."""
+    with open(os.devnull, "rb") as devnull, open(root / LOG, "ab") as out:
+        subprocess.Popen([sys.executable, "-S", "-m", "trainer.machine", NO_FRAME, WATCH.name, str(root)],
+                         stdin=devnull, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=code)
+    deadline = time.monotonic() + 10
+    while not is_locked(root / LOCK) and time.monotonic() < deadline:
+        time.sleep(0.05)  # `status` right after `arm` should find it running
+
+
+def busy(root: Path) -> str | None:
+    """Why the machine is not idle (an active run, a launch, orch at work), or None."""
+    if is_locked(root / layout.ACTIVITY_LOCK, shared_too=True) or is_locked(root / layout.LAUNCH_LOCK):
+        return "orch is at work on the machine"
+    active = [r.run_id for r in list_runs(root) if r.active]
+    return f"run {', '.join(active)} is active" if active else None
+
+
+def watch(root: Path) -> int:
+    """The watcher's loop: look, decide, log; run the command once when idle long enough.
+    Nothing it meets (a full disk, a bad setting, a failing command) ends it while armed."""
+    if not try_lock(open_lock(root / LOCK)):  # the descriptor stays open: the lock is held for life
+        return 0  # one watcher per remote.root: it will see the new setting
+    _log_quietly(root, f"watcher started (pid {os.getpid()})")
+    clock = _Clock()
+    while True:
+        try:
+            setting = read_json(root / SETTING)
+            if not setting:
+                _log_quietly(root, "no autostop setting: the watcher exits")
+                return 0
+            pause = clock.step(root, setting)
+        except Exception as exc:  # e.g. ENOSPC writing watcher.json: look again later, never die
+            _log_quietly(root, f"watcher: {type(exc).__name__}: {exc}")
+            pause = 5.0
+        time.sleep(pause)
+
+
+class _Clock:
+    """The idle clock: reset by any activity and by each new arming (a deploy)."""
+
+    def __init__(self) -> None:
+        self.idle_since: float | None = None
+        self.retry_at: float | None = None  # after a failed command: try again one idle period later
+
+    def step(self, root: Path, setting: dict[str, Any]) -> float:
+        now = time.time()
+        idle = float(setting["idle_minutes"]) * 60
+        if busy(root):
+            self.idle_since = self.retry_at = None
+        else:
+            self.idle_since = max(self.idle_since or now, float(setting.get("armed_at", now)))
+        stops_at = None if self.idle_since is None else max(self.idle_since + idle, self.retry_at or 0)
+        _write_state(root, {"pid": os.getpid(), "checked_at": now, "idle_since": self.idle_since,
+                            "stops_at": stops_at, "fired_at": None})
+        if stops_at is not None and now >= stops_at:
+            if _fire(root, setting, self.idle_since or now):
+                raise SystemExit(0)
+            self.retry_at = time.time() + idle
+        return min(30.0, max(0.2, idle / 20))
+
+
+def _fire(root: Path, setting: dict[str, Any], idle_since: float) -> bool:
+    """Run the command; True when it succeeded (autostop is then done until the next arming)."""
+    command = str(setting["command"])
+    log(root, f"no run active for {(time.time() - idle_since) / 60:.1f} min: running {command!r}")
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True)
+    output = (done.stdout + done.stderr).strip()[-300:]
+    log(root, f"{command!r} exited {done.returncode} {output}")
+    if done.returncode != 0:  # stays armed: `orch status` shows the failure, it is tried again later
+        _write_state(root, {"error": f"{command!r} exited {done.returncode}: {output or 'no output'}"})
+        return False
+    (root / SETTING).unlink(missing_ok=True)  # once: a later deploy arms it again
+    _write_state(root, {"fired_at": time.time(), "stops_at": None, "error": None})
+    return True
+
+
+def _write_state(root: Path, fields: dict[str, Any]) -> None:
+    """Update watcher.json; on a full disk the watcher goes on deciding without it."""
+    with contextlib.suppress(OSError):
+        atomic_write_json(root / STATE, {**read_json(root / STATE), **fields})
+
+
+def _log_quietly(root: Path, message: str) -> None:
+    with contextlib.suppress(OSError):
+        log(root, message)
+
+
+def wake(root: Path, code: Path) -> Autostop:
+    """Start the watcher again if autostop is armed and none runs (after a reboot: `orch up`)."""
+    if (root / SETTING).exists() and not is_locked(root / LOCK):
+        log(root, "woken (the machine was started again)")
+        _start(root, code)
+    return autostop(root)
+
+
+def run(verb: str, argv: list[str], out: Any) -> int:
+    if verb == WATCH.name:
+        return watch(Path(argv[0]))
+    parser = argparse.ArgumentParser(prog="python3 -m trainer.machine FRAME autostop")
+    parser.add_argument("root", type=Path)
+    parser.add_argument("action", choices=("arm", "disarm", "status", "wake"))
+    parser.add_argument("--idle-minutes", type=float)
+    parser.add_argument("--command")
+    parser.add_argument("--code", type=Path, help="the uploaded code version a watcher is started from")
+    args = parser.parse_args(argv)
+    if args.action in ("arm", "wake") and args.code is None:
+        parser.error(f"{args.action} needs --code")
+    if args.action == "arm":
+        if args.idle_minutes is None or args.command is None:
+            parser.error("arm needs --idle-minutes and --command")
+        out.answer(arm(args.root, args.idle_minutes, args.command, args.code))
+    else:
+        out.answer({"disarm": disarm, "status": autostop, "wake": lambda r: wake(r, args.code)}[args.action](args.root))
+    return 0

@@ -1,0 +1,89 @@
+"""How the model is fitted, from a TrainConfig: the optimizer and loss, the augmentation of the
+training batches, and the callbacks that average weights and stop early.
+
+The generalization measures live here (and in :mod:`trainer.ml.pipeline` for the numpy side);
+:mod:`trainer.ml.train` only wires them in. Each one's default was chosen by its effect on
+speakers that neither training nor validation saw (``bench/bench_train.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from trainer.ml.config import TrainConfig
+from trainer.ml.model import WarmupCosine
+from trainer.ml.pipeline import Augmentation
+
+Log = Callable[[str], None]
+
+
+def augmentation(cfg: TrainConfig) -> Augmentation:
+    return Augmentation(frame_dropout=cfg.frame_dropout, noise=cfg.feature_noise, mixup=cfg.mixup)
+
+
+def ema_momentum(ema_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step momentum of an average over about ``ema_epochs`` epochs (1 - 1/steps)."""
+    return max(0.0, 1.0 - 1.0 / max(ema_epochs * steps_per_epoch, 1.0))
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Compile ``model`` with AdamW (warm-up then cosine decay, gradient clipping, the weight
+    average when ``ema_epochs`` is set) and the label-smoothed cross-entropy; returns the optimizer."""
+    schedule = WarmupCosine(cfg.learning_rate, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
+    ema: dict[str, Any] = {}
+    if cfg.ema_epochs:
+        ema = {"use_ema": True, "ema_momentum": ema_momentum(cfg.ema_epochs, steps_per_epoch)}
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, global_clipnorm=cfg.clip_norm, **ema)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    return optimizer
+
+
+def training_callbacks(cfg: TrainConfig, recorder: Any, continuing: bool, log: Log) -> list[keras.callbacks.Callback]:
+    """The callbacks in the order that matters: the weight average swapped in BEFORE the
+    recorder (so validation, the best and the last checkpoint are the averaged weights),
+    early stopping AFTER it (it reads the epoch the recorder has just committed)."""
+    callbacks: list[keras.callbacks.Callback] = []
+    if cfg.ema_epochs:
+        callbacks.append(AveragedWeightsAtEpochEnd(continuing))
+    callbacks.append(recorder)
+    if cfg.patience:
+        callbacks.append(EarlyStop(recorder, cfg.patience, log))
+    return callbacks
+
+
+class AveragedWeightsAtEpochEnd(keras.callbacks.SwapEMAWeights):
+    """Keras's SwapEMAWeights(swap_on_epoch=True): between epochs (and while validating) the
+    model holds the averaged weights and the optimizer's EMA slots the raw ones, which is how
+    the recorder checkpoints them. A continued run loads such a checkpoint, so it starts with
+    the average in the model: the first epoch swaps back, and training goes on exactly as if
+    it had never stopped."""
+
+    def __init__(self, continuing: bool) -> None:
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = continuing
+
+
+class EarlyStop(keras.callbacks.Callback):
+    """Stop once the run's best epoch is ``patience`` epochs behind the last committed one.
+
+    It counts from the recorder's committed best epoch, not from a counter of its own, so a
+    continued run stops where an uninterrupted one would, and an extended run (best epoch 0:
+    its parent) stops when it has not beaten its parent for ``patience`` epochs. The run
+    keeps, evaluates and predicts with its best checkpoint, never the last weights."""
+
+    def __init__(self, recorder: Any, patience: int, log: Log) -> None:
+        super().__init__()
+        self.recorder, self.patience, self.log = recorder, patience, log
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        state = self.recorder.run.state  # what the recorder has just committed
+        best = state.best_epoch
+        if best is not None and state.epoch - best >= self.patience and not self.model.stop_training:
+            self.model.stop_training = True
+            self.log(f"early stop after epoch {state.epoch}: no better val_accuracy for "
+                     f"{self.patience} epochs (best at epoch {best})")

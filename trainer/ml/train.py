@@ -1,0 +1,355 @@
+"""``python -m trainer train``: from a data directory to a finished run directory.
+
+Read top to bottom: take the run directory's lock -> resolve the config (a new run, a
+continued one, or one extended from a parent) -> repair what a kill left half-done -> load
+data -> split -> normalization stats -> model -> fit, committing every finished epoch ->
+evaluate the best checkpoint -> finished. Each epoch is committed at one point (see
+trainer/contract/layout.py), so a kill at any moment loses at most the epoch in progress; a full disk
+ends the run ``failed`` with the last committed epoch kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.contract import layout
+from trainer.contract.codeversion import code_version
+from trainer.contract.files import disk_full_error
+from trainer.machine import faults
+from trainer.machine.fsutil import atomic_write_json, link_or_copy
+from trainer.ml import runlock, runstate
+from trainer.ml.config import TrainConfig
+from trainer.ml.data import load_dataset
+from trainer.ml.dataset import require_samples
+from trainer.ml.errors import DataError, DiskFull, ExitCode, TrainerError, TrainingFailed, UsageError
+from trainer.ml.rundir import RunDir, now_iso
+from trainer.ml.split import Split, load_split, make_split, save_split
+from trainer.ml.stats import Stats, compute_stats, find_stats, load_stats, save_stats
+
+Log = Callable[[str], None]
+
+
+
+def _log(msg: str) -> None:
+    # train.log may sit on the very disk that is full: logging is not worth a crash
+    with contextlib.suppress(OSError):
+        print(f"[trainer] {msg}", flush=True)
+
+
+def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
+    """Train (or continue) the run in ``cfg.run_dir``; returns the exit code for the CLI."""
+    path = Path(cfg.run_dir)
+    runlock.hold(path)  # before anything is written: a second trainer leaves no trace (RunBusy)
+    run = RunDir(path)
+    # ---- a run directory that already has a run.json is continued, with its own config
+    previous = run.read_json(layout.RUN_JSON)
+    if previous is not None:
+        cfg = TrainConfig.from_json(previous["config"])
+    run.state = runstate.read(path) or runstate.initial(cfg.parent_run, cfg.parent_best_val_accuracy)
+    if (run.read_json(layout.STATUS) or {}).get("state") == layout.FINISHED:
+        try:
+            run.repair(None, final=True)  # a kill may have cut the final publish short
+        except OSError as exc:
+            full = disk_full_error(exc)
+            if full is None:
+                raise
+            raise _disk_full(run, full) from exc
+        log(f"run {path.name} already finished; nothing to do (extend it with --init-from)")
+        return ExitCode.OK
+    try:
+        with _Stopper() as stopper:
+            run.create()
+            run.write_pid()
+            # The repair comes before any status write: a final state's manifest lists status.json.
+            run.repair(layout.RUNNING, epochs=cfg.epochs, phase="loading data", run_id=path.name,
+                       parent=cfg.parent_run)
+            return _train(cfg, run, previous, stopper, log)
+    except StopRequested as stop:
+        run.finish(layout.STOPPED, error=None)
+        log(f"stopped by signal {stop.signum} before training began")
+        return ExitCode.RUN_STOPPED
+    except Exception as exc:
+        full = disk_full_error(exc)
+        if full is not None:
+            error = _disk_full(run, full)
+            run.fail_on_full_disk(str(error))
+            log(f"failed: {error}")
+            raise error from exc
+        run.finish(layout.FAILED, error=str(exc) if isinstance(exc, TrainerError) else f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _disk_full(run: RunDir, exc: OSError) -> DiskFull:
+    where = exc.filename or run.path
+    return DiskFull(f"no space left on device on {where}: free space and run "
+                    f"`orch resume {run.path.name} --continue`")
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the model is trained and validated on: the data, its split, the normalization."""
+
+    ds: Any
+    split: Split
+    stats: Stats
+
+
+def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopper, log: Log) -> ExitCode:
+    inputs = _inputs(cfg, run, log)
+    model, train_seq, val_seq = _model(cfg, run, inputs, log)
+    _starting_point(cfg, run, model, log)
+    if previous is None:
+        _write_run_json(cfg, run, inputs)
+    recorder = _fit(cfg, run, model, train_seq, val_seq, stopper, log)
+    if recorder.failure:
+        raise TrainingFailed(recorder.failure)
+    if stopper.signum is not None:
+        run.finish(layout.STOPPED, error=None)
+        log(f"stopped by signal {stopper.signum} after epoch {run.state.epoch}; "
+            "start the same command again to continue")
+        return ExitCode.RUN_STOPPED
+    # ---- evaluate the best checkpoint on the validation split, then finish
+    _final_evaluation(run, model, inputs, list(run.state.history), log)
+    faults.point("finish:evaluated")
+    run.finish(layout.FINISHED)
+    log(f"finished: best val_accuracy {run.state.best_val_accuracy} at epoch {run.state.best_epoch}")
+    return ExitCode.OK
+
+
+def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
+    """Data, split and statistics (reused from this run or the parent when they exist)."""
+    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
+    require_samples(ds)
+    log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
+        f"(cache: {ds.cache})")
+    split = _split(cfg, run, ds, log)
+    stats = _stats(cfg, run, ds, split, log)
+    _write_classes(run, cfg.classes)
+    return _Inputs(ds, split, stats)
+
+
+def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, log: Log) -> tuple[Any, Any, Any]:
+    """The compiled model and its training and validation batches (TensorFlow/Keras imported only now)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from trainer.ml.fitting import augmentation, compile_model
+    from trainer.ml.model import build_model
+    from trainer.ml.pipeline import BatchSequence, balanced_class_weights
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    ds, split = inputs.ds, inputs.split
+    labels = ds.label_ids()
+    weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
+    train_seq = BatchSequence(ds, split.train, inputs.stats, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              epoch=run.state.epoch, class_weights=weights, augmentation=augmentation(cfg))
+    val_seq = BatchSequence(ds, split.val, inputs.stats, cfg.batch_size, shuffle=False)
+    steps = len(train_seq)
+    scope, devices = _distribution()
+    with scope:
+        model = build_model(cfg.architecture, ds.feature_shape, len(cfg.classes), head_dropout=cfg.head_dropout,
+                            layer_weighting=cfg.layer_weighting)
+        compile_model(model, cfg, steps)
+    log(f"model: {model.count_params():,} parameters on {devices}; {steps} batches per epoch")
+    return model, train_seq, val_seq
+
+
+def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
+    """Our own last checkpoint (weights and optimizer), the parent's weights (an extended run's
+    committed epoch 0), or scratch."""
+    state = run.state
+    if state.last is not None:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(run.file(state.last.file))
+        log(f"continuing from epoch {state.epoch} (best val_accuracy {state.best_val_accuracy})")
+    elif state.best is not None:
+        _load_initial_weights(model, run.file(state.best.file), "--init-from")
+        log(f"starting from the parent's weights ({state.best.file})")
+    elif cfg.init_from:
+        _init_from(cfg, run, model, log)
+
+
+def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs) -> None:
+    """run.json: everything needed to rebuild the model and to know where the run came from."""
+    import keras
+
+    atomic_write_json(run.file(layout.RUN_JSON), {
+        "run_id": run.path.name,
+        "config": cfg.to_json(),
+        "classes": list(cfg.classes),
+        "feature_shape": list(inputs.ds.feature_shape),
+        "parent_run": cfg.parent_run,
+        "code_version": code_version(),
+        "started_at": now_iso(),
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "samples": {"train": int(len(inputs.split.train)), "validation": int(len(inputs.split.val)),
+                    "skipped_files": len(inputs.ds.skipped)},
+    })
+
+
+def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any, stopper: _Stopper,
+         log: Log) -> Any:
+    """Fit, committing every finished epoch; SIGTERM stops after the current batch."""
+    import keras
+
+    from trainer.ml.fitting import training_callbacks
+    from trainer.ml.recorder import RunRecorder
+
+    recorder = RunRecorder(run, stopper, log)
+    callbacks: list[Any] = training_callbacks(cfg, recorder, continuing=run.state.last is not None, log=log)
+    if keras.backend.backend() == "tensorflow":
+        callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
+                                                     write_graph=False, profile_batch=0))
+    run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
+    stopper.model = model  # from now on a signal stops fit after the current batch
+    model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=run.state.epoch,
+              callbacks=callbacks, verbose=2)
+    stopper.model = None
+    return recorder
+
+
+def _split(cfg: TrainConfig, run: RunDir, ds: Any, log: Log) -> Split:
+    """This run's split.json, else the parent's, else a new split (saved either way)."""
+    own = run.file(layout.stats_path(layout.SPLIT_JSON))
+    parent = Path(cfg.init_from) / layout.stats_path(layout.SPLIT_JSON) if cfg.parent_run else None
+    source = own if own.is_file() else parent if parent is not None and parent.is_file() else None
+    if source is not None:
+        split, missing = load_split(source, ds)
+        if missing:
+            log(f"warning: {len(missing)} files of {source} are no longer usable, e.g. {missing[0]}")
+    else:
+        split = make_split(ds, cfg.split, cfg.val_fraction, cfg.seed)
+    if source != own:
+        save_split(split, ds, own)
+    log(f"split {split.method}: {len(split.train)} train, {len(split.val)} validation")
+    return split
+
+
+def _stats(cfg: TrainConfig, run: RunDir, ds: Any, split: Split, log: Log) -> Stats:
+    """This run's stats, else --stats-dir (or the parent's), else the data dir's, else computed
+    on the training split. Whatever is used is saved into the run's stats/."""
+    own = run.file(layout.STATS_DIR)
+    given = Path(cfg.stats_dir) if cfg.stats_dir else None
+    if given is not None and find_stats(own) is None and find_stats(given) is None:
+        raise DataError(f"--stats-dir {cfg.stats_dir}: no {layout.STATS_MEAN} / {layout.STATS_STD} there")
+    source = next((d for d in (own, given, Path(cfg.data_dir)) if d is not None and find_stats(d)), None)
+    if source is None:
+        stats = compute_stats(ds, split.train)
+        log("normalization statistics computed on the training split")
+    else:
+        stats = load_stats(source, ds.feature_shape)
+        log(f"normalization statistics from {source}")
+    if source != own:
+        save_stats(stats, own)
+    return stats
+
+
+def _init_from(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
+    """Load the parent's best weights (not its optimizer state). For a parent run they are
+    committed as this run's epoch 0: its best until this run beats it (best_epoch 0)."""
+    source = Path(cfg.init_from)
+    weights = source / layout.BEST_WEIGHTS if source.is_dir() else source
+    _load_initial_weights(model, weights, f"--init-from {weights}")
+    if cfg.parent_run:
+        saved = run.write_checkpoint(0, lambda tmp: link_or_copy(weights, tmp))
+        run.commit(run.state.with_parent_weights(saved))
+        run.publish(layout.RUNNING)
+    log(f"initialized from {weights}" + (f" (parent best val_accuracy {cfg.parent_best_val_accuracy})"
+                                         if cfg.parent_run else ""))
+
+
+def _load_initial_weights(model: Any, weights: Path, what: str) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns once per layer it cannot match
+            model.load_weights(weights, objects_to_skip=[model.optimizer])
+    except (ValueError, KeyError, OSError) as exc:
+        raise UsageError(f"{what}: weights do not fit this architecture "
+                         f"(--hidden/--attention must match the run that wrote them): {exc}") from exc
+
+
+def _write_classes(run: RunDir, classes: tuple[str, ...]) -> None:
+    """stats/classes.json, written once: the manifest lists it, so it is never rewritten."""
+    path = run.file(layout.stats_path(layout.CLASSES_JSON))
+    try:
+        if json.loads(path.read_text()) == list(classes):
+            return
+    except (OSError, ValueError):
+        pass
+    atomic_write_json(path, list(classes))
+
+
+def _distribution() -> tuple[Any, str]:
+    """MirroredStrategy across GPUs when more than one is visible (TensorFlow backend)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) > 1:
+            strategy = tf.distribute.MirroredStrategy()
+            return strategy.scope(), f"{len(gpus)} GPUs (MirroredStrategy)"
+        return contextlib.nullcontext(), "1 GPU" if gpus else "CPU"
+    return contextlib.nullcontext(), keras.backend.backend()
+
+
+class StopRequested(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class _Stopper:
+    """SIGTERM/SIGINT at any time: before training, stop at once (state ``stopped``); during
+    ``fit``, finish the current batch, keep the last finished epoch, then stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.model: Any = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if self.model is None:
+            raise StopRequested(signum)
+        self.model.stop_training = True
+
+    def __enter__(self) -> _Stopper:
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _final_evaluation(run: RunDir, model: Any, inputs: _Inputs, history: list[dict[str, Any]], log: Log) -> None:
+    from trainer.ml.evaluate import classification_report, plot_confusion, plot_curves, predict_probabilities
+
+    ds, split, stats = inputs.ds, inputs.split, inputs.stats
+    best = run.file(layout.BEST_WEIGHTS)
+    if best.is_file():
+        model.load_weights(best, objects_to_skip=[model.optimizer])
+    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in split.val], stats)
+    report = classification_report(ds.label_ids()[split.val], probs.argmax(axis=1), ds.classes)
+    atomic_write_json(run.file(layout.stats_path(layout.EVALUATION_JSON)), report)
+    # The plots carry the run id, mark the kept (best) checkpoint, and say when data is synthetic.
+    note = "SYNTHETIC data" if (ds.root / layout.SYNTHETIC_MARKER).is_file() else ""
+    best_epoch = run.state.best_epoch
+    if history:
+        plot_curves(history, run.file(layout.stats_path(layout.CURVES_PNG)), run.path.name, best_epoch, note)
+    plot_confusion(report, run.file(layout.stats_path(layout.CONFUSION_PNG)), run.path.name, note)
+    log(f"validation: accuracy {report['accuracy']:.4f}, unweighted accuracy "
+        f"{report['unweighted_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}")
