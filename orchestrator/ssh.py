@@ -16,7 +16,7 @@ from typing import Any
 from orchestrator import children
 from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
 from orchestrator.hostkeys import HostKey, VerifyNewHostKey, fingerprint, load_known_hosts
-from orchestrator.remote import Background, LineFeed, Progress, Remote, Result, Writer, q
+from orchestrator.remote import Background, Progress, Remote, Streams, Writer, q
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
 from orchestrator.transfer import copy_hashing, hash_growing
 
@@ -115,7 +115,7 @@ class SshRemote(Remote):
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectError(f"the jump host cannot reach {to.label}: {exc or type(exc).__name__}") from exc
 
-    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result:
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
         import paramiko
 
         transport = self.client.get_transport()
@@ -132,12 +132,11 @@ class SshRemote(Remote):
                 with chan.makefile_stdin("wb") as stdin:
                     write(stdin)
             chan.shutdown_write()
-            out_f, err_f = chan.makefile("rb"), chan.makefile_stderr("rb")
-            out = _drain(chan, out_f, err_f, lines)
+            _drain(chan, streams)
             code = chan.recv_exit_status()
             if code == -1:  # the channel closed without an exit status: the connection went away
                 raise ConnectionLost(f"the connection to {self.host} was lost during a command")
-            return Result(code, out[0].decode(errors="replace"), out[1].decode(errors="replace"))
+            return code
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
         finally:
@@ -198,25 +197,23 @@ class SshRemote(Remote):
             self._openssh_dir.cleanup()
 
 
-def _drain(chan: Any, out_f: Any, err_f: Any, lines: LineFeed | None = None) -> tuple[bytes, bytes]:
-    """Read stdout and stderr to the end without deadlocking on a full stderr window."""
+def _drain(chan: Any, streams: Streams) -> None:
+    """Read stdout and stderr to the end, as they come, without deadlocking on a full stderr window."""
     import select
 
-    out, err = bytearray(), bytearray()
     while True:
         if chan.recv_ready():
-            chunk = chan.recv(1 << 16)
-            out += lines.feed(chunk) if lines is not None else chunk
+            streams.out(chan.recv(1 << 16))
         elif chan.recv_stderr_ready():
-            err += chan.recv_stderr(1 << 16)
+            streams.err(chan.recv_stderr(1 << 16))
         elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
             break
         else:
             select.select([chan], [], [], 1.0)
     # Anything left in the buffers after the exit status arrived.
-    rest = out_f.read()
-    out += lines.feed(rest) if lines is not None else rest
-    err += err_f.read()
-    return bytes(out), bytes(err)
+    for chunk in iter(lambda: chan.recv(1 << 16), b""):
+        streams.out(chunk)
+    for chunk in iter(lambda: chan.recv_stderr(1 << 16), b""):
+        streams.err(chunk)
 
 

@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
 
+MAX_GPUS = 64  # rows read from nvidia-smi (a machine has up to 16)
 MAX_FILE_SIZE = 1 << 62  # beyond any disk: a size above it is a crafted answer
 DIED = "died"  # shown state: status.json says running (or nothing), but the process is gone
+BROKEN = "broken"  # shown state: a file of its folder is a named pipe, a device... (never read)
 NVIDIA_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
 R = TypeVar("R", bound="Record")
@@ -153,11 +155,13 @@ def parse_nvidia_smi(csv_text: str) -> list[GpuRow]:
         except ValueError:
             return None  # [N/A], [Not Supported], [Unknown Error]
 
-    gpus = []
+    gpus: list[GpuRow] = []
     for line in csv_text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 7 or not parts[0].isdigit():
+        if len(parts) < 7 or not (parts[0].isascii() and parts[0].isdigit()) or len(parts[0]) > 4:
             continue
+        if len(gpus) == MAX_GPUS:
+            break
         # A GPU name may itself hold commas: it is everything between the first field and the last five.
         gpus.append(GpuRow(int(parts[0]), ", ".join(parts[1:-5]), *(number(x) for x in parts[-5:])))
     return gpus
@@ -213,6 +217,7 @@ class RunInfo(Record):
     pid: int | None = None
     alive: bool = False  # the recorded pid lives, with the recorded start time
     launching: bool = False  # a launch holds the machine's lock: a run without a state may be starting
+    broken: str | None = None  # why its folder cannot be read ("status.json is a named pipe")
 
     @property
     def active(self) -> bool:
@@ -223,6 +228,8 @@ class RunInfo(Record):
     def shown_state(self) -> str | None:
         """The state users see: ``died`` when the process is gone without a final state (or
         never wrote one, unless a launch is under way)."""
+        if self.broken:
+            return BROKEN
         if not self.alive and (self.state == layout.RUNNING or (self.state is None and not self.launching)):
             return DIED
         return self.state
@@ -240,7 +247,7 @@ class RunInfo(Record):
 
 # How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
 ENDED = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED, layout.STOPPED: ExitCode.RUN_STOPPED,
-         DIED: ExitCode.RUN_DIED}
+         DIED: ExitCode.RUN_DIED, BROKEN: ExitCode.REMOTE}
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,7 @@ import base64
 import json
 import os
 import stat
-import subprocess
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +41,20 @@ from trainer.contract.wire import (
     StartCheck,
     parse_nvidia_smi,
 )
+from trainer.machine import readers
 from trainer.machine.locks import is_locked
-from trainer.machine.proc import pid_alive
+from trainer.machine.proc import bounded_output, pid_alive
+from trainer.machine.readers import read_json
+
+# The files of a run folder orch reads: one that is there but not a regular file breaks the run.
+RUN_FILES = (layout.STATUS, layout.RUN_JSON, layout.DEPLOY_JSON, layout.PID_FILE, layout.METRICS, layout.TRAIN_LOG,
+             layout.MANIFEST)
+MAX_METRICS = 100_000  # rows in one answer (a run has one per epoch)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+def broken(run_dir: Path) -> str | None:
+    """Why the run folder cannot be read as a run ("status.json is a named pipe"), or None."""
+    return next((why for why in (readers.problem(run_dir / name) for name in RUN_FILES) if why), None)
 
 
 def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
@@ -72,7 +74,7 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         parent=run.get("parent_run", status.get("parent")),
         parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
         vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
-        started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching,
+        started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching, broken=broken(run_dir),
     )
 
 
@@ -90,17 +92,19 @@ def list_runs(root: Path) -> list[RunInfo]:
 
 
 def nvidia_smi() -> tuple[list[Any], str | None]:
-    """(GPU rows, None) or ([], why there are none)."""
+    """(GPU rows, None) or ([], why there are none). nvidia-smi gets 5 s and 64 KB (64 GPUs
+    take 7 KB): a hung driver or a tool that prints without end costs no more than that."""
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10)
+        code, text = bounded_output(["nvidia-smi", f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"])
     except FileNotFoundError:
         return [], "no nvidia-smi"
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except OSError as exc:
         return [], str(exc)
-    if out.returncode != 0:
-        return [], (out.stderr or out.stdout).strip()[:200] or f"nvidia-smi exited {out.returncode}"
-    return parse_nvidia_smi(out.stdout), None
+    if code is None:
+        return [], "nvidia-smi ran too long or printed too much: stopped"
+    if code != 0:
+        return [], text.strip()[:200] or f"nvidia-smi exited {code}"
+    return parse_nvidia_smi(text), None
 
 
 def host_load() -> HostLoad:
@@ -119,25 +123,24 @@ def host() -> Host:
 
 
 def _metrics(path: Path, offset: int) -> tuple[list[Epoch], int]:
-    """metrics.jsonl's rows from line ``offset`` on, and its number of lines."""
+    """metrics.jsonl's rows from line ``offset`` on (at most MAX_METRICS; a line that is not a
+    JSON object is left out), and its number of lines."""
     rows: list[Any] = []  # JSON rows: orch reads them as Epoch records
     count = 0
-    try:
-        with open(path) as fh:
-            for count, line in enumerate(fh, 1):
-                if count > offset and line.strip():
-                    rows.append(json.loads(line))
-    except (OSError, ValueError):
-        pass
+    for count, line in readers.iter_lines(path):
+        if count <= offset or line is None or len(rows) >= MAX_METRICS:
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows, count
 
 
 def log_tail(run_dir: Path, lines: int) -> list[str]:
-    try:
-        with open(run_dir / layout.TRAIN_LOG, errors="replace") as fh:
-            return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
-    except OSError:
-        return []
+    return readers.tail_lines(run_dir / layout.TRAIN_LOG, lines)
 
 
 def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:

@@ -27,8 +27,10 @@ def pid_line(pid: int) -> str:
 
 def pid_alive(pid_file: Path) -> tuple[int | None, bool]:
     """(pid, alive) for a pid file: alive only if that pid lives with the recorded start time."""
+    from trainer.machine.readers import read_bytes
+
     try:
-        parts = pid_file.read_text().split()
+        parts = read_bytes(pid_file, 64).decode("ascii").split()
         pid = int(parts[0])
     except (OSError, ValueError, IndexError):
         return None, False
@@ -43,3 +45,32 @@ def pid_alive(pid_file: Path) -> tuple[int | None, bool]:
     except PermissionError:
         return pid, True
     return pid, True
+
+
+def bounded_output(argv: list[str], max_bytes: int = 64 << 10, timeout: float = 5.0) -> tuple[int | None, str]:
+    """Run a tool of the machine's (nvidia-smi) for at most ``timeout`` seconds and ``max_bytes``
+    of output (stdout and stderr together): (its exit code, or None when it was stopped for
+    running too long or saying too much; what it said). FileNotFoundError when it is not there."""
+    import select
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) <= max_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                break  # too slow
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                return proc.wait(), out.decode("utf-8", "replace")
+            out += chunk
+        return None, out[:max_bytes].decode("utf-8", "replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
