@@ -12,6 +12,7 @@ from orchestrator.context import Context
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
 from orchestrator.provision import acquire
 from orchestrator.runs import compared_with_parent
+from orchestrator.terminal import clean
 from trainer.contract import layout
 from trainer.contract.wire import DIED, Epoch, Host, RunInfo, Snapshot
 
@@ -117,9 +118,9 @@ class RunView:
         epoch, epochs = run.epoch or 0, run.epochs or 0
         color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", layout.STOPPED: "yellow"}.get(
             self.state or "", "cyan")
-        head = Text.assemble(("run ", "bold"), (self.run_id, "bold"), "  ", (str(self.state), f"bold {color}"),
-                             "  " + self.process_text(),
-                             f"  ({self.note})" if self.note else "")
+        head = Text.assemble(("run ", "bold"), (clean(self.run_id), "bold"), "  ",
+                             (clean(str(self.state)), f"bold {color}"), "  " + self.process_text(),
+                             f"  ({clean(self.note)})" if self.note else "")
         eta = self.eta_seconds()
         bar = Table.grid(padding=(0, 1))
         bar.add_row(f"epoch {epoch}/{epochs}", ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
@@ -133,8 +134,8 @@ class RunView:
         acc.add_row("loss trend", sparkline(_series(self.history, "loss")), "last", _fmt(last.loss))
         parts: list[Any] = [head, bar, acc, self._machine_table()]
         if run.error:
-            parts.append(Text(f"error: {run.error}", style="red"))
-        parts.append(Text("\n".join(self.log_tail[-LOG_LINES:]), style="dim"))
+            parts.append(Text(clean(f"error: {run.error}"), style="red"))
+        parts.append(Text("\n".join(clean(line) for line in self.log_tail[-LOG_LINES:]), style="dim"))
         return Group(*parts)
 
     def _machine_table(self) -> Any:
@@ -142,11 +143,11 @@ class RunView:
         from rich.text import Text
 
         if not self.host.gpus:
-            return Text(describe_load(self.host))
+            return Text(clean(describe_load(self.host)))
         table = Table("GPU", "name", "util %", "memory MiB", "temp °C", "power W", box=None)
         for g in self.host.gpus:
             memory = f"{_fmt(g.memory_used, 0)}/{_fmt(g.memory_total, 0)}"
-            table.add_row(str(g.index), g.name, _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
+            table.add_row(str(g.index), clean(g.name), _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
                           _fmt(g.power, 1))
         return table
 

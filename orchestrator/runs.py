@@ -13,6 +13,7 @@ from orchestrator.context import Context
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.machine import Machine
 from orchestrator.provision import acquire
+from orchestrator.terminal import clean
 from trainer.contract import verbs
 from trainer.contract.wire import RunInfo
 
@@ -64,10 +65,11 @@ def runs_table(runs: list[RunInfo]) -> Any:
                     ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")))
     for r in runs:
         seconds = duration_seconds(r)
-        table.add_row(r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
-                      f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
-                      compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
-                      f"{seconds / 60:.1f} min" if seconds is not None else "")
+        cells = (r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
+                 f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
+                 compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
+                 f"{seconds / 60:.1f} min" if seconds is not None else "")
+        table.add_row(*map(clean, cells))
     return table
 
 

@@ -1,0 +1,113 @@
+"""What the machine sends is untrusted input (issue: framed answers, bounded sizes, clean
+terminals, readers that cannot hang or crash). A crafted machine, on the local target: escape
+sequences in every field it sends, wrong types, NaN and Infinity, a FIFO in a file's place, a
+nvidia-smi printing garbage; every command stays one clean line or table, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.context import Output
+from trainer.contract import layout
+from trainer.machine.proc import pid_line
+
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]")
+ESC = "\x1b]0;owned\x07\x1b[2J\x1b]52;c;SGVsbG8=\x07\x9b31m\u202e"
+
+
+@pytest.fixture
+def evil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    root = tmp_path / "root"
+    run = root / "runs" / f"evil{ESC}run"
+    run.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    (run / layout.PID_FILE).write_text(pid_line(sleeper.pid))
+    (run / layout.STATUS).write_text(json.dumps({
+        "state": "running", "epoch": "three", "epochs": 10, "best_val_accuracy": "high", "best_epoch": [1],
+        "error": f"boom {ESC}", "phase": ESC, "updated_at": ESC}))
+    (run / layout.RUN_JSON).write_text(json.dumps({"started_at": ESC, "parent_run": {"x": 1}}))
+    (run / layout.METRICS).write_text('{"epoch": 1, "loss": Infinity, "val_accuracy": NaN}\n'
+                                      '{"epoch": 2, "loss": 1.5}\nnot json\n[1, 2]\n'
+                                      '{"epoch": 3, "loss": 1.2, "val_accuracy": 0.4, "seconds": "x"}\n')
+    (run / layout.TRAIN_LOG).write_bytes(f"line {ESC}\n".encode() + b"\xff\xfe bytes\n" + b"x" * 100_000)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nvidia-smi").write_text("#!/bin/sh\nprintf '0, Tesla\\033]0;gpu\\007 T4, 10, 100, 15360, 40, 30\\n'\n"
+                                      "printf '\\377\\376 \\342\\202\\203, x, 1, 2, 3, 4, 5\\n'\n")
+    (tools / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text(f"target: local\nremote:\n  root: {root}\n  python: {sys.executable}\n")
+    yield {"cfg": cfg, "root": root, "run": run}
+    sleeper.kill()
+    sleeper.wait()
+
+
+def orch(*args: str) -> tuple[int, str]:
+    output = Output.captured()
+    code = main(list(args), output)
+    return code, output.out.file.getvalue() + output.err.file.getvalue()
+
+
+@pytest.mark.parametrize("argv", [["runs"], ["monitor", "evil", "--once"], ["status"], ["logs", "evil"],
+                                  ["stop", "nope"], ["download", "evil"]])
+def test_no_escape_sequence_reaches_the_terminal(evil: dict, argv: list[str]) -> None:
+    code, text = orch(*argv, "-c", str(evil["cfg"]))
+    assert code != 1 and "unexpected" not in text and "Traceback" not in text, text
+    assert not UNSAFE.search(text), repr(UNSAFE.findall(text))
+    assert "\\x1b" in text or argv[0] in ("stop", "download"), text  # shown, escaped
+
+
+@pytest.mark.parametrize("argv", [["runs", "--json"], ["monitor", "evil", "--json"], ["status", "--json"]])
+def test_json_output_is_exact_and_inert(evil: dict, argv: list[str]) -> None:
+    code, text = orch(*argv, "-c", str(evil["cfg"]))
+    assert code == 0 and not UNSAFE.search(text), text
+    doc = json.loads(text)
+    found = json.dumps(doc)
+    assert "boom \\u001b]0;owned\\u0007" in found or "evil\\u001b" in found  # the data itself, exact
+
+
+def test_crafted_fields_default_and_the_run_is_read(evil: dict) -> None:
+    code, text = orch("monitor", "evil", "--json", "-c", str(evil["cfg"]))
+    doc = json.loads(text)
+    assert code == 0 and doc["state"] == "running" and doc["epoch"] is None and doc["best_val_accuracy"] is None
+    assert doc["val_accuracy"] == 0.4  # the last valid row; NaN/Infinity and junk lines never crash
+    assert doc["error"].startswith("boom \x1b]0;owned")  # data is kept as sent, JSON-escaped on output
+    assert all(len(line) < 5000 for line in doc["log_tail"])  # a 100 KB line is cut (and says so)
+    assert any("more bytes cut" in line for line in doc["log_tail"])
+    assert [g["name"] for g in doc["gpus"]] == ["Tesla\x1b]0;gpu\x07 T4"]  # the garbage row is left out
+
+
+def test_a_fifo_in_place_of_a_run_file_is_a_broken_run_not_a_hang(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for name in (layout.STATUS, layout.RUN_JSON, layout.PID_FILE, layout.METRICS, layout.TRAIN_LOG):
+        run = root / "runs" / f"fifo-{name.replace('.', '-')}"
+        run.mkdir(parents=True)
+        os.mkfifo(run / name)
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text(f"target: local\nremote:\n  root: {root}\n  python: {sys.executable}\n")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "runs", "--json", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=120)
+    runs = json.loads(proc.stdout)
+    assert proc.returncode == 0 and len(runs) == 5 and {r["state"] for r in runs} == {"broken"}, proc.stderr
+    assert all("is not a regular file (named pipe)" in r["broken"] for r in runs)
+    for run in runs:
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "monitor", run["run_id"], "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 7 and "broken" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_terminal_that_cannot_show_unicode(evil: dict) -> None:
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "monitor", "evil", "--once", "-c", str(evil["cfg"])],
+                          capture_output=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.isascii() and b"unexpected" not in proc.stderr
