@@ -426,7 +426,8 @@ def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: b
 
         table = Table("check", "", "detail", "fix", show_lines=False)
         for r in results:
-            table.add_row(r.check, "ok" if r.ok else "FAILED", clean(r.detail), "" if r.ok else clean(r.fix))
+            verdict = "FAILED" if not r.ok else "warning" if r.warning else "ok"
+            table.add_row(r.check, verdict, clean(r.detail), clean(r.fix) if not r.ok or r.warning else "")
         _print_table(output.out, table)
     return 0 if ok else int(ExitCode.NOT_READY)
 

@@ -24,6 +24,7 @@ class Finding:
     detail: str
     fix: str = ""
     exit_code: ExitCode = ExitCode.NOT_READY
+    warning: bool = False  # passed, but worth the user's attention (the fix says what to do)
 
 
 def ask(m: Machine, python: str, *, import_tensorflow: bool = False) -> Preflight:

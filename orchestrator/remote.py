@@ -139,10 +139,27 @@ class Remote(ABC):
             raise RemoteError(f"{what or 'remote command'} failed on {self.host}: {tail}")
         return result
 
-    @abstractmethod
+    def stream(self, command: str, frame: str, sink: Sink, *, write: Writer | None = None,
+               what: str = "reading from the machine") -> None:
+        """Run ``command``, which prints the frame line ``frame`` before its output; everything
+        after the frame goes to ``sink`` as it arrives (what the shell printed before is dropped).
+        RemoteError if the command fails or never printed its frame."""
+        from orchestrator.transfer import Unframed
+
+        unframed = Unframed(frame, sink)
+        result = self.run(command, write=write, on_data=unframed.feed, check=False)
+        _check_stream(result.code, result.stderr, unframed.found, f"{what} failed on {self.host}")
+
     def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
         """Copy a remote file (an absolute path) to ``local`` (a temp name: renaming is the
         caller's); returns the sha256 of the bytes received, computed on the way."""
+        from orchestrator.transfer import HashingWriter, framed, new_frame
+
+        frame = new_frame()
+        with open(local, "wb") as out:
+            writer = HashingWriter(out, progress)
+            self.stream(framed(frame, f"cat -- {q(path)}"), frame, writer, what=f"reading {path}")
+        return writer.hexdigest()
 
     @abstractmethod
     def start(self, command: str) -> Background:
@@ -156,3 +173,9 @@ class Remote(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_stream(code: int, stderr: str, found: bool, what: str) -> None:
+    if code != 0 or not found:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        raise RemoteError(f"{what}: {lines[-1] if lines else f'exit code {code}'}")

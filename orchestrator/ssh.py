@@ -6,19 +6,20 @@ keepalive on. Bulk data goes through the OpenSSH client with the very same setti
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from orchestrator import children
 from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
 from orchestrator.hostkeys import HostKey, VerifyNewHostKey, fingerprint, load_known_hosts
-from orchestrator.remote import Background, Progress, Remote, Streams, Writer, q
+from orchestrator.remote import MAX_STDERR, Background, Progress, Remote, Sink, Streams, Writer, q
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
-from orchestrator.transfer import copy_hashing, hash_growing
+from orchestrator.transfer import BLOCK, Unframed, framed, new_frame, receive_file
 
 
 class _ChannelBackground(Background):
@@ -44,7 +45,6 @@ class SshRemote(Remote):
         self.accepted: list[HostKey] = []
         self._clients: list[Any] = []
         self._openssh_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._sftp: Any = None
         try:
             sock = None
             hops = (*target.jumps, target.hop)
@@ -165,32 +165,54 @@ class SshRemote(Remote):
             Path(self._openssh_dir.name, "config").write_text(openssh_config(self.target))
         return ["ssh", "-F", str(Path(self._openssh_dir.name, "config")), "orch-target"]
 
+    @contextlib.contextmanager
+    def _openssh(self, command: str, write: Writer | None, what: str) -> Iterator[Any]:
+        """OpenSSH running ``command`` (it dies with orch), its stdin fed by ``write``: yields its
+        stdout pipe; a failure after the block is RemoteError with the tail of its stderr."""
+        with tempfile.TemporaryFile() as errors:
+            proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE if write else
+                                  subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+            try:
+                if write is not None:
+                    assert proc.stdin is not None
+                    with contextlib.suppress(BrokenPipeError):
+                        write(proc.stdin)  # type: ignore[arg-type]
+                        proc.stdin.close()
+                assert proc.stdout is not None
+                yield proc.stdout
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()  # type: ignore[union-attr]
+            if code != 0:
+                errors.seek(max(0, errors.seek(0, 2) - MAX_STDERR))
+                lines = [ln for ln in errors.read().decode(errors="replace").splitlines() if ln.strip()]
+                raise RemoteError(f"{what} failed on {self.host}: {lines[-1] if lines else f'exit code {code}'}")
+
+    def stream(self, command: str, frame: str, sink: Sink, *, write: Writer | None = None,
+               what: str = "reading from the machine") -> None:
+        if not shutil.which("ssh"):
+            return super().stream(command, frame, sink, write=write, what=what)
+        unframed = Unframed(frame, sink)
+        with self._openssh(command, write, what) as out:  # OpenSSH: bulk data at twice paramiko's speed
+            for chunk in iter(lambda: os.read(out.fileno(), BLOCK), b""):
+                unframed.feed(chunk)
+        if not unframed.found:
+            raise RemoteError(f"{what} failed on {self.host}: its output never began (no frame line)")
+
     def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
-        if shutil.which("ssh"):
-            # ssh writes straight into the file; a thread hashes what has landed, from the page
-            # cache, meanwhile: no copy through Python (measured: the difference between 1.5x
-            # and 1x of scp's time on 2 cores).
-            with open(local, "wb") as out:
-                proc = children.spawn([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=out,
-                                      stderr=subprocess.PIPE)  # dies with orch
-                digest = hash_growing(local, proc, progress)
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            if proc.returncode != 0:
-                why = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
-                raise RemoteError(f"cannot read {path} on {self.host}: {why}")
-            return digest
-        if self._sftp is None:
-            self._sftp = self.client.open_sftp()
-        try:
-            with self._sftp.open(path, "rb") as src:
-                src.prefetch()  # pipelined reads: paramiko's one-request-at-a-time is slow
-                return copy_hashing(src, local, progress)
-        except OSError as exc:
-            raise RemoteError(f"cannot read {path} on {self.host}: {exc}") from exc
+        if not shutil.which("ssh"):
+            return super().fetch(path, local, progress)
+        # The kernel moves the bytes from OpenSSH's pipe into the file (splice), and they are
+        # hashed from the page cache as they land: no copy through Python.
+        frame = new_frame()
+        with open(local, "w+b") as out, self._openssh(framed(frame, f"cat -- {q(path)}"), None,
+                                                       f"reading {path}") as pipe:
+            return receive_file(pipe.fileno(), frame, out, progress)
 
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
         for client in reversed(self._clients):
             client.close()
         if self._openssh_dir is not None:

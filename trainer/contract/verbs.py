@@ -51,3 +51,4 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`
+STREAM = "stream"  # `\n<FRAME> stream\n`, then raw bytes to the end: a framed stream (a log, a file)
