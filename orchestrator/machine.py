@@ -122,6 +122,13 @@ class Machine:
             self.log(f"outside the answer to {verb.name}: " + " | ".join(reader.noise[-5:]))
         return Answer(result, reader.answer if reader.answered else None, reader.noise)
 
+    def stream(self, verb: Verb, *args: str | int, sink: Callable[[bytes], None]) -> None:
+        """Run a streaming verb; its bytes go to ``sink`` as they arrive (RemoteError if it fails)."""
+        assert verb.stream, f"{verb.name} does not stream"
+        frame = secrets.token_hex(12)
+        self.remote.stream(self._command(verb, args, frame, None), frame, sink, write=lambda fh: fh.write(self.payload),
+                           what=f"{verb.name} on the machine")
+
     def start(self, verb: Verb, *args: str | int | float) -> Background:
         """Run ``verb`` in the background (its output is not read); the bundle is sent, its stdin
         stays open for the caller until the handle is closed."""

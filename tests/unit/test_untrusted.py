@@ -111,3 +111,29 @@ def test_a_terminal_that_cannot_show_unicode(evil: dict) -> None:
                           capture_output=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.isascii() and b"unexpected" not in proc.stderr
+
+
+def test_a_huge_log_without_newlines_is_bounded_everywhere(tmp_path: Path) -> None:
+    """A sparse 1 GB train.log of NUL bytes, no newline: monitor reads its last bytes only, and
+    `orch logs` streams a 32 MB one in flat memory, every NUL shown escaped."""
+    root = tmp_path / "root"
+    run = root / "runs" / "huge"
+    run.mkdir(parents=True)
+    (run / layout.STATUS).write_text('{"state": "finished", "epoch": 1, "epochs": 1}')
+    with open(run / layout.TRAIN_LOG, "wb") as fh:
+        fh.truncate(1 << 30)
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text(f"target: local\nremote:\n  root: {root}\n  python: {sys.executable}\n")
+    code, text = orch("monitor", "huge", "--json", "-c", str(cfg))
+    assert code == 0 and len(text) < 50_000 and "more bytes cut" in text
+    with open(run / layout.TRAIN_LOG, "r+b") as fh:
+        fh.truncate(32 << 20)
+    with open(tmp_path / "out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "logs", "huge", "-c", str(cfg)], stdout=out,
+                                stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, proc.stderr.read() if proc.stderr else status
+    assert (tmp_path / "out").stat().st_size == 4 * (32 << 20)  # each NUL as the 4 characters \x00
+    with open(tmp_path / "out", "rb") as fh:
+        assert b"\0" not in fh.read(1 << 20)
+    assert usage.ru_maxrss < 200_000  # KB: the whole log (32 MB, 128 MB escaped) was never held

@@ -123,5 +123,5 @@ def test_logs_keep_a_character_cut_between_two_reads(tmp_path: Path) -> None:
         (run / layout.STATUS).write_text(json.dumps({"state": "finished"}))
 
     threading.Thread(target=finish, daemon=True).start()
-    logs(Context(cfg), "r1", follow=True, write=out.append, interval=0.2)
+    logs(Context(cfg), "r1", follow=True, write=out.append)
     assert "".join(out) == "caf\u00e9 second line\n"

@@ -22,6 +22,7 @@ class Verb(Generic[R]):
     # Runs with the interpreter's own packages (the training Python's TensorFlow), as the
     # trainer will; every other verb runs under `python3 -I -S` (the standard library and the bundle only).
     site: bool = False
+    stream: bool = False  # answers with a framed stream of raw bytes (STREAM below), not a record
 
 
 HOME = Verb("home", "probe", wire.Home, "the login's home folder")
@@ -29,7 +30,7 @@ RUNS = Verb("runs", "probe", wire.RunList, "ROOT: every run, with liveness")
 HOST = Verb("host", "probe", wire.Host, "the GPUs (nvidia-smi) and the CPU/memory load")
 SNAPSHOT = Verb("snapshot", "probe", wire.Snapshot, "RUN_DIR METRICS_OFFSET LOG_LINES: one monitor refresh")
 MACHINE = Verb("machine", "probe", wire.MachineReport, "ROOT: the host, every run and the autostop")
-LOG = Verb("log", "probe", wire.LogChunk, "RUN_DIR OFFSET: train.log's bytes from OFFSET on")
+LOG = Verb("log", "logstream", None, "RUN_DIR OFFSET [--follow]: train.log from OFFSET on, streamed", stream=True)
 FILES = Verb("files", "probe", wire.RunFiles, "RUN_DIR: the manifest and the run's regular files")
 STARTED = Verb("started", "probe", wire.StartCheck, "RUN_DIR PID: has the launched trainer written its first status?")
 LAUNCH = Verb("launch", "launch", wire.LaunchAnswer, "ROOT RUN_ID ...: busy check and detached start, atomically")

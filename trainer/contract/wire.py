@@ -280,17 +280,6 @@ class Snapshot(Record):
 
 
 @dataclass(frozen=True)
-class LogChunk(Record):
-    """train.log's bytes from an offset on (base64: a log is bytes, and a character cut between
-    two reads must not be lost), and whether the run is still active."""
-
-    data: str = ""
-    offset: int = 0
-    more: bool = False
-    active: bool = False
-
-
-@dataclass(frozen=True)
 class RunFiles(Record):
     """A run directory as `orch download` reads it: its MANIFEST.sha256 and every regular file
     below it, reached without following a link, with its size. Never trusted blindly: orch

@@ -7,7 +7,6 @@ trainer/contract/wire.py (verbs: trainer/contract/verbs.py):
     snapshot RUN_DIR METRICS_OFFSET LOG_LINES -> Snapshot: the run, metrics lines from the
                                               offset on, the log's last lines, the host
     machine ROOT                           -> MachineReport: the host, every run, the autostop
-    log RUN_DIR OFFSET                     -> LogChunk: train.log's bytes from OFFSET on
     files RUN_DIR                          -> RunFiles: the manifest and the run's regular files
     started RUN_DIR PID                    -> StartCheck: what a just-launched trainer wrote
 
@@ -16,7 +15,6 @@ Standard library only.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import stat
@@ -32,7 +30,6 @@ from trainer.contract.wire import (
     Home,
     Host,
     HostLoad,
-    LogChunk,
     MachineReport,
     RunFiles,
     RunInfo,
@@ -200,21 +197,6 @@ def _read_manifest(path: Path) -> tuple[str | None, bool]:
     return data.decode("utf-8", "surrogateescape"), False
 
 
-LOG_CHUNK = 1 << 20
-
-
-def log_bytes(run_dir: Path, offset: int) -> LogChunk:
-    """train.log's bytes from ``offset`` on (at most LOG_CHUNK), and whether the run is active."""
-    try:
-        with open(run_dir / layout.TRAIN_LOG, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(LOG_CHUNK)
-    except OSError:
-        data = b""
-    return LogChunk(base64.b64encode(data).decode(), offset + len(data), len(data) == LOG_CHUNK,
-                    describe_run(run_dir).active)
-
-
 def started(run_dir: Path, pid: int) -> StartCheck:
     """What the trainer launched as ``pid`` has written: its status (a continued run's folder
     holds the status of the previous process: only the new pid's counts), and its log's tail."""
@@ -232,7 +214,6 @@ def run(verb: str, args: list[str], out: Any) -> int:
         ("host", 0): host,
         ("snapshot", 3): lambda: snapshot(Path(args[0]), int(args[1]), int(args[2])),
         ("machine", 1): lambda: MachineReport(host(), list_runs(Path(args[0])), autostop(Path(args[0]))),
-        ("log", 2): lambda: log_bytes(Path(args[0]), int(args[1])),
         ("files", 1): lambda: run_files(Path(args[0])),
         ("started", 2): lambda: started(Path(args[0]), int(args[1])),
     }
