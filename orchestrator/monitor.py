@@ -14,7 +14,7 @@ from orchestrator.provision import acquire
 from orchestrator.runs import compared_with_parent
 from orchestrator.terminal import clean
 from trainer.contract import layout
-from trainer.contract.wire import DIED, Epoch, Host, RunInfo, Snapshot
+from trainer.contract.wire import DIED, STALLED, Epoch, Host, RunInfo, Snapshot
 
 LOG_LINES = 10
 EXIT_WAIT_REFRESHES = 25  # x 0.2 s: how long the last frame waits for a finished trainer to exit
@@ -80,7 +80,8 @@ class RunView:
         return {
             "run_id": self.run_id, "state": self.state, "epoch": run.epoch, "epochs": run.epochs,
             "val_accuracy": last.val_accuracy if last else None, "best_val_accuracy": run.best_val_accuracy,
-            "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "eta_seconds": self.eta_seconds(),
+            "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "stall": run.stall,
+            "quiet_for": run.quiet_for, "eta_seconds": self.eta_seconds(),
             "gpus": [asdict(g) for g in self.host.gpus], "load": asdict(self.host.load), "log_tail": self.log_tail,
         }
 
@@ -106,6 +107,8 @@ class RunView:
         (it only has its exit left to do)."""
         if self.state in layout.FINAL_STATES:
             return "process exiting" if self.alive else "process ended"
+        if self.run is not None and self.run.signal_stopped:
+            return "process stopped by a signal"
         return "process alive" if self.alive else "process not running"
 
     def render(self) -> Any:
@@ -116,7 +119,8 @@ class RunView:
 
         run = self.info
         epoch, epochs = run.epoch or 0, run.epochs or 0
-        color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", layout.STOPPED: "yellow"}.get(
+        color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", STALLED: "red",
+                 layout.STOPPED: "yellow"}.get(
             self.state or "", "cyan")
         head = Text.assemble(("run ", "bold"), (clean(self.run_id), "bold"), "  ",
                              (clean(str(self.state)), f"bold {color}"), "  " + self.process_text(),
@@ -135,6 +139,8 @@ class RunView:
         parts: list[Any] = [head, bar, acc, self._machine_table()]
         if run.error:
             parts.append(Text(clean(f"error: {run.error}"), style="red"))
+        if run.stall:
+            parts.append(Text(f"stalled: {run.stall}", style="red"))
         parts.append(Text("\n".join(clean(line) for line in self.log_tail[-LOG_LINES:]), style="dim"))
         return Group(*parts)
 

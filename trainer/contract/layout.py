@@ -87,6 +87,8 @@ TRAIN_LOG = "train.log"
 METRICS = "metrics.jsonl"
 STATUS = "status.json"
 MANIFEST = "MANIFEST.sha256"
+# The trainer's sign of life while it works (trainer/ml/heartbeat.py): never listed in the manifest.
+HEARTBEAT = "heartbeat.json"
 TENSORBOARD_DIR = "tensorboard"
 
 CHECKPOINTS_DIR = "checkpoints"

@@ -25,6 +25,8 @@ MAX_GPUS = 64  # rows read from nvidia-smi (a machine has up to 16)
 MAX_FILE_SIZE = 1 << 62  # beyond any disk: a size above it is a crafted answer
 DIED = "died"  # shown state: status.json says running (or nothing), but the process is gone
 BROKEN = "broken"  # shown state: a file of its folder is a named pipe, a device... (never read)
+STALLED = "stalled"  # shown state: running, but no sign of life for monitor.stall_seconds (or SIGSTOPped)
+STALL_FLOOR = 600.0  # the default monitor.stall_seconds: the larger of this and 3 median epochs
 NVIDIA_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
 R = TypeVar("R", bound="Record")
@@ -218,6 +220,9 @@ class RunInfo(Record):
     alive: bool = False  # the recorded pid lives, with the recorded start time
     launching: bool = False  # a launch holds the machine's lock: a run without a state may be starting
     broken: str | None = None  # why its folder cannot be read ("status.json is a named pipe")
+    quiet_for: float | None = None  # seconds since its last sign of life (heartbeat, status), by the machine's clock
+    stall_after: float | None = None  # quiet this long, a running trainer is stalled (monitor.stall_seconds)
+    signal_stopped: bool = False  # its process is stopped by a signal (SIGSTOP, a debugger)
 
     @property
     def active(self) -> bool:
@@ -230,9 +235,23 @@ class RunInfo(Record):
         never wrote one, unless a launch is under way)."""
         if self.broken:
             return BROKEN
+        if self.stall is not None:
+            return STALLED
         if not self.alive and (self.state == layout.RUNNING or (self.state is None and not self.launching)):
             return DIED
         return self.state
+
+    @property
+    def stall(self) -> str | None:
+        """Why a running trainer is stalled ("stopped by a signal", "no sign of life for 12 min"), or None."""
+        if not self.active:
+            return None
+        if self.signal_stopped:
+            return "its process is stopped by a signal (SIGSTOP?): `kill -CONT` it, or `orch stop` it"
+        if self.quiet_for is not None and self.stall_after is not None and self.quiet_for > self.stall_after:
+            return (f"no sign of life for {self.quiet_for / 60:.1f} min (monitor.stall_seconds: "
+                    f"{self.stall_after:.0f} s): deadlocked, or waiting on a hung disk?")
+        return None
 
     @property
     def final(self) -> bool:

@@ -15,6 +15,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -25,6 +26,7 @@ from typing import Any
 from trainer.contract import layout
 from trainer.contract.wire import (
     NVIDIA_QUERY,
+    STALL_FLOOR,
     Autostop,
     Epoch,
     Home,
@@ -40,12 +42,12 @@ from trainer.contract.wire import (
 )
 from trainer.machine import readers
 from trainer.machine.locks import is_locked
-from trainer.machine.proc import bounded_output, pid_alive
+from trainer.machine.proc import bounded_output, pid_alive, stopped_by_signal
 from trainer.machine.readers import read_json
 
 # The files of a run folder orch reads: one that is there but not a regular file breaks the run.
 RUN_FILES = (layout.STATUS, layout.RUN_JSON, layout.DEPLOY_JSON, layout.PID_FILE, layout.METRICS, layout.TRAIN_LOG,
-             layout.MANIFEST)
+             layout.MANIFEST, layout.HEARTBEAT)
 MAX_METRICS = 100_000  # rows in one answer (a run has one per epoch)
 
 
@@ -54,8 +56,27 @@ def broken(run_dir: Path) -> str | None:
     return next((why for why in (readers.problem(run_dir / name) for name in RUN_FILES) if why), None)
 
 
+def quiet_for(run_dir: Path, heartbeat: dict[str, Any]) -> float | None:
+    """Seconds since the trainer's last sign of life: its heartbeat, or status.json's last write."""
+    times = [t for t in (heartbeat.get("time"),) if isinstance(t, (int, float)) and t == t]
+    with contextlib.suppress(OSError):
+        times.append((run_dir / layout.STATUS).stat().st_mtime)
+    return max(0.0, time.time() - max(times)) if times else None
+
+
+def stall_after(run_dir: Path, heartbeat: dict[str, Any]) -> float:
+    """monitor.stall_seconds as the run was launched with, else the larger of 10 minutes and three
+    median epochs."""
+    given = (read_json(run_dir / layout.DEPLOY_JSON).get("monitor") or {}).get("stall_seconds")
+    if isinstance(given, (int, float)) and given > 0:
+        return float(given)
+    median = heartbeat.get("median_epoch_seconds")
+    return max(STALL_FLOOR, 3 * median) if isinstance(median, (int, float)) else STALL_FLOOR
+
+
 def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
     status, run = read_json(run_dir / layout.STATUS), read_json(run_dir / layout.RUN_JSON)
+    heartbeat = read_json(run_dir / layout.HEARTBEAT)
     pid, alive = pid_alive(run_dir / layout.PID_FILE)
     anchor = run_dir / layout.DEPLOY_JSON  # written by orch when it creates the run
     try:
@@ -72,6 +93,9 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
         vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
         started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching, broken=broken(run_dir),
+        quiet_for=quiet_for(run_dir, heartbeat) if alive else None,
+        stall_after=stall_after(run_dir, heartbeat) if alive else None,
+        signal_stopped=alive and pid is not None and stopped_by_signal(pid),
     )
 
 

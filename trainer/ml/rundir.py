@@ -28,6 +28,7 @@ from trainer.machine.fsutil import (
 )
 from trainer.machine.proc import pid_line
 from trainer.ml import runstate
+from trainer.ml.heartbeat import Heartbeat
 from trainer.ml.runstate import Checkpoint, RunState
 
 
@@ -43,6 +44,7 @@ class RunDir:
         self.state = state or RunState()  # the last committed state
         self._best_source: str | None = None  # the state file best.weights.h5 was derived from here
         self._listed_cache: set[str] | None = None  # what MANIFEST.sha256 lists now
+        self.heartbeat = Heartbeat(path)  # the sign of life while it works
 
     def file(self, rel: str) -> Path:
         return self.path / rel

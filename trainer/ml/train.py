@@ -68,6 +68,7 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
         with _Stopper() as stopper:
             run.create()
             run.write_pid()
+            run.heartbeat.beat(force=True, phase="starting")
             # The repair comes before any status write: a final state's manifest lists status.json.
             run.repair(layout.RUNNING, epochs=cfg.epochs, phase="loading data", run_id=path.name,
                        parent=cfg.parent_run)
@@ -126,7 +127,8 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
 
 def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
     """Data, split and statistics (reused from this run or the parent when they exist)."""
-    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
+    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache,
+                      progress=lambda done, total: run.heartbeat.beat(phase="loading data", files=done, of=total))
     require_samples(ds)
     log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
         f"(cache: {ds.cache})")
