@@ -14,8 +14,13 @@ MODE = 0o600
 
 
 def open_lock(path: Path) -> int:
-    """A descriptor of the lock file ``path`` (created 0600; close-on-exec: no child inherits it)."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, MODE)
+    """A descriptor of the lock file ``path`` (created 0600, and made 0600 if an older orch made it
+    readable by others; close-on-exec: no child inherits it)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, MODE)
+    st = os.fstat(fd)
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+        os.fchmod(fd, MODE)
+    return fd
 
 
 def try_lock(fd: int, *, shared: bool = False) -> bool:
@@ -47,6 +52,48 @@ def lock(path: Path, *, shared: bool = False, wait: float | None = None,
             return fd
     os.close(fd)
     return None
+
+
+def holders(path: Path) -> list[int] | None:
+    """The pids holding an flock on ``path`` (/proc/locks), or None when the kernel does not say."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as fh:
+            table = fh.read(1 << 20)
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            pids.append(int(fields[4]))
+    return pids
+
+
+def process_uid(pid: int) -> int | None:
+    """The real uid of a living process (/proc/PID/status: also right after it changed its uid)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def foreign_holders(path: Path, uid: int | None = None) -> list[tuple[int, int]]:
+    """The (pid, uid) of every holder of ``path``'s flock when all of them belong to another user
+    than ``uid`` (default: this process's): a lock only they hold says nothing about orch's own
+    work. [] when none holds it, when one of them is ours, or when the kernel does not say."""
+    me = os.getuid() if uid is None else uid
+    owners = []
+    for pid in holders(path) or []:
+        uid_of = process_uid(pid)
+        if uid_of is not None:  # else gone meanwhile
+            owners.append((pid, uid_of))
+    return owners if owners and all(owner != me for _, owner in owners) else []
 
 
 def is_locked(path: Path, *, shared_too: bool = False) -> bool:
