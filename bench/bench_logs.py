@@ -27,7 +27,7 @@ import yaml  # noqa: E402
 
 from orchestrator.context import Context  # noqa: E402
 from orchestrator.provision import acquire  # noqa: E402
-from tests.servers import ssh_deploy_config, start_sshd  # noqa: E402
+from tests.servers import peak_rss, ssh_deploy_config, start_sshd  # noqa: E402
 from trainer.contract import layout  # noqa: E402
 
 REPEATS = 3
@@ -47,13 +47,11 @@ def fake_run(run_dir: Path, mb: int) -> None:
 def orch_logs(cfg: Path, run_id: str) -> tuple[float, int]:
     """(seconds, peak RSS in KB) of `orch logs RUN > /dev/null` as a real process."""
     start = time.perf_counter()
-    with open(os.devnull, "wb") as devnull:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "logs", run_id, "-c", str(cfg)],
-                                stdout=devnull, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"orch logs failed: {proc.stderr.read().decode() if proc.stderr else status}")
-    return time.perf_counter() - start, usage.ru_maxrss
+    code, rss, err = peak_rss([sys.executable, "-m", "orchestrator", "logs", run_id, "-c", str(cfg)],
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if code != 0:
+        raise SystemExit(f"orch logs failed: {err}")
+    return time.perf_counter() - start, rss
 
 
 def main() -> None:

@@ -32,7 +32,8 @@ SNAPSHOT = Verb("snapshot", "probe", wire.Snapshot, "RUN_DIR METRICS_OFFSET LOG_
 MACHINE = Verb("machine", "probe", wire.MachineReport, "ROOT: the host, every run and the autostop")
 LOG = Verb("log", "logstream", None, "RUN_DIR OFFSET [--follow]: train.log from OFFSET on, streamed", stream=True)
 FILES = Verb("files", "probe", wire.RunFiles, "RUN_DIR: the manifest and the run's regular files")
-STARTED = Verb("started", "probe", wire.StartCheck, "RUN_DIR PID: has the launched trainer written its first status?")
+STARTED = Verb("started", "probe", wire.StartCheck, "RUN_DIR PID LAUNCHED_AT: has the launched trainer written its "
+               "first status?")
 LAUNCH = Verb("launch", "launch", wire.LaunchAnswer, "ROOT RUN_ID ...: busy check and detached start, atomically")
 SIGNAL = Verb("signal", "launch", wire.Signalled, "RUN_DIR: SIGTERM the run's trainer (its pid and start time checked)")
 ENV = Verb("env", "envsetup", wire.EnvAnswer, "ENVS_DIR ...: the managed virtualenv, built once")

@@ -334,6 +334,8 @@ class LaunchAnswer(Record):
     pid: int | None = None
     error: str | None = None
     message: str | None = None
+    autostop: Autostop | None = None  # armed (or disarmed) in the same step, before the trainer started
+    launched_at: float | None = None  # by the machine's clock
 
 
 @dataclass(frozen=True)

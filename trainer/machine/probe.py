@@ -8,7 +8,7 @@ trainer/contract/wire.py (verbs: trainer/contract/verbs.py):
                                               offset on, the log's last lines, the host
     machine ROOT                           -> MachineReport: the host, every run, the autostop
     files RUN_DIR                          -> RunFiles: the manifest and the run's regular files
-    started RUN_DIR PID                    -> StartCheck: what a just-launched trainer wrote
+    started RUN_DIR PID LAUNCHED_AT        -> StartCheck: what a just-launched trainer wrote
 
 Standard library only.
 """
@@ -221,13 +221,30 @@ def _read_manifest(path: Path) -> tuple[str | None, bool]:
     return data.decode("utf-8", "surrogateescape"), False
 
 
-def started(run_dir: Path, pid: int) -> StartCheck:
-    """What the trainer launched as ``pid`` has written: its status (a continued run's folder
-    holds the status of the previous process: only the new pid's counts), and its log's tail."""
+def started(run_dir: Path, pid: int, launched_at: float) -> StartCheck:
+    """What the trainer launched as ``pid`` has written: its status, and its log's tail. A
+    continued run's folder holds the status of the previous process: only the new one's counts,
+    known by its pid, which the trainer writes in the pid file itself (an interpreter wrapper
+    that runs Python as its child, as ``conda run`` does, launched ``pid``, not the trainer)."""
     status = read_json(run_dir / layout.STATUS)
-    mine = status.get("pid") == pid
-    alive = pid_alive(run_dir / layout.PID_FILE) == (pid, True)
+    trainer, trainer_alive = pid_alive(run_dir / layout.PID_FILE)
+    try:
+        fresh = (run_dir / layout.STATUS).stat().st_mtime >= launched_at - 1
+    except OSError:
+        fresh = False
+    mine = status.get("pid") == pid or (status.get("pid") == trainer and trainer_alive and fresh)
+    alive = trainer_alive or is_locked(run_dir / layout.RUN_LOCK) or _lives(pid)
     return StartCheck(status.get("state") if mine else None, alive, log_tail(run_dir, 15))
+
+
+def _lives(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run(verb: str, args: list[str], out: Any) -> int:
@@ -239,7 +256,7 @@ def run(verb: str, args: list[str], out: Any) -> int:
         ("snapshot", 3): lambda: snapshot(Path(args[0]), int(args[1]), int(args[2])),
         ("machine", 1): lambda: MachineReport(host(), list_runs(Path(args[0])), autostop(Path(args[0]))),
         ("files", 1): lambda: run_files(Path(args[0])),
-        ("started", 2): lambda: started(Path(args[0]), int(args[1])),
+        ("started", 3): lambda: started(Path(args[0]), int(args[1]), float(args[2])),
     }
     answer = answers.get((verb, len(args)))
     if answer is None:
