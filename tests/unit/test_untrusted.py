@@ -136,3 +136,72 @@ def test_a_huge_log_without_newlines_is_bounded_everywhere(tmp_path: Path) -> No
     with open(tmp_path / "out", "rb") as fh:
         assert b"\0" not in fh.read(1 << 20)
     assert rss < 200_000, rss  # KB: the whole log (32 MB, 128 MB escaped) was never held
+
+
+def local(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "root"
+    (root / "runs").mkdir(parents=True)
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text(f"target: local\nremote:\n  root: {root}\n  python: {sys.executable}\n")
+    return root, cfg
+
+
+def test_a_run_that_failed_on_a_full_disk_ends_monitor_with_14(tmp_path: Path) -> None:
+    root, cfg = local(tmp_path)
+    (root / "runs" / "full").mkdir()
+    (root / "runs" / "full" / layout.STATUS).write_text(json.dumps({"state": "failed", "reason": layout.DISK_FULL,
+                                                                    "error": "no space left on device on /x"}))
+    (root / "runs" / "other").mkdir()
+    (root / "runs" / "other" / layout.STATUS).write_text(json.dumps({"state": "failed", "error": "NaN loss"}))
+    assert orch("monitor", "full", "-c", str(cfg))[0] == 14
+    assert orch("monitor", "other", "-c", str(cfg))[0] == 8
+
+
+def test_a_run_folder_that_is_a_link_elsewhere_is_never_followed(tmp_path: Path) -> None:
+    root, cfg = local(tmp_path)
+    elsewhere = tmp_path / "secrets"
+    elsewhere.mkdir()
+    (elsewhere / layout.TRAIN_LOG).write_text("api key: hunter2\n")
+    (root / "runs" / "link").symlink_to(elsewhere)
+    code, text = orch("logs", "link", "-c", str(cfg))
+    assert code == 7 and "hunter2" not in text and "not a run folder of its own" in text
+    code, text = orch("runs", "--json", "-c", str(cfg))
+    assert json.loads(text)[0]["state"] == "broken"
+
+
+def test_a_huge_config_file_is_refused_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text("target: local\n" + "# padding\n" * 200_000)
+    code, text = orch("config", "check", "-c", str(cfg))
+    assert code == 2 and "too big for a configuration file" in text and text.count("\n") == 1
+
+
+def test_a_disk_full_while_the_env_is_built_is_exit_14(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from trainer.machine import envsetup
+
+    def full(*_a: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(envsetup, "_create", full)
+    answers: list[object] = []
+    channel = type("Channel", (), {"answer": lambda self, a: answers.append(a), "progress": lambda self, t: None})()
+    assert envsetup.run("env", [str(tmp_path / "envs"), "--requirements", "numpy\n"], channel) == 1
+    assert answers[0].disk_full  # type: ignore[attr-defined]
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text(f"target: local\nremote:\n  root: {tmp_path / 'root'}\n  env: {{mode: managed}}\n")
+    # The machine says so; orch says it as the one disk-full line, exit 14.
+    from orchestrator.machine import Answer, Machine
+    from orchestrator.remote import Result
+
+    monkeypatch.setattr(Machine, "ask", lambda self, verb, *a, **k: Answer(Result(1, "", ""), {"disk_full": True}))
+    code, text = orch("deploy", "-c", str(cfg))
+    assert code == 14 and "no space left on device" in text and "python3-venv" not in text
+
+
+def test_doctor_finds_a_remote_root_it_cannot_write(tmp_path: Path) -> None:
+    from trainer.machine.preflight import disk
+
+    assert disk(tmp_path / "not" / "yet").writable  # its nearest existing parent is ours
+    assert not disk(Path("/proc/orch-root")).writable  # not even root can create files there

@@ -119,6 +119,8 @@ FINISHED = "finished"
 FAILED = "failed"
 STOPPED = "stopped"
 FINAL_STATES = (FINISHED, FAILED, STOPPED)
+# status.json "reason" of a failed run that ran out of disk (its exit code is 14, not 8).
+DISK_FULL = "disk_full"
 
 # Keys of one metrics.jsonl line (more may follow; readers must ignore unknown keys).
 METRIC_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")

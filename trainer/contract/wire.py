@@ -210,6 +210,7 @@ class RunInfo(Record):
     best_val_accuracy: float | None = None
     best_epoch: int | None = None
     error: str | None = None
+    reason: str | None = None  # why a failed run failed, when it is one the exit codes name (layout.DISK_FULL)
     updated_at: str | None = None
     parent: str | None = None
     parent_best_val_accuracy: float | None = None
@@ -261,6 +262,8 @@ class RunInfo(Record):
     @property
     def exit_code(self) -> ExitCode:
         """How it ended, as the exit code of a command that followed it (OK while it runs)."""
+        if self.shown_state == layout.FAILED and self.reason == layout.DISK_FULL:
+            return ExitCode.DISK_FULL
         return ENDED.get(self.shown_state or "", ExitCode.OK)
 
 
@@ -361,6 +364,7 @@ class EnvAnswer(Record):
     error: str | None = None
     log: str | None = None  # the pip log on the machine
     log_tail: list[str] = field(default_factory=list)
+    disk_full: bool = False  # it failed for want of disk space
 
 
 @dataclass(frozen=True)
@@ -426,6 +430,7 @@ class DiskCheck(Record):
     path: str = ""
     free_bytes: int = 0
     total_bytes: int = 0
+    writable: bool = True  # this user can create files there (remote.root, or its nearest existing parent)
 
 
 @dataclass(frozen=True)

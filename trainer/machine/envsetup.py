@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any, Callable  # typing's: subscripted at run time on python3 3.8
 
 from trainer.contract import layout
+from trainer.contract.files import is_disk_full
 from trainer.contract.wire import EnvAnswer
 from trainer.machine.locks import lock
 from trainer.machine.proc import bounded_output
 from trainer.machine.readers import tail_lines
 
 READY, LOG = layout.ENV_READY, layout.ENV_LOG
+_NO_SPACE = "No space left on device"  # what pip and venv print for ENOSPC
 Progress = Callable[[str], None]
 # pip output worth showing as progress (the rest stays in install.log)
 PROGRESS = re.compile(r"^(Collecting|Downloading|Installing collected|Successfully installed|ERROR)")
@@ -180,9 +182,15 @@ def run(verb: str, argv: list[str], out: Any) -> int:
     try:
         out.answer(ensure(args.envs, args, out.progress))
     except EnvFailed as exc:
-        out.answer(EnvAnswer(error=str(exc), log=str(exc.log), log_tail=exc.log_tail()))
+        tail = exc.log_tail()
+        out.answer(EnvAnswer(error=str(exc), log=str(exc.log), log_tail=tail, disk_full=_full(exc, tail)))
         return 1
     except OSError as exc:
-        out.answer(EnvAnswer(error=str(exc)))
+        out.answer(EnvAnswer(error=str(exc), disk_full=_full(exc, [])))
         return 1
     return 0
+
+
+def _full(exc: BaseException, tail: list[str]) -> bool:
+    """Whether the install failed for want of disk (an OSError of ours, or what pip or venv said)."""
+    return is_disk_full(exc) or any(_NO_SPACE in text for text in (str(exc), *tail))

@@ -133,7 +133,18 @@ def disk(root: Path) -> DiskCheck:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent  # the runs folder may not exist yet
     usage = shutil.disk_usage(probe)
-    return DiskCheck(str(probe), usage.free, usage.total)
+    return DiskCheck(str(probe), usage.free, usage.total, writable(probe))
+
+
+def writable(folder: Path) -> bool:
+    """Whether this user can create a file in ``folder`` (tried, not guessed from the mode bits)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".orch-writable-"):
+            return True
+    except OSError:
+        return False
 
 
 def preflight(root: Path, data_dir: Path, import_tensorflow: bool) -> Preflight:

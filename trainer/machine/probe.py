@@ -53,6 +53,8 @@ MAX_METRICS = 100_000  # rows in one answer (a run has one per epoch)
 
 def broken(run_dir: Path) -> str | None:
     """Why the run folder cannot be read as a run ("status.json is a named pipe"), or None."""
+    if run_dir.is_symlink():
+        return "the run folder is a link to elsewhere, not a run folder of its own"
     return next((why for why in (readers.problem(run_dir / name) for name in RUN_FILES) if why), None)
 
 
@@ -88,7 +90,7 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         run_id=run_dir.name, created=created, state=status.get("state"), phase=status.get("phase"),
         epoch=status.get("epoch"), epochs=status.get("epochs"), val_accuracy=status.get("val_accuracy"),
         best_val_accuracy=status.get("best_val_accuracy"), best_epoch=status.get("best_epoch"),
-        error=status.get("error"), updated_at=status.get("updated_at"),
+        error=status.get("error"), reason=status.get("reason"), updated_at=status.get("updated_at"),
         parent=run.get("parent_run", status.get("parent")),
         parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
         vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
