@@ -205,3 +205,22 @@ def test_doctor_finds_a_remote_root_it_cannot_write(tmp_path: Path) -> None:
 
     assert disk(tmp_path / "not" / "yet").writable  # its nearest existing parent is ours
     assert not disk(Path("/proc/orch-root")).writable  # not even root can create files there
+
+
+@pytest.mark.parametrize("script, gpus, error", [
+    ("yes '0, Flood, 1, 2, 3, 4, 5' | head -n 2000000", 0, "printed too much"),  # 2 M lines
+    ("sleep 120", 0, "ran too long"),  # a hung driver
+    ("for i in $(seq 0 99); do echo \"$i, G$i, 1, 2, 3, 4, 5\"; done", 64, None),  # more GPUs than any box
+])
+def test_nvidia_smi_gets_a_bounded_time_and_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str,
+                                                 gpus: int, error: str | None) -> None:
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nvidia-smi").write_text(f"#!/bin/sh\n{script}\n")
+    (tools / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    root, cfg = local(tmp_path)
+    code, text = orch("status", "--json", "-c", str(cfg))
+    host = json.loads(text)["machine"]["host"]
+    assert code == 0 and len(host["gpus"]) == gpus
+    assert (error is None and host["gpu_error"] is None) or error in host["gpu_error"]

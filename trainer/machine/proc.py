@@ -59,11 +59,15 @@ def bounded_output(argv: list[str], max_bytes: int = 64 << 10, timeout: float = 
     """Run a tool of the machine's (nvidia-smi) for at most ``timeout`` seconds and ``max_bytes``
     of output (stdout and stderr together): (its exit code, or None when it was stopped for
     running too long or saying too much; what it said). FileNotFoundError when it is not there."""
+    import contextlib
     import select
+    import signal
     import subprocess
     import time
 
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its own session: when it is stopped, whatever it started goes with it.
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     assert proc.stdout is not None
     out = bytearray()
     deadline = time.monotonic() + timeout
@@ -79,6 +83,7 @@ def bounded_output(argv: list[str], max_bytes: int = 64 << 10, timeout: float = 
         return None, out[:max_bytes].decode("utf-8", "replace")
     finally:
         if proc.poll() is None:
-            proc.kill()
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
