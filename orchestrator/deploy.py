@@ -126,6 +126,8 @@ def _refuse(answer: LaunchAnswer, run_id: str, host: str, stderr: str) -> None:
         raise ConfigError(f"run {run_id} already exists on {host}; choose another --run-id")
     if answer.error == "missing":
         raise ConfigError(f"no run {run_id} on {host}; `orch runs` lists them")
+    if answer.error == "broken":
+        raise RemoteError(f"{answer.message} on {host}")
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     raise RemoteError(f"launching the trainer failed on {host}: {lines[-1] if lines else 'no answer'}")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -65,9 +67,14 @@ class LocalRemote(Remote):
         return _LocalBackground(subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.PIPE,
                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
-    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
+    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
         try:
-            with open(path, "rb") as src:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # never a pipe, device or link
+            with open(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise RemoteError(f"cannot read {path}: not a regular file")
+                if size is not None and os.fstat(fd).st_size > size:
+                    raise RemoteError(f"{path} is bigger than the {size} bytes the run listed")
                 return copy_hashing(src, local, progress)
         except OSError as exc:
             raise RemoteError(f"cannot read {path}: {exc.strerror}") from exc

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 HEADER = 16  # trainer/machine/bootstrap.py: the bundle's size, in decimal, before it
 PING, SILENCE = 20.0, 90.0  # the activity hold: a ping this often; gone after this much silence
+MAX_NOISE_LINES = 20  # of what the machine printed outside the frame
 
 
 def bundle_payload(files: dict[str, bytes]) -> bytes:
@@ -71,14 +72,16 @@ class _FrameReader:
         self.answered = False
         self.noise: list[str] = []
 
+    def _noise(self, text: str) -> None:
+        if text.strip() and len(self.noise) < MAX_NOISE_LINES:  # kept for --debug and doctor: a few, cut
+            self.noise.append(text[:4096])
+
     def line(self, line: str) -> None:
         at = line.find(self.mark)
         if at < 0:
-            if line.strip():
-                self.noise.append(line)
+            self._noise(line)
             return
-        if line[:at].strip():
-            self.noise.append(line[:at])  # a greeting without its newline, before the frame
+        self._noise(line[:at])  # a greeting without its newline, before the frame
         kind, _, payload = line[at + len(self.mark):].partition(" ")
         try:
             value = json.loads(payload)

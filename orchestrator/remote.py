@@ -150,15 +150,23 @@ class Remote(ABC):
         result = self.run(command, write=write, on_data=unframed.feed, check=False)
         _check_stream(result.code, result.stderr, unframed.found, f"{what} failed on {self.host}")
 
-    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
+    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
         """Copy a remote file (an absolute path) to ``local`` (a temp name: renaming is the
-        caller's); returns the sha256 of the bytes received, computed on the way."""
+        caller's), at most ``size`` bytes (what the run listed: a file swapped for a link to an
+        endless device fills nothing); returns the sha256 of the bytes received, computed on the way."""
         from orchestrator.transfer import HashingWriter, framed, new_frame
 
         frame = new_frame()
+        limit = size if size is not None else 1 << 62
         with open(local, "wb") as out:
             writer = HashingWriter(out, progress)
-            self.stream(framed(frame, f"cat -- {q(path)}"), frame, writer, what=f"reading {path}")
+
+            def keep(data: bytes) -> None:
+                if writer.done + len(data) > limit + (1 << 20):  # a shell's goodbye after the file, at most
+                    raise RemoteError(f"{path} is bigger than the {size} bytes the run listed")
+                writer(data[: max(0, limit - writer.done)])
+
+            self.stream(framed(frame, f"cat -- {q(path)}"), frame, keep, what=f"reading {path}")
         return writer.hexdigest()
 
     @abstractmethod
@@ -178,4 +186,5 @@ class Remote(ABC):
 def _check_stream(code: int, stderr: str, found: bool, what: str) -> None:
     if code != 0 or not found:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
-        raise RemoteError(f"{what}: {lines[-1] if lines else f'exit code {code}'}")
+        default = f"exit code {code}" if code != 0 else "its output never began (no frame line)"
+        raise RemoteError(f"{what}: {lines[-1] if lines else default}")

@@ -168,28 +168,34 @@ class SshRemote(Remote):
     @contextlib.contextmanager
     def _openssh(self, command: str, write: Writer | None, what: str) -> Iterator[Any]:
         """OpenSSH running ``command`` (it dies with orch), its stdin fed by ``write``: yields its
-        stdout pipe; a failure after the block is RemoteError with the tail of its stderr."""
-        with tempfile.TemporaryFile() as errors:
-            proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE if write else
-                                  subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
-            try:
-                if write is not None:
-                    assert proc.stdin is not None
-                    with contextlib.suppress(BrokenPipeError):
-                        write(proc.stdin)  # type: ignore[arg-type]
-                        proc.stdin.close()
-                assert proc.stdout is not None
-                yield proc.stdout
-                code = proc.wait()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                proc.stdout.close()  # type: ignore[union-attr]
-            if code != 0:
-                errors.seek(max(0, errors.seek(0, 2) - MAX_STDERR))
-                lines = [ln for ln in errors.read().decode(errors="replace").splitlines() if ln.strip()]
-                raise RemoteError(f"{what} failed on {self.host}: {lines[-1] if lines else f'exit code {code}'}")
+        stdout pipe. A failure, in the block or of ssh, is RemoteError with the last line of its stderr."""
+        proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE if write else
+                              subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        errors = children.Tail(proc.stderr, MAX_STDERR)
+        failed: BaseException | None = None
+        try:
+            if write is not None:
+                assert proc.stdin is not None
+                with contextlib.suppress(BrokenPipeError):
+                    write(proc.stdin)  # type: ignore[arg-type]
+                    proc.stdin.close()
+            assert proc.stdout is not None
+            yield proc.stdout
+        except RemoteError as exc:
+            failed = exc
+        finally:
+            if proc.poll() is None and failed is None:
+                proc.wait()
+            killed = proc.poll() is None
+            if killed:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+        if failed is not None and killed:  # orch stopped it, for the reason it gives
+            raise RemoteError(f"{what} failed on {self.host}: {failed}") from failed
+        if proc.returncode != 0 or failed is not None:  # what ssh said (a refused key, a lost connection) says more
+            why = errors.last_line(str(failed) if failed else f"exit code {proc.returncode}")
+            raise RemoteError(f"{what} failed on {self.host}: {why}") from failed
 
     def stream(self, command: str, frame: str, sink: Sink, *, write: Writer | None = None,
                what: str = "reading from the machine") -> None:
@@ -202,15 +208,15 @@ class SshRemote(Remote):
         if not unframed.found:
             raise RemoteError(f"{what} failed on {self.host}: its output never began (no frame line)")
 
-    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
+    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
         if not shutil.which("ssh"):
-            return super().fetch(path, local, progress)
+            return super().fetch(path, local, progress, size)
         # The kernel moves the bytes from OpenSSH's pipe into the file (splice), and they are
         # hashed from the page cache as they land: no copy through Python.
         frame = new_frame()
         with open(local, "w+b") as out, self._openssh(framed(frame, f"cat -- {q(path)}"), None,
                                                        f"reading {path}") as pipe:
-            return receive_file(pipe.fileno(), frame, out, progress)
+            return receive_file(pipe.fileno(), frame, out, progress, size)
 
     def close(self) -> None:
         for client in reversed(self._clients):

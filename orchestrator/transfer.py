@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -78,24 +77,44 @@ def copy_hashing(src: Any, local: Path, progress: Progress | None) -> str:
         return hash_stream(src, on_block=lambda block: writer(block)).hexdigest()
 
 
-def receive_file(pipe: int, frame: str, out: BinaryIO, progress: Progress | None) -> str:
-    """A framed stream from the pipe ``pipe`` into ``out`` (open for reading too): the noise before the frame dropped,
-    the rest moved by the kernel (splice: no copy through Python) and hashed from the page cache
-    as it lands. Returns the sha256 of what was written; RemoteError when no frame came."""
+def receive_file(pipe: int, frame: str, out: BinaryIO, progress: Progress | None, size: int | None = None) -> str:
+    """A framed stream from the pipe ``pipe`` into ``out`` (open for reading too): the noise
+    before the frame dropped, the rest moved by the kernel (splice: no copy through Python) and
+    hashed from the page cache as it lands, at most ``size`` bytes (what the run listed; a little
+    more, a shell's goodbye, is dropped; much more is refused). Returns the sha256 of what was
+    written; RemoteError when no frame came."""
     writer = HashingWriter(out, progress)
-    unframed = Unframed(frame, writer)
+    limit = size if size is not None else 1 << 62
+    unframed = Unframed(frame, lambda data: writer(data[: max(0, limit - writer.done)]))
     while not unframed.found:
         chunk = os.read(pipe, 1 << 16)
         if not chunk:
-            raise RemoteError("the command's output never began (no frame line)")
+            raise RemoteError("its output never began (no frame line)")
         unframed.feed(chunk)
     out.flush()
     fd = out.fileno()
-    move: Callable[[], int] = (lambda: os.splice(pipe, fd, BLOCK)) if hasattr(os, "splice") else \
-        (lambda: os.write(fd, os.read(pipe, BLOCK)))
-    while n := move():
+    while writer.done < limit and (n := _move(pipe, fd, min(BLOCK, limit - writer.done))):
         writer.h.update(os.pread(fd, n, writer.done))
         writer.done += n
         if progress is not None:
             progress(writer.done)
+    extra = 0
+    while chunk := os.read(pipe, 1 << 16):  # after the file: at most a shell's goodbye
+        extra += len(chunk)
+        if extra > MAX_NOISE:
+            raise RemoteError(f"the file is bigger than the {size} bytes the run listed")
     return writer.hexdigest()
+
+
+def _move(pipe: int, fd: int, count: int) -> int:
+    """Up to ``count`` bytes from the pipe into the file: by the kernel where it can (splice)."""
+    if hasattr(os, "splice"):
+        try:
+            return os.splice(pipe, fd, count)
+        except OSError:  # a file system without splice (some FUSE mounts): the plain way
+            pass
+    data = os.read(pipe, count)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)

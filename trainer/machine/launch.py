@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -64,6 +65,8 @@ def _check(root: Path, run_dir: Path, fresh: bool, force: bool) -> None:
     run = describe_run(run_dir)
     if not run_dir.is_dir():
         raise Refused("missing", f"no run {run_dir.name}", ExitCode.USAGE)
+    if run.broken:
+        raise Refused("broken", f"run {run.run_id} cannot be continued: {run.broken}", ExitCode.REMOTE)
     # The run lock is the surest sign of a live trainer (started by orch or by hand).
     if run.alive or is_locked(run_dir / layout.RUN_LOCK):
         raise Refused("busy", f"run {run.run_id} is still running (pid {run.pid})", ExitCode.BUSY)
@@ -80,7 +83,14 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None) -
             *args.trainer_options]
     env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
     # A fresh run's log starts empty; a continued run appends to its log.
-    with open(run_dir / layout.TRAIN_LOG, "ab" if deploy_json is None else "wb") as log:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_APPEND if deploy_json is None else
+                                                                      os.O_TRUNC)
+    fd = os.open(run_dir / layout.TRAIN_LOG, flags, 0o666)  # a named pipe there cannot block the launch
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused("broken", f"run {run_dir.name}: {layout.TRAIN_LOG} is not a regular file", ExitCode.REMOTE)
+    os.set_blocking(fd, True)
+    with open(fd, "ab") as log:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: the trainer ignores hang-ups (nohup)
         child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)  # setsid

@@ -40,6 +40,17 @@ def send(src: int, dst: int, offset: int) -> int:
         offset += sent
 
 
+def reader_gone(fd: int) -> bool:
+    """Whether nobody reads ``fd`` any more (the pipe's other end closed: POLLERR)."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
 def stream(run_dir: Path, offset: int, follow: bool, out: Any) -> int:
     if run_dir.is_symlink() or not run_dir.is_dir():
         sys.stderr.write(f"{run_dir} is not a run folder of its own (a link, or missing)\n")
@@ -62,6 +73,8 @@ def stream(run_dir: Path, offset: int, follow: bool, out: Any) -> int:
             return 0
         active = describe_run(run_dir).active  # one more send after the run ended: nothing is missed
         if active:
+            if reader_gone(dst):  # orch went away (Ctrl-C): a stalled run must not keep this alive
+                return 0
             time.sleep(POLL)
 
 

@@ -42,7 +42,7 @@ from trainer.contract.wire import (
 )
 from trainer.machine import readers
 from trainer.machine.locks import is_locked
-from trainer.machine.proc import bounded_output, pid_alive, stopped_by_signal
+from trainer.machine.proc import bounded_output, pid_alive, process_start_time, started_at, stopped_by_signal
 from trainer.machine.readers import read_json
 
 # The files of a run folder orch reads: one that is there but not a regular file breaks the run.
@@ -58,19 +58,25 @@ def broken(run_dir: Path) -> str | None:
     return next((why for why in (readers.problem(run_dir / name) for name in RUN_FILES) if why), None)
 
 
-def quiet_for(run_dir: Path, heartbeat: dict[str, Any]) -> float | None:
-    """Seconds since the trainer's last sign of life: its heartbeat, or status.json's last write."""
-    times = [t for t in (heartbeat.get("time"),) if isinstance(t, (int, float)) and t == t]
-    with contextlib.suppress(OSError):
-        times.append((run_dir / layout.STATUS).stat().st_mtime)
+def quiet_for(run_dir: Path, pid: int, heartbeat: dict[str, Any], status: dict[str, Any]) -> float | None:
+    """Seconds since the trainer's last sign of life: its start, its heartbeat, its last status.
+    Only the living process's own count (a continued run's folder holds its predecessor's)."""
+    times = [t for t in (started_at(pid),) if t is not None]
+    beat = heartbeat.get("time")
+    if heartbeat.get("pid") == pid and isinstance(beat, (int, float)) and beat == beat:
+        times.append(float(beat))
+    if status.get("pid") == pid:
+        with contextlib.suppress(OSError):
+            times.append((run_dir / layout.STATUS).stat().st_mtime)
     return max(0.0, time.time() - max(times)) if times else None
 
 
 def stall_after(run_dir: Path, heartbeat: dict[str, Any]) -> float:
     """monitor.stall_seconds as the run was launched with, else the larger of 10 minutes and three
     median epochs."""
-    given = (read_json(run_dir / layout.DEPLOY_JSON).get("monitor") or {}).get("stall_seconds")
-    if isinstance(given, (int, float)) and given > 0:
+    monitor = read_json(run_dir / layout.DEPLOY_JSON).get("monitor")
+    given = monitor.get("stall_seconds") if isinstance(monitor, dict) else None
+    if isinstance(given, (int, float)) and not isinstance(given, bool) and 0 < given < float("inf"):
         return float(given)
     median = heartbeat.get("median_epoch_seconds")
     return max(STALL_FLOOR, 3 * median) if isinstance(median, (int, float)) else STALL_FLOOR
@@ -95,7 +101,7 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
         vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
         started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching, broken=broken(run_dir),
-        quiet_for=quiet_for(run_dir, heartbeat) if alive else None,
+        quiet_for=quiet_for(run_dir, pid, heartbeat, status) if alive and pid is not None else None,
         stall_after=stall_after(run_dir, heartbeat) if alive else None,
         signal_stopped=alive and pid is not None and stopped_by_signal(pid),
     )
@@ -214,8 +220,7 @@ def _read_manifest(path: Path) -> tuple[str | None, bool]:
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
             return None, False
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_MANIFEST_BYTES + 1)
+        data = readers.read_bytes(path, MAX_MANIFEST_BYTES + 1)  # a pipe swapped in meanwhile cannot hang it
     except OSError:
         return None, False
     if len(data) > MAX_MANIFEST_BYTES:
@@ -240,13 +245,7 @@ def started(run_dir: Path, pid: int, launched_at: float) -> StartCheck:
 
 
 def _lives(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_start_time(pid) is not None  # a zombie is dead: it only waits to be reaped
 
 
 def run(verb: str, args: list[str], out: Any) -> int:

@@ -19,6 +19,19 @@ def process_start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
+def started_at(pid: int) -> float | None:
+    """When a living process started, in seconds since the epoch (boot time + its start ticks)."""
+    ticks = process_start_time(pid)
+    if ticks is None:
+        return None
+    try:
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def stopped_by_signal(pid: int) -> bool:
     """Whether ``pid`` is stopped (SIGSTOP, SIGTSTP, a debugger): state T or t in /proc."""
     try:
@@ -78,12 +91,14 @@ def bounded_output(argv: list[str], max_bytes: int = 64 << 10, timeout: float = 
                 break  # too slow
             chunk = os.read(proc.stdout.fileno(), 1 << 16)
             if not chunk:
-                return proc.wait(), out.decode("utf-8", "replace")
+                try:
+                    return proc.wait(max(0.0, deadline - time.monotonic())), out.decode("utf-8", "replace")
+                except subprocess.TimeoutExpired:
+                    break  # it closed its output but goes on
             out += chunk
         return None, out[:max_bytes].decode("utf-8", "replace")
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with contextlib.suppress(OSError):  # whatever it started goes too, even if it has exited itself
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         proc.stdout.close()

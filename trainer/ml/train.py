@@ -118,6 +118,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
             "start the same command again to continue")
         return ExitCode.RUN_STOPPED
     # ---- evaluate the best checkpoint on the validation split, then finish
+    run.heartbeat.beat(force=True, phase="evaluating")
     _final_evaluation(run, model, inputs, list(run.state.history), log)
     faults.point("finish:evaluated")
     run.finish(layout.FINISHED)
@@ -140,6 +141,7 @@ def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
 
 def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, log: Log) -> tuple[Any, Any, Any]:
     """The compiled model and its training and validation batches (TensorFlow/Keras imported only now)."""
+    run.heartbeat.beat(force=True, phase="building the model")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -214,6 +216,7 @@ def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any
         callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
                                                      write_graph=False, profile_batch=0))
     run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
+    run.heartbeat.beat(force=True, phase="compiling the first batches")
     stopper.model = model  # from now on a signal stops fit after the current batch
     model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=run.state.epoch,
               callbacks=callbacks, verbose=2)
