@@ -173,6 +173,7 @@ class SshRemote(Remote):
                               subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         errors = children.Tail(proc.stderr, MAX_STDERR)
         failed: BaseException | None = None
+        done = False
         try:
             if write is not None:
                 assert proc.stdin is not None
@@ -181,10 +182,11 @@ class SshRemote(Remote):
                     proc.stdin.close()
             assert proc.stdout is not None
             yield proc.stdout
+            done = True
         except RemoteError as exc:
             failed = exc
         finally:
-            if proc.poll() is None and failed is None:
+            if done:  # its output is read: ssh ends by itself (anything else, Ctrl-C included, kills it)
                 proc.wait()
             killed = proc.poll() is None
             if killed:

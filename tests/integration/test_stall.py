@@ -33,10 +33,10 @@ def crafted_run(root: Path, quiet: float, stall_seconds: float | None) -> subpro
     run.mkdir(parents=True)
     sleeper = subprocess.Popen(["sleep", "300"])
     (run / layout.PID_FILE).write_text(pid_line(sleeper.pid))
-    (run / layout.STATUS).write_text(json.dumps({"state": "running", "epoch": 3, "epochs": 10}))
+    (run / layout.STATUS).write_text(json.dumps({"state": "running", "epoch": 3, "epochs": 10, "pid": sleeper.pid}))
     then = time.time() - quiet
     os.utime(run / layout.STATUS, (then, then))
-    (run / layout.HEARTBEAT).write_text(json.dumps({"time": then, "median_epoch_seconds": 1.0}))
+    (run / layout.HEARTBEAT).write_text(json.dumps({"time": then, "pid": sleeper.pid, "median_epoch_seconds": 1.0}))
     if stall_seconds is not None:
         (run / layout.DEPLOY_JSON).write_text(json.dumps({"monitor": {"stall_seconds": stall_seconds}}))
     return sleeper

@@ -60,14 +60,16 @@ def broken(run_dir: Path) -> str | None:
 
 def quiet_for(run_dir: Path, pid: int, heartbeat: dict[str, Any], status: dict[str, Any]) -> float | None:
     """Seconds since the trainer's last sign of life: its start, its heartbeat, its last status.
-    Only the living process's own count (a continued run's folder holds its predecessor's)."""
-    times = [t for t in (started_at(pid),) if t is not None]
+    Only the living process's own count (a continued run's folder holds its predecessor's); its
+    start counts only until it has written one of its own."""
+    times: list[float] = []
     beat = heartbeat.get("time")
     if heartbeat.get("pid") == pid and isinstance(beat, (int, float)) and beat == beat:
         times.append(float(beat))
     if status.get("pid") == pid:
         with contextlib.suppress(OSError):
             times.append((run_dir / layout.STATUS).stat().st_mtime)
+    times = times or [t for t in (started_at(pid),) if t is not None]
     return max(0.0, time.time() - max(times)) if times else None
 
 
