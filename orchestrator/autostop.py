@@ -41,14 +41,14 @@ def plan(cfg: DeployConfig, given: str | None) -> AutostopPlan:
     return AutostopPlan(change=True, idle_minutes=minutes, command=cfg.autostop.command)
 
 
-def apply(m: Machine, autostop: AutostopPlan) -> Autostop | None:
-    """Arm or disarm the watcher; each deploy re-arms it (the idle clock starts again)."""
+def launch_args(autostop: AutostopPlan) -> list[str]:
+    """What the launch does to autostop, in the same step as the launch (each deploy re-arms it:
+    the idle clock starts again); trainer/machine/launch.py."""
     if not autostop.change:
-        return None
+        return []
     if autostop.idle_minutes is None:
-        return _watcher(m, "disarm")
-    return _watcher(m, "arm", "--idle-minutes", str(autostop.idle_minutes), "--command", autostop.command,
-                    "--code", m.code.path)
+        return ["--autostop-off"]
+    return ["--autostop-minutes", str(autostop.idle_minutes), "--autostop-command", autostop.command]
 
 
 def wake(m: Machine) -> Autostop:

@@ -76,3 +76,28 @@ def scope() -> Iterator[None]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+class Tail:
+    """The last ``limit`` bytes a child writes to a pipe (its stderr), read in a thread: the child
+    never blocks on a full pipe, and a child that writes without end costs ``limit`` bytes."""
+
+    def __init__(self, pipe: Any, limit: int = 64 << 10) -> None:
+        import threading
+
+        self.data, self.limit = bytearray(), limit
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: os.read(pipe.fileno(), 1 << 16), b""):
+                self.data += chunk
+                if len(self.data) > 2 * self.limit:
+                    del self.data[: -self.limit]
+
+    def last_line(self, default: str) -> str:
+        """The last non-empty line, once the pipe has closed (or ``default``)."""
+        self.thread.join(timeout=10)
+        lines = [ln for ln in self.data[-self.limit:].decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else default

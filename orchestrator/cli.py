@@ -24,6 +24,7 @@ from orchestrator import __version__
 from orchestrator.context import Context, Output, Trust
 from orchestrator.errors import ExitCode, OrchError
 from orchestrator.requests import Extension, LaunchOptions
+from orchestrator.terminal import clean
 from trainer.contract.exitcodes import help_table
 
 app = typer.Typer(
@@ -134,7 +135,13 @@ def _out(ctx: Context) -> Any:
 
 
 def _print_json(console: Any, obj: Any) -> None:
-    console.print_json(json.dumps(obj))
+    """JSON as it is: its strings are data, every control character in them written escaped."""
+    console.print_json(json.dumps(obj), ensure_ascii=True)
+
+
+def _say(console: Any, text: Any) -> None:
+    """One line (or a renderable built from cleaned text); a str is cleaned of escape sequences first."""
+    console.print(clean(text) if isinstance(text, str) else text)
 
 
 def _print_table(console: Any, table: Any) -> None:
@@ -193,7 +200,7 @@ def up(ctx: Context) -> None:
     from orchestrator.status import up as run_up
 
     inst = run_up(ctx)
-    _out(ctx).print(f"{inst.id} {inst.state} {inst.address or '(no public address)'}")
+    _say(_out(ctx), f"{inst.id} {inst.state} {inst.address or '(no public address)'}")
 
 
 @app.command()
@@ -211,9 +218,9 @@ def down(
     confirm = (lambda question: typer.confirm(question, default=False)) if ask else None
     inst = run_down(ctx, force=force, confirm=confirm)
     if inst is None:
-        _out(ctx).print("left running")
+        _say(_out(ctx), "left running")
         raise typer.Exit(int(ExitCode.INTERRUPTED))
-    _out(ctx).print(f"{inst.id} {inst.state}")
+    _say(_out(ctx), f"{inst.id} {inst.state}")
 
 
 @app.command()
@@ -224,7 +231,7 @@ def trust(ctx: Context) -> None:
     from orchestrator.provision import trust_host
 
     key = trust_host(ctx)
-    _out(ctx).print(f"{'trusted' if key.added else 'already trusted'} {key.host}: {key.kind} {key.fingerprint} "
+    _say(_out(ctx), f"{'trusted' if key.added else 'already trusted'} {key.host}: {key.kind} {key.fingerprint} "
                     f"({key.known_hosts})")
 
 
@@ -252,7 +259,7 @@ def _show_launched(ctx: Context, launched: Any, json_out: bool, how: str = "") -
     if json_out:
         _print_json(_out(ctx), launched.to_json())
     else:
-        _out(ctx).print(f"run {launched.run_id} started on {launched.host} (pid {launched.pid}{how}; code version "
+        _say(_out(ctx), f"run {launched.run_id} started on {launched.host} (pid {launched.pid}{how}; code version "
                         f"{launched.code_version}); watch it with: orch monitor {launched.run_id}")
 
 
@@ -309,7 +316,7 @@ def monitor(
         if json_out:
             _print_json(_out(ctx), view.to_json())
         else:
-            _out(ctx).print(view.render())
+            _say(_out(ctx), view.render())
         return int(view.exit_code)
     return _follow(ctx, run, interval)
 
@@ -323,7 +330,7 @@ def _follow(ctx: Context, run: str | None, interval: float = 2.0) -> int:
     with Live(console=_out(ctx), auto_refresh=False, transient=False) as live:
         view = run_monitor(ctx, run, interval=interval, show=lambda v: live.update(v.render(), refresh=True))
     _out(ctx).line()
-    _out(ctx).print(view.summary())
+    _say(_out(ctx), view.summary())
     return int(view.exit_code)
 
 
@@ -359,7 +366,7 @@ def download(
         _print_json(_out(ctx), got.to_json())
         return
     acc = f"{got.best_val_accuracy:.4f}" if got.best_val_accuracy is not None else "n/a"
-    _out(ctx).print(f"run {got.run_id}: best val_accuracy {acc}; {len(got.fetched)} files fetched, "
+    _say(_out(ctx), f"run {got.run_id}: best val_accuracy {acc}; {len(got.fetched)} files fetched, "
                     f"{len(got.already_there)} already there, in {got.dest}")
 
 
@@ -374,7 +381,7 @@ def runs_cmd(ctx: Context, json_out: bool = JsonOpt) -> None:
     if json_out:
         _print_json(_out(ctx), [run_json(r) for r in runs])
     elif not runs:
-        _out(ctx).print("no runs yet; start one with `orch deploy`")
+        _say(_out(ctx), "no runs yet; start one with `orch deploy`")
     else:
         _print_table(_out(ctx), runs_table(runs))
 
@@ -392,10 +399,10 @@ def status(ctx: Context, json_out: bool = JsonOpt) -> int:
         _print_json(_out(ctx), st.to_json())
     else:
         for line in status_lines(st):
-            _out(ctx).print(line)
+            _say(_out(ctx), line)
     if st.stopped:
         assert st.instance is not None and ctx.output is not None
-        ctx.output.err.print(f"orch: instance {st.instance.id} is {st.instance.state}; `orch up` starts it")
+        _say(ctx.output.err, f"orch: instance {st.instance.id} is {st.instance.state}; `orch up` starts it")
         return int(ExitCode.INSTANCE_STOPPED)
     return 0
 
@@ -419,7 +426,8 @@ def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: b
 
         table = Table("check", "", "detail", "fix", show_lines=False)
         for r in results:
-            table.add_row(r.check, "ok" if r.ok else "FAILED", r.detail, "" if r.ok else r.fix)
+            verdict = "FAILED" if not r.ok else "warning" if r.warning else "ok"
+            table.add_row(r.check, verdict, clean(r.detail), clean(r.fix) if not r.ok or r.warning else "")
         _print_table(output.out, table)
     return 0 if ok else int(ExitCode.NOT_READY)
 
@@ -434,7 +442,13 @@ def logs(
     """Print (or follow) a run's train.log."""
     from orchestrator.runs import logs as run_logs
 
-    run_logs(ctx, run, follow=follow, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    out = _out(ctx).file
+
+    def write(text: str) -> None:
+        out.write(clean(text))
+        out.flush()
+
+    run_logs(ctx, run, follow=follow, write=write)
 
 
 @app.command()
@@ -453,7 +467,7 @@ def stop(
     if json_out:
         _print_json(_out(ctx), run_json(final))
     else:
-        _out(ctx).print(f"run {final.run_id} {final.shown_state} at epoch {final.epoch}/{final.epochs}")
+        _say(_out(ctx), f"run {final.run_id} {final.shown_state} at epoch {final.epoch}/{final.epochs}")
     return 0 if final.shown_state == "stopped" else int(final.exit_code or ExitCode.ERROR)
 
 
@@ -477,13 +491,13 @@ def main(argv: list[str] | None = None, output: Output | None = None) -> int:
     except OrchError as exc:
         if invocation.debug:
             raise
-        err.print(f"orch: error: {_one_line(str(exc))}")
+        _say(err, f"orch: error: {_one_line(str(exc))}")
         code = exc.exit_code
     except Exception as exc:
         if invocation.debug:
             raise
-        err.print(f"orch: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
-                  "(a bug: run with --debug for the traceback and report it)")
+        _say(err, f"orch: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+             "(a bug: run with --debug for the traceback and report it)")
         code = ExitCode.ERROR
     if argv is None:
         sys.exit(int(code))
@@ -498,7 +512,7 @@ def _usage_error(output: Output, exc: Any) -> int:
         output.out.print(ctx.get_help())
         return ExitCode.USAGE
     where = ctx.command_path if ctx is not None else "orch"
-    output.err.print(f"orch: error: {_one_line(exc.format_message())} (see `{where} --help`)")
+    _say(output.err, f"orch: error: {_one_line(exc.format_message())} (see `{where} --help`)")
     return ExitCode.USAGE
 
 

@@ -99,6 +99,12 @@ class AutostopConfig(_Section):
                          "shutdown behaviour stops (its EBS disk, runs and data stay)")
 
 
+class MonitorConfig(_Section):
+    stall_seconds: float | None = Field(None, gt=0, description="a running trainer with no sign of life (no batch "
+                                        "trained, no file loaded) for this long is shown as stalled; default: the "
+                                        "larger of 10 minutes and three median epoch times")
+
+
 class DataConfig(_Section):
     remote_dir: str = Field("models/wav2vec",
                             description="feature folder on the machine: relative to remote.root, or absolute")
@@ -145,6 +151,7 @@ class DeployConfig(_Section):
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     autostop: AutostopConfig = Field(default_factory=AutostopConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     train: TrainOptions = Field(  # type: ignore[valid-type]
         default_factory=TrainOptions,
         description="defaults for `python -m trainer train` (every key, its type, range and default: "

@@ -27,6 +27,10 @@ class Output:
     def terminal(cls) -> Output:
         from rich.console import Console
 
+        for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets it escaped
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
+
         return cls(Console(highlight=False, soft_wrap=True, markup=False),
                    Console(stderr=True, highlight=False, soft_wrap=True, markup=False), sys.stdin.isatty())
 
@@ -41,7 +45,9 @@ class Output:
     def log(self, message: str) -> None:
         from rich.text import Text
 
-        self.err.print(Text.assemble(("orch:", "dim"), " ", message))
+        from orchestrator.terminal import clean
+
+        self.err.print(Text.assemble(("orch:", "dim"), " ", clean(message)))
 
 
 def _quiet(_message: str) -> None:

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestrator.autostop import apply as apply_autostop
+from orchestrator.autostop import AutostopPlan, describe, launch_args
 from orchestrator.autostop import plan as autostop_plan
 from orchestrator.config import DeployConfig
 from orchestrator.context import Context
 from orchestrator.environment import TrainingPython, ensure_env, run_setup
-from orchestrator.errors import BusyError, ConfigError, RemoteError
+from orchestrator.errors import BusyError, ConfigError, OrchError, RemoteError
 from orchestrator.machine import Machine, check_run_id
 from orchestrator.preflight import require_ready
 from orchestrator.provision import acquire
@@ -75,27 +75,46 @@ def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[s
     return argv
 
 
-def launch(m: Machine, run_id: str, argv: Sequence[str], *, python: str, force: bool, fresh: bool) -> int:
-    """Start ``python -m trainer train`` detached (it outlives the SSH session); its pid.
+@dataclass(frozen=True)
+class Start:
+    """What a launch asks for: the run, its options, the interpreter, and the machine's rules."""
 
-    ONE remote command (trainer/machine/launch.py) does the busy check, creates the run folder
-    and starts the trainer under the machine's launch lock: of two launches at the same moment,
-    exactly one starts and the other gets the busy error. ``fresh``: a new run (its folder must
-    not exist); else the run folder is continued.
+    run_id: str
+    argv: Sequence[str]
+    python: str
+    fresh: bool  # a new run (its folder must not exist); else the run folder is continued
+    force: bool = False
+    autostop: AutostopPlan = AutostopPlan(change=False)
+
+
+def launch(m: Machine, start: Start) -> LaunchAnswer:
+    """Start ``python -m trainer train`` detached (it outlives the SSH session).
+
+    ONE remote command (trainer/machine/launch.py) does the busy check, arms autostop, creates
+    the run folder and starts the trainer under the machine's launch lock: of two launches at
+    the same moment, exactly one starts and the other gets the busy error. Whatever fails after
+    the launch says which run was started, and how to follow or stop it.
     """
     resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
     deploy_json = json.dumps(resolved, indent=2).encode()
-    args = [m.root, run_id, "--fresh" if fresh else "--continue", *(["--force"] if force else []),
-            "--python", python, "--code", m.code.path, "--data-dir", m.data_dir, "--", *argv]
-    got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if fresh else None)
+    args = [m.root, start.run_id, "--fresh" if start.fresh else "--continue", *(["--force"] if start.force else []),
+            "--python", start.python, "--code", m.code.path, "--data-dir", m.data_dir, *launch_args(start.autostop),
+            "--", *start.argv]
+    got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if start.fresh else None)
     answer = LaunchAnswer.from_json(got.record) if isinstance(got.record, dict) else LaunchAnswer()
     if answer.pid is None:
-        _refuse(answer, run_id, m.remote.host, got.result.stderr)
+        _refuse(answer, start.run_id, m.remote.host, got.result.stderr)
     assert answer.pid is not None
     m.launched = True
-    m.log(f"launched run {run_id} (pid {answer.pid}) on {m.remote.host}")
-    wait_started(m, m.run_dir(run_id), answer.pid)
-    return answer.pid
+    m.log(f"launched run {start.run_id} (pid {answer.pid}) on {m.remote.host}")
+    if answer.autostop is not None:
+        m.log(describe(answer.autostop))
+    try:
+        wait_started(m, m.run_dir(start.run_id), answer.pid, answer.launched_at or 0.0)
+    except OrchError as exc:
+        raise type(exc)(f"run {start.run_id} was launched on {m.remote.host} (pid {answer.pid}), but {exc}; follow "
+                        f"it with `orch monitor {start.run_id}`, stop it with `orch stop {start.run_id}`") from exc
+    return answer
 
 
 def _refuse(answer: LaunchAnswer, run_id: str, host: str, stderr: str) -> None:
@@ -107,16 +126,17 @@ def _refuse(answer: LaunchAnswer, run_id: str, host: str, stderr: str) -> None:
         raise ConfigError(f"run {run_id} already exists on {host}; choose another --run-id")
     if answer.error == "missing":
         raise ConfigError(f"no run {run_id} on {host}; `orch runs` lists them")
+    if answer.error == "broken":
+        raise RemoteError(f"{answer.message} on {host}")
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     raise RemoteError(f"launching the trainer failed on {host}: {lines[-1] if lines else 'no answer'}")
 
 
-def wait_started(m: Machine, run_dir: str, pid: int, timeout: float = START_TIMEOUT) -> None:
-    """Succeed once the new process (``pid``) wrote status.json and has not failed; else show
-    the log's tail."""
+def wait_started(m: Machine, run_dir: str, pid: int, launched_at: float, timeout: float = START_TIMEOUT) -> None:
+    """Succeed once the new trainer wrote status.json and has not failed; else show the log's tail."""
     deadline = time.monotonic() + timeout
     while True:
-        check = m.answer(verbs.STARTED, run_dir, pid)
+        check = m.answer(verbs.STARTED, run_dir, pid, repr(launched_at))
         if check.state in (layout.RUNNING, layout.FINISHED, layout.STOPPED):
             return
         if check.state == layout.FAILED or not check.alive or time.monotonic() > deadline:
@@ -163,10 +183,9 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
         _refuse_if_busy(m, launching.force)
         data = sync_data(m) if with_data else None
         python = prepare(m, allow_cpu=launching.allow_cpu)
-        pid = launch(m, run_id, argv, python=python.python, force=launching.force, fresh=True)
-        armed = apply_autostop(m, stop_plan)
-        return Launched(run_id, m.run_dir(run_id), m.remote.host, pid, m.code.version, m.code.transferred, data,
-                        extra={"env": _env_json(python)} | _autostop_json(armed))
+        answer = launch(m, Start(run_id, argv, python.python, True, launching.force, stop_plan))
+        return Launched(run_id, m.run_dir(run_id), m.remote.host, answer.pid or 0, m.code.version,
+                        m.code.transferred, data, extra={"env": _env_json(python)} | _autostop_json(answer.autostop))
 
 
 def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Extension(), in_place: bool = False,
@@ -186,10 +205,9 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
             target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
         python = prepare(m, allow_cpu=launching.allow_cpu)
-        pid = launch(m, target, argv, python=python.python, force=launching.force, fresh=fresh)
-        armed = apply_autostop(m, stop_plan)
-        return Launched(target, m.run_dir(target), m.remote.host, pid, m.code.version, m.code.transferred,
-                        extra=extra | {"env": _env_json(python)} | _autostop_json(armed))
+        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan))
+        return Launched(target, m.run_dir(target), m.remote.host, answer.pid or 0, m.code.version,
+                        m.code.transferred, extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop))
 
 
 def _continued(m: Machine, run_id: str | None, force: bool) -> str:

@@ -11,6 +11,7 @@ from orchestrator.environment import existing_python
 from orchestrator.errors import OrchError
 from orchestrator.preflight import Finding, ask, findings
 from orchestrator.provision import acquire, provider
+from trainer.contract import verbs
 
 SKIPPED = "skipped: an earlier check failed"
 
@@ -45,10 +46,22 @@ def _instance(ctx: Context, results: list[Finding]) -> bool:
     return inst.running
 
 
+def _shell(noise: list[str]) -> Finding:
+    """What the login shell prints before every command: orch looks past it (its answers are
+    framed), but scp, sftp and rsync break on it."""
+    if not noise:
+        return Finding("shell", True, "the login shell prints nothing before a command")
+    shown = " | ".join(line[:80] for line in noise[:3])
+    return Finding("shell", True, f"the login shell prints {len(noise)} line(s) before every command: {shown}",
+                   "orch ignores it, but scp, sftp and rsync break on it: in ~/.bashrc (or ~/.zshenv) print only "
+                   "in interactive shells (after `[ -z \"$PS1\" ] && return`)", warning=True)
+
+
 def _machine(ctx: Context, results: list[Finding]) -> None:
     try:
         with acquire(ctx) as m:
             results.append(Finding("ssh", True, f"{m.remote.host} reachable, host key known"))
+            results.append(_shell(m.ask(verbs.HOME).noise))
             python = existing_python(m)
             if python is None:
                 results.append(Finding("env", False, "the managed environment is not built yet",

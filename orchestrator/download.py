@@ -206,7 +206,7 @@ def _fetch(remote: Remote, path: str, e: Entry, progress: Callable[[int], None],
     tmp = destination.part_path(e.local)
     try:
         try:
-            got = remote.fetch(path, tmp, progress)
+            got = remote.fetch(path, tmp, progress, e.size)
         except OrchError as exc:
             if is_disk_full(exc) or destination.short_for_lack_of_room(tmp, e.size):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.errors import NotReady, RemoteError
+from orchestrator.errors import DiskFull, NotReady, RemoteError
 from orchestrator.machine import Machine
 from trainer.contract import layout, verbs
 from trainer.contract.codeversion import code_files
@@ -30,6 +30,9 @@ def ensure_env(m: Machine) -> TrainingPython:
         return TrainingPython(m.expand_user(cfg.remote.python or cfg.helper_python), managed=False)
     got = m.ask(verbs.ENV, *_envsetup_args(m), on_progress=lambda text: m.log(f"env: {text}"))
     answer = EnvAnswer.from_json(got.record) if isinstance(got.record, dict) else EnvAnswer()
+    if answer.disk_full:
+        raise DiskFull(f"no space left on device on {m.remote.host} while building the managed environment in "
+                       f"{m.root}/{layout.ENVS_DIR}: free some space (df -h) and deploy again")
     if answer.python is None:
         tail = " | ".join(answer.log_tail) or got.result.stderr.strip()[-300:]
         where = f" (log: {answer.log} on the machine)" if answer.log else ""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import subprocess
 import threading
 from pathlib import Path
 
 from orchestrator.errors import RemoteError
-from orchestrator.remote import Background, LineFeed, Progress, Remote, Result, Writer
+from orchestrator.remote import Background, Progress, Remote, Streams, Writer
 from orchestrator.transfer import copy_hashing
 
 
@@ -33,39 +35,46 @@ class LocalRemote(Remote):
         self.host = "localhost"
         self.cwd = cwd
 
-    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result:
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
         proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+        assert stdin is not None and stdout is not None and stderr is not None
+        # stderr in a thread, stdout here, both as they come: neither can fill up and block the other
+        reader = threading.Thread(target=lambda: [streams.err(c) for c in iter(lambda: stderr.read1(1 << 16), b"")],
+                                  daemon=True)
+        reader.start()
         try:
-            if write is not None:
-                write(proc.stdin)  # type: ignore[arg-type]
-        except BrokenPipeError:
-            pass  # the command exited early; its exit code and stderr say why
-        finally:
-            proc.stdin.close()
-            proc.stdin = None  # communicate() must not flush what we closed
-        if lines is None:
-            out, err = proc.communicate(timeout=timeout)
-        else:  # stderr in a thread, stdout line by line here
-            stdout, stderr = proc.stdout, proc.stderr
-            assert stderr is not None
-            errs: list[bytes] = []
-            reader = threading.Thread(target=lambda: errs.append(stderr.read()), daemon=True)
-            reader.start()
-            out = b"".join(lines.feed(chunk) for chunk in iter(lambda: stdout.read1(1 << 16), b""))
+            try:
+                if write is not None:
+                    write(stdin)  # type: ignore[arg-type]
+            except BrokenPipeError:
+                pass  # the command exited early; its exit code and stderr say why
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    stdin.close()
+            for chunk in iter(lambda: stdout.read1(1 << 16), b""):
+                streams.out(chunk)
             proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
             reader.join()
-            err = errs[0] if errs else b""
-        return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+        return proc.returncode
 
     def start(self, command: str) -> Background:
         return _LocalBackground(subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.PIPE,
                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
-    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
+    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
         try:
-            with open(path, "rb") as src:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # never a pipe, device or link
+            with open(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise RemoteError(f"cannot read {path}: not a regular file")
+                if size is not None and os.fstat(fd).st_size > size:
+                    raise RemoteError(f"{path} is bigger than the {size} bytes the run listed")
                 return copy_hashing(src, local, progress)
         except OSError as exc:
             raise RemoteError(f"cannot read {path}: {exc.strerror}") from exc

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 HEADER = 16  # trainer/machine/bootstrap.py: the bundle's size, in decimal, before it
 PING, SILENCE = 20.0, 90.0  # the activity hold: a ping this often; gone after this much silence
+MAX_NOISE_LINES = 20  # of what the machine printed outside the frame
 
 
 def bundle_payload(files: dict[str, bytes]) -> bytes:
@@ -71,14 +72,16 @@ class _FrameReader:
         self.answered = False
         self.noise: list[str] = []
 
+    def _noise(self, text: str) -> None:
+        if text.strip() and len(self.noise) < MAX_NOISE_LINES:  # kept for --debug and doctor: a few, cut
+            self.noise.append(text[:4096])
+
     def line(self, line: str) -> None:
         at = line.find(self.mark)
         if at < 0:
-            if line.strip():
-                self.noise.append(line)
+            self._noise(line)
             return
-        if line[:at].strip():
-            self.noise.append(line[:at])  # a greeting without its newline, before the frame
+        self._noise(line[:at])  # a greeting without its newline, before the frame
         kind, _, payload = line[at + len(self.mark):].partition(" ")
         try:
             value = json.loads(payload)
@@ -121,6 +124,13 @@ class Machine:
         if reader.noise and self.ctx.debug:
             self.log(f"outside the answer to {verb.name}: " + " | ".join(reader.noise[-5:]))
         return Answer(result, reader.answer if reader.answered else None, reader.noise)
+
+    def stream(self, verb: Verb, *args: str | int, sink: Callable[[bytes], None]) -> None:
+        """Run a streaming verb; its bytes go to ``sink`` as they arrive (RemoteError if it fails)."""
+        assert verb.stream, f"{verb.name} does not stream"
+        frame = secrets.token_hex(12)
+        self.remote.stream(self._command(verb, args, frame, None), frame, sink, write=lambda fh: fh.write(self.payload),
+                           what=f"{verb.name} on the machine")
 
     def start(self, verb: Verb, *args: str | int | float) -> Background:
         """Run ``verb`` in the background (its output is not read); the bundle is sent, its stdin

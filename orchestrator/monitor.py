@@ -12,8 +12,9 @@ from orchestrator.context import Context
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
 from orchestrator.provision import acquire
 from orchestrator.runs import compared_with_parent
+from orchestrator.terminal import clean
 from trainer.contract import layout
-from trainer.contract.wire import DIED, Epoch, Host, RunInfo, Snapshot
+from trainer.contract.wire import DIED, STALLED, Epoch, Host, RunInfo, Snapshot
 
 LOG_LINES = 10
 EXIT_WAIT_REFRESHES = 25  # x 0.2 s: how long the last frame waits for a finished trainer to exit
@@ -79,7 +80,8 @@ class RunView:
         return {
             "run_id": self.run_id, "state": self.state, "epoch": run.epoch, "epochs": run.epochs,
             "val_accuracy": last.val_accuracy if last else None, "best_val_accuracy": run.best_val_accuracy,
-            "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "eta_seconds": self.eta_seconds(),
+            "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "stall": run.stall,
+            "quiet_for": run.quiet_for, "eta_seconds": self.eta_seconds(),
             "gpus": [asdict(g) for g in self.host.gpus], "load": asdict(self.host.load), "log_tail": self.log_tail,
         }
 
@@ -105,6 +107,8 @@ class RunView:
         (it only has its exit left to do)."""
         if self.state in layout.FINAL_STATES:
             return "process exiting" if self.alive else "process ended"
+        if self.run is not None and self.run.signal_stopped:
+            return "process stopped by a signal"
         return "process alive" if self.alive else "process not running"
 
     def render(self) -> Any:
@@ -115,11 +119,12 @@ class RunView:
 
         run = self.info
         epoch, epochs = run.epoch or 0, run.epochs or 0
-        color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", layout.STOPPED: "yellow"}.get(
+        color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", STALLED: "red",
+                 layout.STOPPED: "yellow"}.get(
             self.state or "", "cyan")
-        head = Text.assemble(("run ", "bold"), (self.run_id, "bold"), "  ", (str(self.state), f"bold {color}"),
-                             "  " + self.process_text(),
-                             f"  ({self.note})" if self.note else "")
+        head = Text.assemble(("run ", "bold"), (clean(self.run_id), "bold"), "  ",
+                             (clean(str(self.state)), f"bold {color}"), "  " + self.process_text(),
+                             f"  ({clean(self.note)})" if self.note else "")
         eta = self.eta_seconds()
         bar = Table.grid(padding=(0, 1))
         bar.add_row(f"epoch {epoch}/{epochs}", ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
@@ -133,8 +138,10 @@ class RunView:
         acc.add_row("loss trend", sparkline(_series(self.history, "loss")), "last", _fmt(last.loss))
         parts: list[Any] = [head, bar, acc, self._machine_table()]
         if run.error:
-            parts.append(Text(f"error: {run.error}", style="red"))
-        parts.append(Text("\n".join(self.log_tail[-LOG_LINES:]), style="dim"))
+            parts.append(Text(clean(f"error: {run.error}"), style="red"))
+        if run.stall:
+            parts.append(Text(f"stalled: {run.stall}", style="red"))
+        parts.append(Text("\n".join(clean(line) for line in self.log_tail[-LOG_LINES:]), style="dim"))
         return Group(*parts)
 
     def _machine_table(self) -> Any:
@@ -142,11 +149,11 @@ class RunView:
         from rich.text import Text
 
         if not self.host.gpus:
-            return Text(describe_load(self.host))
+            return Text(clean(describe_load(self.host)))
         table = Table("GPU", "name", "util %", "memory MiB", "temp °C", "power W", box=None)
         for g in self.host.gpus:
             memory = f"{_fmt(g.memory_used, 0)}/{_fmt(g.memory_total, 0)}"
-            table.add_row(str(g.index), g.name, _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
+            table.add_row(str(g.index), clean(g.name), _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
                           _fmt(g.power, 1))
         return table
 

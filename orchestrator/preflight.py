@@ -24,6 +24,7 @@ class Finding:
     detail: str
     fix: str = ""
     exit_code: ExitCode = ExitCode.NOT_READY
+    warning: bool = False  # passed, but worth the user's attention (the fix says what to do)
 
 
 def ask(m: Machine, python: str, *, import_tensorflow: bool = False) -> Preflight:
@@ -74,6 +75,10 @@ def findings(m: Machine, python: str, answer: Preflight, *, allow_cpu: bool = Fa
     out.append(Finding("disk", free >= need, f"{free:.1f} GB free on {answer.disk.path}",
                        f"only {free:.1f} GB free on the runs' file system ({answer.disk.path}) on {host}; "
                        f"a run needs {need:g} GB (remote.min_free_gb): free some space"))
+    out.append(Finding("root", answer.disk.writable, f"{answer.disk.path} is writable" if answer.disk.writable else
+                       f"{answer.disk.path} is not writable",
+                       f"this login cannot create files in {answer.disk.path} on {host} (remote.root {m.root}): "
+                       "choose a remote.root in a folder it owns"))
     return out
 
 

@@ -19,6 +19,12 @@ from orchestrator.errors import RemoteError
 
 Writer = Callable[[BinaryIO], None]
 Progress = Callable[[int], None]  # bytes received so far
+Sink = Callable[[bytes], None]  # takes a command's stdout as it arrives
+
+# What the machine sends is untrusted: nothing of one command's output is held without a bound.
+MAX_KEPT = 1 << 20  # stdout kept for a command whose output no sink reads
+MAX_STDERR = 64 << 10  # the tail of stderr kept (what error messages quote)
+MAX_LINE = 32 << 20  # one line (a framed answer: a run's file list is a few MB); the rest of a longer one is dropped
 
 
 def q(word: str) -> str:
@@ -44,25 +50,55 @@ class Result:
 
 
 class LineFeed:
-    """Bytes in, complete lines out to a callback (for what is shown as it happens)."""
+    """Bytes in, complete lines out to a callback (for what is shown as it happens). A line is
+    held up to MAX_LINE bytes; what a longer one has beyond that is dropped."""
 
-    def __init__(self, on_line: Callable[[str], None]) -> None:
-        self.on_line, self.pending = on_line, bytearray()
+    def __init__(self, on_line: Callable[[str], None], max_line: int = MAX_LINE) -> None:
+        self.on_line, self.pending, self.max_line = on_line, bytearray(), max_line
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> None:
         if b"\n" not in chunk:  # only the new bytes are searched: a long line costs what it is long
-            self.pending += chunk
-            return chunk
-        *complete, rest = (bytes(self.pending) + chunk).split(b"\n")
-        self.pending = bytearray(rest)
-        for line in complete:
-            self.on_line(line.decode(errors="replace"))
-        return chunk
+            self._hold(chunk)
+            return
+        first, *middle, rest = chunk.split(b"\n")
+        self._hold(first)
+        for line in (bytes(self.pending), *middle):
+            self.on_line(line[: self.max_line].decode(errors="replace"))
+        self.pending = bytearray()
+        self._hold(rest)
+
+    def _hold(self, part: bytes) -> None:
+        room = self.max_line - len(self.pending)
+        if room > 0:
+            self.pending += part[:room]
 
     def flush(self) -> None:
         if self.pending:
             self.on_line(self.pending.decode(errors="replace"))
             self.pending = bytearray()
+
+
+class Streams:
+    """Where one command's output goes: stdout to a sink as it arrives (or kept, up to
+    MAX_KEPT), the last MAX_STDERR bytes of stderr kept."""
+
+    def __init__(self, sink: Sink | None) -> None:
+        self.sink = sink
+        self.kept, self.errors = bytearray(), bytearray()
+
+    def out(self, chunk: bytes) -> None:
+        if self.sink is not None:
+            self.sink(chunk)
+        elif len(self.kept) < MAX_KEPT:
+            self.kept += chunk[: MAX_KEPT - len(self.kept)]
+
+    def err(self, chunk: bytes) -> None:
+        self.errors += chunk
+        if len(self.errors) > 2 * MAX_STDERR:
+            del self.errors[:-MAX_STDERR]
+
+    def result(self, code: int) -> Result:
+        return Result(code, self.kept.decode(errors="replace"), self.errors[-MAX_STDERR:].decode(errors="replace"))
 
 
 class Background(ABC):
@@ -82,27 +118,56 @@ class Remote(ABC):
     host: str = ""
 
     @abstractmethod
-    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result: ...
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
+        """Run ``command``, its stdin from ``write``, its output into ``streams``; its exit code."""
 
     def run(self, command: str, *, check: bool = True, timeout: float | None = None,
             write: Writer | None = None, what: str | None = None,
-            on_line: Callable[[str], None] | None = None) -> Result:
-        """Run a shell command; ``write`` streams its stdin, ``on_line`` gets each line of its
-        stdout as it arrives. Non-zero exit -> RemoteError (unless not ``check``)."""
+            on_line: Callable[[str], None] | None = None, on_data: Sink | None = None) -> Result:
+        """Run a shell command; ``write`` streams its stdin; ``on_line`` gets each line of its
+        stdout as it arrives, or ``on_data`` each chunk (then stdout is not kept in the Result).
+        Non-zero exit -> RemoteError (unless not ``check``)."""
         feed = LineFeed(on_line) if on_line is not None else None
-        result = self._exec(command, write, timeout, feed)
+        streams = Streams(feed.feed if feed is not None else on_data)
+        code = self._exec(command, write, timeout, streams)
         if feed is not None:
             feed.flush()
+        result = streams.result(code)
         if check and result.code != 0:
             detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
             tail = detail[-1] if detail else f"exit code {result.code}"
             raise RemoteError(f"{what or 'remote command'} failed on {self.host}: {tail}")
         return result
 
-    @abstractmethod
-    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
+    def stream(self, command: str, frame: str, sink: Sink, *, write: Writer | None = None,
+               what: str = "reading from the machine") -> None:
+        """Run ``command``, which prints the frame line ``frame`` before its output; everything
+        after the frame goes to ``sink`` as it arrives (what the shell printed before is dropped).
+        RemoteError if the command fails or never printed its frame."""
+        from orchestrator.transfer import Unframed
+
+        unframed = Unframed(frame, sink)
+        result = self.run(command, write=write, on_data=unframed.feed, check=False)
+        _check_stream(result.code, result.stderr, unframed.found, f"{what} failed on {self.host}")
+
+    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
         """Copy a remote file (an absolute path) to ``local`` (a temp name: renaming is the
-        caller's); returns the sha256 of the bytes received, computed on the way."""
+        caller's), at most ``size`` bytes (what the run listed: a file swapped for a link to an
+        endless device fills nothing); returns the sha256 of the bytes received, computed on the way."""
+        from orchestrator.transfer import HashingWriter, framed, new_frame
+
+        frame = new_frame()
+        limit = size if size is not None else 1 << 62
+        with open(local, "wb") as out:
+            writer = HashingWriter(out, progress)
+
+            def keep(data: bytes) -> None:
+                if writer.done + len(data) > limit + (1 << 20):  # a shell's goodbye after the file, at most
+                    raise RemoteError(f"{path} is bigger than the {size} bytes the run listed")
+                writer(data[: max(0, limit - writer.done)])
+
+            self.stream(framed(frame, f"cat -- {q(path)}"), frame, keep, what=f"reading {path}")
+        return writer.hexdigest()
 
     @abstractmethod
     def start(self, command: str) -> Background:
@@ -116,3 +181,10 @@ class Remote(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_stream(code: int, stderr: str, found: bool, what: str) -> None:
+    if code != 0 or not found:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        default = f"exit code {code}" if code != 0 else "its output never began (no frame line)"
+        raise RemoteError(f"{what}: {lines[-1] if lines else default}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import codecs
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from orchestrator.context import Context
 from orchestrator.errors import ConfigError, RemoteError
 from orchestrator.machine import Machine
 from orchestrator.provision import acquire
+from orchestrator.terminal import clean
 from trainer.contract import verbs
 from trainer.contract.wire import RunInfo
 
@@ -64,34 +64,28 @@ def runs_table(runs: list[RunInfo]) -> Any:
                     ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")))
     for r in runs:
         seconds = duration_seconds(r)
-        table.add_row(r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
-                      f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
-                      compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
-                      f"{seconds / 60:.1f} min" if seconds is not None else "")
+        cells = (r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
+                 f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
+                 compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
+                 f"{seconds / 60:.1f} min" if seconds is not None else "")
+        table.add_row(*map(clean, cells))
     return table
 
 
-def logs(ctx: Context, run_id: str | None, *, follow: bool, write: Callable[[str], None],
-         interval: float = 1.0) -> str:
-    """Print train.log (default: the latest run); ``follow`` keeps printing until the run ends."""
+def logs(ctx: Context, run_id: str | None, *, follow: bool, write: Callable[[str], None]) -> str:
+    """Print train.log (default: the latest run); ``follow`` keeps printing until the run ends.
+    ONE command streams it (trainer/machine/logstream.py): the transport's speed, flat memory."""
     with acquire(ctx) as m:
         run_id = m.choose(run_id).run_id
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a character cut in two
-        offset, was_active = 0, True
-        while True:
-            chunk = m.answer(verbs.LOG, m.run_dir(run_id), offset)
-            text = decode.decode(base64.b64decode(chunk.data))
-            if text:
-                write(text)
-            offset = chunk.offset
-            if chunk.more:
-                continue
-            if not follow or not was_active:  # one more read after the run ended: nothing is missed
-                write(decode.decode(b"", final=True))
-                return run_id
-            was_active = chunk.active
-            if was_active:
-                time.sleep(interval)
+
+        def text(chunk: bytes) -> None:
+            if out := decode.decode(chunk):
+                write(out)
+
+        m.stream(verbs.LOG, m.run_dir(run_id), 0, *(["--follow"] if follow else []), sink=text)
+        write(decode.decode(b"", final=True))
+        return run_id
 
 
 def stop(ctx: Context, run_id: str | None, *, timeout: float = STOP_TIMEOUT) -> RunInfo:

@@ -6,19 +6,20 @@ keepalive on. Bulk data goes through the OpenSSH client with the very same setti
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from orchestrator import children
 from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
 from orchestrator.hostkeys import HostKey, VerifyNewHostKey, fingerprint, load_known_hosts
-from orchestrator.remote import Background, LineFeed, Progress, Remote, Result, Writer, q
+from orchestrator.remote import MAX_STDERR, Background, Progress, Remote, Sink, Streams, Writer, q
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
-from orchestrator.transfer import copy_hashing, hash_growing
+from orchestrator.transfer import BLOCK, Unframed, framed, new_frame, receive_file
 
 
 class _ChannelBackground(Background):
@@ -44,7 +45,6 @@ class SshRemote(Remote):
         self.accepted: list[HostKey] = []
         self._clients: list[Any] = []
         self._openssh_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._sftp: Any = None
         try:
             sock = None
             hops = (*target.jumps, target.hop)
@@ -115,7 +115,7 @@ class SshRemote(Remote):
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectError(f"the jump host cannot reach {to.label}: {exc or type(exc).__name__}") from exc
 
-    def _exec(self, command: str, write: Writer | None, timeout: float | None, lines: LineFeed | None) -> Result:
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
         import paramiko
 
         transport = self.client.get_transport()
@@ -132,12 +132,11 @@ class SshRemote(Remote):
                 with chan.makefile_stdin("wb") as stdin:
                     write(stdin)
             chan.shutdown_write()
-            out_f, err_f = chan.makefile("rb"), chan.makefile_stderr("rb")
-            out = _drain(chan, out_f, err_f, lines)
+            _drain(chan, streams)
             code = chan.recv_exit_status()
             if code == -1:  # the channel closed without an exit status: the connection went away
                 raise ConnectionLost(f"the connection to {self.host} was lost during a command")
-            return Result(code, out[0].decode(errors="replace"), out[1].decode(errors="replace"))
+            return code
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
         finally:
@@ -166,57 +165,85 @@ class SshRemote(Remote):
             Path(self._openssh_dir.name, "config").write_text(openssh_config(self.target))
         return ["ssh", "-F", str(Path(self._openssh_dir.name, "config")), "orch-target"]
 
-    def fetch(self, path: str, local: Path, progress: Progress | None = None) -> str:
-        if shutil.which("ssh"):
-            # ssh writes straight into the file; a thread hashes what has landed, from the page
-            # cache, meanwhile: no copy through Python (measured: the difference between 1.5x
-            # and 1x of scp's time on 2 cores).
-            with open(local, "wb") as out:
-                proc = children.spawn([*self.openssh_argv(), f"cat -- {q(path)}"], stdout=out,
-                                      stderr=subprocess.PIPE)  # dies with orch
-                digest = hash_growing(local, proc, progress)
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            if proc.returncode != 0:
-                why = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
-                raise RemoteError(f"cannot read {path} on {self.host}: {why}")
-            return digest
-        if self._sftp is None:
-            self._sftp = self.client.open_sftp()
+    @contextlib.contextmanager
+    def _openssh(self, command: str, write: Writer | None, what: str) -> Iterator[Any]:
+        """OpenSSH running ``command`` (it dies with orch), its stdin fed by ``write``: yields its
+        stdout pipe. A failure, in the block or of ssh, is RemoteError with the last line of its stderr."""
+        proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE if write else
+                              subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        errors = children.Tail(proc.stderr, MAX_STDERR)
+        failed: BaseException | None = None
+        done = False
         try:
-            with self._sftp.open(path, "rb") as src:
-                src.prefetch()  # pipelined reads: paramiko's one-request-at-a-time is slow
-                return copy_hashing(src, local, progress)
-        except OSError as exc:
-            raise RemoteError(f"cannot read {path} on {self.host}: {exc}") from exc
+            if write is not None:
+                assert proc.stdin is not None
+                with contextlib.suppress(BrokenPipeError):
+                    write(proc.stdin)  # type: ignore[arg-type]
+                    proc.stdin.close()
+            assert proc.stdout is not None
+            yield proc.stdout
+            done = True
+        except RemoteError as exc:
+            failed = exc
+        finally:
+            if done:  # its output is read: ssh ends by itself (anything else, Ctrl-C included, kills it)
+                proc.wait()
+            killed = proc.poll() is None
+            if killed:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+        if failed is not None and killed:  # orch stopped it, for the reason it gives
+            raise RemoteError(f"{what} failed on {self.host}: {failed}") from failed
+        if proc.returncode != 0 or failed is not None:  # what ssh said (a refused key, a lost connection) says more
+            why = errors.last_line(str(failed) if failed else f"exit code {proc.returncode}")
+            raise RemoteError(f"{what} failed on {self.host}: {why}") from failed
+
+    def stream(self, command: str, frame: str, sink: Sink, *, write: Writer | None = None,
+               what: str = "reading from the machine") -> None:
+        if not shutil.which("ssh"):
+            return super().stream(command, frame, sink, write=write, what=what)
+        unframed = Unframed(frame, sink)
+        with self._openssh(command, write, what) as out:  # OpenSSH: bulk data at twice paramiko's speed
+            for chunk in iter(lambda: os.read(out.fileno(), BLOCK), b""):
+                unframed.feed(chunk)
+        if not unframed.found:
+            raise RemoteError(f"{what} failed on {self.host}: its output never began (no frame line)")
+
+    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
+        if not shutil.which("ssh"):
+            return super().fetch(path, local, progress, size)
+        # The kernel moves the bytes from OpenSSH's pipe into the file (splice), and they are
+        # hashed from the page cache as they land: no copy through Python.
+        frame = new_frame()
+        with open(local, "w+b") as out, self._openssh(framed(frame, f"cat -- {q(path)}"), None,
+                                                       f"reading {path}") as pipe:
+            return receive_file(pipe.fileno(), frame, out, progress, size)
 
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
         for client in reversed(self._clients):
             client.close()
         if self._openssh_dir is not None:
             self._openssh_dir.cleanup()
 
 
-def _drain(chan: Any, out_f: Any, err_f: Any, lines: LineFeed | None = None) -> tuple[bytes, bytes]:
-    """Read stdout and stderr to the end without deadlocking on a full stderr window."""
+def _drain(chan: Any, streams: Streams) -> None:
+    """Read stdout and stderr to the end, as they come, without deadlocking on a full stderr window."""
     import select
 
-    out, err = bytearray(), bytearray()
     while True:
         if chan.recv_ready():
-            chunk = chan.recv(1 << 16)
-            out += lines.feed(chunk) if lines is not None else chunk
+            streams.out(chan.recv(1 << 16))
         elif chan.recv_stderr_ready():
-            err += chan.recv_stderr(1 << 16)
+            streams.err(chan.recv_stderr(1 << 16))
         elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
             break
         else:
             select.select([chan], [], [], 1.0)
     # Anything left in the buffers after the exit status arrived.
-    rest = out_f.read()
-    out += lines.feed(rest) if lines is not None else rest
-    err += err_f.read()
-    return bytes(out), bytes(err)
+    for chunk in iter(lambda: chan.recv(1 << 16), b""):
+        streams.out(chunk)
+    for chunk in iter(lambda: chan.recv_stderr(1 << 16), b""):
+        streams.err(chunk)
 
 

@@ -114,7 +114,8 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
         staging = f"{parent}/{layout.data_staging_prefix(name)}{time.time_ns()}"
         # An upload cut off mid-way removes its own staging folder when its tar fails (a later
         # sync's listing clears it too, if this one never noticed the cut).
-        unpack = f"mkdir -p {q(staging)} && tar -xf - -C {q(staging)} || {{ rm -rf -- {q(staging)}; exit 1; }}"
+        script = f"mkdir -p {q(staging)} && tar -xf - -C {q(staging)} || {{ rm -rf -- {q(staging)}; exit 1; }}"
+        unpack = f"/bin/sh -c {q(script)}"  # POSIX sh whatever the login shell is (fish has no `{ ...; }`)
         if method == "ssh":
             _tar_over_ssh_client(remote, local, changed, unpack)  # type: ignore[arg-type]
         else:
@@ -201,15 +202,15 @@ def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[bytes], unpa
         # that none is ever read as an option.
         tar = children.spawn(["tar", "-C", str(local), "-h", "--null", "-T", "-", "-cf", "-"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        ssh = children.spawn([*remote.openssh_argv(), unpack], stdin=tar.stdout, stdout=subprocess.PIPE,
+        ssh = children.spawn([*remote.openssh_argv(), unpack], stdin=tar.stdout, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
         assert tar.stdin is not None and tar.stdout is not None
+        tar_err, ssh_err = children.Tail(tar.stderr), children.Tail(ssh.stderr)  # bounded, never blocking
         tar.stdout.close()  # ssh holds it now; tar sees SIGPIPE if ssh dies
         tar.stdin.write(b"".join(b"./" + r + b"\0" for r in rels))
         tar.stdin.close()
-        _, ssh_err = ssh.communicate()
-        tar_err = tar.stderr.read() if tar.stderr else b""
+        ssh.wait()
         tar.wait()
     if tar.returncode != 0 or ssh.returncode != 0:
-        why = (ssh_err or tar_err).decode(errors="replace").strip().splitlines()
-        raise RemoteError(f"uploading the data to {remote.host} failed: {why[-1] if why else 'no message'}")
+        why = ssh_err.last_line("") or tar_err.last_line("no message")
+        raise RemoteError(f"uploading the data to {remote.host} failed: {why}")

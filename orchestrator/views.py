@@ -25,7 +25,8 @@ def status_lines(st: MachineStatus) -> list[str]:
     if not st.machine.host.gpus:
         lines.append(f"  {describe_load(st.machine.host)}")
     active = [r for r in st.machine.runs if r.active]
-    lines += [f"  running: {r.run_id} epoch {r.epoch}/{r.epochs}, best {r.best_val_accuracy}" for r in active]
+    lines += [f"  running: {r.run_id} epoch {r.epoch}/{r.epochs}, best {r.best_val_accuracy}"
+              + (f"; STALLED: {r.stall}" if r.stall else "") for r in active]
     if not active:
         lines.append("  no run is running")
     lines.append(f"  {describe(st.machine.autostop)}")

@@ -40,10 +40,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_BYTES = 1 << 20  # a configuration file is a few KB
+
+
 def read_yaml(path: Path) -> Any:
     """The parsed document of ``path`` (None when empty)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise ConfigError(f"{path}: more than {MAX_BYTES >> 20} MB, too big for a configuration file; is it "
+                              "the right file?")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     try:

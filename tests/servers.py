@@ -113,3 +113,22 @@ def ssh_deploy_config(sshd: Sshd, work: Path, **data: str) -> object:
         "remote": {"root": str(work / "remote"), "python": os.sys.executable},
         "data": data,
     })
+
+
+_PEAK = ("import os, subprocess, sys\n"
+         "with open(sys.argv[1], 'wb') as out:\n"
+         "    proc = subprocess.Popen(sys.argv[2:], stdout=out, stderr=subprocess.PIPE)\n"
+         "    _, status, usage = os.wait4(proc.pid, 0)\n"
+         "sys.stderr.buffer.write(proc.stderr.read())\n"
+         "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
+
+
+def peak_rss(argv: list[str], stdout: str = os.devnull, env: dict[str, str] | None = None) -> tuple[int, int, str]:
+    """(exit code, peak RSS in KB, stderr) of ``argv``, its stdout into ``stdout``. Started from a
+    small helper process: a child forked from a big one (a test worker that imported TensorFlow)
+    would count the parent's pages until its exec."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK, stdout, *argv], capture_output=True, text=True, env=env)
+    code, rss = done.stdout.split()
+    return int(code), int(rss), done.stderr

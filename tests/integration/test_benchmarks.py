@@ -17,6 +17,7 @@ QUICK = {
     "bench_load.py": (["--quick"], "load_dataset, cached"),
     "bench_sync.py": (["--quick"], "orch sync"),
     "bench_download.py": (["--quick"], "monitor snapshot"),
+    "bench_logs.py": (["--quick"], "orch logs (framed, cleaned)"),
     "bench_faults.py": (["--kills", "1", "--epochs", "2"], "kills, 0 violations"),
 }
 

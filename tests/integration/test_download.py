@@ -187,9 +187,9 @@ def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: d
     fetches: list[str] = []
     original = ssh.SshRemote.fetch
 
-    def fetch(self, path, local, progress=None):  # the trainer commits its manifest meanwhile
+    def fetch(self, path, local, progress=None, size=None):  # the trainer commits its manifest meanwhile
         fetches.append(path)
-        digest = original(self, path, local, progress)
+        digest = original(self, path, local, progress, size)
         if path.endswith(BEST):
             (run_dir / layout.MANIFEST).write_text(
                 "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))

@@ -203,7 +203,8 @@ def test_doctor_reports_each_check(tmp_path: Path, sshd: Sshd, features: Path) -
     proc = run_orch("doctor", "-c", cfg, "--json")
     doc = json.loads(proc.stdout)
     assert proc.returncode == 0 and doc["ok"], proc.stdout
-    assert [c["check"] for c in doc["checks"]] == ["config", "ssh", "python", "packages", "gpus", "data", "disk"]
+    assert [c["check"] for c in doc["checks"]] == ["config", "ssh", "shell", "python", "packages", "gpus", "data",
+                                                   "disk", "root"]
     assert all(c["ok"] for c in doc["checks"])
     # an unknown host key fails the ssh check (doctor never trusts it), and nothing after it runs
     (tmp_path / "known_hosts").write_text("")

@@ -67,8 +67,10 @@ def test_booleans_round_trip() -> None:
 def test_wire_records_round_trip_through_json() -> None:
     from trainer.contract.wire import Epoch, GpuRow, Host, HostLoad, RunInfo, Snapshot
 
-    snap = Snapshot(RunInfo("r1", 1.0, "running", "training", 3, 10, 0.5, 0.6, 2, None, "t", "p0", 0.55, 0.05, True,
-                            "s", 123, True, False),
+    snap = Snapshot(RunInfo("r1", created=1.0, state="running", phase="training", epoch=3, epochs=10, val_accuracy=0.5,
+                            best_val_accuracy=0.6, best_epoch=2, updated_at="t", parent="p0",
+                            parent_best_val_accuracy=0.55, vs_parent=0.05, beat_parent=True, started_at="s", pid=123,
+                            alive=True, quiet_for=3.0, stall_after=600.0),
                     [Epoch(3, 1.5, 0.4, 1.6, 0.5, 1e-3, 2.0)], 3, ["line"],
                     Host([GpuRow(0, "A10G", 97.0, 1.0, 2.0, 70.0, 200.0)], None, HostLoad(4, [0.1], 8, 4)))
     assert Snapshot.from_json(json.loads(json.dumps(snap.to_json()))) == snap

@@ -164,7 +164,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
     r, d = str(root), str(run_dir)
     return {
         "home": ([], b""), "runs": ([r], b""), "host": ([], b""), "snapshot": ([d, "0", "5"], b""),
-        "machine": ([r], b""), "log": ([d, "0"], b""), "files": ([d], b""), "started": ([d, "1"], b""),
+        "machine": ([r], b""), "log": ([d, "0"], b""), "files": ([d], b""), "started": ([d, "1", "0"], b""),
         "launch": ([r, "nope", "--continue", "--python", sys.executable, "--code", str(code), "--data-dir", str(data)],
                    b""),
         "signal": ([d], b""), "env": ([str(tmp / "envs"), "--requirements", "numpy\n", "--check"], b""),
@@ -186,10 +186,13 @@ def run_every_verb(payload: bytes, tmp: Path, python: str = sys.executable) -> l
         verb = verbs.VERBS[name]
         out = bare_python(bootstrap_source(), payload + stdin, "FRAME", name, *args, python=python)
         err = out.stderr.decode(errors="replace")
-        frames = [line.split(" ", 2) for line in out.stdout.decode().splitlines() if line.startswith("FRAME ")]
-        answers = [json.loads(payload) for _, kind, payload in frames if kind == verbs.ANSWER]
+        frames = [line.split(" ", 2) for line in out.stdout.decode(errors="replace").splitlines()
+                  if line.startswith("FRAME ")]
+        answers = [json.loads(rest[1]) for _, *rest in frames if rest[0] == verbs.ANSWER]
         if "Traceback" in err or (verb.answer is None and out.returncode != 0):
             problems.append(f"{name}: exit {out.returncode}: {err.strip().splitlines()[-1:]}")
+        elif verb.stream and [verbs.STREAM] not in [rest for _, *rest in frames]:
+            problems.append(f"{name}: no stream frame")
         elif verb.answer is not None:
             if len(answers) != 1:
                 problems.append(f"{name}: {len(answers)} answers, exit {out.returncode}: {err.strip()[-300:]}")

@@ -87,7 +87,7 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
 def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "train"}
+    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "train"}
     for section in ("Ec2Config", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
                     "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():

@@ -246,6 +246,7 @@ def test_a_full_disk_keeps_the_committed_state_and_marks_the_run_failed(
     run.fail_on_full_disk("no space left on device on X: free space and run `orch resume run --continue`")
     status = run.read_json(layout.STATUS)
     assert status["state"] == "failed" and status["error"].startswith("no space left on device on X")
+    assert status["reason"] == layout.DISK_FULL  # its exit code is 14, not 8
     assert run.file(layout.STATE).read_bytes() == state_before
     assert sorted(p.name for p in run.file(layout.CHECKPOINTS_DIR).iterdir()) == [
         "best.weights.h5", "epoch-0001.weights.h5", "epoch-0002.weights.h5", "state.json"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import threading
 import time
@@ -123,5 +124,50 @@ def test_logs_keep_a_character_cut_between_two_reads(tmp_path: Path) -> None:
         (run / layout.STATUS).write_text(json.dumps({"state": "finished"}))
 
     threading.Thread(target=finish, daemon=True).start()
-    logs(Context(cfg), "r1", follow=True, write=out.append, interval=0.2)
+    logs(Context(cfg), "r1", follow=True, write=out.append)
     assert "".join(out) == "caf\u00e9 second line\n"
+
+
+def test_lock_and_state_files_are_the_login_users_alone(tmp_path: Path) -> None:
+    """Another unix user on the machine can neither take orch's locks nor read its state."""
+    import stat as st
+
+    from trainer.machine.locks import open_lock
+
+    root = tmp_path / "root"
+    root.mkdir()
+    old = root / layout.LAUNCH_LOCK
+    old.write_text("")
+    old.chmod(0o644)  # as an older orch left it
+    os.close(open_lock(old))
+    watcher.arm(root, 30, "true", Path(__file__).resolve().parents[2])
+    try:
+        for name in (layout.LAUNCH_LOCK, layout.AUTOSTOP_SETTING, layout.WATCHER_LOG, layout.WATCHER_LOCK):
+            assert st.S_IMODE((root / name).stat().st_mode) == 0o600, name
+    finally:
+        watcher.disarm(root)
+
+
+def test_a_lock_held_only_by_another_user_is_ignored_and_logged(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_SH)\n"
+            "if sys.argv[2] == 'demote':\n    os.setuid(65534)\nprint('held', flush=True)\ntime.sleep(60)\n")
+    lock = root / layout.ACTIVITY_LOCK
+    lock.write_text("")
+    lock.chmod(0o644)  # readable: what an older orch left, before its locks were 0600
+    demote = os.geteuid() == 0  # a real other user where we can be one
+    holder = __import__("subprocess").Popen([sys.executable, "-c", hold, str(lock), "demote" if demote else "-"],
+                                            stdout=-1, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        me = os.getuid()
+        if not demote:  # the holder is ours: the same check, seen as another user would be
+            assert watcher.busy(root) == "orch is at work on the machine"
+            me = os.getuid() + 1
+        assert watcher.busy(root, uid=me) is None
+        logged = (root / layout.WATCHER_LOG).read_text()
+        assert "ignoring activity.lock: held by pid" in logged or "replaced activity.lock by a 0600 one" in logged
+    finally:
+        holder.kill()
+        holder.wait()

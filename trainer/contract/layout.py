@@ -87,6 +87,8 @@ TRAIN_LOG = "train.log"
 METRICS = "metrics.jsonl"
 STATUS = "status.json"
 MANIFEST = "MANIFEST.sha256"
+# The trainer's sign of life while it works (trainer/ml/heartbeat.py): never listed in the manifest.
+HEARTBEAT = "heartbeat.json"
 TENSORBOARD_DIR = "tensorboard"
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -117,6 +119,8 @@ FINISHED = "finished"
 FAILED = "failed"
 STOPPED = "stopped"
 FINAL_STATES = (FINISHED, FAILED, STOPPED)
+# status.json "reason" of a failed run that ran out of disk (its exit code is 14, not 8).
+DISK_FULL = "disk_full"
 
 # Keys of one metrics.jsonl line (more may follow; readers must ignore unknown keys).
 METRIC_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")

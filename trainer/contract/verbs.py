@@ -22,6 +22,7 @@ class Verb(Generic[R]):
     # Runs with the interpreter's own packages (the training Python's TensorFlow), as the
     # trainer will; every other verb runs under `python3 -I -S` (the standard library and the bundle only).
     site: bool = False
+    stream: bool = False  # answers with a framed stream of raw bytes (STREAM below), not a record
 
 
 HOME = Verb("home", "probe", wire.Home, "the login's home folder")
@@ -29,9 +30,10 @@ RUNS = Verb("runs", "probe", wire.RunList, "ROOT: every run, with liveness")
 HOST = Verb("host", "probe", wire.Host, "the GPUs (nvidia-smi) and the CPU/memory load")
 SNAPSHOT = Verb("snapshot", "probe", wire.Snapshot, "RUN_DIR METRICS_OFFSET LOG_LINES: one monitor refresh")
 MACHINE = Verb("machine", "probe", wire.MachineReport, "ROOT: the host, every run and the autostop")
-LOG = Verb("log", "probe", wire.LogChunk, "RUN_DIR OFFSET: train.log's bytes from OFFSET on")
+LOG = Verb("log", "logstream", None, "RUN_DIR OFFSET [--follow]: train.log from OFFSET on, streamed", stream=True)
 FILES = Verb("files", "probe", wire.RunFiles, "RUN_DIR: the manifest and the run's regular files")
-STARTED = Verb("started", "probe", wire.StartCheck, "RUN_DIR PID: has the launched trainer written its first status?")
+STARTED = Verb("started", "probe", wire.StartCheck, "RUN_DIR PID LAUNCHED_AT: has the launched trainer written its "
+               "first status?")
 LAUNCH = Verb("launch", "launch", wire.LaunchAnswer, "ROOT RUN_ID ...: busy check and detached start, atomically")
 SIGNAL = Verb("signal", "launch", wire.Signalled, "RUN_DIR: SIGTERM the run's trainer (its pid and start time checked)")
 ENV = Verb("env", "envsetup", wire.EnvAnswer, "ENVS_DIR ...: the managed virtualenv, built once")
@@ -51,3 +53,4 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`
+STREAM = "stream"  # `\n<FRAME> stream\n`, then raw bytes to the end: a framed stream (a log, a file)

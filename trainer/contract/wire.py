@@ -21,8 +21,12 @@ from typing import Any, TypeVar
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
 
+MAX_GPUS = 64  # rows read from nvidia-smi (a machine has up to 16)
 MAX_FILE_SIZE = 1 << 62  # beyond any disk: a size above it is a crafted answer
 DIED = "died"  # shown state: status.json says running (or nothing), but the process is gone
+BROKEN = "broken"  # shown state: a file of its folder is a named pipe, a device... (never read)
+STALLED = "stalled"  # shown state: running, but no sign of life for monitor.stall_seconds (or SIGSTOPped)
+STALL_FLOOR = 600.0  # the default monitor.stall_seconds: the larger of this and 3 median epochs
 NVIDIA_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
 R = TypeVar("R", bound="Record")
@@ -153,11 +157,13 @@ def parse_nvidia_smi(csv_text: str) -> list[GpuRow]:
         except ValueError:
             return None  # [N/A], [Not Supported], [Unknown Error]
 
-    gpus = []
+    gpus: list[GpuRow] = []
     for line in csv_text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 7 or not parts[0].isdigit():
+        if len(parts) < 7 or not (parts[0].isascii() and parts[0].isdigit()) or len(parts[0]) > 4:
             continue
+        if len(gpus) == MAX_GPUS:
+            break
         # A GPU name may itself hold commas: it is everything between the first field and the last five.
         gpus.append(GpuRow(int(parts[0]), ", ".join(parts[1:-5]), *(number(x) for x in parts[-5:])))
     return gpus
@@ -204,6 +210,7 @@ class RunInfo(Record):
     best_val_accuracy: float | None = None
     best_epoch: int | None = None
     error: str | None = None
+    reason: str | None = None  # why a failed run failed, when it is one the exit codes name (layout.DISK_FULL)
     updated_at: str | None = None
     parent: str | None = None
     parent_best_val_accuracy: float | None = None
@@ -213,6 +220,10 @@ class RunInfo(Record):
     pid: int | None = None
     alive: bool = False  # the recorded pid lives, with the recorded start time
     launching: bool = False  # a launch holds the machine's lock: a run without a state may be starting
+    broken: str | None = None  # why its folder cannot be read ("status.json is a named pipe")
+    quiet_for: float | None = None  # seconds since its last sign of life (heartbeat, status), by the machine's clock
+    stall_after: float | None = None  # quiet this long, a running trainer is stalled (monitor.stall_seconds)
+    signal_stopped: bool = False  # its process is stopped by a signal (SIGSTOP, a debugger)
 
     @property
     def active(self) -> bool:
@@ -223,9 +234,25 @@ class RunInfo(Record):
     def shown_state(self) -> str | None:
         """The state users see: ``died`` when the process is gone without a final state (or
         never wrote one, unless a launch is under way)."""
+        if self.broken:
+            return BROKEN
+        if self.stall is not None:
+            return STALLED
         if not self.alive and (self.state == layout.RUNNING or (self.state is None and not self.launching)):
             return DIED
         return self.state
+
+    @property
+    def stall(self) -> str | None:
+        """Why a running trainer is stalled ("stopped by a signal", "no sign of life for 12 min"), or None."""
+        if not self.active:
+            return None
+        if self.signal_stopped:
+            return "its process is stopped by a signal (SIGSTOP?): `kill -CONT` it, or `orch stop` it"
+        if self.quiet_for is not None and self.stall_after is not None and self.quiet_for > self.stall_after:
+            return (f"no sign of life for {self.quiet_for / 60:.1f} min (monitor.stall_seconds: "
+                    f"{self.stall_after:.0f} s): deadlocked, or waiting on a hung disk?")
+        return None
 
     @property
     def final(self) -> bool:
@@ -235,12 +262,14 @@ class RunInfo(Record):
     @property
     def exit_code(self) -> ExitCode:
         """How it ended, as the exit code of a command that followed it (OK while it runs)."""
+        if self.shown_state == layout.FAILED and self.reason == layout.DISK_FULL:
+            return ExitCode.DISK_FULL
         return ENDED.get(self.shown_state or "", ExitCode.OK)
 
 
 # How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
 ENDED = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED, layout.STOPPED: ExitCode.RUN_STOPPED,
-         DIED: ExitCode.RUN_DIED}
+         DIED: ExitCode.RUN_DIED, BROKEN: ExitCode.REMOTE}
 
 
 @dataclass(frozen=True)
@@ -270,17 +299,6 @@ class Snapshot(Record):
     metrics_count: int = 0  # lines in metrics.jsonl
     log_tail: list[str] = field(default_factory=list)
     host: Host = field(default_factory=Host)
-
-
-@dataclass(frozen=True)
-class LogChunk(Record):
-    """train.log's bytes from an offset on (base64: a log is bytes, and a character cut between
-    two reads must not be lost), and whether the run is still active."""
-
-    data: str = ""
-    offset: int = 0
-    more: bool = False
-    active: bool = False
 
 
 @dataclass(frozen=True)
@@ -319,6 +337,8 @@ class LaunchAnswer(Record):
     pid: int | None = None
     error: str | None = None
     message: str | None = None
+    autostop: Autostop | None = None  # armed (or disarmed) in the same step, before the trainer started
+    launched_at: float | None = None  # by the machine's clock
 
 
 @dataclass(frozen=True)
@@ -344,6 +364,7 @@ class EnvAnswer(Record):
     error: str | None = None
     log: str | None = None  # the pip log on the machine
     log_tail: list[str] = field(default_factory=list)
+    disk_full: bool = False  # it failed for want of disk space
 
 
 @dataclass(frozen=True)
@@ -409,6 +430,7 @@ class DiskCheck(Record):
     path: str = ""
     free_bytes: int = 0
     total_bytes: int = 0
+    writable: bool = True  # this user can create files there (remote.root, or its nearest existing parent)
 
 
 @dataclass(frozen=True)

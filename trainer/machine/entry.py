@@ -9,6 +9,8 @@ may report progress before; each is ONE line on stdout:
     <FRAME> progress "<text>"
     <FRAME> answer {<a record of trainer/contract/wire.py>}
 
+or, for a verb that streams (a log), the frame line ``<FRAME> stream`` and then raw bytes.
+
 Anything else that reaches stdout (a login shell's greeting, an interpreter's warning) is
 outside every frame, and orch ignores it. Standard library only.
 """
@@ -21,7 +23,7 @@ import json
 import sys
 from typing import Any
 
-from trainer.contract.verbs import ANSWER, NO_FRAME, PROGRESS, VERBS
+from trainer.contract.verbs import ANSWER, NO_FRAME, PROGRESS, STREAM, VERBS
 
 
 class Channel:
@@ -40,6 +42,12 @@ class Channel:
 
     def progress(self, text: str) -> None:
         self._say(PROGRESS, text)
+
+    def stream(self) -> int:
+        """Start a framed stream: the frame line, then raw bytes to the end on the returned fd."""
+        sys.stdout.write(f"\n{self.frame} {STREAM}\n")
+        sys.stdout.flush()
+        return sys.stdout.fileno()
 
 
 def usage() -> str:

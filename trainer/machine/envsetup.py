@@ -25,15 +25,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable  # typing's: subscripted at run time on python3 3.8
 
 from trainer.contract import layout
+from trainer.contract.files import is_disk_full
 from trainer.contract.wire import EnvAnswer
 from trainer.machine.locks import lock
+from trainer.machine.proc import bounded_output
+from trainer.machine.readers import tail_lines
 
 READY, LOG = layout.ENV_READY, layout.ENV_LOG
+_NO_SPACE = "No space left on device"  # what pip and venv print for ENOSPC
 Progress = Callable[[str], None]
 # pip output worth showing as progress (the rest stays in install.log)
 PROGRESS = re.compile(r"^(Collecting|Downloading|Installing collected|Successfully installed|ERROR)")
@@ -46,11 +49,11 @@ def gpu_count() -> int:
     if shutil.which("nvidia-smi") is None:
         return 0
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        code, listed = bounded_output(["nvidia-smi", "-L"], timeout=30)
+    except OSError:
         return -1
-    listed = sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
-    return listed or -1
+    found = sum(line.startswith("GPU ") for line in listed.splitlines()) if code == 0 else 0
+    return found or -1
 
 
 def for_gpus(requirements: str) -> str:
@@ -127,11 +130,7 @@ class EnvFailed(Exception):
         self.log = log
 
     def log_tail(self, lines: int = 8) -> list[str]:
-        try:
-            with open(self.log, errors="replace") as fh:
-                return [line.rstrip() for line in deque(fh, maxlen=lines)]
-        except OSError:
-            return []
+        return [line.rstrip() for line in tail_lines(self.log, lines)]
 
 
 def locate(requirements: str, args: argparse.Namespace) -> tuple[str, str, int]:
@@ -183,9 +182,15 @@ def run(verb: str, argv: list[str], out: Any) -> int:
     try:
         out.answer(ensure(args.envs, args, out.progress))
     except EnvFailed as exc:
-        out.answer(EnvAnswer(error=str(exc), log=str(exc.log), log_tail=exc.log_tail()))
+        tail = exc.log_tail()
+        out.answer(EnvAnswer(error=str(exc), log=str(exc.log), log_tail=tail, disk_full=_full(exc, tail)))
         return 1
     except OSError as exc:
-        out.answer(EnvAnswer(error=str(exc)))
+        out.answer(EnvAnswer(error=str(exc), disk_full=_full(exc, [])))
         return 1
     return 0
+
+
+def _full(exc: BaseException, tail: list[str]) -> bool:
+    """Whether the install failed for want of disk (an OSError of ours, or what pip or venv said)."""
+    return is_disk_full(exc) or any(_NO_SPACE in text for text in (str(exc), *tail))

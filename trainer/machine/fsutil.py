@@ -54,11 +54,13 @@ def replacing(path: Path, suffix: str = "", renamed_failpoint: str | None = None
         raise
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], failpoint: str | None = None) -> None:
-    """``write(file)`` to a temp file, fsync it, then replace ``path`` (see :func:`replacing`)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], failpoint: str | None = None,
+                 mode: int = 0o666) -> None:
+    """``write(file)`` to a temp file, fsync it, then replace ``path`` (see :func:`replacing`);
+    ``mode`` before the umask (0o600: a file only this user may read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
-        with open(tmp, "wb") as fh:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -66,16 +68,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], failpoint: str |
             faults.point(failpoint)
 
 
-def atomic_write_bytes(path: Path, data: bytes, failpoint: str | None = None) -> None:
-    atomic_write(path, lambda fh: fh.write(data), failpoint)
+def atomic_write_bytes(path: Path, data: bytes, failpoint: str | None = None, mode: int = 0o666) -> None:
+    atomic_write(path, lambda fh: fh.write(data), failpoint, mode)
 
 
 def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
 
 
-def atomic_write_json(path: Path, obj: Any, failpoint: str | None = None) -> None:
-    atomic_write_bytes(path, json_bytes(obj), failpoint)
+def atomic_write_json(path: Path, obj: Any, failpoint: str | None = None, mode: int = 0o666) -> None:
+    atomic_write_bytes(path, json_bytes(obj), failpoint, mode)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -1,6 +1,7 @@
 """Starting and stopping trainers on the machine (verbs ``launch`` and ``signal``):
 
     launch ROOT RUN_ID (--fresh | --continue) [--force] --python PY --code DIR --data-dir DATA
+           [--autostop-minutes M --autostop-command CMD | --autostop-off]
            [-- TRAINER_OPTIONS...]          (deploy.json on stdin with --fresh)   -> LaunchAnswer
     signal RUN_DIR                          SIGTERM the run's trainer             -> Signalled
 
@@ -8,7 +9,9 @@ A launch is ONE atomic step under an flock on ROOT/launch.lock (one launch at a 
 machine; the lock dies with this process): check that no run is active (unless --force), create
 (or check) the run folder, start ``python -m trainer train`` in its own session with SIGHUP
 ignored (it outlives the SSH session), and write its pid file before letting go of the lock, so
-the next launch's busy check already sees it. Standard library only.
+the next launch's busy check already sees it. Autostop is armed (or disarmed) in the same step,
+before the trainer starts: whatever fails after the launch, a machine left to itself stops. Standard
+library only.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
-from trainer.contract.wire import LaunchAnswer, Signalled
+from trainer.contract.wire import Autostop, LaunchAnswer, Signalled
+from trainer.machine import watcher
 from trainer.machine.fsutil import atomic_write_bytes
 from trainer.machine.locks import is_locked, lock
 from trainer.machine.probe import describe_run, list_runs
@@ -59,6 +65,8 @@ def _check(root: Path, run_dir: Path, fresh: bool, force: bool) -> None:
     run = describe_run(run_dir)
     if not run_dir.is_dir():
         raise Refused("missing", f"no run {run_dir.name}", ExitCode.USAGE)
+    if run.broken:
+        raise Refused("broken", f"run {run.run_id} cannot be continued: {run.broken}", ExitCode.REMOTE)
     # The run lock is the surest sign of a live trainer (started by orch or by hand).
     if run.alive or is_locked(run_dir / layout.RUN_LOCK):
         raise Refused("busy", f"run {run.run_id} is still running (pid {run.pid})", ExitCode.BUSY)
@@ -75,12 +83,29 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None) -
             *args.trainer_options]
     env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
     # A fresh run's log starts empty; a continued run appends to its log.
-    with open(run_dir / layout.TRAIN_LOG, "ab" if deploy_json is None else "wb") as log:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_APPEND if deploy_json is None else
+                                                                      os.O_TRUNC)
+    fd = os.open(run_dir / layout.TRAIN_LOG, flags, 0o666)  # a named pipe there cannot block the launch
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused("broken", f"run {run_dir.name}: {layout.TRAIN_LOG} is not a regular file", ExitCode.REMOTE)
+    os.set_blocking(fd, True)
+    with open(fd, "ab") as log:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: the trainer ignores hang-ups (nohup)
         child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)  # setsid
     atomic_write_bytes(run_dir / layout.PID_FILE, pid_line(child.pid).encode())
     return child.pid
+
+
+def _autostop(args: argparse.Namespace, root: Path) -> Autostop | None:
+    """The autostop the launch asks for, set while the launch lock makes the machine busy."""
+    if args.autostop_off:
+        return watcher.disarm(root)
+    if args.autostop_minutes is not None:
+        return watcher.arm(root, args.autostop_minutes, args.autostop_command or "sudo shutdown -h now",
+                           Path(args.code))
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--python", required=True)
     parser.add_argument("--code", required=True)
     parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--autostop-minutes", type=float)
+    parser.add_argument("--autostop-command")
+    parser.add_argument("--autostop-off", action="store_true")
     return parser
 
 
@@ -109,7 +137,9 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
         fd = _lock(root)
         try:
             _check(root, run_dir, args.fresh, args.force)
-            return LaunchAnswer(pid=_start(args, run_dir, deploy_json)), 0
+            armed = _autostop(args, root)
+            launched_at = time.time()
+            return LaunchAnswer(pid=_start(args, run_dir, deploy_json), autostop=armed, launched_at=launched_at), 0
         finally:
             os.close(fd)
     except Refused as exc:

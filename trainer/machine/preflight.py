@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.labels import label_from_path
-from trainer.contract.wire import DataCheck, DiskCheck, NvidiaInfo, Preflight, PythonInfo, TensorflowCheck
+from trainer.contract.wire import MAX_GPUS, DataCheck, DiskCheck, NvidiaInfo, Preflight, PythonInfo, TensorflowCheck
+from trainer.machine.proc import bounded_output
 
 FEATURE_SUFFIXES = (".npz", ".npy")
 COUNT_LIMIT = 100_000  # enough to say "there is data"; a big folder is not walked to its end
@@ -54,17 +54,17 @@ def packages() -> dict[str, str | None]:
 def nvidia() -> NvidiaInfo:
     """GPUs as nvidia-smi lists them, with the driver and CUDA versions its header shows."""
     try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
+        code, listed = bounded_output(["nvidia-smi", "-L"], timeout=30)
+        _, header = bounded_output(["nvidia-smi"], timeout=30)
     except FileNotFoundError:
         return NvidiaInfo(error="no nvidia-smi")
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except OSError as exc:
         return NvidiaInfo(error=str(exc))
-    if listed.returncode != 0:
-        return NvidiaInfo(error=(listed.stderr or listed.stdout).strip()[:200] or f"exit {listed.returncode}")
-    names = [m.group(1) for m in re.finditer(r"^GPU \d+: (.+?)(?: \(UUID.*)?$", listed.stdout, re.M)]
-    driver = re.search(r"Driver Version:\s*([\d.]+)", header.stdout)
-    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header.stdout)
+    if code != 0:
+        return NvidiaInfo(error=listed.strip()[:200] or ("nvidia-smi -L hung" if code is None else f"exit {code}"))
+    names = [m.group(1)[:200] for m in re.finditer(r"^GPU \d+: (.+?)(?: \(UUID.*)?$", listed, re.M)][:MAX_GPUS]
+    driver = re.search(r"Driver Version:\s*([\d.]+)", header)
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
     return NvidiaInfo(len(names), names, driver.group(1) if driver else None, cuda.group(1) if cuda else None)
 
 
@@ -133,7 +133,18 @@ def disk(root: Path) -> DiskCheck:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent  # the runs folder may not exist yet
     usage = shutil.disk_usage(probe)
-    return DiskCheck(str(probe), usage.free, usage.total)
+    return DiskCheck(str(probe), usage.free, usage.total, writable(probe))
+
+
+def writable(folder: Path) -> bool:
+    """Whether this user can create a file in ``folder`` (tried, not guessed from the mode bits)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".orch-writable-"):
+            return True
+    except OSError:
+        return False
 
 
 def preflight(root: Path, data_dir: Path, import_tensorflow: bool) -> Preflight:

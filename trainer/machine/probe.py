@@ -7,34 +7,31 @@ trainer/contract/wire.py (verbs: trainer/contract/verbs.py):
     snapshot RUN_DIR METRICS_OFFSET LOG_LINES -> Snapshot: the run, metrics lines from the
                                               offset on, the log's last lines, the host
     machine ROOT                           -> MachineReport: the host, every run, the autostop
-    log RUN_DIR OFFSET                     -> LogChunk: train.log's bytes from OFFSET on
     files RUN_DIR                          -> RunFiles: the manifest and the run's regular files
-    started RUN_DIR PID                    -> StartCheck: what a just-launched trainer wrote
+    started RUN_DIR PID LAUNCHED_AT        -> StartCheck: what a just-launched trainer wrote
 
 Standard library only.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
 import os
 import stat
-import subprocess
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.wire import (
     NVIDIA_QUERY,
+    STALL_FLOOR,
     Autostop,
     Epoch,
     Home,
     Host,
     HostLoad,
-    LogChunk,
     MachineReport,
     RunFiles,
     RunInfo,
@@ -43,20 +40,53 @@ from trainer.contract.wire import (
     StartCheck,
     parse_nvidia_smi,
 )
+from trainer.machine import readers
 from trainer.machine.locks import is_locked
-from trainer.machine.proc import pid_alive
+from trainer.machine.proc import bounded_output, pid_alive, process_start_time, started_at, stopped_by_signal
+from trainer.machine.readers import read_json
+
+# The files of a run folder orch reads: one that is there but not a regular file breaks the run.
+RUN_FILES = (layout.STATUS, layout.RUN_JSON, layout.DEPLOY_JSON, layout.PID_FILE, layout.METRICS, layout.TRAIN_LOG,
+             layout.MANIFEST, layout.HEARTBEAT)
+MAX_METRICS = 100_000  # rows in one answer (a run has one per epoch)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+def broken(run_dir: Path) -> str | None:
+    """Why the run folder cannot be read as a run ("status.json is a named pipe"), or None."""
+    if run_dir.is_symlink():
+        return "the run folder is a link to elsewhere, not a run folder of its own"
+    return next((why for why in (readers.problem(run_dir / name) for name in RUN_FILES) if why), None)
+
+
+def quiet_for(run_dir: Path, pid: int, heartbeat: dict[str, Any], status: dict[str, Any]) -> float | None:
+    """Seconds since the trainer's last sign of life: its start, its heartbeat, its last status.
+    Only the living process's own count (a continued run's folder holds its predecessor's); its
+    start counts only until it has written one of its own."""
+    times: list[float] = []
+    beat = heartbeat.get("time")
+    if heartbeat.get("pid") == pid and isinstance(beat, (int, float)) and beat == beat:
+        times.append(float(beat))
+    if status.get("pid") == pid:
+        with contextlib.suppress(OSError):
+            times.append((run_dir / layout.STATUS).stat().st_mtime)
+    times = times or [t for t in (started_at(pid),) if t is not None]
+    return max(0.0, time.time() - max(times)) if times else None
+
+
+def stall_after(run_dir: Path, heartbeat: dict[str, Any]) -> float:
+    """monitor.stall_seconds as the run was launched with, else the larger of 10 minutes and three
+    median epochs."""
+    monitor = read_json(run_dir / layout.DEPLOY_JSON).get("monitor")
+    given = monitor.get("stall_seconds") if isinstance(monitor, dict) else None
+    if isinstance(given, (int, float)) and not isinstance(given, bool) and 0 < given < float("inf"):
+        return float(given)
+    median = heartbeat.get("median_epoch_seconds")
+    return max(STALL_FLOOR, 3 * median) if isinstance(median, (int, float)) else STALL_FLOOR
 
 
 def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
     status, run = read_json(run_dir / layout.STATUS), read_json(run_dir / layout.RUN_JSON)
+    heartbeat = read_json(run_dir / layout.HEARTBEAT)
     pid, alive = pid_alive(run_dir / layout.PID_FILE)
     anchor = run_dir / layout.DEPLOY_JSON  # written by orch when it creates the run
     try:
@@ -68,11 +98,14 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         run_id=run_dir.name, created=created, state=status.get("state"), phase=status.get("phase"),
         epoch=status.get("epoch"), epochs=status.get("epochs"), val_accuracy=status.get("val_accuracy"),
         best_val_accuracy=status.get("best_val_accuracy"), best_epoch=status.get("best_epoch"),
-        error=status.get("error"), updated_at=status.get("updated_at"),
+        error=status.get("error"), reason=status.get("reason"), updated_at=status.get("updated_at"),
         parent=run.get("parent_run", status.get("parent")),
         parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
         vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
-        started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching,
+        started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching, broken=broken(run_dir),
+        quiet_for=quiet_for(run_dir, pid, heartbeat, status) if alive and pid is not None else None,
+        stall_after=stall_after(run_dir, heartbeat) if alive else None,
+        signal_stopped=alive and pid is not None and stopped_by_signal(pid),
     )
 
 
@@ -90,17 +123,19 @@ def list_runs(root: Path) -> list[RunInfo]:
 
 
 def nvidia_smi() -> tuple[list[Any], str | None]:
-    """(GPU rows, None) or ([], why there are none)."""
+    """(GPU rows, None) or ([], why there are none). nvidia-smi gets 5 s and 64 KB (64 GPUs
+    take 7 KB): a hung driver or a tool that prints without end costs no more than that."""
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10)
+        code, text = bounded_output(["nvidia-smi", f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"])
     except FileNotFoundError:
         return [], "no nvidia-smi"
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except OSError as exc:
         return [], str(exc)
-    if out.returncode != 0:
-        return [], (out.stderr or out.stdout).strip()[:200] or f"nvidia-smi exited {out.returncode}"
-    return parse_nvidia_smi(out.stdout), None
+    if code is None:
+        return [], "nvidia-smi ran too long or printed too much: stopped"
+    if code != 0:
+        return [], text.strip()[:200] or f"nvidia-smi exited {code}"
+    return parse_nvidia_smi(text), None
 
 
 def host_load() -> HostLoad:
@@ -119,25 +154,24 @@ def host() -> Host:
 
 
 def _metrics(path: Path, offset: int) -> tuple[list[Epoch], int]:
-    """metrics.jsonl's rows from line ``offset`` on, and its number of lines."""
+    """metrics.jsonl's rows from line ``offset`` on (at most MAX_METRICS; a line that is not a
+    JSON object is left out), and its number of lines."""
     rows: list[Any] = []  # JSON rows: orch reads them as Epoch records
     count = 0
-    try:
-        with open(path) as fh:
-            for count, line in enumerate(fh, 1):
-                if count > offset and line.strip():
-                    rows.append(json.loads(line))
-    except (OSError, ValueError):
-        pass
+    for count, line in readers.iter_lines(path):
+        if count <= offset or line is None or len(rows) >= MAX_METRICS:
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows, count
 
 
 def log_tail(run_dir: Path, lines: int) -> list[str]:
-    try:
-        with open(run_dir / layout.TRAIN_LOG, errors="replace") as fh:
-            return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
-    except OSError:
-        return []
+    return readers.tail_lines(run_dir / layout.TRAIN_LOG, lines)
 
 
 def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:
@@ -188,8 +222,7 @@ def _read_manifest(path: Path) -> tuple[str | None, bool]:
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
             return None, False
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_MANIFEST_BYTES + 1)
+        data = readers.read_bytes(path, MAX_MANIFEST_BYTES + 1)  # a pipe swapped in meanwhile cannot hang it
     except OSError:
         return None, False
     if len(data) > MAX_MANIFEST_BYTES:
@@ -197,28 +230,24 @@ def _read_manifest(path: Path) -> tuple[str | None, bool]:
     return data.decode("utf-8", "surrogateescape"), False
 
 
-LOG_CHUNK = 1 << 20
-
-
-def log_bytes(run_dir: Path, offset: int) -> LogChunk:
-    """train.log's bytes from ``offset`` on (at most LOG_CHUNK), and whether the run is active."""
-    try:
-        with open(run_dir / layout.TRAIN_LOG, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(LOG_CHUNK)
-    except OSError:
-        data = b""
-    return LogChunk(base64.b64encode(data).decode(), offset + len(data), len(data) == LOG_CHUNK,
-                    describe_run(run_dir).active)
-
-
-def started(run_dir: Path, pid: int) -> StartCheck:
-    """What the trainer launched as ``pid`` has written: its status (a continued run's folder
-    holds the status of the previous process: only the new pid's counts), and its log's tail."""
+def started(run_dir: Path, pid: int, launched_at: float) -> StartCheck:
+    """What the trainer launched as ``pid`` has written: its status, and its log's tail. A
+    continued run's folder holds the status of the previous process: only the new one's counts,
+    known by its pid, which the trainer writes in the pid file itself (an interpreter wrapper
+    that runs Python as its child, as ``conda run`` does, launched ``pid``, not the trainer)."""
     status = read_json(run_dir / layout.STATUS)
-    mine = status.get("pid") == pid
-    alive = pid_alive(run_dir / layout.PID_FILE) == (pid, True)
+    trainer, trainer_alive = pid_alive(run_dir / layout.PID_FILE)
+    try:
+        fresh = (run_dir / layout.STATUS).stat().st_mtime >= launched_at - 1
+    except OSError:
+        fresh = False
+    mine = status.get("pid") == pid or (status.get("pid") == trainer and trainer_alive and fresh)
+    alive = trainer_alive or is_locked(run_dir / layout.RUN_LOCK) or _lives(pid)
     return StartCheck(status.get("state") if mine else None, alive, log_tail(run_dir, 15))
+
+
+def _lives(pid: int) -> bool:
+    return process_start_time(pid) is not None  # a zombie is dead: it only waits to be reaped
 
 
 def run(verb: str, args: list[str], out: Any) -> int:
@@ -229,9 +258,8 @@ def run(verb: str, args: list[str], out: Any) -> int:
         ("host", 0): host,
         ("snapshot", 3): lambda: snapshot(Path(args[0]), int(args[1]), int(args[2])),
         ("machine", 1): lambda: MachineReport(host(), list_runs(Path(args[0])), autostop(Path(args[0]))),
-        ("log", 2): lambda: log_bytes(Path(args[0]), int(args[1])),
         ("files", 1): lambda: run_files(Path(args[0])),
-        ("started", 2): lambda: started(Path(args[0]), int(args[1])),
+        ("started", 3): lambda: started(Path(args[0]), int(args[1]), float(args[2])),
     }
     answer = answers.get((verb, len(args)))
     if answer is None:

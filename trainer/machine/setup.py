@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.wire import SetupResult
 from trainer.machine.locks import lock
+from trainer.machine.readers import tail_lines
 
 LOG_LINES = 5
 
@@ -35,7 +35,8 @@ def once(code: Path, python: str, command: str) -> SetupResult:
                                 stdout=log, stderr=subprocess.STDOUT).returncode
         if rc == 0:
             (code / layout.SETUP_DONE).touch()
-        return SetupResult(ran=True, code=rc, log_tail=[] if rc == 0 else _tail(code / layout.SETUP_LOG))
+        tail = [] if rc == 0 else tail_lines(code / layout.SETUP_LOG, LOG_LINES)
+        return SetupResult(ran=True, code=rc, log_tail=tail)
     finally:
         if fd is not None:
             os.close(fd)
@@ -46,11 +47,6 @@ def _env(python: str) -> dict[str, str]:
     if "/" in python:
         env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", os.defpath)
     return env
-
-
-def _tail(path: Path) -> list[str]:
-    with open(path, errors="replace") as fh:
-        return [line.rstrip("\n") for line in deque(fh, maxlen=LOG_LINES)]
 
 
 def run(verb: str, argv: list[str], out: Any) -> int:

@@ -30,7 +30,8 @@ from trainer.contract import layout
 from trainer.contract.verbs import NO_FRAME, WATCH
 from trainer.contract.wire import Autostop
 from trainer.machine.fsutil import atomic_write_json
-from trainer.machine.locks import is_locked, open_lock, try_lock
+from trainer.machine.locks import MODE as PRIVATE
+from trainer.machine.locks import foreign_holders, is_locked, open_lock, tighten, try_lock
 from trainer.machine.probe import autostop, list_runs, read_json
 
 SETTING, STATE = layout.AUTOSTOP_SETTING, layout.WATCHER_STATE
@@ -39,13 +40,17 @@ LOG, LOCK = layout.WATCHER_LOG, layout.WATCHER_LOCK
 
 def log(root: Path, message: str) -> None:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with open(root / LOG, "a") as fh:
+    fd = os.open(root / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
+    if os.fstat(fd).st_mode & 0o077:  # an older orch's, readable by others
+        os.fchmod(fd, PRIVATE)
+    with open(fd, "a") as fh:
         fh.write(f"{stamp} {message}\n")
 
 
 def arm(root: Path, idle_minutes: float, command: str, code: Path) -> Autostop:
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / SETTING, {"idle_minutes": idle_minutes, "command": command, "armed_at": time.time()})
+    atomic_write_json(root / SETTING, {"idle_minutes": idle_minutes, "command": command, "armed_at": time.time()},
+                      mode=PRIVATE)
     if read_json(root / STATE).get("error"):  # a new setting: the old command's failure is history
         _write_state(root, {"error": None})
     log(root, f"armed: run {command!r} after {idle_minutes:g} idle minutes")
@@ -73,12 +78,36 @@ def _start(root: Path, code: Path) -> None:
         time.sleep(0.05)  # `status` right after `arm` should find it running
 
 
-def busy(root: Path) -> str | None:
-    """Why the machine is not idle (an active run, a launch, orch at work), or None."""
-    if is_locked(root / layout.ACTIVITY_LOCK, shared_too=True) or is_locked(root / layout.LAUNCH_LOCK):
-        return "orch is at work on the machine"
+def busy(root: Path, uid: int | None = None) -> str | None:
+    """Why the machine is not idle (an active run, a launch, orch at work), or None. A lock held
+    only by processes of another user is no sign of orch at work: it is ignored, and logged."""
+    for name, shared in ((layout.ACTIVITY_LOCK, True), (layout.LAUNCH_LOCK, False)):
+        held_by = _holders_text(foreign_holders(root / name, uid))
+        if tighten(root / name):  # an older orch's 0644 lock, perhaps held by another user: replaced
+            _note_once(root, f"replaced {name} by a 0600 one (others could open it; held by {held_by or 'no one'})")
+        if not is_locked(root / name, shared_too=shared):
+            continue
+        held_by = _holders_text(foreign_holders(root / name, uid))
+        if not held_by:
+            return "orch is at work on the machine"
+        _note_once(root, f"ignoring {name}: held by {held_by}, another user's, not orch's")
     active = [r.run_id for r in list_runs(root) if r.active]
     return f"run {', '.join(active)} is active" if active else None
+
+
+def _holders_text(holders: list[tuple[int, int]]) -> str:
+    return ", ".join(f"pid {p} (uid {u})" for p, u in holders)
+
+
+_noted: set[str] = set()
+
+
+def _note_once(root: Path, message: str) -> None:
+    if message not in _noted:
+        if len(_noted) > 100:
+            _noted.clear()
+        _noted.add(message)
+        _log_quietly(root, message)
 
 
 def watch(root: Path) -> int:
@@ -143,7 +172,7 @@ def _fire(root: Path, setting: dict[str, Any], idle_since: float) -> bool:
 def _write_state(root: Path, fields: dict[str, Any]) -> None:
     """Update watcher.json; on a full disk the watcher goes on deciding without it."""
     with contextlib.suppress(OSError):
-        atomic_write_json(root / STATE, {**read_json(root / STATE), **fields})
+        atomic_write_json(root / STATE, {**read_json(root / STATE), **fields}, mode=PRIVATE)
 
 
 def _log_quietly(root: Path, message: str) -> None:

@@ -3,9 +3,7 @@ regular file), checked and stored as float16 frames, in worker processes on many
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,8 +12,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from trainer.machine.readers import NotRegular, open_regular
 from trainer.ml.dataset import STORE_DTYPE, ProgressFn, SkipReason
-from trainer.ml.discover import special_kind
 
 ARRAY_KEYS: tuple[str, ...] = ("emb", "embedding", "features", "wav2vec")
 
@@ -29,25 +27,6 @@ def _choose_key(names: list[str]) -> str | None:
         if key in names:
             return key
     return names[0] if names else None
-
-
-class NotRegularFile(OSError):
-    """A path that is a named pipe, a device or a socket: it is never read."""
-
-
-def open_regular(path: Path | str) -> BinaryIO:
-    """Open a file for reading only if it is a regular file. O_NONBLOCK: opening a named pipe
-    never waits for a writer (a file replaced by a pipe after the walk cannot hang a load)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(errno.EINVAL, f"not a regular file ({special_kind(mode)})", str(path))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def load_array(path: Path) -> tuple[str, np.ndarray]:
@@ -108,7 +87,7 @@ def _load_one(path: Path) -> Loaded:
         key, arr = load_array(path)
     except _NoArray as exc:
         return Loaded(None, None, None, SkipReason.NO_ARRAY, str(exc))
-    except NotRegularFile as exc:
+    except NotRegular as exc:
         return Loaded(None, None, None, SkipReason.SPECIAL_FILE, exc.strerror or "")
     except Exception as exc:  # any decoding problem means the file is unusable
         return Loaded(None, None, None, SkipReason.UNREADABLE, _short(exc))

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.machine.readers import special_kind
 from trainer.ml.dataset import ScanInfo, Skipped, SkipReason
 from trainer.ml.errors import DataError
 
@@ -41,8 +42,6 @@ class Walked:
     scan: ScanInfo
 
 
-_SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                  (stat.S_ISBLK, "block device"))
 
 
 def _link_target(path: str) -> str:
@@ -50,10 +49,6 @@ def _link_target(path: str) -> str:
         return os.readlink(path)
     except OSError:  # removed meanwhile
         return ""
-
-
-def special_kind(mode: int) -> str:
-    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "not a regular file")
 
 
 def walk(root: Path) -> Walked:

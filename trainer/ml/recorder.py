@@ -24,11 +24,20 @@ class RunRecorder(keras.callbacks.Callback):
     def __init__(self, run: RunDir, stopper: Any, log: Log) -> None:
         super().__init__()
         self.run, self.stopper, self.log = run, stopper, log
+        self.heartbeat = run.heartbeat
         self.failure: str | None = None
         self.clock = Stopwatch()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.clock.lap()
+        self.heartbeat.beat(force=True, phase="training", epoch=epoch + 1, batch=0,
+                            batches=(self.params or {}).get("steps"))
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.heartbeat.beat(phase="training", batch=batch + 1)
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.heartbeat.beat(phase="validating", batch=batch + 1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.stopper.signum is not None:
@@ -44,6 +53,8 @@ class RunRecorder(keras.callbacks.Callback):
         saved = self.run.write_checkpoint(epoch + 1, lambda tmp: self.model.save_weights(tmp))
         self.run.commit(self.run.state.after_epoch(row, saved))
         self.run.publish(layout.RUNNING)
+        seconds = sorted(r["seconds"] for r in self.run.state.history[-10:])
+        self.heartbeat.beat(force=True, phase="committed", median_epoch_seconds=seconds[len(seconds) // 2])
 
     def _row(self, epoch: int, logs: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {"epoch": epoch}

@@ -28,6 +28,7 @@ from trainer.machine.fsutil import (
 )
 from trainer.machine.proc import pid_line
 from trainer.ml import runstate
+from trainer.ml.heartbeat import Heartbeat
 from trainer.ml.runstate import Checkpoint, RunState
 
 
@@ -43,6 +44,7 @@ class RunDir:
         self.state = state or RunState()  # the last committed state
         self._best_source: str | None = None  # the state file best.weights.h5 was derived from here
         self._listed_cache: set[str] | None = None  # what MANIFEST.sha256 lists now
+        self.heartbeat = Heartbeat(path)  # the sign of life while it works
 
     def file(self, rel: str) -> Path:
         return self.path / rel
@@ -123,12 +125,13 @@ class RunDir:
         self.remove_temps()
         self._delete_unnamed()
         try:
-            self.finish(layout.FAILED, error=message)
+            self.finish(layout.FAILED, error=message, reason=layout.DISK_FULL)
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
             if layout.STATUS not in self._listed():
-                status = self._status_doc(layout.FAILED, dict(self.state.status_fields(), error=message, phase=None))
+                status = self._status_doc(layout.FAILED, dict(self.state.status_fields(), error=message, phase=None,
+                                                              reason=layout.DISK_FULL))
                 overwrite_in_place(self.file(layout.STATUS), json_bytes(status))
 
     def remove_temps(self) -> None:
@@ -153,6 +156,7 @@ class RunDir:
         status.setdefault("error", None)
         if state_name != layout.FAILED:
             status["error"] = fields.get("error")
+        status["reason"] = fields.get("reason")  # of this failure only: never carried into the next state
         return status
 
     def _write_metrics(self) -> None:

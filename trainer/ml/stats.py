@@ -9,7 +9,7 @@ import numpy as np
 
 from trainer.contract.layout import STATS_MEAN, STATS_STD
 from trainer.machine.fsutil import atomic_write
-from trainer.ml.arrays import open_regular
+from trainer.machine.readers import open_regular
 from trainer.ml.dataset import Dataset
 from trainer.ml.errors import DataError
 

@@ -68,6 +68,7 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
         with _Stopper() as stopper:
             run.create()
             run.write_pid()
+            run.heartbeat.beat(force=True, phase="starting")
             # The repair comes before any status write: a final state's manifest lists status.json.
             run.repair(layout.RUNNING, epochs=cfg.epochs, phase="loading data", run_id=path.name,
                        parent=cfg.parent_run)
@@ -117,6 +118,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
             "start the same command again to continue")
         return ExitCode.RUN_STOPPED
     # ---- evaluate the best checkpoint on the validation split, then finish
+    run.heartbeat.beat(force=True, phase="evaluating")
     _final_evaluation(run, model, inputs, list(run.state.history), log)
     faults.point("finish:evaluated")
     run.finish(layout.FINISHED)
@@ -126,7 +128,8 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
 
 def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
     """Data, split and statistics (reused from this run or the parent when they exist)."""
-    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache)
+    ds = load_dataset(cfg.data_dir, cfg.classes, cache_dir=cfg.cache_dir, use_cache=cfg.cache,
+                      progress=lambda done, total: run.heartbeat.beat(phase="loading data", files=done, of=total))
     require_samples(ds)
     log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
         f"(cache: {ds.cache})")
@@ -138,6 +141,7 @@ def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
 
 def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, log: Log) -> tuple[Any, Any, Any]:
     """The compiled model and its training and validation batches (TensorFlow/Keras imported only now)."""
+    run.heartbeat.beat(force=True, phase="building the model")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -212,6 +216,7 @@ def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any
         callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
                                                      write_graph=False, profile_batch=0))
     run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
+    run.heartbeat.beat(force=True, phase="compiling the first batches")
     stopper.model = model  # from now on a signal stops fit after the current batch
     model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=run.state.epoch,
               callbacks=callbacks, verbose=2)
