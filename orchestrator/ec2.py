@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.config import Ec2Config
-from orchestrator.errors import AwsError, InstanceStopped
+from orchestrator.errors import AwsError, ConfigError, InstanceStopped
 
 # Every AWS API action orch calls (the waiters poll DescribeInstances; RunInstances needs
 # CreateTags to tag what it creates): README's IAM policy lists exactly these, and a test
@@ -123,7 +123,8 @@ def find_instance(ec2: Any, cfg: Ec2Config, *, missing_ok: bool = False) -> Inst
     alive = [i for i in found if i.state not in ("terminated", "shutting-down")]
     if missing_ok and not alive:
         return None
-    creates = "`orch up` (or `orch deploy`) creates it from ec2.launch" if cfg.launch else ""
+    creates = "" if not cfg.launch else \
+        f"`orch up`{' (or `orch deploy`)' if cfg.start_if_stopped else ''} creates it from ec2.launch"
     if not alive and creates:
         raise AwsError(f"no instance named {cfg.name!r} in {cfg.region} yet: {creates}")
     if not found:
@@ -233,8 +234,8 @@ def create(ec2: Any, ssm: Any, cfg: Ec2Config, log: Any = None) -> Instance:
     ami_gb = next((m.get("Ebs", {}).get("VolumeSize") for m in images[0].get("BlockDeviceMappings") or []
                    if m.get("DeviceName") == root_device), None)
     if spec.volume_gb is not None and ami_gb is not None and spec.volume_gb < ami_gb:
-        raise AwsError(f"ec2.launch.volume_gb: {spec.volume_gb} GB is smaller than the root disk of AMI {image_id} "
-                       f"({ami_gb} GB)")
+        raise ConfigError(f"ec2.launch.volume_gb: {spec.volume_gb} GB is smaller than the root disk of AMI "
+                          f"{image_id} ({ami_gb} GB)")
     tags = [{"Key": "Name", "Value": cfg.name}, {"Key": MANAGED_TAG, "Value": "true"}]
     ebs: dict[str, Any] = {"DeleteOnTermination": True}  # `orch down --terminate` leaves no paid disk behind
     if spec.volume_gb is not None or ami_gb is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.autostop import wake
 from orchestrator.context import Context
-from orchestrator.errors import BusyError, ConfigError, ConnectError, HostKeyError, OrchError
+from orchestrator.errors import BusyError, ConfigError, ConnectError, HostKeyError, OrchError, RemoteError
 from orchestrator.provision import InstanceStatus, acquire, bring_up, provider, quick_reach
 from trainer.contract import verbs
 from trainer.contract.wire import MachineReport, RunInfo
@@ -130,5 +130,5 @@ def _runs(ctx: Context, inst: InstanceStatus) -> tuple[list[RunInfo] | None, str
     try:
         with acquire(ctx, within=quick_reach(ctx.cfg)) as m:
             return m.runs(), None
-    except UNREACHABLE as exc:
-        return None, f"cannot reach the machine of {inst.id} ({exc}), so orch could not check for active runs"
+    except (*UNREACHABLE, RemoteError) as exc:  # a machine that cannot answer never keeps its instance running
+        return None, f"cannot ask the machine of {inst.id} ({exc}), so orch could not check for active runs"

@@ -128,13 +128,19 @@ def test_up_creates_the_instance_from_the_spec_once(tmp_path: Path, sshd: Sshd, 
     assert status["instance"]["managed"] and status["instance"]["type"] == "g4dn.xlarge"
 
 
-def test_an_ami_parameter_that_does_not_exist_is_one_line(tmp_path: Path, sshd: Sshd, data: Path,
-                                                          moto_endpoint: str, aws_creds: None) -> None:
-    name = f"noparam-{tmp_path.name}"
+@pytest.mark.parametrize("launch, code, expected", [
+    ({"ami": "/orch-test/no/such/parameter"}, 3, "ParameterNotFound"),
+    ({"ami": "ami-0123456789abcdef0"}, 3, "check ec2.launch.ami"),
+    ({"volume_gb": 10}, 2, "10 GB is smaller than the root disk of AMI"),  # moto's AMIs have 15 GB
+])
+def test_a_spec_that_cannot_be_created_is_one_line_and_creates_nothing(
+        tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None, launch: dict, code: int,
+        expected: str) -> None:
+    name = f"bad-{tmp_path.name}"
     cfg = config(tmp_path, sshd, data, moto_endpoint, ec2={"name": name, "launch": {
-        "instance_type": "g5.xlarge", "ami": "/orch-test/no/such/parameter"}})
+        "instance_type": "g5.xlarge", "ami": an_image(moto_endpoint), **launch}})
     proc = run_orch("up", "-c", cfg)
-    assert proc.returncode == 3 and "ParameterNotFound" in error_line(proc) and "check ec2.launch.ami" in proc.stderr
+    assert proc.returncode == code and expected in error_line(proc), proc.stderr
     assert named(moto_endpoint, name) == []
 
 
