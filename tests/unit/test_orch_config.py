@@ -36,6 +36,26 @@ CASES = {
     "credentials in pip args": ("target: local\nremote:\n  env:\n    pip_args: [--extra-index-url, 'https://t0ken@x/simple']\n",
                                 "remote.env.pip_args: credentials do not belong in deploy.yaml"),
     "section not a mapping": ("target: local\nremote: 3\n", "remote: Input should be a valid dictionary"),
+    "launch with an instance id": ("target: ec2\nec2:\n  instance_id: i-1\n  launch: {instance_type: g5.xlarge, "
+                                   "ami: ami-03cf127a}\n", "ec2.launch: needs ec2.name"),
+    "launch without a type": ("target: ec2\nec2:\n  name: gpu\n  launch: {ami: ami-03cf127a}\n",
+                              "ec2.launch.instance_type: field required"),
+    "launch ami neither id nor parameter": (
+        "target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ubuntu-22.04}\n",
+        "ec2.launch.ami: give an AMI id (ami-0123456789abcdef0) or the name of an SSM parameter"),
+    "launch volume too small": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, "
+                                "ami: ami-03cf127a, volume_gb: 4}\n", "ec2.launch.volume_gb: Input should be greater "
+                                "than or equal to 8"),
+    "launch volume too large": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, "
+                                "ami: ami-03cf127a, volume_gb: 20000}\n", "ec2.launch.volume_gb: Input should be "
+                                "less than or equal to 16384"),
+    "launch security group not an id": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, "
+                                        "ami: ami-03cf127a, security_group_ids: [default]}\n",
+                                        "ec2.launch.security_group_ids.0: give a sg-... id"),
+    "launch spot": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
+                    "spot: true}\n", "ec2.launch.spot: orch does not create spot instances yet"),
+    "launch key misspelt": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
+                            "volume: 100}\n", "ec2.launch.volume: unknown key (did you mean volume_gb?)"),
 }
 
 
@@ -88,7 +108,7 @@ def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "train"}
-    for section in ("Ec2Config", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
+    for section in ("Ec2Config", "Ec2LaunchConfig", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
                     "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():
             assert field.get("description"), f"{section}.{name} has no description"
