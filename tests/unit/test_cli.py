@@ -321,3 +321,24 @@ def test_a_helper_python_that_cannot_start_is_one_line(tmp_path: Path, capsys: p
     assert main(["download", "-c", str(path)]) == 7
     line = one_error_line(capsys.readouterr().err)
     assert "/no/such/python3" in line and "unexpected" not in line
+
+
+def test_the_readme_storage_policy_lists_exactly_the_s3_actions_orch_and_the_trainer_call() -> None:
+    import json
+    import re
+
+    from orchestrator import storage
+    from trainer.ml import mirror
+
+    # boto3's S3 client methods -> the IAM action each needs (multipart uploads are PutObject)
+    action = {"list_objects_v2": "s3:ListBucket", "get_object": "s3:GetObject", "head_object": "s3:GetObject",
+              "upload_fileobj": "s3:PutObject", "put_object": "s3:PutObject", "delete_object": "s3:DeleteObject"}
+    source = Path(storage.__file__).read_text() + Path(mirror.__file__).read_text()
+    methods = set(re.findall(r"self\.s3\.([a-z_0-9]+)[(,]", source)) - {"get_paginator"}
+    methods |= set(re.findall(r"get_paginator\(\"([a-z_0-9]+)\"\)", source))
+    assert methods <= set(action), methods - set(action)  # a new call: add it here, to IAM_ACTIONS and README
+    assert {action[m] for m in methods} == set(storage.IAM_ACTIONS)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    policies = [json.loads(block) for block in re.findall(r"```json\n\s*(\{.*?\})\s*```", readme, re.S)]
+    s3_policy = next(p for p in policies if any(a.startswith("s3:") for a in p["Statement"][0]["Action"]))
+    assert sorted(s3_policy["Statement"][0]["Action"]) == sorted(storage.IAM_ACTIONS)
