@@ -179,6 +179,24 @@ class MonitorConfig(_Section):
                                         "larger of 10 minutes and three median epoch times")
 
 
+def _s3_uri(value: str) -> str:
+    from trainer.contract.layout import parse_s3_uri
+
+    parse_s3_uri(value)  # ValueError names it
+    return value.rstrip("/")
+
+
+class StorageConfig(_Section):
+    s3_uri: Annotated[str, AfterValidator(_s3_uri), AfterValidator(_no_credentials)] = Field(
+        description="s3://bucket/prefix: each run's committed epochs are mirrored to <s3_uri>/runs/<run id>/, and "
+        "runs, logs and downloads work from there when the machine is gone")
+    endpoint_url: Annotated[str | None, AfterValidator(_no_credentials)] = Field(
+        None, description="an S3-compatible endpoint (tests use moto's server)")
+    region: str | None = Field(None, description="the bucket's region (default: ec2.region)")
+    profile: str | None = Field(None, description="AWS profile orch reads the bucket with on this computer (default: "
+                                "ec2.profile); the machine uses its own credentials (instance role, AWS config)")
+
+
 class DataConfig(_Section):
     remote_dir: str = Field("models/wav2vec",
                             description="feature folder on the machine: relative to remote.root, or absolute")
@@ -226,6 +244,8 @@ class DeployConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     autostop: AutostopConfig = Field(default_factory=AutostopConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    storage: StorageConfig | None = Field(None, description="an S3 mirror of every run (null: runs live only on "
+                                          "the machine's disk)")
     train: TrainOptions = Field(  # type: ignore[valid-type]
         default_factory=TrainOptions,
         description="defaults for `python -m trainer train` (every key, its type, range and default: "

@@ -11,8 +11,9 @@ from typing import Any
 
 from orchestrator.autostop import wake
 from orchestrator.context import Context
-from orchestrator.errors import BusyError, ConfigError, ConnectError, HostKeyError, OrchError, RemoteError
+from orchestrator.errors import AwsError, BusyError, ConfigError, ConnectError, HostKeyError, OrchError, RemoteError
 from orchestrator.provision import InstanceStatus, acquire, bring_up, provider, quick_reach
+from orchestrator.storage import storage
 from trainer.contract import verbs
 from trainer.contract.wire import MachineReport, RunInfo
 
@@ -74,16 +75,42 @@ class Consent:
     ask: Callable[[str], bool] | None = None
 
 
-def lost_with_disk(run_ids: Sequence[str] | None) -> str:
+def lost_with_disk(run_ids: Sequence[str] | None, stored: StorageHolds | None = None) -> str:
     """What terminating an instance loses with its disk, said before `orch down --terminate`
-    asks. ``run_ids``: the runs on it (None: they could not be listed)."""
-    if run_ids is None:
-        runs = "every run on it (orch could not list them)"
-    elif not run_ids:
-        runs = "no run (there is none on it)"
+    asks. ``run_ids``: the runs on it (None: they could not be listed); ``stored``: what the
+    storage mirror holds (None: no mirror), whose runs are kept."""
+    kept = set(stored.run_ids) if stored is not None else set()
+    lost = None if run_ids is None else [r for r in run_ids if r not in kept]
+    if lost is None:
+        runs = "every run on it (orch could not list them)" + (f" that {stored.uri} lacks" if stored else "")
+    elif not lost:
+        runs = "no run (there is none on it)" if not run_ids else f"no run (all {len(run_ids)} are in {stored.uri})"
     else:
-        runs = f"{len(run_ids)} run(s): {', '.join(run_ids)} (`orch download RUN` first keeps a run's best checkpoint)"
+        runs = f"{len(lost)} run(s): {', '.join(lost)} (`orch download RUN` first keeps a run's best checkpoint)"
     return f"Its disk is deleted with it: the code, envs and data orch put there, and {runs}."
+
+
+@dataclass(frozen=True)
+class StorageHolds:
+    """The runs the storage mirror holds (they outlive the instance)."""
+
+    uri: str
+    run_ids: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.uri} holds {len(self.run_ids)} run(s)"
+
+
+def storage_holds(ctx: Context) -> StorageHolds | None:
+    """What the storage mirror holds, or None (no mirror, or it cannot be read: said)."""
+    store = storage(ctx.cfg)
+    if store is None:
+        return None
+    try:
+        return StorageHolds(store.uri, tuple(store.run_ids()))
+    except AwsError as exc:
+        ctx.log(f"storage cannot be read ({exc})")
+        return None
 
 
 def down(ctx: Context, *, force: bool = False, terminate: bool = False,
@@ -102,7 +129,10 @@ def down(ctx: Context, *, force: bool = False, terminate: bool = False,
         raise BusyError(f"run {', '.join(active)} is still running on {inst.id}: `orch stop` it first, or pass "
                         f"--force to {'terminate' if terminate else 'stop'} the instance anyway (the run dies"
                         + ("" if terminate else "; `orch resume RUN --continue` picks it up later") + ")")
-    lost = lost_with_disk(None if runs is None else [r.run_id for r in runs])
+    stored = storage_holds(ctx) if terminate or unreachable else None
+    if unreachable and stored is not None:
+        unreachable += f" ({stored})"
+    lost = lost_with_disk(None if runs is None else [r.run_id for r in runs], stored)
     if terminate:
         mark = "" if inst.managed else ", not created by orch"
         question = f"Terminate instance {inst.id} ({inst.type}{mark})? {lost}"

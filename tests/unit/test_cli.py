@@ -340,3 +340,30 @@ def test_what_terminating_loses_is_said_from_the_runs_on_the_disk() -> None:
     two = lost_with_disk(["20261121-103015-a3f9", "tiny"])
     assert two.startswith("Its disk is deleted with it") and "2 run(s): 20261121-103015-a3f9, tiny" in two
     assert "`orch download RUN` first" in two
+    from orchestrator.status import StorageHolds
+
+    held = StorageHolds("s3://b/p", ("tiny",))
+    assert "1 run(s): 20261121-103015-a3f9 (" in lost_with_disk(["20261121-103015-a3f9", "tiny"], held)
+    assert "no run (all 1 are in s3://b/p)" in lost_with_disk(["tiny"], held)
+    assert "that s3://b/p lacks" in lost_with_disk(None, held)
+
+
+def test_the_readme_storage_policy_lists_exactly_the_s3_actions_orch_and_the_trainer_call() -> None:
+    import json
+    import re
+
+    from orchestrator import storage
+    from trainer.ml import mirror
+
+    # boto3's S3 client methods -> the IAM action each needs (multipart uploads are PutObject)
+    action = {"list_objects_v2": "s3:ListBucket", "get_object": "s3:GetObject", "head_object": "s3:GetObject",
+              "upload_fileobj": "s3:PutObject", "put_object": "s3:PutObject", "delete_object": "s3:DeleteObject"}
+    source = Path(storage.__file__).read_text() + Path(mirror.__file__).read_text()
+    methods = set(re.findall(r"self\.s3\.([a-z_0-9]+)[(,]", source)) - {"get_paginator"}
+    methods |= set(re.findall(r"get_paginator\(\"([a-z_0-9]+)\"\)", source))
+    assert methods <= set(action), methods - set(action)  # a new call: add it here, to IAM_ACTIONS and README
+    assert {action[m] for m in methods} == set(storage.IAM_ACTIONS)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    policies = [json.loads(block) for block in re.findall(r"```json\n\s*(\{.*?\})\s*```", readme, re.S)]
+    s3_policy = next(p for p in policies if any(a.startswith("s3:") for a in p["Statement"][0]["Action"]))
+    assert sorted(s3_policy["Statement"][0]["Action"]) == sorted(storage.IAM_ACTIONS)

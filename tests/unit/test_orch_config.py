@@ -107,8 +107,8 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
 def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "train"}
-    for section in ("Ec2Config", "Ec2LaunchConfig", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
+    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "storage", "train"}
+    for section in ("Ec2Config", "Ec2LaunchConfig", "StorageConfig", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
                     "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():
             assert field.get("description"), f"{section}.{name} has no description"
@@ -193,3 +193,17 @@ def test_a_log_line_with_brackets_is_printed_as_is(capsys: pytest.CaptureFixture
 
     Output.terminal().log("data: 3 files sent to /data/[raw]/x and [/oops]")
     assert "/data/[raw]/x and [/oops]" in capsys.readouterr().err
+
+
+def test_storage_takes_an_s3_uri_and_nothing_with_credentials(tmp_path: Path) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: local\nstorage:\n  s3_uri: s3://my-bucket/team/emotion/\n")
+    cfg = load_config(path)
+    assert cfg.storage is not None and cfg.storage.s3_uri == "s3://my-bucket/team/emotion"
+    for bad, why in (("https://my-bucket/x", "is not an s3://bucket"), ("s3://B/x", "is not an s3://bucket"),
+                     ("s3://my-bucket/x", None)):
+        path.write_text(f"target: local\nstorage:\n  s3_uri: {bad}\n  endpoint_url: http://user:pw@127.0.0.1:9\n")
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert ("storage.s3_uri" in str(exc.value) and why in str(exc.value)) if why else \
+            "storage.endpoint_url: credentials do not belong" in str(exc.value), str(exc.value)
