@@ -180,6 +180,7 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
     run_id = check_run_id(run_id) if run_id else new_run_id()
     argv = trainer_argv(ctx.cfg, trainer_args)
     stop_plan = autostop_plan(ctx.cfg, launching.autostop)
+    _refuse_stored(ctx, run_id)
     with working(ctx) as m:
         _refuse_if_busy(m, launching.force)
         data = sync_data(m) if with_data else None
@@ -228,6 +229,15 @@ def _continued(m: Machine, run_id: str | None, force: bool) -> tuple[str, bool]:
         raise BusyError(f"run {run.run_id} is still running; nothing to continue")
     _refuse_if_busy(m, force, except_run=run.run_id)
     return run.run_id, False
+
+
+def _refuse_stored(ctx: Context, run_id: str) -> None:
+    """A new run never takes the id of one the storage mirror holds (its trainer would restore
+    and continue that run instead)."""
+    store = storage.storage(ctx.cfg)
+    if store is not None and store.objects(run_id):
+        raise ConfigError(f"run {run_id} already exists in {store.uri}; choose another --run-id (or `orch resume "
+                          f"{run_id} --continue`)")
 
 
 def _restored(m: Machine, store: storage.Storage, run_id: str | None, force: bool) -> str:

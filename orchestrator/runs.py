@@ -128,7 +128,7 @@ def stop(ctx: Context, run_id: str | None, *, timeout: float = STOP_TIMEOUT) -> 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             now = m.choose(run.run_id)
-            if not now.alive:
+            if not now.alive or now.final:  # saved and stopped (it may still be uploading to storage)
                 return now
             time.sleep(1.0)
     raise RemoteError(f"run {run.run_id} did not stop within {timeout:.0f} s; it is still running")

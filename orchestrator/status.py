@@ -6,7 +6,7 @@ when the machine cannot be reached, and stopping never depends on reaching it.""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from orchestrator.autostop import wake
@@ -132,6 +132,9 @@ def down(ctx: Context, *, force: bool = False, terminate: bool = False,
     stored = storage_holds(ctx) if terminate or unreachable else None
     if unreachable and stored is not None:
         unreachable += f" ({stored})"
+    if stored is not None and runs is not None:  # kept: only what S3 holds up to the run's last epoch
+        stored = replace(stored, run_ids=tuple(r.run_id for r in runs if r.run_id in stored.run_ids and r.mirror
+                                               and r.mirror.state == "ok" and r.mirror.epoch == r.epoch))
     lost = lost_with_disk(None if runs is None else [r.run_id for r in runs], stored)
     if terminate:
         mark = "" if inst.managed else ", not created by orch"

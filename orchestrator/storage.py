@@ -94,13 +94,15 @@ class Storage:
 
     def read_small(self, run_id: str, rel: str) -> bytes | None:
         """A small object (at most MAX_SMALL bytes read), or None when there is none."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             body = self.s3.get_object(Bucket=self.bucket, Key=self._key(run_id, rel))["Body"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
+            raise AwsError(f"storage {self.uri}: reading {run_id}/{rel}: {exc}") from exc
+        except BotoCoreError as exc:  # no connection, a timeout
             raise AwsError(f"storage {self.uri}: reading {run_id}/{rel}: {exc}") from exc
         return self._call(f"reading {run_id}/{rel}", body.read, amt=MAX_SMALL)
 

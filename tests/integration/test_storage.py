@@ -107,10 +107,10 @@ def test_kills_during_uploads_leave_a_committed_state_in_s3_and_the_end_matches_
         s3: S3, data: Path, tmp_path: Path) -> None:
     scenario = Scenario(data, epochs=40)  # enough epochs that every start is killed mid-run
     run = tmp_path / "runs" / "r1"
-    argv = [*scenario.argv(run), *s3.mirror_args()]
+    argv = [*scenario.argv(run), "--patience", "0", *s3.mirror_args()]  # all 40 epochs: room for every kill
     # each start makes at least one whole pass (its last, at the end), so each point is reached
-    kills = [("mirror:uploaded", 1), ("mirror:state", 1), ("mirror:manifest", 1), ("mirror:uploaded", 3),
-             ("mirror:manifest", 2), ("mirror:deleted", 1), ("mirror:uploaded", 2), ("mirror:state", 1)]
+    kills = [("mirror:uploaded", 1), ("mirror:state", 1), ("mirror:uploaded", 2), ("mirror:manifest", 1),
+             ("mirror:uploaded", 4), ("mirror:deleted", 1), ("mirror:state", 2), ("mirror:uploaded", 3)]
     ends = []
     for point, n in kills:
         proc = run_trainer(*argv, check=False, env={"ORCH_TRAINER_KILL_AT": f"{point}@{n}"})
@@ -122,8 +122,9 @@ def test_kills_during_uploads_leave_a_committed_state_in_s3_and_the_end_matches_
         assert proc.returncode == -9, (point, n, proc.stdout[-2000:])
     assert sum(rc == -9 for _p, _n, rc, _e in ends) >= 5, ends  # the kills did come while uploads ran
     proc = run_trainer(*argv)
-    epoch = json.loads((run / layout.STATE).read_text())["epoch"]  # 40, or fewer when it stopped early
-    assert f"storage: final state (epoch {epoch})" in proc.stdout
+    epoch = json.loads((run / layout.STATE).read_text())["epoch"]
+    assert epoch == 40
+    assert f"storage: final state (epoch {epoch})" in proc.stdout and "storage: upload to" not in proc.stdout
     held = s3.objects("r1")
     assert held == mirrored_files(run)  # bit-identical, nothing the state no longer names
     assert json.loads(held[layout.STATE])["epoch"] == epoch and json.loads(held[layout.STATUS])["state"] == "finished"
@@ -170,7 +171,8 @@ def test_a_run_whose_folder_is_gone_is_listed_logged_downloaded_and_continued_fr
     rows = [json.loads(line) for line in (run / layout.METRICS).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 13))
     assert rows[0] == json.loads(before[layout.METRICS].decode().splitlines()[0])  # epoch 1 came from storage
-    assert "restoring run gone from" in (run / layout.TRAIN_LOG).read_text()
+    log = (run / layout.TRAIN_LOG).read_text()
+    assert "restoring run gone from" in log and "storage: upload to" not in log  # no pass ever failed
     assert json.loads(s3.objects("gone")[layout.STATE])["epoch"] == 12
     both = json.loads(run_orch("runs", "--json", "-c", cfg).stdout)
     assert [(r["run_id"], r["where"]) for r in both] == [("gone", "both")]
@@ -198,3 +200,22 @@ def test_a_failing_s3_never_fails_the_run_and_is_reported(s3: S3, data: Path, tm
     assert json.loads(shown.stdout)[0]["mirror"]["state"] == "retrying"
     view = run_orch("monitor", "s3down", "--once", "-c", cfg)
     assert "uploads to s3://" in view.stdout and "failing" in view.stdout, view.stdout
+
+
+@pytest.mark.parametrize("key", ["stats/../lock", "", "pid", "tensorboard/x", "checkpoints/.tmp-x", "a/b/c/d"])
+def test_a_crafted_object_key_is_never_restored_and_the_run_folder_stays_as_it_was(s3: S3, tmp_path: Path,
+                                                                                    key: str) -> None:
+    from trainer.ml.errors import TrainerError
+    from trainer.ml.mirror import Settings, restore
+
+    prefix = layout.storage_run_prefix(PREFIX, "evil")
+    for rel, body in ((layout.STATE, b'{"epoch": 0}'), (layout.RUN_JSON, b"{}"), (key, b"owned")):
+        s3.client.put_object(Bucket=s3.bucket, Key=prefix + rel, Body=body,
+                             Metadata={layout.STORAGE_SHA_KEY: hashlib.sha256(body).hexdigest()})
+    run = tmp_path / "evil"
+    run.mkdir()
+    (run / layout.RUN_LOCK).write_text("mine\n")
+    with pytest.raises(TrainerError, match="not a file of a run"):
+        restore(run, Settings(s3.uri, s3.endpoint, "us-east-1"), lambda _msg: None)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["evil", layout.RUN_LOCK]
+    assert (run / layout.RUN_LOCK).read_text() == "mine\n"

@@ -122,8 +122,11 @@ class Bucket:
         """Upload one file (multipart when big), checked by S3, its sha256 as metadata."""
         from boto3.s3.transfer import TransferConfig
 
-        fh.seek(0)  # one open file may be uploaded under two names (an epoch file and best.weights.h5)
-        self.s3.upload_fileobj(fh, self.bucket, self.key(rel), Config=TransferConfig(multipart_threshold=64 << 20),
+        # boto3 closes what it uploads, and one open file may go up under two names (an epoch
+        # file and best.weights.h5): it gets a descriptor of its own, at the start
+        own = os.fdopen(os.dup(fh.fileno()), "rb") if hasattr(fh, "fileno") else fh
+        own.seek(0)
+        self.s3.upload_fileobj(own, self.bucket, self.key(rel), Config=TransferConfig(multipart_threshold=64 << 20),
                                ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {layout.STORAGE_SHA_KEY: sha}})
         self.listing()[rel] = sha
         if rel == layout.STATE:
@@ -202,6 +205,8 @@ class Pass:
                 manifest[layout.BEST_WEIGHTS] = sha
             for rel in self._other_files():
                 self._open(stack, rel)
+            if self._read(layout.STATE) != state_bytes:  # committed again meanwhile: its files may be newer
+                raise StateMoved(layout.STATE)
             self._upload(manifest)
             if state_bytes is not None:
                 self.bucket.put_bytes(layout.STATE, state_bytes)  # THE commit point in S3: last
@@ -368,33 +373,47 @@ def restore(run_dir: Path, settings: Settings, log: Log) -> bool:
     state_bytes = buf.getvalue()
     expected = {rel: sha for rel, sha in held.items() if rel != layout.STATE}
     expected |= named_files(json.loads(state_bytes))
+    for rel in expected:
+        _check_key(run_dir, rel)
     log(f"restoring run {run_dir.name} from {settings.uri} ({len(expected) + 1} files)")
-    for rel, sha in sorted(expected.items()):
-        _restore_one(run_dir, bucket, rel, sha)
-    atomic_write_bytes(run_dir / layout.STATE, state_bytes)
+    # Everything lands in a staging folder first, verified: a failure leaves the run folder as it was.
+    staging = run_dir / f"{layout.TEMP_PREFIX}restore"
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for rel, sha in sorted(expected.items()):
+            if rel != layout.TRAIN_LOG:
+                _fetch_verified(bucket, rel, sha, staging / rel, run_dir.name)
+        if layout.TRAIN_LOG in expected:
+            _restore_log(run_dir / layout.TRAIN_LOG, bucket, expected[layout.TRAIN_LOG])
+        for rel in sorted(expected):
+            if rel != layout.TRAIN_LOG:
+                (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / rel, run_dir / rel)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_bytes(run_dir / layout.STATE, state_bytes)  # the commit point, last
     return True
 
 
-def _restore_one(run_dir: Path, bucket: Bucket, rel: str, sha: str) -> None:
-    target = (run_dir / rel).resolve()
-    if not target.is_relative_to(run_dir.resolve()) or rel.split("/")[0] in layout.NOT_MIRRORED:
-        raise TrainerError(f"storage: run {run_dir.name} holds an object outside its folder: {rel!r}")
+def _check_key(run_dir: Path, rel: str) -> None:
+    """An object of the run may only name a plain relative path inside it, never the machine's own files."""
+    parts = rel.split("/")
+    if (not rel or any(p in ("", ".", "..") for p in parts) or parts[0] in layout.NOT_MIRRORED
+            or layout.is_temp(parts[-1]) or "\x00" in rel or len(parts) > 3):
+        raise TrainerError(f"storage: run {run_dir.name} holds an object that is not a file of a run: {rel!r}")
+
+
+def _fetch_verified(bucket: Bucket, rel: str, sha: str, target: Path, run_id: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    if rel == layout.TRAIN_LOG:  # the trainer's output already goes to this very file (O_APPEND)
-        _restore_log(target, bucket, sha)
-        return
-    tmp = target.with_name(f"{layout.TEMP_PREFIX}{target.name}")
-    try:
-        with open(tmp, "wb") as out:
-            got = bucket.get(rel, out)
-            out.flush()
-            os.fsync(out.fileno())
-        if got != sha:
-            raise TrainerError(f"storage: {rel} of run {run_dir.name} does not match its checksum "
-                               f"(expected {sha[:12]}..., got {got[:12]}...)")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(target, "wb") as out:
+        got = bucket.get(rel, out)
+        out.flush()
+        os.fsync(out.fileno())
+    if got != sha:
+        raise TrainerError(f"storage: {rel} of run {run_id} does not match its checksum "
+                           f"(expected {sha[:12]}..., got {got[:12]}...)")
 
 
 def _restore_log(target: Path, bucket: Bucket, sha: str) -> None:
@@ -436,9 +455,10 @@ def mirroring(run_dir: Path, settings: Settings | None, log: Log) -> Iterator[No
     except TrainerError:
         raise
     except Exception as exc:
-        if not (run_dir / layout.RUN_JSON).exists():  # nothing here to train on without the restore
-            raise TrainerError(f"storage: cannot restore run {run_dir.name} from {settings.uri}: {exc}") from exc
-        log(f"storage: could not look for a stored state ({exc}); continuing from this machine's")
+        if not (run_dir / layout.STATE).exists():  # nothing committed here: training would start over
+            raise TrainerError(f"storage: cannot restore run {run_dir.name} from {settings.uri} ({exc}); nothing "
+                               "was changed, try again") from exc
+        log(f"storage: could not reach {settings.uri} ({exc}); continuing from this machine's state")
     mirror = Mirror(run_dir, settings, log)
     mirror.start()
     try:
