@@ -357,7 +357,8 @@ def download(
     json_out: bool = JsonOpt,
 ) -> None:
     """Bring back a run's best checkpoint and stats files, each checked against the run's
-    MANIFEST.sha256 and written atomically; files already here and correct are kept."""
+    MANIFEST.sha256 and written atomically; files already here and correct are kept. With
+    `storage:`, from the S3 mirror when the machine cannot be reached or lacks the run."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from orchestrator.download import download as run_download
@@ -383,8 +384,9 @@ def download(
 @app.command("runs")
 @uses_machine
 def runs_cmd(ctx: Context, json_out: bool = JsonOpt) -> None:
-    """All runs on the machine: state, epochs, best val accuracy, parent and how the run
-    compares with it, start, duration. Run ids are shown whole."""
+    """All runs on the machine (with `storage:`, and in the S3 mirror, saying where each
+    lives; only the mirror's when the machine cannot be reached): state, epochs, best val
+    accuracy, parent and how the run compares with it, start, duration. Run ids are shown whole."""
     from orchestrator.runs import list_runs, run_json, runs_table
 
     runs = list_runs(ctx)
@@ -451,7 +453,8 @@ def logs(
     run: str | None = RunArg,
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
 ) -> None:
-    """Print (or follow) a run's train.log."""
+    """Print (or follow) a run's train.log (with `storage:`, the mirrored one when the machine
+    cannot be reached or lacks the run)."""
     from orchestrator.runs import logs as run_logs
 
     out = _out(ctx).file

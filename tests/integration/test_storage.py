@@ -219,3 +219,27 @@ def test_a_crafted_object_key_is_never_restored_and_the_run_folder_stays_as_it_w
         restore(run, Settings(s3.uri, s3.endpoint, "us-east-1"), lambda _msg: None)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["evil", layout.RUN_LOCK]
     assert (run / layout.RUN_LOCK).read_text() == "mine\n"
+
+
+def test_an_unreachable_machine_leaves_runs_and_logs_readable_from_storage(s3: S3, tmp_path: Path) -> None:
+    prefix = layout.storage_run_prefix(PREFIX, "20261201-101500-ab12")
+    for rel, body in ((layout.STATUS, json.dumps({"state": "running", "epoch": 3, "epochs": 9}).encode()),
+                      (layout.RUN_JSON, json.dumps({"started_at": "2026-12-01T10:15:00+00:00"}).encode()),
+                      (layout.TRAIN_LOG, b"epoch 3 \x1b]0;owned\x07done\n")):
+        s3.client.put_object(Bucket=s3.bucket, Key=prefix + rel, Body=body)
+    s3.client.put_object(Bucket=s3.bucket, Key=layout.storage_run_prefix(PREFIX, "bad id!") + layout.STATUS, Body=b"{}")
+    cfg = write_config(tmp_path / "deploy.yaml", target="ssh",
+                       ssh={"host": "127.0.0.1", "port": free_port(), "connect_timeout": 2, "config_file": None},
+                       storage={"s3_uri": s3.uri, "endpoint_url": s3.endpoint, "region": "us-east-1"})
+    listed = run_orch("runs", "--json", "-c", cfg)
+    assert listed.returncode == 0, listed.stderr
+    assert "the machine cannot be reached" in listed.stderr and s3.uri in listed.stderr
+    runs = json.loads(listed.stdout)
+    assert [(r["run_id"], r["where"], r["state"], r["epoch"]) for r in runs] == [
+        ("20261201-101500-ab12", "storage", "running when last mirrored", 3)]  # the crafted id is left out
+    table = run_orch("runs", "-c", cfg)
+    assert "where" in table.stdout and "storage" in table.stdout
+    logs = run_orch("logs", "20261201", "-c", cfg)
+    assert logs.returncode == 0 and "epoch 3" in logs.stdout and "\x1b" not in logs.stdout
+    missing = run_orch("download", "nope", "-c", cfg, "--dest", tmp_path / "d")
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr and s3.uri in missing.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -124,7 +125,7 @@ class Bucket:
 
         # boto3 closes what it uploads, and one open file may go up under two names (an epoch
         # file and best.weights.h5): it gets a descriptor of its own, at the start
-        own = os.fdopen(os.dup(fh.fileno()), "rb") if hasattr(fh, "fileno") else fh
+        own = os.fdopen(os.dup(fh.fileno()), "rb") if isinstance(fh, io.BufferedReader) else fh
         own.seek(0)
         self.s3.upload_fileobj(own, self.bucket, self.key(rel), Config=TransferConfig(multipart_threshold=64 << 20),
                                ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {layout.STORAGE_SHA_KEY: sha}})
@@ -139,8 +140,6 @@ class Bucket:
     @property
     def manifest(self) -> dict[str, str]:
         if self._manifest is None:
-            import io
-
             buf = io.BytesIO()
             if layout.MANIFEST in self.listing():
                 self.get(layout.MANIFEST, buf)
@@ -159,8 +158,6 @@ class Bucket:
         self._manifest = dict(entries)
 
     def put_bytes(self, rel: str, data: bytes) -> None:
-        import io
-
         self.put(rel, io.BytesIO(data), hashlib.sha256(data).hexdigest())
 
     def delete(self, rel: str) -> None:
@@ -365,8 +362,6 @@ def restore(run_dir: Path, settings: Settings, log: Log) -> bool:
     held = bucket.listing()
     if layout.STATE not in held:
         return False
-    import io
-
     buf = io.BytesIO()
     if bucket.get(layout.STATE, buf) != held[layout.STATE]:
         raise TrainerError(f"storage: {layout.STATE} of run {run_dir.name} does not match its checksum in S3")
@@ -418,8 +413,6 @@ def _fetch_verified(bucket: Bucket, rel: str, sha: str, target: Path, run_id: st
 
 def _restore_log(target: Path, bucket: Bucket, sha: str) -> None:
     """The mirrored train.log, then what this start has written to it so far, in the same file."""
-    import io
-
     buf = io.BytesIO()
     if bucket.get(layout.TRAIN_LOG, buf) != sha:
         raise TrainerError(f"storage: {layout.TRAIN_LOG} does not match its checksum")
