@@ -107,10 +107,11 @@ class _Inputs:
 def _stopped_line(run: RunDir, signum: int) -> str:
     """The last line of a stopped run: what is kept, and the command that continues it."""
     state, partial = run.state, run.state.partial
-    kept = f"epoch {state.epoch}" if state.epoch else "no epoch"
+    kept = [f"epoch {state.epoch}"] if state.epoch else []
     if partial is not None:
-        kept += f" and batch {partial.batch} of epoch {partial.epoch}"
-    return f"stopped by signal {signum} after {kept}; continue with `orch resume {run.path.name} --continue`"
+        kept.append(f"batch {partial.batch} of epoch {partial.epoch}")
+    where = f"after {' and '.join(kept)}" if kept else "before its first epoch"
+    return f"stopped by signal {signum} {where}; continue with `orch resume {run.path.name} --continue`"
 
 
 def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stopper, log: Log) -> ExitCode:

@@ -11,8 +11,9 @@ count, its moments and the weight average's slots). Keras leaves out two kinds o
 
   Saved, not re-derived from (seed, epoch, batch) as the batch pipeline derives its numbers:
   a generator's state is Keras's own format (its layout, and how far a step moves it, are
-  Keras's business), so copying it back exactly holds whatever Keras does with it, costs
-  nothing per batch, and reseeding it would change every existing run's numbers.
+  Keras's business), so copying it back holds exactly whatever Keras does with it, at any
+  batch (a position inside an epoch needs that too), and costs nothing per batch, where
+  reseeding every generator before every step would.
 - the **metric accumulators** (the running sums behind the epoch's loss and accuracy): reset at
   every epoch's start, so they matter only for a position inside an epoch.
 
