@@ -196,7 +196,10 @@ def config_schema(typer_ctx: typer.Context, config: str | None = ConfigOpt) -> N
 @app.command()
 @uses_machine
 def up(ctx: Context) -> None:
-    """Start the EC2 instance and wait until it runs (an armed autostop is watched again)."""
+    """Start the EC2 instance, or create it from deploy.yaml's ec2.launch when none is named
+    ec2.name, and wait until it runs and answers SSH (a new host key is trusted only when it
+    matches the instance's console output). Running twice creates nothing more. An armed
+    autostop is watched again."""
     from orchestrator.status import up as run_up
 
     inst = run_up(ctx)
@@ -207,16 +210,23 @@ def up(ctx: Context) -> None:
 @uses_machine
 def down(
     ctx: Context,
-    force: bool = typer.Option(False, "--force", help="stop it even while a run is active (the run dies; "
-                               "`orch resume RUN --continue` picks it up later)"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation on a terminal"),
+    force: bool = typer.Option(False, "--force", help="stop (or terminate) it even while a run is active (the "
+                               "run dies; after a stop, `orch resume RUN --continue` picks it up later)"),
+    terminate: bool = typer.Option(False, "--terminate", help="terminate the instance instead of stopping it: it "
+                                   "and its disk (code, envs, data, every run on it) are deleted; asks first "
+                                   "(without a terminal, pass -y)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation (needed without a terminal "
+                             "for --terminate, and to stop a machine orch cannot reach)"),
 ) -> None:
-    """Stop the EC2 instance (its disk, runs and data stay). Refuses while a run is active."""
+    """Stop the EC2 instance (its disk, runs and data stay), or --terminate it. Refuses while a
+    run is active. When the machine does not answer within ssh.connect_timeout (15 s at most),
+    it says so and asks; -y stops it through EC2 anyway."""
+    from orchestrator.status import Consent
     from orchestrator.status import down as run_down
 
-    ask = not yes and ctx.output is not None and ctx.output.stdin_isatty
-    confirm = (lambda question: typer.confirm(question, default=False)) if ask else None
-    inst = run_down(ctx, force=force, confirm=confirm)
+    terminal = ctx.output is not None and ctx.output.stdin_isatty
+    consent = Consent(yes, (lambda question: typer.confirm(question, default=False)) if terminal else None)
+    inst = run_down(ctx, force=force, terminate=terminate, consent=consent)
     if inst is None:
         _say(_out(ctx), "left running")
         raise typer.Exit(int(ExitCode.INTERRUPTED))
@@ -390,7 +400,9 @@ def runs_cmd(ctx: Context, json_out: bool = JsonOpt) -> None:
 @uses_machine
 def status(ctx: Context, json_out: bool = JsonOpt) -> int:
     """The machine: instance type, state, uptime and cost, GPUs (or CPU load), the active run,
-    autostop. Never starts the instance: a stopped one exits 11."""
+    autostop. Never starts the instance: a stopped one exits 11. A machine that does not answer
+    (within ssh.connect_timeout, 15 s at most) is marked unreachable after what EC2 says: exit 4
+    (5 for its host key)."""
     from orchestrator.status import machine_status
     from orchestrator.views import status_lines
 
@@ -404,7 +416,7 @@ def status(ctx: Context, json_out: bool = JsonOpt) -> int:
         assert st.instance is not None and ctx.output is not None
         _say(ctx.output.err, f"orch: instance {st.instance.id} is {st.instance.state}; `orch up` starts it")
         return int(ExitCode.INSTANCE_STOPPED)
-    return 0
+    return st.unreachable_code if st.unreachable else 0
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,68 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_AMI_ID = re.compile(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+_SSM_NAME = re.compile(r"/[A-Za-z0-9_.\-/]{1,2047}")  # a hierarchical SSM parameter name
+
+
+def _ami(value: str) -> str:
+    if not (_AMI_ID.fullmatch(value) or _SSM_NAME.fullmatch(value)):
+        raise ValueError(f"give an AMI id (ami-0123456789abcdef0) or the name of an SSM parameter holding one "
+                         f"(e.g. /aws/service/deeplearning/ami/x86_64/...), not {value!r}")
+    return value
+
+
+def _aws_id(prefix: str, example: str) -> Any:
+    """A check that a value is an AWS resource id such as sg-0123abcd."""
+    pattern = re.compile(rf"{prefix}-[0-9a-f]{{8,17}}")
+
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"give a {prefix}-... id (e.g. {example}), not {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _instance_type(value: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9-]*\.[a-z0-9-]+", value):
+        raise ValueError(f"give an EC2 instance type such as g5.xlarge, not {value!r}")
+    return value
+
+
+def _on_demand_only(value: bool) -> bool:
+    # Refused rather than ignored: an on-demand instance where a spot one was asked for costs about 3x.
+    if value:
+        raise ValueError("orch does not create spot instances yet (on-demand only): remove it or set it to false")
+    return value
+
+
+class Ec2LaunchConfig(_Section):
+    """How `orch up` (and `orch deploy`) create the instance when none is named ec2.name."""
+
+    instance_type: Annotated[str, AfterValidator(_instance_type)] = Field(
+        description="the instance type to create (e.g. g5.xlarge: one A10G GPU)")
+    ami: Annotated[str, AfterValidator(_ami)] = Field(
+        description="an AMI id (ami-...), or the name of an SSM parameter that holds one (read with "
+        "ssm:GetParameter when the instance is created), e.g. a Deep Learning AMI's "
+        "/aws/service/deeplearning/ami/x86_64/...")
+    key_name: str | None = Field(None, min_length=1, description="the EC2 key pair to log in with (ssh.key_file "
+                                 "is its .pem); null: the AMI's own login")
+    security_group_ids: list[Annotated[str, _aws_id("sg", "sg-0123456789abcdef0")]] = Field(
+        default_factory=list, description="security groups (sg-...; inbound TCP 22 from your address only); "
+        "empty: the VPC's default group")
+    subnet_id: Annotated[str | None, _aws_id("subnet", "subnet-0123456789abcdef0")] = Field(
+        None, description="the subnet (subnet-...) to create it in; null: the default VPC's, any zone")
+    volume_gb: int | None = Field(None, ge=8, le=16384, description="size of the root disk in GB (8 to 16384; "
+                                  "code, envs, runs and data live there); null: the AMI's size")
+    iam_instance_profile: str | None = Field(
+        None, min_length=1, description="an instance profile (name or arn:aws:iam::...) for the instance's own AWS "
+        "calls; passing one needs iam:PassRole on its role")
+    spot: Annotated[bool, AfterValidator(_on_demand_only)] = Field(
+        False, description="reserved for spot instances (a later version); only false is accepted now: orch "
+        "creates on-demand instances")
+
+
 class Ec2Config(_Section):
     region: str = Field("us-east-1", description="AWS region of the instance")
     profile: str | None = Field(None, description="AWS profile name (credentials never live in this file)")
@@ -33,9 +96,20 @@ class Ec2Config(_Section):
     name: str | None = Field(None, description="the instance's Name tag; or give `instance_id`")
     start_if_stopped: bool = Field(True, description="let deploy and resume start a stopped instance (no other "
                                    "command ever starts one: `orch up` does)")
-    endpoint_url: str | None = Field(None, description="an EC2-compatible endpoint (tests use moto's server)")
+    endpoint_url: str | None = Field(None, description="an AWS-compatible endpoint for EC2 and SSM (tests use "
+                                     "moto's server)")
     hourly_price: float | None = Field(None, ge=0, description="USD per hour of the instance, for `orch status`'s "
                                        "cost estimate (default: the spot price, or orch's dated on-demand table)")
+    launch: Ec2LaunchConfig | None = Field(
+        None, description="create the instance from this spec when none is named ec2.name (`orch up`, `orch "
+        "deploy`); null: the instance must exist")
+
+    @model_validator(mode="after")
+    def _launch_needs_name(self) -> Ec2Config:
+        if self.launch is not None and not self.name:
+            raise ValueError("launch: needs ec2.name (the Name tag of the instance it creates and finds again), "
+                             "not ec2.instance_id")
+        return self
 
 
 class SshConfig(_Section):
@@ -105,6 +179,24 @@ class MonitorConfig(_Section):
                                         "larger of 10 minutes and three median epoch times")
 
 
+def _s3_uri(value: str) -> str:
+    from trainer.contract.layout import parse_s3_uri
+
+    parse_s3_uri(value)  # ValueError names it
+    return value.rstrip("/")
+
+
+class StorageConfig(_Section):
+    s3_uri: Annotated[str, AfterValidator(_s3_uri), AfterValidator(_no_credentials)] = Field(
+        description="s3://bucket/prefix: each run's committed epochs are mirrored to <s3_uri>/runs/<run id>/, and "
+        "runs, logs and downloads work from there when the machine is gone")
+    endpoint_url: Annotated[str | None, AfterValidator(_no_credentials)] = Field(
+        None, description="an S3-compatible endpoint (tests use moto's server)")
+    region: str | None = Field(None, description="the bucket's region (default: ec2.region)")
+    profile: str | None = Field(None, description="AWS profile orch reads the bucket with on this computer (default: "
+                                "ec2.profile); the machine uses its own credentials (instance role, AWS config)")
+
+
 class DataConfig(_Section):
     remote_dir: str = Field("models/wav2vec",
                             description="feature folder on the machine: relative to remote.root, or absolute")
@@ -152,6 +244,8 @@ class DeployConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     autostop: AutostopConfig = Field(default_factory=AutostopConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    storage: StorageConfig | None = Field(None, description="an S3 mirror of every run (null: runs live only on "
+                                          "the machine's disk)")
     train: TrainOptions = Field(  # type: ignore[valid-type]
         default_factory=TrainOptions,
         description="defaults for `python -m trainer train` (every key, its type, range and default: "
@@ -249,6 +343,8 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
     model: Any = DeployConfig
     for part in loc[:-1]:
         model = model.model_fields[part].annotation if part in model.model_fields else None
+        # an optional section (ec2.launch) is `Section | None`: its section
+        model = next((a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
         if not isinstance(model, type) or not issubclass(model, BaseModel):
             return ""
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)

@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from orchestrator import storage
 from orchestrator.autostop import AutostopPlan, describe, launch_args
 from orchestrator.autostop import plan as autostop_plan
 from orchestrator.config import DeployConfig
 from orchestrator.context import Context
 from orchestrator.environment import TrainingPython, ensure_env, run_setup
-from orchestrator.errors import BusyError, ConfigError, OrchError, RemoteError
-from orchestrator.machine import Machine, check_run_id
+from orchestrator.errors import BusyError, ConfigError, NoSuchRun, OrchError, RemoteError
+from orchestrator.machine import Machine, check_run_id, choose
 from orchestrator.preflight import require_ready
 from orchestrator.provision import acquire
 from orchestrator.requests import Extension, LaunchOptions
@@ -99,7 +100,7 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
     deploy_json = json.dumps(resolved, indent=2).encode()
     args = [m.root, start.run_id, "--fresh" if start.fresh else "--continue", *(["--force"] if start.force else []),
             "--python", start.python, "--code", m.code.path, "--data-dir", m.data_dir, *launch_args(start.autostop),
-            "--", *start.argv]
+            "--", *start.argv, *storage.trainer_args(m.cfg)]
     got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if start.fresh else None)
     answer = LaunchAnswer.from_json(got.record) if isinstance(got.record, dict) else LaunchAnswer()
     if answer.pid is None:
@@ -179,6 +180,7 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
     run_id = check_run_id(run_id) if run_id else new_run_id()
     argv = trainer_argv(ctx.cfg, trainer_args)
     stop_plan = autostop_plan(ctx.cfg, launching.autostop)
+    _refuse_stored(ctx, run_id)
     with working(ctx) as m:
         _refuse_if_busy(m, launching.force)
         data = sync_data(m) if with_data else None
@@ -199,7 +201,8 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
     stop_plan = autostop_plan(ctx.cfg, launching.autostop)
     with working(ctx) as m:
         if in_place:
-            target, argv, fresh, extra = _continued(m, run_id, launching.force), [], False, {}
+            target, fresh = _continued(m, run_id, launching.force)
+            argv, extra = [], {}
         else:
             parent = _parent(m, run_id, launching.force)
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
@@ -210,14 +213,42 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
                         m.code.transferred, extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop))
 
 
-def _continued(m: Machine, run_id: str | None, force: bool) -> str:
-    """The run `resume --continue` restarts in place: killed or stopped, not finished."""
-    run = m.choose(run_id)
+def _continued(m: Machine, run_id: str | None, force: bool) -> tuple[str, bool]:
+    """The run `resume --continue` restarts in place: killed or stopped, not finished; and
+    whether its folder is new here (a run the machine lacks is restored from storage by the trainer)."""
+    try:
+        run = m.choose(run_id)
+    except NoSuchRun:
+        store = storage.storage(m.cfg)
+        if store is None:
+            raise
+        return _restored(m, store, run_id, force), True
     if run.state == layout.FINISHED:
         raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
     if run.alive:
         raise BusyError(f"run {run.run_id} is still running; nothing to continue")
     _refuse_if_busy(m, force, except_run=run.run_id)
+    return run.run_id, False
+
+
+def _refuse_stored(ctx: Context, run_id: str) -> None:
+    """A new run never takes the id of one the storage mirror holds (its trainer would restore
+    and continue that run instead)."""
+    store = storage.storage(ctx.cfg)
+    if store is not None and store.objects(run_id):
+        raise ConfigError(f"run {run_id} already exists in {store.uri}; choose another --run-id (or `orch resume "
+                          f"{run_id} --continue`)")
+
+
+def _restored(m: Machine, store: storage.Storage, run_id: str | None, force: bool) -> str:
+    """A run only the storage mirror holds, to continue on this machine."""
+    run = choose(store.runs(), run_id, store.uri)
+    if run.state == layout.FINISHED:
+        raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
+    if layout.STATE not in store.objects(run.run_id):
+        raise ConfigError(f"run {run.run_id} has no committed epoch in {store.uri}: there is nothing to continue")
+    _refuse_if_busy(m, force)
+    m.log(f"run {run.run_id} is not on {m.remote.host}: the trainer restores it from {store.uri} (verified) first")
     return run.run_id
 
 

@@ -20,15 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator import children, destination
 from orchestrator.confine import Entry, checked_entries
 from orchestrator.context import Context
 from orchestrator.errors import ConfigError, OrchError, RemoteError
-from orchestrator.machine import Machine, check_run_id
-from orchestrator.provision import acquire
-from orchestrator.remote import Remote
+from orchestrator.machine import Machine, check_run_id, choose
+from orchestrator.storage import Storage, machine_or_storage
 from trainer.contract import layout, verbs
 from trainer.contract.files import is_disk_full, sha256_file
 from trainer.contract.wire import DIED, RunFiles, RunInfo
@@ -70,9 +69,47 @@ def download(ctx: Context, run_id: str | None = None, *, latest: bool = False, d
     destination.check_dest(dest)
     if run_id is not None:
         check_run_id(run_id)  # before connecting: it becomes a local folder name
-    with acquire(ctx) as m, m.busy():  # autostop waits for us
-        files = _resolve(m, run_id, latest)
-        return _Download(m, files, dest, progress or (lambda _r, _d, _t: None), ctx.log).execute()
+    report = progress or (lambda _r, _d, _t: None)
+
+    def from_machine(m: Machine) -> Downloaded:
+        with m.busy():  # autostop waits for us
+            return _Download(MachineSource(m), _resolve(m, run_id, latest), dest, report, ctx.log).execute()
+
+    def from_storage(store: Storage) -> Downloaded:
+        run = choose(store.runs(), run_id, store.uri, best=not latest)
+        files = store.files(run.run_id)
+        if files.run is None:
+            raise RemoteError(f"run {run.run_id} disappeared from {store.uri}")
+        return _Download(store, files, dest, report, ctx.log).execute()
+
+    return machine_or_storage(ctx, from_machine, from_storage)
+
+
+class Source(Protocol):
+    """Where a run is downloaded from: its machine, or the storage mirror."""
+
+    where: str
+
+    def files(self, run_id: str) -> RunFiles: ...
+
+    def fetch(self, run_id: str, rel: str, local: Path, progress: Callable[[int], None] | None = None,
+              size: int | None = None) -> str: ...
+
+
+@dataclass
+class MachineSource:
+    m: Machine
+
+    @property
+    def where(self) -> str:
+        return self.m.remote.host
+
+    def files(self, run_id: str) -> RunFiles:
+        return _read_files(self.m, run_id)
+
+    def fetch(self, run_id: str, rel: str, local: Path, progress: Callable[[int], None] | None = None,
+              size: int | None = None) -> str:
+        return self.m.remote.fetch(f"{self.m.run_dir(run_id)}/{rel}", local, progress, size)
 
 
 def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
@@ -100,7 +137,7 @@ def _read_files(m: Machine, run_id: str) -> RunFiles:
 
 @dataclass
 class _Download:
-    m: Machine
+    source: Source
     files: RunFiles  # the latest answer of the machine about the run
     dest: Path
     progress: Progress
@@ -133,9 +170,9 @@ class _Download:
             return self._once(result)
 
     def _reread(self) -> None:
-        files = _read_files(self.m, self.run.run_id)
+        files = self.source.files(self.run.run_id)
         if files.run is None:
-            raise RemoteError(f"run {self.run.run_id} disappeared from {self.m.remote.host} while it was downloaded")
+            raise RemoteError(f"run {self.run.run_id} disappeared from {self.source.where} while it was downloaded")
         self.files = files
 
     def _once(self, result: Downloaded) -> Downloaded:
@@ -158,10 +195,10 @@ class _Download:
             done[rel] = n
             self.progress(rel, sum(done.values()), total)
 
-        run_dir = self.m.run_dir(self.run.run_id)
         for e in todo:
             self.folders.make(e.local.parent)
-            _fetch(self.m.remote, f"{run_dir}/{e.rel}", e, lambda n, r=e.rel: report(r, n), self._mismatch)
+            _fetch(lambda tmp, got, size, rel=e.rel: self.source.fetch(self.run.run_id, rel, tmp, got, size), e,
+                   lambda n, r=e.rel: report(r, n), self._mismatch)
             if e.rel in result.already_there:  # changed on the machine since the last try
                 result.already_there.remove(e.rel)
             if e.rel not in result.fetched:
@@ -199,14 +236,14 @@ class _Download:
             raise ConfigError(f"cannot write the download to {where}: {exc.strerror or exc}") from exc
 
 
-def _fetch(remote: Remote, path: str, e: Entry, progress: Callable[[int], None],
+def _fetch(fetch: Callable[[Path, Callable[[int], None], int], str], e: Entry, progress: Callable[[int], None],
            mismatch: Callable[[Entry, str], ChecksumError]) -> None:
     """Fetch one file into a temp name beside its place, check it, rename it into place. A
     full disk is raised as the OSError it is (ENOSPC), whichever way the transfer saw it."""
     tmp = destination.part_path(e.local)
     try:
         try:
-            got = remote.fetch(path, tmp, progress, e.size)
+            got = fetch(tmp, progress, e.size)
         except OrchError as exc:
             if is_disk_full(exc) or destination.short_for_lack_of_room(tmp, e.size):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc

@@ -21,6 +21,10 @@ class ConfigError(OrchError):
     exit_code = ExitCode.USAGE
 
 
+class NoSuchRun(ConfigError):
+    """The run asked for is not where it was looked for (the machine, or the storage mirror)."""
+
+
 class AwsError(OrchError):
     exit_code = ExitCode.AWS
 

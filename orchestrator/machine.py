@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import ConfigError, RemoteError
+from orchestrator.errors import ConfigError, NoSuchRun, RemoteError
 from orchestrator.remote import Background, Remote, Result, Writer, path_word, q
 from trainer.contract import layout, verbs
 from trainer.contract.codeversion import bootstrap_source, bundle_files
@@ -214,18 +214,7 @@ class Machine:
     def choose(self, run_id: str | None, *, best: bool = False, finished: bool = False) -> RunInfo:
         """The named run (its full id or any unique prefix); else the finished run with the
         highest best val accuracy (``best``); else the latest run."""
-        runs = self.runs()
-        if run_id is not None:
-            return find_run(runs, run_id, self.remote.host)
-        pool = [r for r in runs if r.state == layout.FINISHED] if finished or best else runs
-        if best:
-            pool = [r for r in pool if r.best_val_accuracy is not None]
-            if pool:
-                return max(pool, key=lambda r: r.best_val_accuracy or 0.0)
-        elif pool:
-            return pool[-1]
-        kind = "finished run with a best checkpoint" if best or finished else "run"
-        raise ConfigError(f"no {kind} on {self.remote.host}; start one with `orch deploy`")
+        return choose(self.runs(), run_id, self.remote.host, best=best, finished=finished)
 
     @contextlib.contextmanager
     def busy(self, ping_every: float = PING, silence: float = SILENCE) -> Iterator[None]:
@@ -250,6 +239,23 @@ class Machine:
             held.close()
 
 
+def choose(runs: list[RunInfo], run_id: str | None, where: str, *, best: bool = False,
+           finished: bool = False) -> RunInfo:
+    """Of ``runs`` (oldest first, found ``where``): the named run (its full id or any unique
+    prefix); else the finished run with the highest best val accuracy (``best``); else the latest."""
+    if run_id is not None:
+        return find_run(runs, run_id, where)
+    pool = [r for r in runs if r.state == layout.FINISHED] if finished or best else runs
+    if best:
+        pool = [r for r in pool if r.best_val_accuracy is not None]
+        if pool:
+            return max(pool, key=lambda r: r.best_val_accuracy or 0.0)
+    elif pool:
+        return pool[-1]
+    kind = "finished run with a best checkpoint" if best or finished else "run"
+    raise NoSuchRun(f"no {kind} on {where}; start one with `orch deploy`")
+
+
 def find_run(runs: list[RunInfo], run_id: str, host: str) -> RunInfo:
     """The run whose id is ``run_id``, else the one it is a unique prefix of."""
     exact = [r for r in runs if r.run_id == run_id]
@@ -262,7 +268,7 @@ def find_run(runs: list[RunInfo], run_id: str, host: str) -> RunInfo:
         shown = ", ".join(r.run_id for r in matches[:8]) + (", ..." if len(matches) > 8 else "")
         raise ConfigError(f"run id {run_id!r} is ambiguous on {host}: it starts {len(matches)} runs ({shown}); "
                           "give more of it")
-    raise ConfigError(f"no run {run_id!r} on {host}; `orch runs` lists them")
+    raise NoSuchRun(f"no run {run_id!r} on {host}; `orch runs` lists them")
 
 
 def check_run_id(run_id: str) -> str:

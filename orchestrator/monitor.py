@@ -82,6 +82,7 @@ class RunView:
             "val_accuracy": last.val_accuracy if last else None, "best_val_accuracy": run.best_val_accuracy,
             "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "stall": run.stall,
             "quiet_for": run.quiet_for, "eta_seconds": self.eta_seconds(),
+            "mirror": asdict(run.mirror) if run.mirror else None,
             "gpus": [asdict(g) for g in self.host.gpus], "load": asdict(self.host.load), "log_tail": self.log_tail,
         }
 
@@ -98,6 +99,8 @@ class RunView:
         if self.state == DIED:
             text += "; the process is gone without a final state (killed? out of memory? never started?): " \
                     f"`orch resume {self.run_id} --continue` picks it up from its last epoch"
+        if run.mirror is not None:
+            text += f"; storage: {run.mirror.describe()}"
         if self.state in (DIED, layout.FAILED) and self.log_tail:
             text += " | last lines of train.log: " + " | ".join(line for line in self.log_tail[-3:] if line.strip())
         return text
@@ -141,6 +144,9 @@ class RunView:
             parts.append(Text(clean(f"error: {run.error}"), style="red"))
         if run.stall:
             parts.append(Text(f"stalled: {run.stall}", style="red"))
+        if run.mirror is not None:
+            parts.append(Text(clean(f"storage: {run.mirror.describe()}"),
+                              style="yellow" if run.mirror.state == "retrying" else ""))
         parts.append(Text("\n".join(clean(line) for line in self.log_tail[-LOG_LINES:]), style="dim"))
         return Group(*parts)
 

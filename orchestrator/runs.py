@@ -5,16 +5,18 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from orchestrator.context import Context
-from orchestrator.errors import ConfigError, RemoteError
-from orchestrator.machine import Machine
+from orchestrator.errors import AwsError, ConfigError, RemoteError
+from orchestrator.machine import Machine, choose
 from orchestrator.provision import acquire
+from orchestrator.storage import Storage, machine_or_storage, storage
 from orchestrator.terminal import clean
-from trainer.contract import verbs
-from trainer.contract.wire import RunInfo
+from trainer.contract import layout, verbs
+from trainer.contract.wire import BOTH, ON_MACHINE, RunInfo
 
 STOP_TIMEOUT = 120.0
 
@@ -33,9 +35,23 @@ def run_json(run: RunInfo) -> dict[str, Any]:
 
 
 def list_runs(ctx: Context) -> list[RunInfo]:
-    """Every run on the machine, oldest first."""
-    with acquire(ctx) as m:
-        return m.runs()
+    """Every run on the machine and in the storage mirror, oldest first, each saying where it
+    lives (the machine's only when it cannot be reached)."""
+    store = storage(ctx.cfg)
+    on_machine = machine_or_storage(ctx, lambda m: m.runs(), lambda _store: None)
+    if store is None:
+        assert on_machine is not None
+        return on_machine
+    try:
+        stored = {r.run_id: r for r in store.runs()}
+    except AwsError as exc:
+        if on_machine is None:
+            raise
+        ctx.log(f"storage cannot be read ({exc}); these are the machine's runs only")
+        return on_machine
+    mine = {r.run_id for r in on_machine or []}
+    return [r for rid, r in sorted(stored.items()) if rid not in mine] + \
+        [replace(r, where=BOTH) if r.run_id in stored else r for r in on_machine or []]
 
 
 def compared_with_parent(run: RunInfo, *, long: bool = False) -> str:
@@ -59,15 +75,17 @@ def runs_table(runs: list[RunInfo]) -> Any:
     from rich.table import Column, Table
 
     width = max(len(r.run_id) for r in runs)
+    mirrored = any(r.where != ON_MACHINE for r in runs)  # a storage mirror is set: say where each run lives
     table = Table(Column("run", no_wrap=True, min_width=width, overflow="fold"),
                   *(Column(name, overflow="fold") for name in
-                    ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")))
+                    ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")),
+                  *([Column("where")] if mirrored else []))
     for r in runs:
         seconds = duration_seconds(r)
         cells = (r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
                  f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
                  compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
-                 f"{seconds / 60:.1f} min" if seconds is not None else "")
+                 f"{seconds / 60:.1f} min" if seconds is not None else "", *([r.where] if mirrored else []))
         table.add_row(*map(clean, cells))
     return table
 
@@ -75,17 +93,27 @@ def runs_table(runs: list[RunInfo]) -> Any:
 def logs(ctx: Context, run_id: str | None, *, follow: bool, write: Callable[[str], None]) -> str:
     """Print train.log (default: the latest run); ``follow`` keeps printing until the run ends.
     ONE command streams it (trainer/machine/logstream.py): the transport's speed, flat memory."""
-    with acquire(ctx) as m:
-        run_id = m.choose(run_id).run_id
-        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a character cut in two
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps a character cut in two
 
-        def text(chunk: bytes) -> None:
-            if out := decode.decode(chunk):
-                write(out)
+    def text(chunk: bytes) -> None:
+        if out := decode.decode(chunk):
+            write(out)
 
-        m.stream(verbs.LOG, m.run_dir(run_id), 0, *(["--follow"] if follow else []), sink=text)
-        write(decode.decode(b"", final=True))
-        return run_id
+    def from_machine(m: Machine) -> str:
+        chosen = m.choose(run_id).run_id
+        m.stream(verbs.LOG, m.run_dir(chosen), 0, *(["--follow"] if follow else []), sink=text)
+        return chosen
+
+    def from_storage(store: Storage) -> str:
+        chosen = choose(store.runs(), run_id, store.uri).run_id
+        if follow:
+            ctx.log(f"run {chosen}: showing the log as last mirrored to {store.uri} (it cannot be followed there)")
+        store.stream(chosen, layout.TRAIN_LOG, text)
+        return chosen
+
+    chosen = machine_or_storage(ctx, from_machine, from_storage)
+    write(decode.decode(b"", final=True))
+    return chosen
 
 
 def stop(ctx: Context, run_id: str | None, *, timeout: float = STOP_TIMEOUT) -> RunInfo:
@@ -100,7 +128,7 @@ def stop(ctx: Context, run_id: str | None, *, timeout: float = STOP_TIMEOUT) -> 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             now = m.choose(run.run_id)
-            if not now.alive:
+            if not now.alive or now.final:  # saved and stopped (it may still be uploading to storage)
                 return now
             time.sleep(1.0)
     raise RemoteError(f"run {run.run_id} did not stop within {timeout:.0f} s; it is still running")

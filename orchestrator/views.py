@@ -16,6 +16,8 @@ def status_lines(st: MachineStatus) -> list[str]:
         i = st.instance
         lines += [f"instance {i.id} ({i.type}{', spot' if i.spot else ''}): {i.state}, address {i.address or '-'}",
                   f"  cost: {i.cost.describe()}"]
+    if st.unreachable:
+        lines.append(f"machine: unreachable: {st.unreachable}")
     if st.machine is None:
         return lines
     lines.append(f"host {st.host}")

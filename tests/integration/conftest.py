@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import yaml
 
 from tests.servers import Sshd, free_port, keygen, start_sshd
 
-__all__ = ["Sshd", "keygen", "run_orch", "write_config"]
+__all__ = ["Sshd", "keygen", "on_a_terminal", "run_orch", "write_config"]
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,20 @@ def aws_creds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
 
 
+@pytest.fixture
+def console_fingerprints(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Make moto's canned console output carry the block cloud-init prints on a real instance
+    (moto's server runs in this process; orch, in its own, asks it)."""
+    import moto.ec2.responses.general as general
+
+    def set_fingerprints(*fingerprints: str) -> None:
+        block = "".join(f"256 {fp} root@ip-10-0-0-1 (ED25519)\n" for fp in fingerprints)
+        monkeypatch.setattr(general, "SAMPLE_CONSOLE_OUTPUT", general.SAMPLE_CONSOLE_OUTPUT
+                            + f"-----BEGIN SSH HOST KEY FINGERPRINTS-----\n{block}-----END SSH HOST KEY FINGERPRINTS-----\n")
+
+    return set_fingerprints
+
+
 def write_config(path: Path, **sections: object) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
@@ -69,3 +83,40 @@ def run_orch(*args: str | Path, cwd: Path | None = None, timeout: float = 300) -
 
     return subprocess.run([sys.executable, "-m", "orchestrator", *map(str, args)], capture_output=True, text=True,
                           env=trainer_env(), cwd=cwd, timeout=timeout)
+
+
+def on_a_terminal(*args: str | Path, question: bytes, answer: bytes) -> tuple[int, bytes]:
+    """`orch ...` with a terminal for stdin and output: waits for ``question``, types ``answer``;
+    returns the exit code and what the terminal showed."""
+    import pty
+    import select
+    import time
+
+    from tests.integration.trainer_proc import trainer_env
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args)], stdin=slave, stdout=slave,
+                            stderr=slave, env=trainer_env())
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120  # a safety net for a hang, not a margin: the loop ends on the question
+    try:
+        while question not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert question in seen, seen.decode(errors="replace")
+        os.write(master, answer)
+        code = proc.wait(timeout=120)
+        while select.select([master], [], [], 0)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            seen += chunk
+        return code, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)

@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.integration.conftest import Sshd, run_orch, write_config
+from tests.integration.conftest import Sshd, on_a_terminal, run_orch, write_config
 from tests.integration.trainer_proc import metrics, status
 from trainer.contract import layout
 from trainer.ml.synth import synth
@@ -184,27 +184,10 @@ def test_autostop_on_target_local_needs_an_explicit_command(tmp_path: Path, feat
 
 def test_down_asks_on_a_terminal(tmp_path: Path, sshd: Sshd, features: Path, moto_endpoint: str,
                                  aws_creds: None) -> None:
-    import pty
-    import select
-    import subprocess
-
-    from tests.integration.trainer_proc import trainer_env
-
     iid = instance(moto_endpoint, f"asked-{tmp_path.name}")
     cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "down", "-c", str(cfg)], stdin=slave,
-                            stdout=slave, stderr=slave, env=trainer_env())
-    os.close(slave)
-    seen = b""
-    deadline = time.monotonic() + 60
-    while b"Stop instance" not in seen and time.monotonic() < deadline:
-        if select.select([master], [], [], 1)[0]:
-            seen += os.read(master, 4096)
-    assert f"Stop instance {iid}".encode() in seen
-    os.write(master, b"n\n")
-    assert proc.wait(timeout=60) == 130
-    os.close(master)
+    code, seen = on_a_terminal("down", "-c", cfg, question=f"Stop instance {iid}".encode(), answer=b"n\n")
+    assert code == 130
     assert state_of(moto_endpoint, iid) == "running"  # declined: left running
 
 

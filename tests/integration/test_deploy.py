@@ -192,19 +192,6 @@ def ec2_config(tmp_path: Path, sshd: Sshd, data: Path, endpoint: str, *, known: 
     return write_config(cfg, **doc)
 
 
-@pytest.fixture
-def console_fingerprints(monkeypatch: pytest.MonkeyPatch):
-    """Make moto's canned console output carry the block cloud-init prints on a real instance."""
-    import moto.ec2.responses.general as general
-
-    def set_fingerprints(*fingerprints: str) -> None:
-        block = "".join(f"256 {fp} root@ip-10-0-0-1 (ED25519)\n" for fp in fingerprints)
-        monkeypatch.setattr(general, "SAMPLE_CONSOLE_OUTPUT", general.SAMPLE_CONSOLE_OUTPUT
-                            + f"-----BEGIN SSH HOST KEY FINGERPRINTS-----\n{block}-----END SSH HOST KEY FINGERPRINTS-----\n")
-
-    return set_fingerprints
-
-
 def test_deploy_on_ec2_accepts_the_host_key_printed_on_the_console(
         tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None, console_fingerprints) -> None:
     name = f"gpu-{tmp_path.name}"

@@ -23,9 +23,10 @@ def trainer_env() -> dict[str, str]:
     return env
 
 
-def run_trainer(*args: str | Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_trainer(*args: str | Path, check: bool = True, timeout: float = 300,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "trainer", *map(str, args)], capture_output=True,
-                          text=True, env=trainer_env(), timeout=timeout)
+                          text=True, env=trainer_env() | (env or {}), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer {args[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -164,13 +164,22 @@ def test_the_readme_iam_policy_lists_exactly_the_actions_orch_calls() -> None:
     from orchestrator import ec2
 
     source = Path(ec2.__file__).read_text()
-    called = {"ec2:" + "".join(w.title() for w in name.split("_"))
-              for name in re.findall(r"_call\([^,]+, ec2\.([a-z_]+)", source) if name != "get_waiter"}
-    called.add("ec2:DescribeInstances")  # what the instance_running/stopped waiters poll
+    # Every boto3 call goes through _call, so its errors are one line: the client's methods are
+    # passed to it, never called directly (but for get_waiter, whose .wait is passed).
+    assert set(re.findall(r"\b(?:ec2|ssm)\.([a-z_]+)\(", source)) == {"get_waiter"}
+    called = {f"{service}:" + "".join(w.title() for w in name.split("_"))
+              for service, name in re.findall(r"_call\([^,]+, (ec2|ssm)\.([a-z_]+)", source) if name != "get_waiter"}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:DescribeImages", "ssm:GetParameter"} <= called
+    called.add("ec2:DescribeInstances")  # what the instance_running/stopped/terminated waiters poll
+    called.add("ec2:CreateTags")  # RunInstances may tag what it creates (TagSpecifications) only with it
     assert called == set(ec2.IAM_ACTIONS)
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     policy = json.loads(re.search(r"```json\n\s*(\{.*?\})\s*```", readme, re.S).group(1))
-    assert sorted(policy["Statement"][0]["Action"]) == sorted(ec2.IAM_ACTIONS)
+    everything, pass_role = policy["Statement"]
+    assert sorted(everything["Action"]) == sorted(ec2.IAM_ACTIONS) and everything["Resource"] == "*"
+    # passing an instance profile (ec2.launch.iam_instance_profile) needs PassRole, on its role only
+    assert pass_role["Action"] == [ec2.IAM_PASS_ROLE] and pass_role["Resource"] != "*"
+    assert "IamInstanceProfile" in source
 
 
 def test_run_ids_with_brackets_are_shown_as_they_are() -> None:
@@ -321,3 +330,40 @@ def test_a_helper_python_that_cannot_start_is_one_line(tmp_path: Path, capsys: p
     assert main(["download", "-c", str(path)]) == 7
     line = one_error_line(capsys.readouterr().err)
     assert "/no/such/python3" in line and "unexpected" not in line
+
+
+def test_what_terminating_loses_is_said_from_the_runs_on_the_disk() -> None:
+    from orchestrator.status import lost_with_disk
+
+    assert "orch could not list them" in lost_with_disk(None)
+    assert "no run (there is none on it)" in lost_with_disk([])
+    two = lost_with_disk(["20261121-103015-a3f9", "tiny"])
+    assert two.startswith("Its disk is deleted with it") and "2 run(s): 20261121-103015-a3f9, tiny" in two
+    assert "`orch download RUN` first" in two
+    from orchestrator.status import StorageHolds
+
+    held = StorageHolds("s3://b/p", ("tiny",))
+    assert "1 run(s): 20261121-103015-a3f9 (" in lost_with_disk(["20261121-103015-a3f9", "tiny"], held)
+    assert "no run (all 1 are in s3://b/p)" in lost_with_disk(["tiny"], held)
+    assert "that s3://b/p lacks" in lost_with_disk(None, held)
+
+
+def test_the_readme_storage_policy_lists_exactly_the_s3_actions_orch_and_the_trainer_call() -> None:
+    import json
+    import re
+
+    from orchestrator import storage
+    from trainer.ml import mirror
+
+    # boto3's S3 client methods -> the IAM action each needs (multipart uploads are PutObject)
+    action = {"list_objects_v2": "s3:ListBucket", "get_object": "s3:GetObject", "head_object": "s3:GetObject",
+              "upload_fileobj": "s3:PutObject", "put_object": "s3:PutObject", "delete_object": "s3:DeleteObject"}
+    source = Path(storage.__file__).read_text() + Path(mirror.__file__).read_text()
+    methods = set(re.findall(r"self\.s3\.([a-z_0-9]+)[(,]", source)) - {"get_paginator"}
+    methods |= set(re.findall(r"get_paginator\(\"([a-z_0-9]+)\"\)", source))
+    assert methods <= set(action), methods - set(action)  # a new call: add it here, to IAM_ACTIONS and README
+    assert {action[m] for m in methods} == set(storage.IAM_ACTIONS)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    policies = [json.loads(block) for block in re.findall(r"```json\n\s*(\{.*?\})\s*```", readme, re.S)]
+    s3_policy = next(p for p in policies if any(a.startswith("s3:") for a in p["Statement"][0]["Action"]))
+    assert sorted(s3_policy["Statement"][0]["Action"]) == sorted(storage.IAM_ACTIONS)

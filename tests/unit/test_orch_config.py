@@ -36,6 +36,26 @@ CASES = {
     "credentials in pip args": ("target: local\nremote:\n  env:\n    pip_args: [--extra-index-url, 'https://t0ken@x/simple']\n",
                                 "remote.env.pip_args: credentials do not belong in deploy.yaml"),
     "section not a mapping": ("target: local\nremote: 3\n", "remote: Input should be a valid dictionary"),
+    "launch with an instance id": ("target: ec2\nec2:\n  instance_id: i-1\n  launch: {instance_type: g5.xlarge, "
+                                   "ami: ami-03cf127a}\n", "ec2.launch: needs ec2.name"),
+    "launch without a type": ("target: ec2\nec2:\n  name: gpu\n  launch: {ami: ami-03cf127a}\n",
+                              "ec2.launch.instance_type: field required"),
+    "launch ami neither id nor parameter": (
+        "target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ubuntu-22.04}\n",
+        "ec2.launch.ami: give an AMI id (ami-0123456789abcdef0) or the name of an SSM parameter"),
+    "launch volume too small": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, "
+                                "ami: ami-03cf127a, volume_gb: 4}\n", "ec2.launch.volume_gb: Input should be greater "
+                                "than or equal to 8"),
+    "launch volume too large": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, "
+                                "ami: ami-03cf127a, volume_gb: 20000}\n", "ec2.launch.volume_gb: Input should be "
+                                "less than or equal to 16384"),
+    "launch security group not an id": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, "
+                                        "ami: ami-03cf127a, security_group_ids: [default]}\n",
+                                        "ec2.launch.security_group_ids.0: give a sg-... id"),
+    "launch spot": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
+                    "spot: true}\n", "ec2.launch.spot: orch does not create spot instances yet"),
+    "launch key misspelt": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
+                            "volume: 100}\n", "ec2.launch.volume: unknown key (did you mean volume_gb?)"),
 }
 
 
@@ -87,8 +107,8 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
 def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "train"}
-    for section in ("Ec2Config", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
+    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "storage", "train"}
+    for section in ("Ec2Config", "Ec2LaunchConfig", "StorageConfig", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
                     "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():
             assert field.get("description"), f"{section}.{name} has no description"
@@ -173,3 +193,17 @@ def test_a_log_line_with_brackets_is_printed_as_is(capsys: pytest.CaptureFixture
 
     Output.terminal().log("data: 3 files sent to /data/[raw]/x and [/oops]")
     assert "/data/[raw]/x and [/oops]" in capsys.readouterr().err
+
+
+def test_storage_takes_an_s3_uri_and_nothing_with_credentials(tmp_path: Path) -> None:
+    path = tmp_path / "deploy.yaml"
+    path.write_text("target: local\nstorage:\n  s3_uri: s3://my-bucket/team/emotion/\n")
+    cfg = load_config(path)
+    assert cfg.storage is not None and cfg.storage.s3_uri == "s3://my-bucket/team/emotion"
+    for bad, why in (("https://my-bucket/x", "is not an s3://bucket"), ("s3://B/x", "is not an s3://bucket"),
+                     ("s3://my-bucket/x", None)):
+        path.write_text(f"target: local\nstorage:\n  s3_uri: {bad}\n  endpoint_url: http://user:pw@127.0.0.1:9\n")
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert ("storage.s3_uri" in str(exc.value) and why in str(exc.value)) if why else \
+            "storage.endpoint_url: credentials do not belong" in str(exc.value), str(exc.value)

@@ -327,7 +327,7 @@ def test_failpoint_specs_and_the_points_the_code_reaches() -> None:
             faults.parse(bad)
     source = "".join(p.read_text() for p in (ROOT / "trainer").rglob("*.py"))
     used = set(re.findall(r'point\("([^"]+)"\)', source)) | set(re.findall(r'failpoint="([^"]+)"', source))
-    assert used == set(faults.POINTS)
+    assert used == set(faults.POINTS) | set(faults.MIRROR_POINTS)
 
 
 def test_a_failpoint_kills_the_process_the_nth_time_it_is_reached() -> None:

@@ -102,6 +102,8 @@ STATUS = "status.json"
 MANIFEST = "MANIFEST.sha256"
 # The trainer's sign of life while it works (trainer/ml/heartbeat.py): never listed in the manifest.
 HEARTBEAT = "heartbeat.json"
+# The storage mirror's report (trainer/ml/mirror.py): what it last uploaded, or why it retries.
+MIRROR_STATUS = "mirror.json"
 TENSORBOARD_DIR = "tensorboard"
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -201,6 +203,33 @@ def stats_path(name: str) -> str:
 def run_dir(remote_root: str, run_id: str) -> str:
     """``<remote_root>/runs/<run_id>`` (POSIX, since runs live on a Linux machine)."""
     return str(PurePosixPath(remote_root) / RUNS_DIR / run_id)
+
+
+# ---- the storage mirror (deploy.yaml `storage:`) ---------------------------------------------
+#
+#     <s3_uri>/runs/<run_id>/<the same relative paths as on the machine>
+#
+# Each object carries its whole-file sha256 as metadata (x-amz-meta-sha256). What S3 holds is
+# always a committed state: checkpoints/state.json is uploaded last, after every file it names;
+# epoch files it no longer names are deleted only after it; MANIFEST.sha256 lists only objects
+# whose sha256 it states (it is rewritten without an entry before that object changes).
+STORAGE_SHA_KEY = "sha256"
+# Mirrored besides the state, its files and the manifest: never the machine's own files (pid, lock,
+# heartbeat, the mirror's report) nor temp files.
+NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, "tensorboard"})
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix"); ValueError when it is not one."""
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[^\x00-\x1f]*)?", uri)
+    if not match:
+        raise ValueError(f"{uri!r} is not an s3://bucket[/prefix] URI")
+    return match.group(1), (match.group(2) or "").strip("/")
+
+
+def storage_run_prefix(prefix: str, run_id: str) -> str:
+    """The key prefix of a run's objects: ``<prefix>/runs/<run_id>/``."""
+    return "/".join(p for p in (prefix, RUNS_DIR, run_id) if p) + "/"
 
 
 def manifest_line(sha256_hex: str, rel_path: str) -> str:

@@ -33,6 +33,7 @@ GROUPS = {
     "generalization": "generalization (measures against memorizing speakers)",
     "architecture": "architecture (decides the weights' shapes)",
     "data": "data",
+    "storage": "storage mirror (orch sets these from deploy.yaml's `storage:`)",
 }
 
 
@@ -211,6 +212,13 @@ OPTIONS: tuple[Option, ...] = (
            "~/.cache/orch-trainer)", group="data", metavar="DIR"),
     Option("cache", bool, True, "cache the decoded arrays (--no-cache: decode every file, write nothing)",
            group="data"),
+    Option("mirror_uri", str, None, "mirror each committed epoch to s3://bucket/prefix (runs/<run id>/ below it); "
+           "credentials come from the machine (its instance role or AWS config), never from orch",
+           group="storage", in_yaml=False, metavar="S3_URI"),
+    Option("mirror_endpoint_url", str, None, "an S3-compatible endpoint for the mirror (tests use moto's)",
+           group="storage", in_yaml=False, metavar="URL"),
+    Option("mirror_region", str, None, "the mirror bucket's AWS region", group="storage", in_yaml=False,
+           metavar="REGION"),
     Option("init_from", str, None, "start from another run's best weights (extended training), or "
            "from a .weights.h5 file", group="training", in_yaml=False, metavar="RUN_OR_WEIGHTS"),
 )

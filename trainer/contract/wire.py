@@ -26,6 +26,11 @@ MAX_FILE_SIZE = 1 << 62  # beyond any disk: a size above it is a crafted answer
 DIED = "died"  # shown state: status.json says running (or nothing), but the process is gone
 BROKEN = "broken"  # shown state: a file of its folder is a named pipe, a device... (never read)
 STALLED = "stalled"  # shown state: running, but no sign of life for monitor.stall_seconds (or SIGSTOPped)
+# shown state of a run known only from storage whose last mirrored state is running: its machine
+# cannot tell whether it still runs
+UNKNOWN_NOW = "running when last mirrored"
+# Where a run lives (RunInfo.where): its machine, the storage mirror, or both.
+ON_MACHINE, IN_STORAGE, BOTH = "machine", "storage", "both"
 STALL_FLOOR = 600.0  # the default monitor.stall_seconds: the larger of this and 3 median epochs
 NVIDIA_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
@@ -197,6 +202,27 @@ class Home(Record):
 
 
 @dataclass(frozen=True)
+class MirrorReport(Record):
+    """The storage mirror's mirror.json (trainer/ml/mirror.py): what reached S3, or why not yet."""
+
+    state: str | None = None  # "ok", "retrying", "starting"
+    uri: str | None = None
+    epoch: int | None = None  # the committed epoch S3 holds
+    synced_at: float | None = None  # when it got there (seconds since the epoch)
+    error: str | None = None  # the last failure, while it retries
+    failures: int = 0  # failed passes in a row
+    updated_at: float | None = None
+
+    def describe(self) -> str:
+        """'epoch 3 in s3://b/p' or 'retrying (3 failures): <error>'."""
+        if self.state == "retrying":
+            return f"uploads to {self.uri} failing ({self.failures} in a row, retried; training goes on): {self.error}"
+        if self.epoch is None:
+            return f"mirrored to {self.uri} (no committed epoch yet)"
+        return f"epoch {self.epoch} is in {self.uri}"
+
+
+@dataclass(frozen=True)
 class RunInfo(Record):
     """One run as the machine sees it: status.json and run.json fields, and liveness."""
 
@@ -224,6 +250,8 @@ class RunInfo(Record):
     quiet_for: float | None = None  # seconds since its last sign of life (heartbeat, status), by the machine's clock
     stall_after: float | None = None  # quiet this long, a running trainer is stalled (monitor.stall_seconds)
     signal_stopped: bool = False  # its process is stopped by a signal (SIGSTOP, a debugger)
+    mirror: MirrorReport | None = None  # the storage mirror's report (a run mirrored to S3)
+    where: str = ON_MACHINE  # ON_MACHINE, IN_STORAGE or BOTH (orch sets it when it reads storage too)
 
     @property
     def active(self) -> bool:
@@ -236,6 +264,8 @@ class RunInfo(Record):
         never wrote one, unless a launch is under way)."""
         if self.broken:
             return BROKEN
+        if self.where == IN_STORAGE and self.state in (None, layout.RUNNING):
+            return UNKNOWN_NOW
         if self.stall is not None:
             return STALLED
         if not self.alive and (self.state == layout.RUNNING or (self.state is None and not self.launching)):
@@ -268,6 +298,20 @@ class RunInfo(Record):
 
 
 # How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
+def run_fields(run_id: str, status: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """RunInfo's fields from a run's status.json and run.json (unchecked: from_json checks),
+    wherever they were read: the machine's folder, or the storage mirror."""
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    return dict(
+        run_id=run_id, state=status.get("state"), phase=status.get("phase"),
+        epoch=status.get("epoch"), epochs=status.get("epochs"), val_accuracy=status.get("val_accuracy"),
+        best_val_accuracy=status.get("best_val_accuracy"), best_epoch=status.get("best_epoch"),
+        error=status.get("error"), reason=status.get("reason"), updated_at=status.get("updated_at"),
+        parent=run.get("parent_run", status.get("parent")),
+        parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
+        vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"), started_at=run.get("started_at"))
+
+
 ENDED = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED, layout.STOPPED: ExitCode.RUN_STOPPED,
          DIED: ExitCode.RUN_DIED, BROKEN: ExitCode.REMOTE}
 

@@ -33,6 +33,9 @@ POINTS = (
     # the end of a run: evaluation written, the final publish follows
     "finish:evaluated",
 )
+# The storage mirror's (its own thread, only with --mirror-uri): after each object upload, each
+# manifest rewrite, the state upload, each deletion of an object the state no longer names.
+MIRROR_POINTS = ("mirror:uploaded", "mirror:manifest", "mirror:state", "mirror:deleted")
 
 
 def parse(spec: str, env: str = ENV) -> tuple[str, int] | None:
@@ -40,7 +43,7 @@ def parse(spec: str, env: str = ENV) -> tuple[str, int] | None:
     if not spec:
         return None
     name, sep, count = spec.rpartition("@")
-    if not sep or name not in POINTS or not count.isdigit() or int(count) < 1:
+    if not sep or name not in POINTS + MIRROR_POINTS or not count.isdigit() or int(count) < 1:
         raise ValueError(f"{env}={spec!r}: expected <point>@<n> with n >= 1 and a point of {', '.join(POINTS)}")
     return name, int(count)
 

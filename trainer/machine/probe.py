@@ -33,12 +33,14 @@ from trainer.contract.wire import (
     Host,
     HostLoad,
     MachineReport,
+    MirrorReport,
     RunFiles,
     RunInfo,
     RunList,
     Snapshot,
     StartCheck,
     parse_nvidia_smi,
+    run_fields,
 )
 from trainer.machine import readers
 from trainer.machine.locks import is_locked
@@ -93,20 +95,18 @@ def describe_run(run_dir: Path, launching: bool = False) -> RunInfo:
         created = (anchor if anchor.exists() else run_dir).stat().st_mtime
     except OSError:
         created = None
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
-    return RunInfo(
-        run_id=run_dir.name, created=created, state=status.get("state"), phase=status.get("phase"),
-        epoch=status.get("epoch"), epochs=status.get("epochs"), val_accuracy=status.get("val_accuracy"),
-        best_val_accuracy=status.get("best_val_accuracy"), best_epoch=status.get("best_epoch"),
-        error=status.get("error"), reason=status.get("reason"), updated_at=status.get("updated_at"),
-        parent=run.get("parent_run", status.get("parent")),
-        parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
-        vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"),
-        started_at=run.get("started_at"), pid=pid, alive=alive, launching=launching, broken=broken(run_dir),
+    return RunInfo(**run_fields(run_dir.name, status, run),
+        created=created, pid=pid, alive=alive, launching=launching, broken=broken(run_dir),
         quiet_for=quiet_for(run_dir, pid, heartbeat, status) if alive and pid is not None else None,
         stall_after=stall_after(run_dir, heartbeat) if alive else None,
         signal_stopped=alive and pid is not None and stopped_by_signal(pid),
+        mirror=mirror_report(run_dir),
     )
+
+
+def mirror_report(run_dir: Path) -> MirrorReport | None:
+    report = read_json(run_dir / layout.MIRROR_STATUS)
+    return MirrorReport.from_json(report) if report else None
 
 
 def launching(root: Path) -> bool:

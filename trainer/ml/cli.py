@@ -190,10 +190,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.ml.config import resolve
+    from trainer.ml.mirror import Settings, mirroring
+    from trainer.ml.train import _log as train_log
     from trainer.ml.train import train
 
     given = {o.name: getattr(args, o.name) for o in options.OPTIONS}
-    return int(train(resolve(given | {"data_dir": str(args.data_dir), "run_dir": str(args.run_dir)})))
+    storage = Settings.pop_from(given)  # where the run is mirrored: not a training setting
+    with mirroring(Path(args.run_dir), storage, train_log):
+        return int(train(resolve(given | {"data_dir": str(args.data_dir), "run_dir": str(args.run_dir)})))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from trainer.contract import layout
 from trainer.machine.locks import open_lock, try_lock
 from trainer.ml.errors import RunBusy, UsageError
 
-_held: list[int] = []  # open descriptors of the locks this process holds: never closed
+_held: dict[Path, int] = {}  # run directory -> the open descriptor of its lock, held: never closed
 
 
 def hold(run_dir: Path) -> None:
@@ -22,7 +22,10 @@ def hold(run_dir: Path) -> None:
 
     Nothing else is written before the lock is ours: a loser leaves the run directory as it
     found it. The descriptor is close-on-exec, and worker processes are started with
-    forkserver/spawn, so no child keeps the lock alive after its parent dies."""
+    forkserver/spawn, so no child keeps the lock alive after its parent dies. Taking a lock this
+    process holds already is a no-op."""
+    if run_dir.resolve() in _held:
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = open_lock(run_dir / layout.RUN_LOCK)
@@ -35,7 +38,7 @@ def hold(run_dir: Path) -> None:
                       "wait for it to end or stop it first") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _held.append(fd)
+    _held[run_dir.resolve()] = fd
 
 
 def _holder(fd: int) -> str:
