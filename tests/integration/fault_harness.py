@@ -10,14 +10,15 @@ tests/integration/test_faults.py (a modest number of kills) and bench/bench_faul
 
 After every kill:
 - ``sha256sum -c MANIFEST.sha256`` passes (and a manifest exists once an epoch is committed);
-- the committed state holds epochs 1..n once each, its learning-rate column equals the
-  uninterrupted run's, its best is the max recorded val accuracy, and evaluating its best file
-  on the validation split gives exactly that accuracy; epoch and best never go back;
+- the committed state holds epochs 1..n once each, each of them exactly the uninterrupted run's
+  (every metrics field but the wall-clock ones: loss, accuracy, val_loss, val_accuracy, lr), its
+  best is the max recorded val accuracy, and evaluating its best file on the validation split
+  gives exactly that accuracy; epoch and best never go back;
 - metrics.jsonl is the state's history, or lacks only its newest epoch (killed in between);
 - a copy of the directory, repaired as a restart repairs it, has best.weights.h5 = the state's
   best, a manifest that verifies, metrics = history, no temp file, no epoch file the state
   does not name.
-At the end of a run: finished, metrics epochs 1..N with the reference learning rates,
+At the end of a run: finished, metrics.jsonl is the uninterrupted run's (but wall-clock fields),
 best.weights.h5 evaluates to the max val accuracy, the manifest verifies, no temp files.
 """
 
@@ -43,7 +44,7 @@ from trainer.ml.runstate import RunState
 _ONCE = {"repair:begin", "repair:temp-removed", "best:temp", "publish:best", "finish:evaluated"}
 # Reached once per committed epoch.
 _PER_EPOCH = {"commit:begin", "weights:temp", "weights:synced", "weights:renamed", "state:temp", "commit:done",
-              "publish:deleted"}
+              "publish:deleted", "validate:begin"}
 # A few times per start: the manifest changes only with run.json, a new best and the run's end.
 _FEW = {"manifest:temp"}
 _RANDOM_SHARE = 0.3  # of the kills, the share at random moments rather than at a failpoint
@@ -72,12 +73,13 @@ def make_data(root: Path) -> Path:
 
 @dataclass(frozen=True)
 class Reference:
-    """The uninterrupted run: its learning-rate column and how long its phases take."""
+    """The uninterrupted run: its metrics (but wall-clock fields) and how long its phases take."""
 
-    lr: list[float]
+    rows: list[dict[str, Any]]
     first_epoch_seconds: float  # tracing the model makes the first epoch of every start slower
     epoch_seconds: float
     seconds: float
+    steps: int  # batches per epoch
 
 
 def reference_run(scenario: Scenario, run: Path) -> Reference:
@@ -86,7 +88,13 @@ def reference_run(scenario: Scenario, run: Path) -> Reference:
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, scenario.epochs + 1))
     typical = sorted(r["seconds"] for r in rows)[len(rows) // 2]
-    return Reference([r["lr"] for r in rows], rows[0]["seconds"], typical, time.monotonic() - start)
+    steps = json.loads((run / layout.HEARTBEAT).read_text())["batches"]
+    return Reference(untimed(rows), rows[0]["seconds"], typical, time.monotonic() - start, steps)
+
+
+def untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics rows without their wall-clock fields: what two runs of one command share exactly."""
+    return [{k: v for k, v in row.items() if k not in layout.TIMING_KEYS} for row in rows]
 
 
 @dataclass(frozen=True)
@@ -238,9 +246,10 @@ class Judge:
         epochs = [r["epoch"] for r in rows]
         if epochs != list(range(1, len(rows) + 1)):
             return [f"{what}: epochs {epochs}, not 1..{len(rows)} once each"]
-        lr = [r["lr"] for r in rows]
-        if lr != self.reference.lr[: len(rows)]:
-            return [f"{what}: learning rates {lr} differ from the uninterrupted run's {self.reference.lr[: len(rows)]}"]
+        expected = self.reference.rows[: len(rows)]
+        differ = [(got, want) for got, want in zip(untimed(rows), expected, strict=True) if got != want]
+        if differ:
+            return [f"{what}: epoch {differ[0][1]['epoch']} is {differ[0][0]}, the uninterrupted run's {differ[0][1]}"]
         return []
 
     def _best(self, run: Path, state: RunState) -> list[str]:

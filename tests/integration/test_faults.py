@@ -24,7 +24,7 @@ from tests.integration.trainer_proc import metrics, run_trainer, start_trainer, 
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
 from trainer.machine import faults
-from trainer.ml import runstate
+from trainer.ml import runstate, stopping
 
 pytestmark = pytest.mark.slow
 KILLS = int(os.environ.get("ORCH_FAULT_KILLS", "14"))
@@ -54,6 +54,39 @@ def test_sigkill_at_any_moment_keeps_every_guarantee(scenario: Scenario, referen
         print(f"\nfault injection: {tally.line()} ({tally.detail()})")
     assert tally.kills == KILLS
     assert not tally.violations, "\n".join(tally.violations)
+
+
+def test_sigterm_keeps_finished_work_and_the_continued_run_is_the_uninterrupted_one(
+        scenario: Scenario, reference: tuple[Reference, Path], tmp_path: Path) -> None:
+    """`orch stop` (SIGTERM, sent at an exact moment by the failpoint hook) again and again,
+    each attempt continuing the last one's run: what each stop committed, then the whole
+    metrics file of the run continued to its end, against the uninterrupted run's."""
+    ref, _ = reference
+    n, run = ref.steps, tmp_path / "run"
+    judge = Judge(scenario, ref, tmp_path)
+    force = {stopping.ENV: "0"}  # any batch is far from its epoch's end: a position is committed
+    stops = [  # (failpoint, its n-th time, environment, then committed: epochs, a position inside which epoch)
+        ("train:batch", n + 3, force, (1, 2)),  # inside epoch 2
+        ("train:batch", 2, force, (1, 2)),  # inside the rest of epoch 2, a continued position
+        ("validate:begin", 1, {}, (2, None)),  # during epoch 2's validation: the epoch is kept
+        ("train:batch", n, force, (3, None)),  # during epoch 3's last batch: kept, whatever the threshold
+        ("train:batch", n - 3, {}, (4, None)),  # 3 batches before epoch 4's end: it is finished first
+    ]
+    positions = []
+    for k, (point, nth, env, committed) in enumerate(stops):
+        log = tmp_path / f"stop-{k}.log"
+        proc = start_trainer(*scenario.argv(run), log=log, env={faults.SIGNAL_ENV: f"{point}@{nth}", **env})
+        assert proc.wait(timeout=300) == ExitCode.RUN_STOPPED, log.read_text()[-3000:]
+        state = runstate.read(run)
+        assert (state.epoch, state.partial and state.partial.epoch) == committed, (k, state)
+        positions += [state.partial.batch] if state.partial else []
+        kept = f"epoch {state.epoch}" + (f" and batch {state.partial.batch} of epoch 2" if state.partial else "")
+        assert log.read_text().splitlines()[-1] == (f"[trainer] stopped by signal 15 after {kept}; continue with "
+                                                    "`orch resume run --continue`")
+        assert status(run)["state"] == "stopped" and judge.after_kill(run) == [], k
+    assert 3 <= positions[0] < positions[1] < n  # the second stop trained on from the first position
+    run_trainer(*scenario.argv(run))
+    assert judge.at_end(run) == []  # every field of metrics.jsonl but seconds: the uninterrupted run's
 
 
 def test_a_full_disk_fails_the_run_cleanly_and_it_continues_once_there_is_space(

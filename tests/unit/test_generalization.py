@@ -1,5 +1,6 @@
-"""The generalization measures: augmentation reproducible per (seed, epoch), weight averaging
-that a continued run resumes exactly, early stopping that counts from the committed best."""
+"""The generalization measures: augmentation reproducible per (seed, epoch), a stopped run
+(weight average, dropout and augmentation on) that continues exactly, early stopping that
+counts from the committed best."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from tests.conftest import frames, write_npy  # noqa: E402
 from trainer.ml.config import Architecture, TrainConfig  # noqa: E402
 from trainer.ml.data import load_dataset  # noqa: E402
 from trainer.ml.dataset import Dataset  # noqa: E402
-from trainer.ml.fitting import AveragedWeightsAtEpochEnd, EarlyStop, compile_model, ema_momentum  # noqa: E402
-from trainer.ml.model import build_model  # noqa: E402
+from trainer.ml.fitting import EarlyStop, ema_momentum  # noqa: E402
 from trainer.ml.pipeline import Augmentation, BatchSequence, drop_frames, mix_pairs, padded_length  # noqa: E402
 from trainer.ml.stats import Stats  # noqa: E402
 
@@ -94,45 +94,80 @@ def test_ema_momentum_averages_over_the_given_epochs() -> None:
     assert ema_momentum(0.01, 10) == 0.0
 
 
-def _fit(cfg: TrainConfig, x: dict, y: np.ndarray, first_epoch: int, start: Path | None,
-         stop_after: int | None = None, save: Path | None = None) -> list[np.ndarray]:
-    """Fit from ``first_epoch`` (from the checkpoint ``start``) as the trainer does: the weight
-    average swapped in before the checkpoint is taken; ``stop_after`` an epoch, stop there as
-    a signal would (and save the checkpoint). Returns the weights checkpointed last."""
-    keras.utils.set_random_seed(0)
-    model = build_model(cfg.architecture, (4,), 4)
-    optimizer = compile_model(model, cfg, steps_per_epoch=2)
-    if start is not None:
-        optimizer.build(model.trainable_variables)
-        model.load_weights(start)
-    saved: list[np.ndarray] = []
-
-    class Checkpoint(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            saved[:] = [w.copy() for w in model.get_weights()]
-            if epoch + 1 == stop_after:
-                model.save_weights(save)
-                model.stop_training = True
-
-    callbacks = [AveragedWeightsAtEpochEnd(continuing=start is not None), Checkpoint()]
-    model.fit(x, y, batch_size=8, epochs=cfg.epochs, initial_epoch=first_epoch, shuffle=False, verbose=0,
-              callbacks=callbacks)
-    return saved
+# Only sizes are set: dropout, head dropout, frame dropout, noise and the weight average keep
+# their defaults, so every random generator and the EMA are part of what must continue exactly.
+TINY = {"epochs": 3, "batch_size": 16, "learning_rate": 0.003, "warmup_epochs": 1, "patience": 0, "cache": False,
+        "architecture": Architecture(hidden=8, attention=4)}
 
 
-def test_a_continued_run_with_weight_averaging_trains_like_an_uninterrupted_one(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    x = {"frames": rng.standard_normal((16, 6, 4)).astype(np.float32), "lengths": np.full(16, 6, np.int32)}
-    y = np.eye(4, dtype=np.float32)[np.arange(16) % 4]
-    cfg = TrainConfig(data_dir="d", run_dir="r", epochs=4, warmup_epochs=1, learning_rate=0.01, ema_epochs=1.0,
-                      head_dropout=0.0, architecture=Architecture(hidden=8, attention=4, dropout=0.0))
-    uninterrupted = _fit(cfg, x, y, 0, None)
-    checkpoint = tmp_path / "last.weights.h5"
-    stopped = _fit(cfg, x, y, 0, None, stop_after=2, save=checkpoint)
-    continued = _fit(cfg, x, y, 2, checkpoint)
-    assert not np.allclose(stopped[0], uninterrupted[0])
-    for a, b in zip(uninterrupted, continued, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.ml.synth import synth
+
+    root = tmp_path_factory.mktemp("tiny")
+    synth(root, n=120, dim=8, seed=2, min_frames=6, max_frames=20)
+    return root
+
+
+def _train_in_process(data: Path, run: Path, monkeypatch: pytest.MonkeyPatch, signal_at: tuple[str, int] | None = None,
+                      finish_epoch_seconds: float | None = None) -> int:
+    """trainer.train in this process (one lock per run and process: not what is tested here),
+    sent SIGTERM as ``orch stop`` would the n-th time it reaches the failpoint ``signal_at``."""
+    import signal
+
+    from trainer.machine import faults
+    from trainer.ml import runlock, stopping
+    from trainer.ml.train import train
+
+    reached: list[str] = []
+
+    def point(name: str) -> None:
+        reached.append(name)
+        if signal_at == (name, reached.count(name)):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runlock, "hold", lambda path: None)
+    monkeypatch.setattr(faults, "point", point)
+    if finish_epoch_seconds is None:
+        monkeypatch.delenv(stopping.ENV, raising=False)
+    else:
+        monkeypatch.setenv(stopping.ENV, str(finish_epoch_seconds))
+    return int(train(TrainConfig(data_dir=str(data), run_dir=str(run), **TINY), log=lambda line: None))
+
+
+def _metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields."""
+    import json
+
+    from trainer.contract import layout
+
+    rows = [json.loads(line) for line in (run / layout.METRICS).read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in layout.TIMING_KEYS} for row in rows]
+
+
+def test_a_stopped_and_continued_run_trains_exactly_like_an_uninterrupted_one(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default measures: stopped inside epoch 2 (a position), continued and stopped
+    again during that epoch's validation (the epoch is kept), continued to the end."""
+    import json
+
+    from trainer.contract import layout
+    from trainer.ml import runstate
+
+    assert _train_in_process(tiny_data, tmp_path / "uninterrupted", monkeypatch) == 0
+    expected = _metrics(tmp_path / "uninterrupted")
+    steps = json.loads((tmp_path / "uninterrupted" / layout.HEARTBEAT).read_text())["batches"]
+    run = tmp_path / "stopped"
+    assert _train_in_process(tiny_data, run, monkeypatch, ("train:batch", steps + 3), finish_epoch_seconds=0) == 9
+    state = runstate.read(run)
+    assert state.epoch == 1 and state.partial is not None and state.partial.epoch == 2
+    assert 3 <= state.partial.batch < steps  # committed where the rest of the epoch can be continued
+    assert _train_in_process(tiny_data, run, monkeypatch, ("validate:begin", 1)) == 9
+    state = runstate.read(run)
+    assert state.epoch == 2 and state.partial is None
+    assert _train_in_process(tiny_data, run, monkeypatch) == 0
+    assert _metrics(run) == expected
+    assert len({row["loss"] for row in expected}) == len(expected)  # the epochs did train
 
 
 def test_early_stop_counts_from_the_committed_best_epoch() -> None:

@@ -22,10 +22,11 @@ from trainer.ml import runlock, runstate
 from trainer.ml.config import TrainConfig
 from trainer.ml.errors import RunBusy, TrainerError, UsageError
 from trainer.ml.rundir import RunDir
-from trainer.ml.runstate import Checkpoint, RunState
+from trainer.ml.runstate import Checkpoint, Position, RunState
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCURACIES = [0.30, 0.25, 0.40, 0.40, 0.35, 0.50]  # best moves at epochs 1, 3, 6 (ties do not move it)
+STOPPED_INSIDE = 2  # the epoch inside which a stop commits a position (batch 3)
 
 
 class Crash(BaseException):
@@ -34,7 +35,8 @@ class Crash(BaseException):
 
 def _train(path: Path, accuracies: list[float] = ACCURACIES) -> RunDir:
     """What trainer.train does to a run directory, minus the model: start-up repair, inputs
-    written once, one commit per epoch, evaluation outputs, the final publish."""
+    written once, one commit per epoch (and a position inside epoch STOPPED_INSIDE, as a
+    stop commits it), evaluation outputs, the final publish."""
     run = RunDir(path, runstate.read(path) or runstate.initial(None, None))
     if (run.read_json(layout.STATUS) or {}).get("state") == layout.FINISHED:
         run.repair(None, final=True)
@@ -48,15 +50,26 @@ def _train(path: Path, accuracies: list[float] = ACCURACIES) -> RunDir:
         atomic_write_json(run.file(layout.RUN_JSON), {"run_id": path.name})
     run.publish(layout.RUNNING, phase="training")
     for epoch in range(run.state.epoch + 1, len(accuracies) + 1):
+        faults.point("train:batch")
+        if epoch == STOPPED_INSIDE and run.state.partial is None:
+            _commit_position(run, epoch, batch=3)
+        faults.point("validate:begin")
         saved = run.write_checkpoint(epoch, lambda tmp, e=epoch: tmp.write_bytes(f"weights of epoch {e}".encode()))
         row = {"epoch": epoch, "val_accuracy": accuracies[epoch - 1], "lr": 0.01 / epoch}
-        run.commit(run.state.after_epoch(row, saved))
+        run.commit(run.state.after_epoch(row, saved, rng=[[7, epoch]]))
         run.publish(layout.RUNNING)
     for name in layout.STATS_OUTPUTS:
         atomic_write_json(run.file(layout.stats_path(name)), {"evaluated": name})
     faults.point("finish:evaluated")
     run.finish(layout.FINISHED)
     return run
+
+
+def _commit_position(run: RunDir, epoch: int, batch: int) -> None:
+    """What the recorder does on a stop long before the epoch's end."""
+    saved = run.write_checkpoint(epoch, lambda tmp: tmp.write_bytes(f"epoch {epoch}, batch {batch}".encode()), batch=batch)
+    run.commit(run.state.at_position(Position(epoch, batch, saved, [[7, batch]], [1.5, 48.0], seconds=2.5)))
+    run.publish(layout.RUNNING)
 
 
 def _manifest_problems(path: Path) -> list[str]:
@@ -203,15 +216,58 @@ def test_an_extended_runs_epoch_0_is_its_parents_weights(tmp_path: Path) -> None
     assert _manifest_problems(run.path) == []
 
 
+def test_a_position_inside_an_epoch_is_committed_and_superseded_by_the_epoch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    reached = _watch(monkeypatch, lambda name: _raise_at(reached, name, "validate:begin", STOPPED_INSIDE))
+    with pytest.raises(Crash):  # killed after the position's commit, before the epoch's
+        _train(run)
+    state = runstate.read(run)
+    assert state is not None and state.epoch == STOPPED_INSIDE - 1 and state.partial is not None
+    assert (state.partial.epoch, state.partial.batch, state.partial.rng, state.partial.metrics, state.partial.seconds) == (
+        STOPPED_INSIDE, 3, [[7, 3]], [1.5, 48.0], 2.5)
+    position = layout.epoch_weights(STOPPED_INSIDE, 3)
+    assert state.partial.weights.file == position == "checkpoints/epoch-0002-batch-0003.weights.h5"
+    assert position in state.files() and (run / position).is_file()
+    assert [r["epoch"] for r in state.history] == [1] and _manifest_problems(run) == []
+    assert position not in layout.parse_manifest((run / layout.MANIFEST).read_text())
+    _watch(monkeypatch, lambda name: None)
+    done = _train(run)  # the continued run commits the epoch: the position goes
+    assert done.state.partial is None and done.state.rng == [[7, len(ACCURACIES)]] and not (run / position).exists()
+    _assert_finished(run)
+
+
+def _raise_at(reached: list[str], name: str, point: str, nth: int) -> None:
+    if name == point and reached.count(point) == nth:
+        raise Crash(name)
+
+
+def test_checkpoint_names_of_epochs_and_positions() -> None:
+    assert layout.epoch_weights(7) == "checkpoints/epoch-0007.weights.h5"
+    assert layout.checkpoint_of("epoch-0007.weights.h5") == (7, None) and layout.epoch_of("epoch-0007.weights.h5") == 7
+    assert layout.checkpoint_of("epoch-0007-batch-0012.weights.h5") == (7, 12)
+    assert layout.epoch_of("epoch-0007-batch-0012.weights.h5") == 7
+    for other in ("best.weights.h5", "epoch-7.weights.h5", "epoch-0007-batch-12.weights.h5", "state.json"):
+        assert layout.checkpoint_of(other) is None
+
+
 def test_the_state_file_names_only_epoch_files_of_its_run(tmp_path: Path) -> None:
-    for bad in ("../../etc/passwd", "checkpoints/best.weights.h5", "/tmp/epoch-0001.weights.h5"):
+    for bad in ("../../etc/passwd", "checkpoints/best.weights.h5", "/tmp/epoch-0001.weights.h5",
+                "checkpoints/epoch-0001-batch-01.weights.h5"):
         with pytest.raises(ValueError):
             Checkpoint(bad, "0" * 64)
+    with pytest.raises(ValueError, match="does not name its own file"):  # a position names its own file only
+        Position(2, 3, Checkpoint(layout.epoch_weights(2), "0" * 64), [], [], 0.0)
     run = _train(tmp_path / "run")
     doc = json.loads(run.file(layout.STATE).read_text())
     doc["history"] = doc["history"][1:]
     run.file(layout.STATE).write_text(json.dumps(doc))
     with pytest.raises(TrainerError, match="unreadable committed state"):
+        runstate.read(run.path)
+    doc = run.state.to_json()  # a position is always inside the epoch after the committed ones
+    doc["partial"] = Position(2, 3, Checkpoint(layout.epoch_weights(2, 3), "0" * 64), [], [], 0.0).to_json()
+    run.file(layout.STATE).write_text(json.dumps(doc))
+    with pytest.raises(TrainerError, match="a position inside epoch 2 after 6 committed epochs"):
         runstate.read(run.path)
 
 

@@ -14,6 +14,7 @@ down here exactly once.
       run.json  deploy.json  pid  lock  train.log  metrics.jsonl  status.json  MANIFEST.sha256
       checkpoints/state.json                   the commit point (see below)
       checkpoints/epoch-NNNN.weights.h5        weights + optimizer state of a committed epoch
+      checkpoints/epoch-NNNN-batch-BBBB.weights.h5   ... of a committed position inside epoch NNNN
       checkpoints/best.weights.h5              the best epoch's file (hard link, or a copy)
       stats/wav2vec_mean.npy  wav2vec_std.npy  classes.json  split.json
             evaluation.json  training_curves.png  confusion_matrix.png
@@ -29,7 +30,19 @@ it writes anything; a second trainer exits busy, exit 6, naming the holder's pid
    ``checkpoints/epoch-NNNN.weights.h5``; the folder is fsynced;
 2. ``checkpoints/state.json`` is atomically replaced (temp, fsync, rename, fsync folder). It
    holds the epoch, ``last`` and ``best`` (file + sha256), best_val_accuracy, best_epoch, the
-   parent's best and the full metrics history. This is the ONLY commit point.
+   parent's best, the full metrics history and ``rng``: the states of the model's random
+   generators at the end of ``last`` (the weights file leaves them out), so a continued run
+   trains exactly like an uninterrupted one. This is the ONLY commit point.
+
+**A position inside an epoch** is committed the same way when a stop (SIGTERM) comes long
+before the epoch's end: its weights go to ``checkpoints/epoch-NNNN-batch-BBBB.weights.h5``
+(epoch N in progress, its first B batches trained), then state.json names it in ``partial``:
+``epoch`` (N, always the committed epoch + 1), ``batch`` (B), ``file`` and ``sha256``, ``rng``
+(the random generators' states after batch B), ``metrics`` (the metric accumulators: the
+running sums of loss and accuracy over the B batches) and ``seconds`` (the epoch's training
+time so far). The batch plan of an epoch is a function of (seed, epoch), so a continued run
+trains batches B+1.. of the same plan and records the epoch exactly as an uninterrupted run
+would. The next epoch commit drops ``partial`` (its file is then deleted like any unnamed one).
 
 Everything else is derived from the committed state, and a restart re-derives it before it
 trains: metrics.jsonl (rewritten from the history), status.json, best.weights.h5 (a hard link,
@@ -126,9 +139,11 @@ DISK_FULL = "disk_full"
 
 # Keys of one metrics.jsonl line (more may follow; readers must ignore unknown keys).
 METRIC_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+# ... those that measure wall-clock time: the only ones two runs of one command may differ in.
+TIMING_KEYS = ("seconds",)
 
 
-_EPOCH_WEIGHTS = re.compile(r"epoch-(\d{4,})\.weights\.h5")
+_CHECKPOINT = re.compile(r"epoch-(\d{4,})(?:-batch-(\d{4,}))?\.weights\.h5")
 
 
 def data_staging_prefix(data_dir_name: str) -> str:
@@ -145,15 +160,26 @@ def is_run_id(text: str) -> bool:
     return RUN_ID.match(text) is not None
 
 
-def epoch_weights(epoch: int) -> str:
-    """``checkpoints/epoch-NNNN.weights.h5``: the weights of committed epoch ``epoch``."""
-    return f"{CHECKPOINTS_DIR}/epoch-{epoch:04d}.weights.h5"
+def epoch_weights(epoch: int, batch: int | None = None) -> str:
+    """``checkpoints/epoch-NNNN.weights.h5``: the weights of committed epoch ``epoch``; with
+    ``batch``, ``checkpoints/epoch-NNNN-batch-BBBB.weights.h5``: those of a position inside it."""
+    inside = "" if batch is None else f"-batch-{batch:04d}"
+    return f"{CHECKPOINTS_DIR}/epoch-{epoch:04d}{inside}.weights.h5"
+
+
+def checkpoint_of(name: str) -> tuple[int, int | None] | None:
+    """(epoch, batch or None) of a checkpoint file's name (``epoch-0007.weights.h5`` -> (7, None),
+    ``epoch-0007-batch-0012.weights.h5`` -> (7, 12)); None for any other name."""
+    match = _CHECKPOINT.fullmatch(name)
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
 
 
 def epoch_of(name: str) -> int | None:
-    """The epoch of an epoch weights file's name (``epoch-0007.weights.h5`` -> 7), else None."""
-    match = _EPOCH_WEIGHTS.fullmatch(name)
-    return int(match.group(1)) if match else None
+    """The epoch of a checkpoint file's name (``epoch-0007.weights.h5`` -> 7; a position's too), else None."""
+    found = checkpoint_of(name)
+    return None if found is None else found[0]
 
 
 def is_temp(name: str) -> bool:

@@ -43,13 +43,15 @@ def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) ->
     return optimizer
 
 
-def training_callbacks(cfg: TrainConfig, recorder: Any, continuing: bool, log: Log) -> list[keras.callbacks.Callback]:
+def training_callbacks(cfg: TrainConfig, recorder: Any, averaged_in_model: bool,
+                       log: Log) -> list[keras.callbacks.Callback]:
     """The callbacks in the order that matters: the weight average swapped in BEFORE the
     recorder (so validation, the best and the last checkpoint are the averaged weights),
-    early stopping AFTER it (it reads the epoch the recorder has just committed)."""
+    early stopping AFTER it (it reads the epoch the recorder has just committed).
+    ``averaged_in_model``: the model starts from an epoch's checkpoint (the average in it)."""
     callbacks: list[keras.callbacks.Callback] = []
     if cfg.ema_epochs:
-        callbacks.append(AveragedWeightsAtEpochEnd(continuing))
+        callbacks.append(AveragedWeightsAtEpochEnd(averaged_in_model))
     callbacks.append(recorder)
     if cfg.patience:
         callbacks.append(EarlyStop(recorder, cfg.patience, log))
@@ -59,13 +61,32 @@ def training_callbacks(cfg: TrainConfig, recorder: Any, continuing: bool, log: L
 class AveragedWeightsAtEpochEnd(keras.callbacks.SwapEMAWeights):
     """Keras's SwapEMAWeights(swap_on_epoch=True): between epochs (and while validating) the
     model holds the averaged weights and the optimizer's EMA slots the raw ones, which is how
-    the recorder checkpoints them. A continued run loads such a checkpoint, so it starts with
-    the average in the model: the first epoch swaps back, and training goes on exactly as if
-    it had never stopped."""
+    the recorder checkpoints an epoch (a position inside one has the raw weights in the model).
+    A run continued from an epoch loads such a checkpoint, so it starts with the average in the
+    model (``averaged_in_model``): the first epoch swaps back, and training goes on exactly as
+    if it had never stopped.
 
-    def __init__(self, continuing: bool) -> None:
+    Unlike Keras's, the model holds the average after ``fit`` too, whichever epoch it ended at:
+    ``fit`` ends by copying the slots into the model (``finalize_variable_values``), so the
+    average is kept at every epoch's end and put back. The slots keep the raw weights, so a
+    continued position's ``fit`` over the rest of its epoch hands the next ``fit`` exactly
+    what an uninterrupted run has between two epochs."""
+
+    def __init__(self, averaged_in_model: bool) -> None:
         super().__init__(swap_on_epoch=True)
-        self._ema_weights_in_model = continuing
+        self._ema_weights_in_model = averaged_in_model
+        self._average: list[Any] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self._ema_weights_in_model:
+            self._swap_variables()
+            self._ema_weights_in_model = True
+        self._average = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._average is not None and self._ema_weights_in_model:
+            for variable, average in zip(self.model.trainable_variables, self._average, strict=True):
+                variable.assign(average)
 
 
 class EarlyStop(keras.callbacks.Callback):

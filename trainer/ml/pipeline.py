@@ -7,7 +7,9 @@ that compile per shape (JAX) see few shapes.
 
 Training batches can be augmented (frame dropout, Gaussian noise, mixup) in numpy; the random
 numbers of batch ``i`` of epoch ``e`` come from (seed, e, i) alone, so a continued run sees
-exactly the batches an uninterrupted one would have, whatever order worker threads take.
+exactly the batches an uninterrupted one would have, whatever order worker threads take, and
+one continued from a position inside an epoch trains the rest of that very plan
+(:meth:`BatchSequence.rest_of_epoch`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Augmentation:
 
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]
+KerasBatch = tuple[np.ndarray | dict[str, np.ndarray], ...]  # (inputs, labels[, sample weights])
 
 
 def drop_frames(seq: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
@@ -111,7 +114,9 @@ class BatchSequence(keras.utils.PyDataset):
     """Keras input for ``fit``/``evaluate``: (inputs, one-hot labels[, sample weights]).
 
     The batch order and the augmentation of epoch ``e`` depend only on (seed, e), so a
-    continued run sees the same batches an uninterrupted one would have.
+    continued run sees the same batches an uninterrupted one would have. Keras's ``fit`` calls
+    ``on_epoch_end`` once as it starts (resetting its iterator): a sequence made at ``epoch``
+    (the committed epochs) trains the run's 1-based epoch E on plan E.
     """
 
     def __init__(self, ds: Dataset, indices: np.ndarray, stats: Stats, batch_size: int,
@@ -149,8 +154,11 @@ class BatchSequence(keras.utils.PyDataset):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, i: int):  # noqa: ANN204 (Keras accepts tuples of 2 or 3)
-        epoch, plan = self.epoch_plan
+    def __getitem__(self, i: int) -> KerasBatch:
+        return self.batch(*self.epoch_plan, i)
+
+    def batch(self, epoch: int, plan: list[np.ndarray], i: int) -> KerasBatch:
+        """Batch ``i`` of ``plan`` (epoch ``epoch``'s), augmented with the numbers of (seed, epoch, i)."""
         idx = plan[i]
         sequences = [self.ds.sequence(int(k)) for k in idx]
         aug = self.augmentation
@@ -172,6 +180,41 @@ class BatchSequence(keras.utils.PyDataset):
             self.epoch_plan = (self.epoch, self._plan())
         else:
             self.epoch_plan = (self.epoch, self.plan)
+
+    def rest_of_epoch(self, start: int) -> RestOfEpoch:
+        """The current plan's batches from ``start`` on: a fit over them continues a position."""
+        return RestOfEpoch(self, start)
+
+    def resumable_at(self, start: int) -> bool:
+        """Whether a fit over the rest of the current plan from batch ``start`` sees the input
+        signature a whole epoch does. Keras (TensorFlow backend) infers it from the first 2
+        batches, so the rest's first 2 must differ in padded length exactly when the epoch's do
+        (see _plan); a position is committed only where this holds (a batch or two later)."""
+        plan = self.plan
+        return 0 < start < len(plan) and self._time_axis(plan[start : start + 2]) == self._time_axis(plan[:2])
+
+    def _time_axis(self, batches: list[np.ndarray]) -> int | None:
+        """The padded length Keras infers from ``batches``: theirs when equal, else None (any)."""
+        padded = {padded_length(int(self.lengths[b].max())) for b in batches}
+        return padded.pop() if len(padded) == 1 else None
+
+
+class RestOfEpoch(keras.utils.PyDataset):
+    """The batches of one epoch's plan from ``start`` on, exactly as the whole epoch has them
+    (the same augmentation numbers: batch ``start + i`` is batch ``start + i`` of the plan)."""
+
+    def __init__(self, seq: BatchSequence, start: int) -> None:
+        super().__init__(workers=seq.workers, use_multiprocessing=False, max_queue_size=16)
+        self.seq, self.start = seq, start
+        self.epoch, self.plan = seq.epoch_plan
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.start
+
+    def __getitem__(self, i: int) -> KerasBatch:
+        return self.seq.batch(self.epoch, self.plan, self.start + i)
+
+    # Keras's fit calls on_epoch_end as it starts: this is one epoch's rest, whatever it calls.
 
 
 def default_workers() -> int:

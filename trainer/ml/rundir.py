@@ -64,10 +64,11 @@ class RunDir:
 
     # ---- the commit point -------------------------------------------------------------------
 
-    def write_checkpoint(self, epoch: int, write: Callable[[Path], None]) -> Checkpoint:
+    def write_checkpoint(self, epoch: int, write: Callable[[Path], None], batch: int | None = None) -> Checkpoint:
         """Step 1 of a commit: ``write(temp path)`` (e.g. model.save_weights), fsync, hash once,
-        rename to ``checkpoints/epoch-NNNN.weights.h5``, fsync the folder. Not committed yet."""
-        rel = layout.epoch_weights(epoch)
+        rename to ``checkpoints/epoch-NNNN.weights.h5`` (``-batch-BBBB`` for a position inside
+        epoch NNNN), fsync the folder. Not committed yet."""
+        rel = layout.epoch_weights(epoch, batch)
         final = self.file(rel)
         faults.point("commit:begin")
         # Keras insists on the suffix of the temp file
@@ -189,7 +190,7 @@ class RunDir:
         self._best_source = best.file
 
     def _delete_unnamed(self) -> None:
-        """Epoch files the state does not name: superseded, or written but never committed. The
+        """Checkpoint files the state does not name: superseded, or written but never committed. The
         manifest never lists them (best.weights.h5 is its own name for the inode)."""
         keep = self.state.files()
         for path in _entries(self.file(layout.CHECKPOINTS_DIR)):
@@ -246,6 +247,10 @@ def _entries(folder: Path) -> list[Path]:
 class Stopwatch:
     def __init__(self) -> None:
         self.start = time.perf_counter()
+
+    def peek(self) -> float:
+        """Seconds since the last lap, without starting a new one."""
+        return time.perf_counter() - self.start
 
     def lap(self) -> float:
         now = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The committed state of a run (``checkpoints/state.json``): the ONE commit point of an epoch.
+"""The committed state of a run (``checkpoints/state.json``): the ONE commit point of an epoch
+(and of a position inside one, when a stop comes long before the epoch's end).
 
 Everything else in the run directory (metrics.jsonl, status.json, best.weights.h5, the
 manifest) is derived from it; see trainer/contract/layout.py. Pure Python.
@@ -16,7 +17,10 @@ from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json
 from trainer.ml.errors import TrainerError, UsageError
 
-VERSION = 1
+VERSION = 2  # 2: ``rng`` and ``partial`` (a state of version 1 continues, though not exactly)
+
+# Values of Keras variables as JSON (one nested list per variable, in trainer.ml.trainstate's order).
+Values = list[Any]
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,36 @@ class Checkpoint:
     sha256: str
 
     def __post_init__(self) -> None:
-        # The state names only our own epoch files: never a path outside checkpoints/.
-        name = self.file.removeprefix(f"{layout.CHECKPOINTS_DIR}/")
-        if layout.epoch_weights(layout.epoch_of(name) or 0) != self.file or len(self.sha256) != 64:
+        # The state names only our own checkpoint files: never a path outside checkpoints/.
+        found = layout.checkpoint_of(self.file.removeprefix(f"{layout.CHECKPOINTS_DIR}/"))
+        if found is None or layout.epoch_weights(*found) != self.file or len(self.sha256) != 64:
             raise ValueError(f"not a checkpoint of this run: {self.file!r}")
+
+
+@dataclass(frozen=True)
+class Position:
+    """A committed position inside epoch ``epoch`` (the committed epoch + 1): its first ``batch``
+    batches are trained. With the weights, what the weights file leaves out: the random
+    generators' states, the metric accumulators and the epoch's training seconds so far."""
+
+    epoch: int
+    batch: int
+    weights: Checkpoint
+    rng: Values
+    metrics: Values
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.weights.file != layout.epoch_weights(self.epoch, self.batch):
+            raise ValueError(f"position {self.epoch}/{self.batch} does not name its own file {self.weights.file!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, **_ref_json(self.weights), "rng": self.rng,
+                "metrics": self.metrics, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Position:
+        return cls(int(d["epoch"]), int(d["batch"]), _ref(d), list(d["rng"]), list(d["metrics"]), float(d["seconds"]))
 
 
 @dataclass(frozen=True)
@@ -43,22 +73,31 @@ class RunState:
     parent: str | None = None  # the parent run of an extended run
     parent_best_val_accuracy: float | None = None
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # one metrics row per epoch
+    rng: Values | None = None  # the random generators' states at the end of ``last`` (None: not recorded)
+    partial: Position | None = None  # a position inside the next epoch, committed by a stop
 
     def files(self) -> set[str]:
-        """The weights files this state names: every other epoch file may go."""
-        return {c.file for c in (self.last, self.best) if c is not None}
+        """The weights files this state names: every other checkpoint file may go."""
+        partial = self.partial.weights if self.partial is not None else None
+        return {c.file for c in (self.last, self.best, partial) if c is not None}
 
     def improves(self, val_accuracy: float) -> bool:
         return self.best_val_accuracy is None or val_accuracy > self.best_val_accuracy
 
-    def after_epoch(self, row: dict[str, Any], saved: Checkpoint) -> RunState:
-        """The state once epoch ``row["epoch"]`` (whose weights are ``saved``) is committed."""
+    def after_epoch(self, row: dict[str, Any], saved: Checkpoint, rng: Values | None = None) -> RunState:
+        """The state once epoch ``row["epoch"]`` (whose weights are ``saved``, and the random
+        generators' states ``rng``) is committed; a position inside it is superseded."""
         assert row["epoch"] == self.epoch + 1, (row["epoch"], self.epoch)
         better = self.improves(row["val_accuracy"])
-        return replace(self, epoch=row["epoch"], last=saved, history=(*self.history, row),
+        return replace(self, epoch=row["epoch"], last=saved, history=(*self.history, row), rng=rng, partial=None,
                        best=saved if better else self.best,
                        best_val_accuracy=row["val_accuracy"] if better else self.best_val_accuracy,
                        best_epoch=row["epoch"] if better else self.best_epoch)
+
+    def at_position(self, position: Position) -> RunState:
+        """The state once a position inside the next epoch is committed (nothing else changes)."""
+        assert position.epoch == self.epoch + 1, (position.epoch, self.epoch)
+        return replace(self, partial=position)
 
     def with_parent_weights(self, saved: Checkpoint) -> RunState:
         """An extended run's epoch 0: the parent's best weights are its best until beaten."""
@@ -83,14 +122,18 @@ class RunState:
         return {"version": VERSION, "epoch": self.epoch, "last": _ref_json(self.last), "best": _ref_json(self.best),
                 "best_val_accuracy": self.best_val_accuracy, "best_epoch": self.best_epoch,
                 "parent": self.parent, "parent_best_val_accuracy": self.parent_best_val_accuracy,
-                "history": list(self.history)}
+                "history": list(self.history), "rng": self.rng,
+                "partial": None if self.partial is None else self.partial.to_json()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunState:
         state = cls(epoch=int(d["epoch"]), last=_ref(d["last"]), best=_ref(d["best"]),
                     best_val_accuracy=_number(d["best_val_accuracy"]), best_epoch=d["best_epoch"],
                     parent=d.get("parent"), parent_best_val_accuracy=_number(d.get("parent_best_val_accuracy")),
-                    history=tuple(d["history"]))
+                    history=tuple(d["history"]), rng=d.get("rng"),
+                    partial=None if d.get("partial") is None else Position.from_json(d["partial"]))
+        if state.partial is not None and state.partial.epoch != state.epoch + 1:
+            raise ValueError(f"a position inside epoch {state.partial.epoch} after {state.epoch} committed epochs")
         if [row["epoch"] for row in state.history] != list(range(1, state.epoch + 1)):
             raise ValueError("history does not hold epochs 1..epoch once each")
         if (state.epoch > 0) != (state.last is not None):

@@ -11,9 +11,9 @@ ends the run ``failed`` with the last committed epoch kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from trainer.ml.errors import DataError, DiskFull, ExitCode, TrainerError, Train
 from trainer.ml.rundir import RunDir, now_iso
 from trainer.ml.split import Split, load_split, make_split, save_split
 from trainer.ml.stats import Stats, compute_stats, find_stats, load_stats, save_stats
+from trainer.ml.stopping import Stopper, StopRequested
 
 Log = Callable[[str], None]
 
@@ -65,7 +66,7 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
         log(f"run {path.name} already finished; nothing to do (extend it with --init-from)")
         return ExitCode.OK
     try:
-        with _Stopper() as stopper:
+        with Stopper() as stopper:
             run.create()
             run.write_pid()
             run.heartbeat.beat(force=True, phase="starting")
@@ -75,7 +76,7 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
             return _train(cfg, run, previous, stopper, log)
     except StopRequested as stop:
         run.finish(layout.STOPPED, error=None)
-        log(f"stopped by signal {stop.signum} before training began")
+        log(_stopped_line(run, stop.signum))
         return ExitCode.RUN_STOPPED
     except Exception as exc:
         full = disk_full_error(exc)
@@ -103,7 +104,17 @@ class _Inputs:
     stats: Stats
 
 
-def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopper, log: Log) -> ExitCode:
+def _stopped_line(run: RunDir, signum: int) -> str:
+    """The last line of a stopped run: what is kept, and the command that continues it."""
+    state, partial = run.state, run.state.partial
+    kept = [f"epoch {state.epoch}"] if state.epoch else []
+    if partial is not None:
+        kept.append(f"batch {partial.batch} of epoch {partial.epoch}")
+    where = f"after {' and '.join(kept)}" if kept else "before its first epoch"
+    return f"stopped by signal {signum} {where}; continue with `orch resume {run.path.name} --continue`"
+
+
+def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stopper, log: Log) -> ExitCode:
     inputs = _inputs(cfg, run, log)
     model, train_seq, val_seq = _model(cfg, run, inputs, log)
     _starting_point(cfg, run, model, log)
@@ -114,8 +125,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: _Stopp
         raise TrainingFailed(recorder.failure)
     if stopper.signum is not None:
         run.finish(layout.STOPPED, error=None)
-        log(f"stopped by signal {stopper.signum} after epoch {run.state.epoch}; "
-            "start the same command again to continue")
+        log(_stopped_line(run, stopper.signum))
         return ExitCode.RUN_STOPPED
     # ---- evaluate the best checkpoint on the validation split, then finish
     run.heartbeat.beat(force=True, phase="evaluating")
@@ -169,13 +179,20 @@ def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, log: Log) -> tuple[An
 
 
 def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
-    """Our own last checkpoint (weights and optimizer), the parent's weights (an extended run's
-    committed epoch 0), or scratch."""
+    """Our own last position or epoch (weights, optimizer and random generators), the parent's
+    weights (an extended run's committed epoch 0), or scratch."""
+    from trainer.ml import trainstate
+
     state = run.state
-    if state.last is not None:
+    partial = state.partial
+    if partial is not None or state.last is not None:
         model.optimizer.build(model.trainable_variables)
-        model.load_weights(run.file(state.last.file))
-        log(f"continuing from epoch {state.epoch} (best val_accuracy {state.best_val_accuracy})")
+        model.load_weights(run.file(partial.weights.file if partial is not None else state.last.file))
+        rng = partial.rng if partial is not None else state.rng
+        if rng is not None:  # None: a state of an older trainer (the run continues, though not exactly)
+            trainstate.assign(trainstate.rng_variables(model), rng, "random generators' states")
+        where = f"batch {partial.batch} of epoch {partial.epoch}" if partial is not None else f"epoch {state.epoch}"
+        log(f"continuing from {where} (best val_accuracy {state.best_val_accuracy})")
     elif state.best is not None:
         _load_initial_weights(model, run.file(state.best.file), "--init-from")
         log(f"starting from the parent's weights ({state.best.file})")
@@ -202,25 +219,36 @@ def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs) -> None:
     })
 
 
-def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any, stopper: _Stopper,
+def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any, stopper: Stopper,
          log: Log) -> Any:
-    """Fit, committing every finished epoch; SIGTERM stops after the current batch."""
+    """Fit, committing every finished epoch; a stop is handled by the recorder (trainer/ml/stopping.py).
+    A committed position is continued first: one ``fit`` over the rest of its epoch, then one
+    over the epochs after it."""
     import keras
 
     from trainer.ml.fitting import training_callbacks
     from trainer.ml.recorder import RunRecorder
 
-    recorder = RunRecorder(run, stopper, log)
-    callbacks: list[Any] = training_callbacks(cfg, recorder, continuing=run.state.last is not None, log=log)
+    recorder = RunRecorder(run, stopper, log, train_seq)
+    partial = run.state.partial
+    callbacks: list[Any] = training_callbacks(cfg, recorder, log=log,
+                                              averaged_in_model=run.state.last is not None and partial is None)
     if keras.backend.backend() == "tensorflow":
         callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
                                                      write_graph=False, profile_batch=0))
     run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
     run.heartbeat.beat(force=True, phase="compiling the first batches")
-    stopper.model = model  # from now on a signal stops fit after the current batch
-    model.fit(train_seq, validation_data=val_seq, epochs=cfg.epochs, initial_epoch=run.state.epoch,
-              callbacks=callbacks, verbose=2)
-    stopper.model = None
+    # shuffle=False: the plan is the batch order (from (seed, epoch)); Keras would shuffle it
+    # again with Python's global generator, which a continued run cannot replay.
+    fit = functools.partial(model.fit, validation_data=val_seq, callbacks=callbacks, shuffle=False, verbose=2)
+    stopper.training = True  # from now on a signal is the recorder's to handle
+    if partial is not None:
+        train_seq.on_epoch_end()  # to the plan of the position's epoch (see BatchSequence)
+        fit(train_seq.rest_of_epoch(partial.batch), epochs=partial.epoch, initial_epoch=partial.epoch - 1)
+    stopped = partial is not None and (model.stop_training or stopper.signum is not None)
+    if not stopped and run.state.epoch < cfg.epochs:
+        fit(train_seq, epochs=cfg.epochs, initial_epoch=run.state.epoch)
+    stopper.training = False
     return recorder
 
 
@@ -308,36 +336,6 @@ def _distribution() -> tuple[Any, str]:
             return strategy.scope(), f"{len(gpus)} GPUs (MirroredStrategy)"
         return contextlib.nullcontext(), "1 GPU" if gpus else "CPU"
     return contextlib.nullcontext(), keras.backend.backend()
-
-
-class StopRequested(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-class _Stopper:
-    """SIGTERM/SIGINT at any time: before training, stop at once (state ``stopped``); during
-    ``fit``, finish the current batch, keep the last finished epoch, then stop."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.model: Any = None
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-        if self.model is None:
-            raise StopRequested(signum)
-        self.model.stop_training = True
-
-    def __enter__(self) -> _Stopper:
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def _final_evaluation(run: RunDir, model: Any, inputs: _Inputs, history: list[dict[str, Any]], log: Log) -> None:
