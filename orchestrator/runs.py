@@ -19,6 +19,7 @@ from trainer.contract import layout, verbs
 from trainer.contract.wire import BOTH, ON_MACHINE, RunInfo
 
 STOP_TIMEOUT = 120.0
+UPLOAD_TIMEOUT = 330.0  # a stopped trainer waits up to 300 s (trainer/ml/mirror.FINAL_WAIT) for S3
 
 
 def duration_seconds(run: RunInfo) -> float | None:
@@ -125,12 +126,17 @@ def stop(ctx: Context, run_id: str | None, *, timeout: float = STOP_TIMEOUT) -> 
         if not sent.sent:
             raise ConfigError(f"run {run.run_id}: {sent.message}")
         ctx.log(f"sent SIGTERM to run {run.run_id} (pid {sent.pid}); waiting for it to save and stop")
-        deadline = time.monotonic() + timeout
+        deadline, saved = time.monotonic() + timeout, False
         while time.monotonic() < deadline:
             now = m.choose(run.run_id)
-            if not now.alive or now.final:  # saved and stopped (it may still be uploading to storage)
+            if not now.alive:
                 return now
+            if now.final and now.mirror is not None and not saved:  # saved and stopped: its final upload is left
+                saved, deadline = True, time.monotonic() + UPLOAD_TIMEOUT
+                ctx.log(f"run {run.run_id} is {now.shown_state}; waiting for its final upload to storage")
             time.sleep(1.0)
+        if saved:
+            return now
     raise RemoteError(f"run {run.run_id} did not stop within {timeout:.0f} s; it is still running")
 
 
