@@ -21,7 +21,7 @@ from orchestrator.config import DeployConfig
 from orchestrator.context import Context
 from orchestrator.environment import TrainingPython, ensure_env, run_setup
 from orchestrator.errors import BusyError, ConfigError, NoSuchRun, OrchError, RemoteError
-from orchestrator.machine import Machine, check_run_id, choose
+from orchestrator.machine import Machine, check_run_id
 from orchestrator.preflight import require_ready
 from orchestrator.provision import acquire
 from orchestrator.requests import Extension, LaunchOptions
@@ -242,13 +242,16 @@ def _refuse_stored(ctx: Context, run_id: str) -> None:
 
 def _restored(m: Machine, store: storage.Storage, run_id: str | None, force: bool) -> str:
     """A run only the storage mirror holds, to continue on this machine."""
-    run = choose(store.runs(), run_id, store.uri)
+    run = store.choose(run_id)
     if run.state == layout.FINISHED:
         raise ConfigError(f"run {run.run_id} is finished; extend it with `orch resume {run.run_id}`")
     if layout.STATE not in store.objects(run.run_id):
         raise ConfigError(f"run {run.run_id} has no committed epoch in {store.uri}: there is nothing to continue")
     _refuse_if_busy(m, force)
     m.log(f"run {run.run_id} is not on {m.remote.host}: the trainer restores it from {store.uri} (verified) first")
+    if run.state == layout.RUNNING:
+        m.log(f"its last mirrored state says running: make sure its old machine is gone (two trainers would both "
+              f"write {store.uri} for run {run.run_id})")
     return run.run_id
 
 

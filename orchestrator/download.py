@@ -26,7 +26,7 @@ from orchestrator import children, destination
 from orchestrator.confine import Entry, checked_entries
 from orchestrator.context import Context
 from orchestrator.errors import ConfigError, OrchError, RemoteError
-from orchestrator.machine import Machine, check_run_id, choose
+from orchestrator.machine import Machine, check_run_id
 from orchestrator.storage import Storage, machine_or_storage
 from trainer.contract import layout, verbs
 from trainer.contract.files import is_disk_full, sha256_file
@@ -76,7 +76,7 @@ def download(ctx: Context, run_id: str | None = None, *, latest: bool = False, d
             return _Download(MachineSource(m), _resolve(m, run_id, latest), dest, report, ctx.log).execute()
 
     def from_storage(store: Storage) -> Downloaded:
-        run = choose(store.runs(), run_id, store.uri, best=not latest)
+        run = store.choose(run_id, best=not latest)
         files = store.files(run.run_id)
         if files.run is None:
             raise RemoteError(f"run {run.run_id} disappeared from {store.uri}")

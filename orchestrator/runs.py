@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.context import Context
 from orchestrator.errors import AwsError, ConfigError, RemoteError
-from orchestrator.machine import Machine, choose
+from orchestrator.machine import Machine
 from orchestrator.provision import acquire
 from orchestrator.storage import Storage, machine_or_storage, storage
 from orchestrator.terminal import clean
@@ -43,8 +43,8 @@ def list_runs(ctx: Context) -> list[RunInfo]:
     if store is None:
         assert on_machine is not None
         return on_machine
-    try:
-        stored = {r.run_id: r for r in store.runs()}
+    try:  # a run the machine lists is read there: only the others cost reads of the bucket
+        stored = {r.run_id: r for r in store.runs(skip=frozenset(r.run_id for r in on_machine or []))}
     except AwsError as exc:
         if on_machine is None:
             raise
@@ -106,7 +106,7 @@ def logs(ctx: Context, run_id: str | None, *, follow: bool, write: Callable[[str
         return chosen
 
     def from_storage(store: Storage) -> str:
-        chosen = choose(store.runs(), run_id, store.uri).run_id
+        chosen = store.choose(run_id).run_id
         if follow:
             ctx.log(f"run {chosen}: showing the log as last mirrored to {store.uri} (it cannot be followed there)")
         store.stream(chosen, layout.TRAIN_LOG, text)

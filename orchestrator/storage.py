@@ -123,8 +123,18 @@ class Storage:
         except WireError:
             return RunInfo(run_id, where=IN_STORAGE)
 
-    def runs(self) -> list[RunInfo]:
-        return [self.run(run_id) for run_id in self.run_ids()]
+    def runs(self, skip: frozenset[str] = frozenset()) -> list[RunInfo]:
+        """The mirrored runs (those in ``skip`` as bare records, unread: each run costs two reads)."""
+        return [RunInfo(r, where=IN_STORAGE) if r in skip else self.run(r) for r in self.run_ids()]
+
+    def choose(self, run_id: str | None, *, best: bool = False) -> RunInfo:
+        """Like Machine.choose, over the mirror; a full run id reads that run alone."""
+        from orchestrator.machine import choose
+
+        ids = self.run_ids()
+        if run_id is not None and run_id in ids:
+            return self.run(run_id)
+        return choose([self.run(r) for r in ids], run_id, self.uri, best=best)
 
     def files(self, run_id: str) -> RunFiles:
         """The run as `orch download` reads it: the mirrored manifest and every object's size."""
