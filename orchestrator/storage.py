@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from orchestrator.config import DeployConfig
 from orchestrator.context import Context
 from orchestrator.errors import AwsError, ConfigError, ConnectError, InstanceStopped, NoSuchRun
-from orchestrator.machine import Machine, check_run_id
+from orchestrator.machine import Machine, check_run_id, choose
 from orchestrator.provision import acquire
 from trainer.contract import layout
 from trainer.contract.wire import IN_STORAGE, MAX_FILE_SIZE, RunFiles, RunInfo, WireError, run_fields
@@ -129,8 +129,6 @@ class Storage:
 
     def choose(self, run_id: str | None, *, best: bool = False) -> RunInfo:
         """Like Machine.choose, over the mirror; a full run id reads that run alone."""
-        from orchestrator.machine import choose
-
         ids = self.run_ids()
         if run_id is not None and run_id in ids:
             return self.run(run_id)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
+from trainer.contract.files import hash_stream
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_bytes, atomic_write_json
 from trainer.ml.errors import TrainerError
@@ -70,15 +71,6 @@ def s3_client(settings: Settings) -> Any:
     config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=60)
     return boto3.session.Session(region_name=settings.region).client(
         "s3", endpoint_url=settings.endpoint_url, config=config)
-
-
-def sha256_of(fh: Any) -> str:
-    h = hashlib.sha256()
-    fh.seek(0)
-    for block in iter(lambda: fh.read(1 << 20), b""):
-        h.update(block)
-    fh.seek(0)
-    return h.hexdigest()
 
 
 def named_files(state: Any) -> dict[str, str]:
@@ -140,10 +132,8 @@ class Bucket:
     @property
     def manifest(self) -> dict[str, str]:
         if self._manifest is None:
-            buf = io.BytesIO()
-            if layout.MANIFEST in self.listing():
-                self.get(layout.MANIFEST, buf)
-            self._manifest = layout.parse_manifest(buf.getvalue().decode(errors="replace"))
+            text = self.get_bytes(layout.MANIFEST)[0] if layout.MANIFEST in self.listing() else b""
+            self._manifest = layout.parse_manifest(text.decode(errors="replace"))
         return self._manifest
 
     def put_manifest(self, entries: dict[str, str]) -> None:
@@ -167,12 +157,14 @@ class Bucket:
 
     def get(self, rel: str, out: Any) -> str:
         """Download one object into ``out``; returns the sha256 of what was written."""
-        h = hashlib.sha256()
         body = self.s3.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"]
-        for block in iter(lambda: body.read(1 << 20), b""):
-            h.update(block)
-            out.write(block)
-        return h.hexdigest()
+        return hash_stream(body, on_block=out.write).hexdigest()
+
+    def get_bytes(self, rel: str) -> tuple[bytes, str]:
+        """A small object, and the sha256 of what came."""
+        buf = io.BytesIO()
+        sha = self.get(rel, buf)
+        return buf.getvalue(), sha
 
 
 class StateMoved(Exception):
@@ -253,7 +245,8 @@ class Pass:
             return
         st = os.fstat(fh.fileno())
         key = (rel, st.st_ino, st.st_mtime_ns)
-        sha = self.hashes.get(key) or sha256_of(fh)
+        sha = self.hashes.get(key) or hash_stream(fh).hexdigest()
+        fh.seek(0)
         if expect is not None and sha != expect:
             raise TrainerError(f"{rel} does not match the sha256 its committed state records: not uploaded")
         self.hashes[key] = sha
@@ -362,10 +355,9 @@ def restore(run_dir: Path, settings: Settings, log: Log) -> bool:
     held = bucket.listing()
     if layout.STATE not in held:
         return False
-    buf = io.BytesIO()
-    if bucket.get(layout.STATE, buf) != held[layout.STATE]:
+    state_bytes, sha = bucket.get_bytes(layout.STATE)
+    if sha != held[layout.STATE]:
         raise TrainerError(f"storage: {layout.STATE} of run {run_dir.name} does not match its checksum in S3")
-    state_bytes = buf.getvalue()
     expected = {rel: sha for rel, sha in held.items() if rel != layout.STATE}
     expected |= named_files(json.loads(state_bytes))
     for rel in expected:
@@ -413,14 +405,14 @@ def _fetch_verified(bucket: Bucket, rel: str, sha: str, target: Path, run_id: st
 
 def _restore_log(target: Path, bucket: Bucket, sha: str) -> None:
     """The mirrored train.log, then what this start has written to it so far, in the same file."""
-    buf = io.BytesIO()
-    if bucket.get(layout.TRAIN_LOG, buf) != sha:
+    stored, got = bucket.get_bytes(layout.TRAIN_LOG)
+    if got != sha:
         raise TrainerError(f"storage: {layout.TRAIN_LOG} does not match its checksum")
     sys.stdout.flush()
     with open(target, "r+b") if target.exists() else open(target, "w+b") as fh:
         now = fh.read()
         fh.seek(0)
-        fh.write(buf.getvalue() + now)
+        fh.write(stored + now)
         fh.truncate()
         here = os.fstat(fh.fileno())
     import fcntl
