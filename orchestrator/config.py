@@ -56,11 +56,23 @@ def _instance_type(value: str) -> str:
     return value
 
 
-def _on_demand_only(value: bool) -> bool:
-    # Refused rather than ignored: an on-demand instance where a spot one was asked for costs about 3x.
-    if value:
-        raise ValueError("orch does not create spot instances yet (on-demand only): remove it or set it to false")
-    return value
+class Ec2SpotConfig(_Section):
+    """A spot instance instead of an on-demand one (about a third of the price; EC2 may take it
+    back with a 2-minute notice, which the machine's watcher acts on)."""
+
+    max_price: float | None = Field(None, gt=0, description="the most USD per hour to pay; null: up to the "
+                                    "on-demand price (EC2's default)")
+    interruption: Literal["terminate", "stop"] = Field(
+        "terminate", description="what EC2 does when it takes the instance back: terminate (a one-time request: "
+        "`--recover` creates a new instance and restores the run from storage) or stop (a persistent request: "
+        "the disk stays and EC2 starts the instance again when capacity returns)")
+
+
+def _spot(value: Any) -> Any:
+    # `spot: false` (the old spelling of on-demand) and `spot: true` (the defaults) read as before
+    if value is False:
+        return None
+    return {} if value is True else value
 
 
 class Ec2LaunchConfig(_Section):
@@ -84,9 +96,11 @@ class Ec2LaunchConfig(_Section):
     iam_instance_profile: str | None = Field(
         None, min_length=1, description="an instance profile (name or arn:aws:iam::...) for the instance's own AWS "
         "calls; passing one needs iam:PassRole on its role")
-    spot: Annotated[bool, AfterValidator(_on_demand_only)] = Field(
-        False, description="reserved for spot instances (a later version); only false is accepted now: orch "
-        "creates on-demand instances")
+    spot: Annotated[Ec2SpotConfig | None, BeforeValidator(_spot)] = Field(
+        None, description="request a spot instance ({max_price, interruption}; `true`: the defaults); "
+        "null or false: on-demand")
+    fallback_on_demand: bool = Field(False, description="when EC2 refuses the spot request (no capacity, price too "
+                                     "low), create an on-demand instance instead (and say so); false: fail")
 
 
 class Ec2Config(_Section):
@@ -103,6 +117,9 @@ class Ec2Config(_Section):
     launch: Ec2LaunchConfig | None = Field(
         None, description="create the instance from this spec when none is named ec2.name (`orch up`, `orch "
         "deploy`); null: the instance must exist")
+    metadata_url: str = Field("http://169.254.169.254", pattern=r"^https?://[^\s/]+/?$",
+                              description="the instance metadata service the machine's watcher asks (IMDSv2 "
+                              "only) for spot interruption notices (tests point it at a stand-in)")
 
     @model_validator(mode="after")
     def _launch_needs_name(self) -> Ec2Config:
@@ -171,6 +188,21 @@ class AutostopConfig(_Section):
                                        "the machine does it: a closed laptop does not matter")
     command: str = Field("sudo shutdown -h now", description="what autostop runs; an EC2 instance with the default "
                          "shutdown behaviour stops (its EBS disk, runs and data stay)")
+
+
+class RecoverConfig(_Section):
+    """How `orch deploy --recover` and `orch watch` bring a run back after its machine is taken."""
+
+    max_recoveries: int = Field(3, ge=0, le=1000, description="give up after this many recoveries within "
+                                "`window` minutes (each success resets the backoff, not this count)")
+    window: float = Field(1440, gt=0, description="minutes over which max_recoveries counts")
+    max_restarts_on_errors: int = Field(0, ge=0, le=100, description="restart a run whose trainer failed while "
+                                        "its instance was alive this many times (a failure of the run itself, "
+                                        "not of the machine: 0 never restarts it)")
+    poll_seconds: float = Field(15, gt=0, le=3600, description="seconds between asking EC2 (and the machine) how "
+                                "the run is")
+    backoff_seconds: float = Field(60, gt=0, le=3600, description="first wait after a failed recovery attempt "
+                                   "(doubled each time, up to 16x)")
 
 
 class MonitorConfig(_Section):
@@ -244,6 +276,8 @@ class DeployConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     autostop: AutostopConfig = Field(default_factory=AutostopConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig, description="recovery of a run whose machine "
+                                   "was taken (`orch deploy --recover`, `orch watch`)")
     storage: StorageConfig | None = Field(None, description="an S3 mirror of every run (null: runs live only on "
                                           "the machine's disk)")
     train: TrainOptions = Field(  # type: ignore[valid-type]

@@ -52,8 +52,13 @@ CASES = {
     "launch security group not an id": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, "
                                         "ami: ami-03cf127a, security_group_ids: [default]}\n",
                                         "ec2.launch.security_group_ids.0: give a sg-... id"),
-    "launch spot": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
-                    "spot: true}\n", "ec2.launch.spot: orch does not create spot instances yet"),
+    "launch spot behaviour": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: "
+                              "ami-03cf127a, spot: {interruption: hibernate}}\n",
+                              "ec2.launch.spot.interruption: Input should be 'terminate' or 'stop'"),
+    "launch spot price": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
+                          "spot: {max_price: 0}}\n", "ec2.launch.spot.max_price: Input should be greater than 0"),
+    "recover misspelt": ("recover: {max_recovery: 2}\n", "recover.max_recovery: unknown key (did you mean "
+                         "max_recoveries?)"),
     "launch key misspelt": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
                             "volume: 100}\n", "ec2.launch.volume: unknown key (did you mean volume_gb?)"),
 }
@@ -107,7 +112,8 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
 def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "storage", "train"}
+    assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "recover",
+                                         "storage", "train"}
     for section in ("Ec2Config", "Ec2LaunchConfig", "StorageConfig", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
                     "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():

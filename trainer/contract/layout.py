@@ -133,7 +133,10 @@ RUNNING = "running"
 FINISHED = "finished"
 FAILED = "failed"
 STOPPED = "stopped"
-FINAL_STATES = (FINISHED, FAILED, STOPPED)
+# Stopped by a spot interruption notice (status.json "interruption" says which and when): it
+# continues like a stopped run, on the same machine or, restored from storage, on a new one.
+INTERRUPTED = "interrupted"
+FINAL_STATES = (FINISHED, FAILED, STOPPED, INTERRUPTED)
 # status.json "reason" of a failed run that ran out of disk (its exit code is 14, not 8).
 DISK_FULL = "disk_full"
 

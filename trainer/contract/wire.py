@@ -313,6 +313,7 @@ def run_fields(run_id: str, status: dict[str, Any], run: dict[str, Any]) -> dict
 
 
 ENDED = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED, layout.STOPPED: ExitCode.RUN_STOPPED,
+         layout.INTERRUPTED: ExitCode.RUN_STOPPED,
          DIED: ExitCode.RUN_DIED, BROKEN: ExitCode.REMOTE}
 
 
