@@ -251,6 +251,9 @@ def deploy(
     ctx: Context,
     run_id: str | None = typer.Option(None, "--run-id", help="name of the run (default: time-sortable id)"),
     sync_data: bool = typer.Option(False, "--sync-data", help="upload data.local_dir first (changed files only)"),
+    recover: bool = typer.Option(False, "--recover", help="then stay with the run to its end (as --follow) and "
+                                 "recover it when EC2 takes its spot instance: started again, or replaced from "
+                                 "ec2.launch and restored from storage (deploy.yaml's recover: bounds it)"),
     json_out: bool = JsonOpt,
     trainer_args: list[str] | None = None,
     launching: LaunchOptions | None = None,
@@ -259,9 +262,14 @@ def deploy(
     """Ship the trainer and start training, detached. Trainer options go after `--`:
     `orch deploy -- --epochs 50 --split speaker` (checked before anything is launched)."""
     from orchestrator.deploy import deploy as run_deploy
+    from orchestrator.recover import check_recoverable
 
+    if recover:
+        check_recoverable(ctx)
     launched = run_deploy(ctx, run_id=run_id, with_data=sync_data, launching=launching, trainer_args=trainer_args or ())
     _show_launched(ctx, launched, json_out)
+    if recover:
+        return _watch(ctx, launched.run_id, created={launched.instance_id} if launched.created else set())
     return _follow(ctx, launched.run_id) if follow else 0
 
 
@@ -329,6 +337,28 @@ def monitor(
             _say(_out(ctx), view.render())
         return int(view.exit_code)
     return _follow(ctx, run, interval)
+
+
+@app.command()
+@uses_machine
+def watch(ctx: Context, run: str | None = RunArg) -> int:
+    """Stay with a run already going until it ends, and recover it when EC2 takes its
+    (spot) instance, as `orch deploy --recover` does: only EC2's word counts, never one failed
+    SSH probe; bounded by deploy.yaml's recover: section; each recovery recorded in the run.
+    The exit code says how the run ended (as `orch monitor`)."""
+    return _watch(ctx, run)
+
+
+def _watch(ctx: Context, run: str | None, created: set[str] | None = None) -> int:
+    from rich.live import Live
+
+    from orchestrator.recover import watch as run_watch
+
+    with Live(console=_out(ctx), auto_refresh=False, transient=False) as live:
+        outcome = run_watch(ctx, run, created=created, show=lambda v: live.update(v.render(), refresh=True))
+    _out(ctx).line()
+    _say(_out(ctx), outcome.summary())
+    return int(outcome.exit_code)
 
 
 def _follow(ctx: Context, run: str | None, interval: float = 2.0) -> int:

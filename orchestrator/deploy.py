@@ -42,10 +42,13 @@ class Launched:
     code_transferred: bool
     data: DataSync | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    instance_id: str | None = None  # the EC2 instance it runs on
+    created: bool = False  # this command created that instance (from ec2.launch)
 
     def to_json(self) -> dict[str, Any]:
         d = {"run_id": self.run_id, "run_dir": self.run_dir, "host": self.host, "pid": self.pid,
-             "code_version": self.code_version, "code_transferred": self.code_transferred}
+             "code_version": self.code_version, "code_transferred": self.code_transferred,
+             "instance_id": self.instance_id}
         if self.data is not None:
             d["data"] = {"files": self.data.files, "bytes": self.data.bytes, "method": self.data.method,
                          "skipped": self.data.skipped}
@@ -187,13 +190,15 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
         python = prepare(m, allow_cpu=launching.allow_cpu)
         answer = launch(m, Start(run_id, argv, python.python, True, launching.force, stop_plan))
         return Launched(run_id, m.run_dir(run_id), m.remote.host, answer.pid or 0, m.code.version,
-                        m.code.transferred, data, extra={"env": _env_json(python)} | _autostop_json(answer.autostop))
+                        m.code.transferred, data, extra={"env": _env_json(python)} | _autostop_json(answer.autostop),
+                        **_on(m))
 
 
 def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Extension(), in_place: bool = False,
-           launching: LaunchOptions = LaunchOptions()) -> Launched:
+           launching: LaunchOptions = LaunchOptions(), with_data: bool = False) -> Launched:
     """Extend a finished run from its best checkpoint as a new run (default: the best
-    finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
+    finished run), or with ``in_place`` continue a killed/stopped run from its last epoch.
+    ``with_data``: sync data.local_dir first (a recovery onto a new instance)."""
     if in_place and extension.given():
         raise ConfigError("--continue keeps the run's own settings: --epochs, --learning-rate and --warmup-epochs "
                           "are for an extended run (`orch resume RUN` without --continue)")
@@ -207,10 +212,12 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
             parent = _parent(m, run_id, launching.force)
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
             target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
+        data = sync_data(m) if with_data else None
         python = prepare(m, allow_cpu=launching.allow_cpu)
         answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan))
         return Launched(target, m.run_dir(target), m.remote.host, answer.pid or 0, m.code.version,
-                        m.code.transferred, extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop))
+                        m.code.transferred, data,
+                        extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop), **_on(m))
 
 
 def _continued(m: Machine, run_id: str | None, force: bool) -> tuple[str, bool]:
@@ -264,6 +271,11 @@ def _parent(m: Machine, run_id: str | None, force: bool) -> RunInfo:
     _refuse_if_busy(m, force)
     m.log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")
     return parent
+
+
+def _on(m: Machine) -> dict[str, Any]:
+    """Launched's fields for the instance the run went to."""
+    return {"instance_id": m.instance.instance_id if m.instance is not None else None, "created": m.created}
 
 
 def _autostop_json(state: Autostop | None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class Instance:
     spot: bool = False
     zone: str | None = None
     managed: bool = False  # orch created it (the orch:managed tag)
+    state_reason: str | None = None  # EC2's StateReason code: Server.SpotInstanceTermination when it took it back
 
     @property
     def address(self) -> str | None:
@@ -157,7 +158,8 @@ def _instance(raw: dict[str, Any]) -> Instance:
     return Instance(raw["InstanceId"], raw["State"]["Name"], raw.get("PublicDnsName") or None,
                     raw.get("PublicIpAddress") or None, tags.get("Name"), raw.get("InstanceType"),
                     raw.get("LaunchTime"), raw.get("InstanceLifecycle") == "spot",
-                    (raw.get("Placement") or {}).get("AvailabilityZone"), tags.get(MANAGED_TAG) == "true")
+                    (raw.get("Placement") or {}).get("AvailabilityZone"), tags.get(MANAGED_TAG) == "true",
+                    (raw.get("StateReason") or {}).get("Code") or None)
 
 
 def spot_price(ec2: Any, inst: Instance) -> float | None:

@@ -69,3 +69,8 @@ class NoData(OrchError):
 
 class DiskFull(OrchError):
     exit_code = ExitCode.DISK_FULL
+
+
+class NoCapacity(AwsError):
+    """EC2 refused to create the instance for want of capacity (or of a high enough spot price):
+    worth trying again later."""

@@ -31,6 +31,7 @@ from trainer.contract.wire import Host, RunInfo, Snapshot, WireError
 
 if TYPE_CHECKING:
     from orchestrator.context import Context
+    from orchestrator.ec2 import Instance
     from orchestrator.sync import CodeSync
 
 HEADER = 16  # trainer/machine/bootstrap.py: the bundle's size, in decimal, before it
@@ -100,6 +101,8 @@ class Machine:
         self.ctx, self.cfg, self.remote, self.log = ctx, ctx.cfg, remote, ctx.log
         self.payload = payload if payload is not None else bundle()  # what runs there (tests send broken ones)
         self.launched = False  # a trainer was started by this command (provision keeps the instance running)
+        self.instance: Instance | None = None  # the EC2 instance it is (provision sets it)
+        self.created = False  # this command created that instance (from ec2.launch)
 
     # ---- running a verb -----------------------------------------------------------------
 

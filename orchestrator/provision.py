@@ -262,6 +262,7 @@ def acquire(ctx: Context, *, start: bool = False, within: float | None = None) -
     try:
         with p.connect(endpoint, within) as remote:
             machine = Machine(ctx, remote)
+            machine.instance, machine.created = endpoint.instance, endpoint.created
             yield machine
     except BaseException:
         if endpoint.started and not (machine is not None and machine.launched):
