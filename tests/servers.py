@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +132,70 @@ def peak_rss(argv: list[str], stdout: str = os.devnull, env: dict[str, str] | No
     done = subprocess.run([sys.executable, "-c", _PEAK, stdout, *argv], capture_output=True, text=True, env=env)
     code, rss = done.stdout.split()
     return int(code), int(rss), done.stderr
+
+
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 to a local port that a test can cut: :meth:`cut` drops every
+    connection through it and refuses new ones (a network gone), :meth:`mend` lets them in again."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.is_cut = False
+        self.refused = 0  # connections refused while cut
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self.is_cut:
+                    self.refused += 1
+                    conn.close()
+                    continue
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                except OSError:
+                    conn.close()
+                    continue
+                self.open += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.is_cut = True
+            for s in self.open:
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.open = []
+
+    def mend(self) -> None:
+        with self.lock:
+            self.is_cut = False
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()

@@ -1,0 +1,299 @@
+"""The spot day, against real parts: moto's EC2 and S3 servers, the loopback sshd, and an IMDSv2
+stand-in on 127.0.0.1. `orch deploy --recover` on a spot instance; EC2 sends a notice; the
+machine's watcher has the trainer commit and upload inside the window; EC2 takes the
+instance; orch asks EC2 (never one failed SSH probe), replaces or restarts it, restores and
+continues the run, which ends exactly as an uninterrupted run. Variants: a stopped instance
+started again after a capacity refusal, a budget that runs out, SSH failing while EC2 says
+running, a trainer crash restarted only as often as allowed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Sshd, run_orch, write_config
+from tests.integration.fault_harness import make_data, untimed
+from tests.integration.test_ec2_launch import alive, an_image, aws, named, state_of
+from tests.integration.test_storage import S3
+from tests.integration.trainer_proc import metrics, run_trainer, status, trainer_env
+from tests.servers import TcpRelay, imds_stand_in
+from trainer.contract import layout, options
+from trainer.machine.proc import pid_alive
+
+pytestmark = pytest.mark.slow
+# Enough epochs that the run still trains when the watcher (every 5 s) passes the notice on.
+TRAIN = {"epochs": 30, "learning_rate": 0.003, "warmup_epochs": 2, "hidden": 16, "attention": 8, "batch_size": 16,
+         "seed": 1, "patience": 0}
+WAIT = 300.0  # a safety net for a hang, never a margin: every wait ends on an event
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("spot-data") / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The uninterrupted run's metrics (but wall-clock fields)."""
+    run = tmp_path_factory.mktemp("spot-reference") / "run"
+    run_trainer("train", "--data-dir", data, "--run-dir", run, *options.to_argv(TRAIN), timeout=600)
+    return untimed(metrics(run))
+
+
+@pytest.fixture
+def imds() -> Iterator[Any]:
+    with imds_stand_in() as server:
+        yield server
+
+
+def wait_for(predicate: Callable[[], Any], what: str, proc: subprocess.Popen[bytes] | None = None) -> Any:
+    deadline = time.monotonic() + WAIT
+    while not (got := predicate()):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"orch exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {WAIT:.0f} s")
+        time.sleep(0.1)
+    return got
+
+
+class Orch:
+    """`orch ...` in the background, its stdout and stderr in files."""
+
+    def __init__(self, tmp_path: Path, *args: str | Path) -> None:
+        self.out, self.err = tmp_path / "orch.out", tmp_path / "orch.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args)], stdout=out,
+                                         stderr=err, env=trainer_env())
+
+    def said(self, text: str) -> int:
+        return self.err.read_text(errors="replace").count(text)
+
+    def wait_said(self, text: str, times: int = 1) -> None:
+        wait_for(lambda: self.said(text) >= times, f"orch saying {text!r}", self.proc)
+
+    def finish(self) -> tuple[int, str, str]:
+        try:
+            code = self.proc.wait(timeout=WAIT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return code, self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
+
+
+def ec2_backend() -> Any:
+    from moto.ec2.models import ec2_backends
+
+    return ec2_backends["123456789012"]["us-east-1"]
+
+
+def taken_by_ec2(endpoint: str, instance_id: str, how: str) -> None:
+    """What EC2 does when it takes a spot instance back: stops or terminates it, saying why."""
+    from moto.ec2.models.instances import StateReason
+
+    client = aws(endpoint)
+    if how == "stop":
+        client.stop_instances(InstanceIds=[instance_id])
+        code = "Server.SpotInstanceShutdown"
+    else:
+        client.terminate_instances(InstanceIds=[instance_id])
+        code = "Server.SpotInstanceTermination"
+    ec2_backend().get_instance(instance_id).state_reason = StateReason(f"{code}: Spot instance interruption", code)
+
+
+@pytest.fixture
+def refuse_starts(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """EC2 refuses the next n StartInstances for want of capacity."""
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.instances import InstanceBackend
+
+    left = [0]
+    real = InstanceBackend.start_instances
+
+    def start_instances(self: Any, instance_ids: list[str]) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            raise EC2ClientError("InsufficientInstanceCapacity", "There is no Spot capacity available that matches "
+                                 "your request.")
+        return real(self, instance_ids)
+
+    monkeypatch.setattr(InstanceBackend, "start_instances", start_instances)
+    return lambda n: left.__setitem__(0, n)
+
+
+def config(tmp_path: Path, sshd: Sshd, data: Path, moto: str, imds_url: str, *, ec2: dict, port: int | None = None,
+           recover: dict | None = None, **sections: object) -> Path:
+    return write_config(
+        tmp_path / "deploy.yaml", target="ec2",
+        ec2={"region": "us-east-1", "endpoint_url": moto, "metadata_url": imds_url, **ec2},
+        ssh={"host": "127.0.0.1", "port": port or sshd.port, "user": os.environ.get("USER") or "root",
+             "key_file": str(sshd.client_key), "known_hosts": str(tmp_path / "known_hosts")},
+        remote={"root": str(tmp_path / "remote"), "python": sys.executable},
+        # the data lives under remote.root: a terminated instance's disk takes it along
+        data={"remote_dir": "data", "local_dir": str(data)},
+        recover={"poll_seconds": 0.5, "backoff_seconds": 1, **(recover or {})}, train=TRAIN, **sections)
+
+
+def spot_launch(endpoint: str, interruption: str) -> dict:
+    return {"instance_type": "g4dn.xlarge", "ami": an_image(endpoint), "spot": {"interruption": interruption}}
+
+
+def committed(run: Path) -> dict[str, Any]:
+    path = run / layout.STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def trainer_gone(run: Path) -> bool:
+    return not pid_alive(run / layout.PID_FILE)[1]
+
+
+def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_finish(
+        tmp_path: Path, sshd: Sshd, data: Path, reference: list[dict[str, Any]], moto_endpoint: str,
+        aws_creds: None, console_fingerprints: Callable, imds: Any) -> None:
+    s3 = S3()
+    try:
+        console_fingerprints(sshd.host_fingerprint)  # each new instance's key is trusted from its console only
+        name = f"spot-{tmp_path.name}"
+        cfg = config(tmp_path, sshd, data, moto_endpoint, imds.url,
+                     ec2={"name": name, "launch": spot_launch(moto_endpoint, "terminate")},
+                     storage={"s3_uri": s3.uri, "endpoint_url": s3.endpoint, "region": "us-east-1"})
+        orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "spotday", "-c", cfg)
+        run = tmp_path / "remote" / layout.RUNS_DIR / "spotday"
+        wait_for(lambda: len(metrics(run)) >= 3, "epoch 3", orch.proc)
+        [first] = alive(moto_endpoint, name)
+        assert first["InstanceLifecycle"] == "spot"
+
+        noticed = time.monotonic()
+        imds.notice("terminate")
+        wait_for(lambda: (run / layout.STATUS).is_file() and status(run)["state"] == layout.INTERRUPTED,
+                 "the run interrupted", orch.proc)
+        interrupted = time.monotonic() - noticed
+        at = committed(run)
+        wait_for(lambda: json.loads(s3.objects("spotday").get(layout.STATE, b"{}")).get("epoch") == at["epoch"],
+                 "the committed state in S3")
+        uploaded = time.monotonic() - noticed
+        print(f"\nspot notice -> run interrupted in {interrupted:.1f} s, its committed state (epoch {at['epoch']}) "
+              f"in S3 in {uploaded:.1f} s (target 30 s, EC2's window 120 s)")
+        assert uploaded < 120, "the committed state must reach storage inside EC2's 2-minute window"
+        assert status(run)["interruption"]["action"] == "terminate"
+        imds.clear()
+
+        wait_for(lambda: trainer_gone(run), "the interrupted trainer to exit")
+        taken_by_ec2(moto_endpoint, first["InstanceId"], "terminate")
+        shutil.rmtree(tmp_path / "remote")  # the disk went with the instance
+        (tmp_path / "known_hosts").write_text("")  # a new instance is a new host
+        code, out, err = orch.finish()
+        assert code == 0, out[-3000:] + err[-3000:]
+
+        rows = metrics(run)
+        assert [r["epoch"] for r in rows] == list(range(1, TRAIN["epochs"] + 1))  # every epoch once
+        assert untimed(rows) == reference  # as if never interrupted
+        instances = named(moto_endpoint, name)
+        assert len(instances) == 2 and first["InstanceId"] in {i["InstanceId"] for i in instances}
+        [second] = [i for i in instances if i["InstanceId"] != first["InstanceId"]]
+        assert second["InstanceLifecycle"] == "spot"
+        assert alive(moto_endpoint, name) == []  # created for the run, which ended, autostop off: not left running
+        [recovery] = committed(run)["recoveries"]
+        assert recovery["kind"] == "preempted" and recovery["old_instance"] == first["InstanceId"]
+        assert recovery["new_instance"] == second["InstanceId"] and recovery["epoch_restored"] == at["epoch"]
+        assert recovery["lost_seconds"] > 0
+        print(f"recovery onto a new instance: {recovery['lost_seconds']:.1f} s lost (from the notice to training again)")
+        assert "finished after 1 recovery" in out
+        assert "restoring run spotday from" in (run / layout.TRAIN_LOG).read_text()
+        listed = json.loads(run_orch("runs", "--json", "-c", cfg).stdout)  # the machine is gone: from storage
+        assert [len(r["recoveries"]) for r in listed if r["run_id"] == "spotday"] == [1]
+        assert imds.tokenless_requests == 0  # IMDSv1 was never used
+    finally:
+        s3.stop()
+
+
+def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until_the_budget_is_spent(
+        tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None, console_fingerprints: Callable,
+        imds: Any, refuse_starts: Callable[[int], None]) -> None:
+    console_fingerprints(sshd.host_fingerprint)
+    name = f"spot-stop-{tmp_path.name}"
+    cfg = config(tmp_path, sshd, data, moto_endpoint, imds.url,
+                 ec2={"name": name, "launch": spot_launch(moto_endpoint, "stop")}, recover={"max_recoveries": 1})
+    orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "spotstop", "-c", cfg)
+    run = tmp_path / "remote" / layout.RUNS_DIR / "spotstop"
+    wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch.proc)
+    [inst] = alive(moto_endpoint, name)
+
+    def taken() -> int:
+        imds.notice("stop")
+        wait_for(lambda: status(run)["state"] == layout.INTERRUPTED, "the run interrupted", orch.proc)
+        imds.clear()
+        wait_for(lambda: trainer_gone(run), "the interrupted trainer to exit")
+        taken_by_ec2(moto_endpoint, inst["InstanceId"], "stop")
+        return int(committed(run)["epoch"])
+
+    refuse_starts(1)
+    epoch = taken()
+    orch.wait_said("no capacity")  # refused once: orch waits and tries again
+    wait_for(lambda: status(run)["state"] == layout.RUNNING and len(metrics(run)) >= epoch + 2,
+             "the run training again on its instance", orch.proc)
+    assert state_of(moto_endpoint, inst["InstanceId"]) == "running" and len(named(moto_endpoint, name)) == 1
+    taken()  # a second preemption: max_recoveries 1 is spent
+    code, out, err = orch.finish()
+    assert code == 9, out[-3000:] + err[-3000:]
+    assert "gave up" in out and "recover.max_recoveries" in out
+    assert state_of(moto_endpoint, inst["InstanceId"]) == "stopped"  # never started again unasked
+    [recovery] = committed(run)["recoveries"]
+    assert recovery["kind"] == "preempted" and recovery["epoch_restored"] == epoch
+    assert recovery["new_instance"] == recovery["old_instance"] == inst["InstanceId"]
+    assert imds.tokenless_requests == 0
+
+
+def test_ssh_failing_while_ec2_says_running_is_no_preemption_and_a_crash_restarts_only_as_allowed(
+        tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None, imds: Any) -> None:
+    relay = TcpRelay(sshd.port)
+    try:
+        iid = aws(moto_endpoint).run_instances(ImageId=an_image(moto_endpoint), InstanceType="g5.xlarge", MinCount=1,
+                                               MaxCount=1)["Instances"][0]["InstanceId"]
+        kind, key = sshd.host_key_pub.split()[:2]
+        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{relay.port} {kind} {key}\n")
+        cfg = config(tmp_path, sshd, data, moto_endpoint, imds.url, ec2={"instance_id": iid}, port=relay.port,
+                     recover={"max_restarts_on_errors": 1})
+        orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "crashy", "-c", cfg)
+        run = tmp_path / "remote" / layout.RUNS_DIR / "crashy"
+        wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch.proc)
+
+        relay.cut()  # the network goes; EC2 still says running
+        orch.wait_said("does not answer", times=1)
+        wait_for(lambda: relay.refused >= 3, "three refused looks", orch.proc)
+        relay.mend()
+        before = len(metrics(run))
+        wait_for(lambda: len(metrics(run)) > before, "the run going on", orch.proc)
+        assert orch.said("recovering") == 0
+
+        def crash() -> None:
+            pid = pid_alive(run / layout.PID_FILE)[0]
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: trainer_gone(run), "the trainer to die")
+
+        crash()
+        died_at = len(metrics(run))
+        orch.wait_said("restart 1 of 1")
+        wait_for(lambda: not trainer_gone(run) and len(metrics(run)) > died_at, "the restarted trainer's next epoch",
+                 orch.proc)
+        crash()  # a second failure: no restart left
+        died_at = len(metrics(run))
+        code, out, err = orch.finish()
+        assert code == 10, out[-3000:] + err[-3000:]
+        assert orch.said("restart 2") == 0 and len(metrics(run)) == died_at
+        [recovery] = committed(run)["recoveries"]
+        assert recovery["kind"] == "restart" and recovery["old_instance"] == recovery["new_instance"] == iid
+        assert state_of(moto_endpoint, iid) == "running"  # the user's own instance: its life is theirs
+    finally:
+        relay.close()
