@@ -27,7 +27,7 @@ from orchestrator.provision import acquire
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.sync import DataSync, sync_data
 from trainer.contract import layout, options, verbs
-from trainer.contract.wire import Autostop, LaunchAnswer, RunInfo
+from trainer.contract.wire import Autostop, LaunchAnswer, Recovery, RunInfo
 
 START_TIMEOUT = 60.0  # seconds for the trainer to write status.json
 
@@ -70,7 +70,8 @@ def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[s
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise ConfigError(f"{flag}: set by orch (data.remote_dir and the run), not after `--`")
     try:
-        options.parse_argv(argv, reserved={"init_from": "set by `orch resume`, not after `--`"})
+        options.parse_argv(argv, reserved={"init_from": "set by `orch resume`, not after `--`",
+                                           "record_recovery": "set by orch when it recovers a run, not after `--`"})
     except options.ArgvError as exc:
         raise ConfigError(f"trainer options: {exc} (`python -m trainer train --help` lists them)") from exc
     return argv
@@ -86,6 +87,7 @@ class Start:
     fresh: bool  # a new run (its folder must not exist); else the run folder is continued
     force: bool = False
     autostop: AutostopPlan = AutostopPlan(change=False)
+    recovery: Recovery | None = None  # a continued run's recovery, for the trainer to record
 
 
 def launch(m: Machine, start: Start) -> LaunchAnswer:
@@ -100,7 +102,7 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
     deploy_json = json.dumps(resolved, indent=2).encode()
     args = [m.root, start.run_id, "--fresh" if start.fresh else "--continue", *(["--force"] if start.force else []),
             "--python", start.python, "--code", m.code.path, "--data-dir", m.data_dir, *launch_args(start.autostop),
-            "--", *start.argv, *storage.trainer_args(m.cfg)]
+            "--", *start.argv, *storage.trainer_args(m.cfg), *_recovery_args(start.recovery)]
     got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if start.fresh else None)
     answer = LaunchAnswer.from_json(got.record) if isinstance(got.record, dict) else LaunchAnswer()
     if answer.pid is None:
@@ -116,6 +118,13 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
         raise type(exc)(f"run {start.run_id} was launched on {m.remote.host} (pid {answer.pid}), but {exc}; follow "
                         f"it with `orch monitor {start.run_id}`, stop it with `orch stop {start.run_id}`") from exc
     return answer
+
+
+def _recovery_args(recovery: Recovery | None) -> list[str]:
+    """The trainer's --record-recovery (one token: the JSON never reads as an option)."""
+    if recovery is None:
+        return []
+    return [f"--record-recovery={json.dumps(recovery.to_json(), separators=(',', ':'))}"]
 
 
 def _refuse(answer: LaunchAnswer, run_id: str, host: str, stderr: str) -> None:
@@ -191,9 +200,12 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
 
 
 def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Extension(), in_place: bool = False,
-           launching: LaunchOptions = LaunchOptions()) -> Launched:
+           launching: LaunchOptions = LaunchOptions(), recovery: Recovery | None = None) -> Launched:
     """Extend a finished run from its best checkpoint as a new run (default: the best
-    finished run), or with ``in_place`` continue a killed/stopped run from its last epoch."""
+    finished run), or with ``in_place`` continue a killed/stopped run from its last epoch;
+    ``recovery`` (with ``in_place``) is recorded in the run by its trainer before it continues."""
+    if recovery is not None and not in_place:
+        raise ConfigError("a recovery is recorded in the run it continues: only with --continue (in_place)")
     if in_place and extension.given():
         raise ConfigError("--continue keeps the run's own settings: --epochs, --learning-rate and --warmup-epochs "
                           "are for an extended run (`orch resume RUN` without --continue)")
@@ -208,7 +220,7 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
             target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
         python = prepare(m, allow_cpu=launching.allow_cpu)
-        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan))
+        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan, recovery))
         return Launched(target, m.run_dir(target), m.remote.host, answer.pid or 0, m.code.version,
                         m.code.transferred, extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop))
 
