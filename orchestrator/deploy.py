@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +27,7 @@ from orchestrator.provision import acquire
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.sync import DataSync, sync_data
 from trainer.contract import layout, options, verbs
-from trainer.contract.wire import Autostop, LaunchAnswer, RunInfo
+from trainer.contract.wire import Autostop, LaunchAnswer, Recovery, RunInfo
 
 START_TIMEOUT = 60.0  # seconds for the trainer to write status.json
 
@@ -73,7 +73,8 @@ def trainer_argv(cfg: DeployConfig, extra: Sequence[str] = (), overrides: dict[s
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise ConfigError(f"{flag}: set by orch (data.remote_dir and the run), not after `--`")
     try:
-        options.parse_argv(argv, reserved={"init_from": "set by `orch resume`, not after `--`"})
+        options.parse_argv(argv, reserved={"init_from": "set by `orch resume`, not after `--`",
+                                           "record_recovery": "set by orch when it recovers a run, not after `--`"})
     except options.ArgvError as exc:
         raise ConfigError(f"trainer options: {exc} (`python -m trainer train --help` lists them)") from exc
     return argv
@@ -89,6 +90,7 @@ class Start:
     fresh: bool  # a new run (its folder must not exist); else the run folder is continued
     force: bool = False
     autostop: AutostopPlan = AutostopPlan(change=False)
+    recovery: Recovery | None = None  # a continued run's recovery, for the trainer to record
 
 
 def launch(m: Machine, start: Start) -> LaunchAnswer:
@@ -103,7 +105,7 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
     deploy_json = json.dumps(resolved, indent=2).encode()
     args = [m.root, start.run_id, "--fresh" if start.fresh else "--continue", *(["--force"] if start.force else []),
             "--python", start.python, "--code", m.code.path, "--data-dir", m.data_dir, *launch_args(start.autostop),
-            "--", *start.argv, *storage.trainer_args(m.cfg)]
+            "--", *start.argv, *storage.trainer_args(m.cfg), *_recovery_args(start.recovery)]
     got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if start.fresh else None)
     answer = LaunchAnswer.from_json(got.record) if isinstance(got.record, dict) else LaunchAnswer()
     if answer.pid is None:
@@ -119,6 +121,13 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
         raise type(exc)(f"run {start.run_id} was launched on {m.remote.host} (pid {answer.pid}), but {exc}; follow "
                         f"it with `orch monitor {start.run_id}`, stop it with `orch stop {start.run_id}`") from exc
     return answer
+
+
+def _recovery_args(recovery: Recovery | None) -> list[str]:
+    """The trainer's --record-recovery (one token: the JSON never reads as an option)."""
+    if recovery is None:
+        return []
+    return [f"--record-recovery={json.dumps(recovery.to_json(), separators=(',', ':'))}"]
 
 
 def _refuse(answer: LaunchAnswer, run_id: str, host: str, stderr: str) -> None:
@@ -195,10 +204,15 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
 
 
 def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Extension(), in_place: bool = False,
-           launching: LaunchOptions = LaunchOptions(), with_data: bool = False) -> Launched:
+           launching: LaunchOptions = LaunchOptions(), with_data: bool = False,
+           recovery: Recovery | Callable[[Machine], Recovery] | None = None) -> Launched:
     """Extend a finished run from its best checkpoint as a new run (default: the best
-    finished run), or with ``in_place`` continue a killed/stopped run from its last epoch.
-    ``with_data``: sync data.local_dir first (a recovery onto a new instance)."""
+    finished run), or with ``in_place`` continue a killed/stopped run from its last epoch;
+    ``recovery`` (with ``in_place``; or made from the machine it continues on) is recorded in
+    the run by its trainer before it continues. ``with_data``: sync data.local_dir first (a
+    recovery onto a new instance)."""
+    if recovery is not None and not in_place:
+        raise ConfigError("a recovery is recorded in the run it continues: only with --continue (in_place)")
     if in_place and extension.given():
         raise ConfigError("--continue keeps the run's own settings: --epochs, --learning-rate and --warmup-epochs "
                           "are for an extended run (`orch resume RUN` without --continue)")
@@ -214,7 +228,10 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
             target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
         data = sync_data(m) if with_data else None
         python = prepare(m, allow_cpu=launching.allow_cpu)
-        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan))
+        record = recovery(m) if callable(recovery) else recovery
+        if record is not None:
+            extra["recovery"] = record
+        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan, record))
         return Launched(target, m.run_dir(target), m.remote.host, answer.pid or 0, m.code.version,
                         m.code.transferred, data,
                         extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop), **_on(m))

@@ -11,7 +11,7 @@ from typing import Any
 from orchestrator.context import Context
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
 from orchestrator.provision import acquire
-from orchestrator.runs import compared_with_parent
+from orchestrator.runs import compared_with_parent, recovered
 from orchestrator.terminal import clean
 from trainer.contract import layout
 from trainer.contract.wire import DIED, STALLED, Epoch, Host, RunInfo, Snapshot
@@ -83,6 +83,7 @@ class RunView:
             "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "stall": run.stall,
             "quiet_for": run.quiet_for, "eta_seconds": self.eta_seconds(),
             "mirror": asdict(run.mirror) if run.mirror else None,
+            "recoveries": [asdict(r) for r in run.recoveries], "lost_seconds": run.lost_seconds,
             "gpus": [asdict(g) for g in self.host.gpus], "load": asdict(self.host.load), "log_tail": self.log_tail,
         }
 
@@ -90,7 +91,8 @@ class RunView:
         run = self.info
         best_text = f"best val_accuracy {run.best_val_accuracy:.4f} (epoch {run.best_epoch})" \
             if run.best_val_accuracy is not None else "no best checkpoint"
-        text = f"run {self.run_id} {self.state} at epoch {run.epoch}/{run.epochs}: {best_text}"
+        after = f" after {recovered(run)}" if run.recoveries else ""
+        text = f"run {self.run_id} {self.state}{after} at epoch {run.epoch}/{run.epochs}: {best_text}"
         if self.state == layout.FAILED and run.error:
             text += f"; error: {run.error}"
         versus = compared_with_parent(run, long=True)
@@ -104,6 +106,11 @@ class RunView:
         if self.state in (DIED, layout.FAILED) and self.log_tail:
             text += " | last lines of train.log: " + " | ".join(line for line in self.log_tail[-3:] if line.strip())
         return text
+
+    def recoveries_line(self) -> str:
+        """'recovered 2 times, 3 min lost (last: 2026-11-21 10:30:15, spot interruption)'."""
+        last = self.info.recoveries[-1]
+        return f"{recovered(self.info, noun=False)} (last: {last.at[:19].replace('T', ' ')}, {last.why})"
 
     def process_text(self) -> str:
         """What the process is doing; once the run has a final state it is never called alive
@@ -144,6 +151,8 @@ class RunView:
             parts.append(Text(clean(f"error: {run.error}"), style="red"))
         if run.stall:
             parts.append(Text(f"stalled: {run.stall}", style="red"))
+        if run.recoveries:
+            parts.append(Text(clean(self.recoveries_line())))
         if run.mirror is not None:
             parts.append(Text(clean(f"storage: {run.mirror.describe()}"),
                               style="yellow" if run.mirror.state == "retrying" else ""))

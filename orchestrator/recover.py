@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator import ec2, storage
 from orchestrator.context import Context
@@ -36,10 +36,7 @@ from orchestrator.monitor import LOG_LINES, RunView
 from orchestrator.provision import Ec2Provider, acquire, provider, quick_reach
 from orchestrator.requests import LaunchOptions
 from trainer.contract import layout
-from trainer.contract.wire import DIED
-
-if TYPE_CHECKING:
-    from trainer.contract.wire import Recovery
+from trainer.contract.wire import DIED, Recovery
 
 # EC2's StateReason codes for an instance it took back (stopped, hibernated or terminated).
 SPOT_REASON = "Server.SpotInstance"
@@ -267,11 +264,13 @@ class Watch:
         else why the watch gives up."""
         self._note(f"recovering run {self.view.run_id}: {why}")
         self.link.drop()
-        old = self.instance_id
-        epoch = (self.view.run.epoch if self.view.run is not None else None)
+        # One record for every attempt: the trainer records an `at` once (a launch that failed
+        # after the trainer started is not recorded twice), and counts the time lost from it.
+        record = Recovery(at=_iso(self.taken_at or time.time()), why=why, kind=kind, old_instance=self.instance_id,
+                          epoch_restored=self.view.run.epoch if self.view.run is not None else None)
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                launched = self._continue(kind, why, old, epoch, with_data=not in_place)
+                launched = self._continue(record, with_data=not in_place)
             except (ConfigError, HostKeyError) as exc:  # retrying cannot help: the user must act
                 return f"recovery impossible: {exc}"
             except OrchError as exc:
@@ -285,25 +284,21 @@ class Watch:
             self.budget.spent(time.time())
             self.recoveries.append(launched)
             self.taken_at = None
-            self._note(f"run {self.view.run_id} continues on {launched.new_instance or 'its machine'} from epoch "
-                       f"{launched.epoch_restored} ({_minutes(launched.lost_seconds)} lost)")
+            self._note(f"run {self.view.run_id} continues on {launched.new_instance or 'its machine'} from its last "
+                       f"committed epoch ({launched.epoch_restored} when last seen)")
             return None
         return "unreachable"  # pragma: no cover (the loop returns)
 
-    def _continue(self, kind: str, why: str, old: str | None, epoch: int | None, *, with_data: bool) -> Recovery:
-        """One attempt: the instance running (started or created), the run continued there."""
+    def _continue(self, record: Recovery, *, with_data: bool) -> Recovery:
+        """One attempt: the instance running (started or created), the run continued there
+        (the trainer records ``record`` with the epoch it continues from and the time lost)."""
         from orchestrator.deploy import resume
-        from trainer.contract.wire import Recovery
-
-        taken_at = self.taken_at or time.time()
-        record = Recovery(at=_iso(time.time()), why=why, kind=kind, old_instance=old, new_instance=None,
-                          epoch_restored=epoch, lost_seconds=None)
 
         def complete(m: Machine) -> Recovery:
             new = m.instance.instance_id if m.instance is not None else None
-            if new is not None and new != old:
+            if new is not None and m.created:
                 self.created.add(new)
-            return replace(record, new_instance=new, lost_seconds=round(max(0.0, time.time() - taken_at), 1))
+            return replace(record, new_instance=new)
 
         sync = with_data and bool(self.cfg.data.local_dir)
         launched = resume(self.ctx, self.view.run_id, in_place=True, with_data=sync, launching=LaunchOptions(),
@@ -372,5 +367,3 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def _minutes(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{seconds / 60:.1f} min"

@@ -31,8 +31,28 @@ def duration_seconds(run: RunInfo) -> float | None:
 
 
 def run_json(run: RunInfo) -> dict[str, Any]:
-    """A run as `--json` shows it: the record, the state users see, the duration."""
-    return run.to_json() | {"state": run.shown_state, "seconds": duration_seconds(run)}
+    """A run as `--json` shows it: the record, the state users see, the duration, how often it
+    was recovered and the seconds that cost."""
+    return run.to_json() | {"state": run.shown_state, "seconds": duration_seconds(run),
+                            "recovered": len(run.recoveries), "lost_seconds": run.lost_seconds}
+
+
+def lost_time(seconds: float) -> str:
+    """'40 s', '3 min', '2.5 h'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def recovered(run: RunInfo, *, noun: bool = True) -> str:
+    """'2 recoveries, 3 min lost' (noun) or 'recovered 2 times, 3 min lost'; '' without any."""
+    n = len(run.recoveries)
+    if not n:
+        return ""
+    text = (f"{n} recover{'y' if n == 1 else 'ies'}" if noun else
+            f"recovered {'once' if n == 1 else f'{n} times'}")
+    lost = run.lost_seconds
+    return text + (f", {lost_time(lost)} lost" if lost is not None else "")
 
 
 def list_runs(ctx: Context) -> list[RunInfo]:
@@ -77,16 +97,18 @@ def runs_table(runs: list[RunInfo]) -> Any:
 
     width = max(len(r.run_id) for r in runs)
     mirrored = any(r.where != ON_MACHINE for r in runs)  # a storage mirror is set: say where each run lives
+    recoveries = any(r.recoveries for r in runs)
     table = Table(Column("run", no_wrap=True, min_width=width, overflow="fold"),
                   *(Column(name, overflow="fold") for name in
                     ("parent", "state", "epoch", "best val acc", "vs parent", "started", "duration")),
-                  *([Column("where")] if mirrored else []))
+                  *([Column("where")] if mirrored else []), *([Column("recovered")] if recoveries else []))
     for r in runs:
         seconds = duration_seconds(r)
         cells = (r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
                  f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
                  compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
-                 f"{seconds / 60:.1f} min" if seconds is not None else "", *([r.where] if mirrored else []))
+                 f"{seconds / 60:.1f} min" if seconds is not None else "", *([r.where] if mirrored else []),
+                 *([recovered(r)] if recoveries else []))
         table.add_row(*map(clean, cells))
     return table
 

@@ -17,10 +17,12 @@ from trainer.ml.config import Architecture, TrainConfig
 
 
 def test_train_config_is_the_options_table() -> None:
-    # the storage group is where the run is mirrored, not how it trains (trainer/ml/mirror.Settings)
-    training = [o for o in options.OPTIONS if o.group != "storage"]
+    # the storage group is where the run is mirrored, not how it trains (trainer/ml/mirror.Settings);
+    # the recovery group is what happened to it (trainer/ml/runstate.RunState.recoveries)
+    training = [o for o in options.OPTIONS if o.group not in options.NOT_TRAINING]
     assert {o.name for o in options.OPTIONS if o.group == "storage"} == {"mirror_uri", "mirror_endpoint_url",
                                                                          "mirror_region"}
+    assert {o.name for o in options.OPTIONS if o.group == "recovery"} == {"record_recovery"}
     table = {o.name for o in training}
     config = {f.name for f in fields(TrainConfig)} - {"data_dir", "run_dir", "architecture", "parent_run",
                                                       "parent_best_val_accuracy"}

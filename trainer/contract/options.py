@@ -34,7 +34,11 @@ GROUPS = {
     "architecture": "architecture (decides the weights' shapes)",
     "data": "data",
     "storage": "storage mirror (orch sets these from deploy.yaml's `storage:`)",
+    "recovery": "recovery (orch sets this when it continues a run after a preemption or a restart)",
 }
+# Groups that say where a run is mirrored and what happened to it, not how it trains: the
+# trainer's CLI takes them out before the options become a TrainConfig.
+NOT_TRAINING = ("storage", "recovery")
 
 
 class OptionError(ValueError):
@@ -146,6 +150,13 @@ def _convert(kind: type, value: Any) -> Any:
     return value
 
 
+def _recovery(text: str) -> str:
+    from trainer.contract.wire import Recovery  # its RecoveryError is a ValueError: the message says why
+
+    Recovery.parse(text)
+    return text
+
+
 def _classes(text: str) -> str:
     from trainer.contract.labels import parse_classes  # its ClassListError is a ValueError: the message says why
 
@@ -219,6 +230,9 @@ OPTIONS: tuple[Option, ...] = (
            group="storage", in_yaml=False, metavar="URL"),
     Option("mirror_region", str, None, "the mirror bucket's AWS region", group="storage", in_yaml=False,
            metavar="REGION"),
+    Option("record_recovery", str, None, "record this recovery of the run (a JSON object: at, why, kind, "
+           "old_instance, new_instance, epoch_restored, lost_seconds) in its committed state before it continues",
+           group="recovery", check=_recovery, in_yaml=False, metavar="JSON"),
     Option("init_from", str, None, "start from another run's best weights (extended training), or "
            "from a .weights.h5 file", group="training", in_yaml=False, metavar="RUN_OR_WEIGHTS"),
 )

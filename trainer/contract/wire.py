@@ -11,10 +11,12 @@ Standard library only.
 
 from __future__ import annotations
 
+import json
 import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -222,6 +224,116 @@ class MirrorReport(Record):
         return f"epoch {self.epoch} is in {self.uri}"
 
 
+# A run's recoveries (orch's recovery loop, recorded by the continued trainer in its committed state).
+RECOVERY_KINDS = ("preempted", "restart")  # the instance was taken / the trainer failed on a live instance
+MAX_RECOVERIES = 100  # kept per run (the last ones): a run recovered more often than this has other problems
+MAX_RECOVERY_JSON = 4096  # characters of one record on the trainer's command line
+MAX_WHY = 300  # characters of a recovery's reason
+MAX_ID = 64  # characters of an instance id (i-0123456789abcdef0 is 19)
+MAX_LOST_SECONDS = 10 * 365 * 86400.0  # beyond any recovery: a larger value is a crafted one
+
+
+class RecoveryError(WireError):
+    """A recovery record that is not one (the message says why); in a list read from a
+    machine, such an item is left out."""
+
+
+@dataclass(frozen=True)
+class Recovery(Record):
+    """One recovery of a run: when (ISO 8601), why, what kind, the instance it left and the one
+    it continued on, the committed epoch it continued from, and the seconds it cost.
+
+    Written by orch, but read back from a machine (status.json, the mirror): whoever builds
+    one, its text is bounded and cleaned and its numbers checked here (a number out of range
+    reads as unknown; a time that is not one, or an unknown kind, is no record: RecoveryError)."""
+
+    at: str
+    why: str
+    kind: str = "preempted"
+    old_instance: str | None = None
+    new_instance: str | None = None
+    epoch_restored: int | None = None
+    lost_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.at, str) or len(self.at) > 40 or _iso_time(self.at) is None:
+            raise RecoveryError(f"at: not an ISO 8601 time: {str(self.at)[:40]!r}")
+        if self.kind not in RECOVERY_KINDS:
+            raise RecoveryError(f"kind: must be one of {', '.join(RECOVERY_KINDS)}, got {str(self.kind)[:40]!r}")
+        bounded = {"why": _text(self.why, MAX_WHY) or "", "old_instance": _text(self.old_instance, MAX_ID),
+                   "new_instance": _text(self.new_instance, MAX_ID)}
+        epoch, lost = self.epoch_restored, self.lost_seconds
+        bounded["epoch_restored"] = epoch if isinstance(epoch, int) and 0 <= epoch <= 10**9 else None
+        bounded["lost_seconds"] = float(lost) if isinstance(lost, (int, float)) and 0 <= lost <= MAX_LOST_SECONDS \
+            else None
+        for name, value in bounded.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def when(self) -> datetime:
+        when = _iso_time(self.at)
+        assert when is not None  # checked when the record was made
+        return when
+
+    @classmethod
+    def parse(cls, text: str) -> Recovery:
+        """The trainer's ``--record-recovery JSON``, strictly: one JSON object of this record's
+        fields, each of its own type, no control characters, within the bounds (a value the
+        reading side would shorten or drop is refused here: RecoveryError says why)."""
+        if len(text) > MAX_RECOVERY_JSON:
+            raise RecoveryError(f"too long ({len(text)} characters; at most {MAX_RECOVERY_JSON})")
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError):
+            raise RecoveryError("not JSON") from None
+        if not isinstance(d, dict):
+            raise RecoveryError("must be a JSON object")
+        hints = _hints(cls)
+        unknown = sorted(k for k in d if k not in hints)
+        if unknown:
+            raise RecoveryError(f"unknown field {unknown[0][:40]!r}")
+        for f in fields(cls):
+            if f.name not in d:
+                if f.default is MISSING:
+                    raise RecoveryError(f"{f.name}: missing")
+                continue
+            value = d[f.name]
+            try:
+                _decode(hints[f.name], value)
+            except _Invalid:
+                raise RecoveryError(f"{f.name}: must be {_type_name(hints[f.name])}, got {type(value).__name__}") \
+                    from None
+            if isinstance(value, str) and not value.isprintable():
+                raise RecoveryError(f"{f.name}: holds control characters")
+        record = cls(**d)
+        if record.to_json() != {f.name: d.get(f.name, f.default) for f in fields(cls)}:
+            changed = next(f.name for f in fields(cls) if getattr(record, f.name) != d.get(f.name, f.default))
+            raise RecoveryError(f"{changed}: out of range or too long")
+        return record
+
+
+def _iso_time(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(value: str | None, limit: int) -> str | None:
+    """Text from a record: non-printable characters (controls, bidi overrides) as '?', at most
+    ``limit`` characters; None (and empty) stays None."""
+    if not isinstance(value, str) or not value:
+        return None
+    if not value.isprintable():
+        value = "".join(ch if ch.isprintable() else "?" for ch in value)
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _type_name(kind: Any) -> str:
+    names = {str: "text", int: "an integer", float: "a number", type(None): "null"}
+    return " or ".join(names.get(a, str(a)) for a in (typing.get_args(kind) or (kind,)))
+
+
 @dataclass(frozen=True)
 class RunInfo(Record):
     """One run as the machine sees it: status.json and run.json fields, and liveness."""
@@ -252,6 +364,17 @@ class RunInfo(Record):
     signal_stopped: bool = False  # its process is stopped by a signal (SIGSTOP, a debugger)
     mirror: MirrorReport | None = None  # the storage mirror's report (a run mirrored to S3)
     where: str = ON_MACHINE  # ON_MACHINE, IN_STORAGE or BOTH (orch sets it when it reads storage too)
+    recoveries: list[Recovery] = field(default_factory=list)  # oldest first, the last MAX_RECOVERIES
+
+    def __post_init__(self) -> None:
+        if len(self.recoveries) > MAX_RECOVERIES:  # however it was built: bounded
+            object.__setattr__(self, "recoveries", self.recoveries[-MAX_RECOVERIES:])
+
+    @property
+    def lost_seconds(self) -> float | None:
+        """The seconds its recoveries cost, as far as they are known (None: no recovery says)."""
+        known = [r.lost_seconds for r in self.recoveries if r.lost_seconds is not None]
+        return round(sum(known), 3) if known else None
 
     @property
     def active(self) -> bool:
@@ -309,7 +432,14 @@ def run_fields(run_id: str, status: dict[str, Any], run: dict[str, Any]) -> dict
         error=status.get("error"), reason=status.get("reason"), updated_at=status.get("updated_at"),
         parent=run.get("parent_run", status.get("parent")),
         parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
-        vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"), started_at=run.get("started_at"))
+        vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"), started_at=run.get("started_at"),
+        recoveries=_last(status.get("recoveries"), MAX_RECOVERIES))
+
+
+def _last(value: Any, n: int) -> list[Any]:
+    """The last ``n`` items of a list (before they are decoded: a crafted list costs no more);
+    [] for anything else."""
+    return value[-n:] if isinstance(value, list) else []
 
 
 ENDED = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED, layout.STOPPED: ExitCode.RUN_STOPPED,

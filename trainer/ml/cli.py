@@ -189,6 +189,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.contract.wire import Recovery
     from trainer.ml.config import resolve
     from trainer.ml.mirror import Settings, mirroring
     from trainer.ml.train import _log as train_log
@@ -196,8 +197,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     given = {o.name: getattr(args, o.name) for o in options.OPTIONS}
     storage = Settings.pop_from(given)  # where the run is mirrored: not a training setting
+    recorded = given.pop("record_recovery")  # what happened to the run (checked by argparse): neither
+    recovery = Recovery.parse(recorded) if recorded is not None else None
     with mirroring(Path(args.run_dir), storage, train_log):
-        return int(train(resolve(given | {"data_dir": str(args.data_dir), "run_dir": str(args.run_dir)})))
+        cfg = resolve(given | {"data_dir": str(args.data_dir), "run_dir": str(args.run_dir)})
+        return int(train(cfg, recovery=recovery))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
+from trainer.contract.wire import MAX_RECOVERIES, Recovery, WireError
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json
 from trainer.ml.errors import TrainerError, UsageError
 
 VERSION = 2  # 2: ``rng`` and ``partial`` (a state of version 1 continues, though not exactly)
+# ``recoveries`` came later without a new version: a state without it reads as none, and a trainer
+# that does not know it ignores it (it is a record of the run, not training state).
 
 # Values of Keras variables as JSON (one nested list per variable, in trainer.ml.trainstate's order).
 Values = list[Any]
@@ -75,6 +78,8 @@ class RunState:
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # one metrics row per epoch
     rng: Values | None = None  # the random generators' states at the end of ``last`` (None: not recorded)
     partial: Position | None = None  # a position inside the next epoch, committed by a stop
+    # what orch's recovery loop did to the run (trainer.contract.wire.Recovery records), oldest first
+    recoveries: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     def files(self) -> set[str]:
         """The weights files this state names: every other checkpoint file may go."""
@@ -99,6 +104,13 @@ class RunState:
         assert position.epoch == self.epoch + 1, (position.epoch, self.epoch)
         return replace(self, partial=position)
 
+    def with_recovery(self, recovery: Recovery) -> RunState:
+        """The state with one more recovery recorded; the same record (its ``at``) again (a
+        relaunch after a failed start) changes nothing. The last MAX_RECOVERIES are kept."""
+        if any(r.get("at") == recovery.at for r in self.recoveries):
+            return self
+        return replace(self, recoveries=(*self.recoveries, recovery.to_json())[-MAX_RECOVERIES:])
+
     def with_parent_weights(self, saved: Checkpoint) -> RunState:
         """An extended run's epoch 0: the parent's best weights are its best until beaten."""
         return replace(self, best=saved, best_epoch=0)
@@ -116,6 +128,7 @@ class RunState:
             "vs_parent": round(best - parent, 4) if has_parent and best is not None and parent is not None else None,
             # best starts as the parent's (best_epoch 0): only a checkpoint of this run beats it
             "beat_parent": bool(self.best_epoch) if has_parent else None,
+            "recoveries": list(self.recoveries),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -123,7 +136,8 @@ class RunState:
                 "best_val_accuracy": self.best_val_accuracy, "best_epoch": self.best_epoch,
                 "parent": self.parent, "parent_best_val_accuracy": self.parent_best_val_accuracy,
                 "history": list(self.history), "rng": self.rng,
-                "partial": None if self.partial is None else self.partial.to_json()}
+                "partial": None if self.partial is None else self.partial.to_json(),
+                "recoveries": list(self.recoveries)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunState:
@@ -131,7 +145,8 @@ class RunState:
                     best_val_accuracy=_number(d["best_val_accuracy"]), best_epoch=d["best_epoch"],
                     parent=d.get("parent"), parent_best_val_accuracy=_number(d.get("parent_best_val_accuracy")),
                     history=tuple(d["history"]), rng=d.get("rng"),
-                    partial=None if d.get("partial") is None else Position.from_json(d["partial"]))
+                    partial=None if d.get("partial") is None else Position.from_json(d["partial"]),
+                    recoveries=_recoveries(d.get("recoveries")))
         if state.partial is not None and state.partial.epoch != state.epoch + 1:
             raise ValueError(f"a position inside epoch {state.partial.epoch} after {state.epoch} committed epochs")
         if [row["epoch"] for row in state.history] != list(range(1, state.epoch + 1)):
@@ -178,6 +193,20 @@ def _ref_json(c: Checkpoint | None) -> dict[str, str] | None:
 
 def _ref(d: dict[str, Any] | None) -> Checkpoint | None:
     return None if d is None else Checkpoint(str(d["file"]), str(d["sha256"]))
+
+
+def _recoveries(value: Any) -> tuple[dict[str, Any], ...]:
+    """The recorded recoveries, each checked as the wire record it is (a state restored from
+    storage is the run's own, but its record is only shown: one that is not a record is left out)."""
+    if not isinstance(value, list):
+        return ()
+    found = []
+    for item in value[-MAX_RECOVERIES:]:
+        try:
+            found.append(Recovery.from_json(item).to_json())
+        except WireError:
+            continue
+    return tuple(found)
 
 
 def _number(value: Any) -> float | None:

@@ -16,13 +16,15 @@ import json
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.codeversion import code_version
 from trainer.contract.files import disk_full_error
+from trainer.contract.wire import Recovery
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json, link_or_copy
 from trainer.ml import runlock, runstate
@@ -45,8 +47,10 @@ def _log(msg: str) -> None:
         print(f"[trainer] {msg}", flush=True)
 
 
-def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
-    """Train (or continue) the run in ``cfg.run_dir``; returns the exit code for the CLI."""
+def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -> ExitCode:
+    """Train (or continue) the run in ``cfg.run_dir``; returns the exit code for the CLI.
+    ``recovery``: orch continues the run after a preemption or a restart; it is recorded in
+    the committed state before anything else happens."""
     path = Path(cfg.run_dir)
     runlock.hold(path)  # before anything is written: a second trainer leaves no trace (RunBusy)
     run = RunDir(path)
@@ -68,6 +72,8 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
     try:
         with Stopper() as stopper:
             run.create()
+            if recovery is not None:  # before the repair: the status it writes carries the record
+                _record_recovery(run, recovery, log)
             run.write_pid()
             run.heartbeat.beat(force=True, phase="starting")
             # The repair comes before any status write: a final state's manifest lists status.json.
@@ -87,6 +93,26 @@ def train(cfg: TrainConfig, log: Log = _log) -> ExitCode:
             raise error from exc
         run.finish(layout.FAILED, error=str(exc) if isinstance(exc, TrainerError) else f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _record_recovery(run: RunDir, recovery: Recovery, log: Log) -> None:
+    """Commit the state with ``recovery`` recorded (once: a relaunch gives the same record
+    again). The trainer knows best which committed epoch it continues from; the time lost is
+    orch's figure, else the time from the recovery's ``at`` to now (the machine's clock)."""
+    state = run.state
+    lost = recovery.lost_seconds
+    if lost is None:
+        now = datetime.now(timezone.utc)
+        when = recovery.when if recovery.when.tzinfo is not None else recovery.when.replace(tzinfo=timezone.utc)
+        lost = max(0.0, round((now - when).total_seconds(), 3))
+    recorded = state.with_recovery(replace(recovery, epoch_restored=state.epoch, lost_seconds=lost))
+    if recorded is state:
+        log(f"recovery at {recovery.at} is already recorded")
+        return
+    run.commit(recorded)
+    where = f"epoch {state.epoch}" + (f", batch {state.partial.batch} of epoch {state.partial.epoch}"
+                                      if state.partial is not None else "")
+    log(f"recovery {len(recorded.recoveries)} recorded ({recovery.kind}: {recovery.why}); continuing from {where}")
 
 
 def _disk_full(run: RunDir, exc: OSError) -> DiskFull:
