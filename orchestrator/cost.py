@@ -33,7 +33,9 @@ class Cost:
     def describe(self) -> str:
         if self.hourly_usd is None:
             return f"price unknown ({self.source})"
-        text = f"${self.hourly_usd:.3f}/hour ({self.source})"
+        # spot prices can be fractions of a cent
+        text = f"${self.hourly_usd:.3f}/hour" if self.hourly_usd >= 0.01 else f"${self.hourly_usd:.5f}/hour"
+        text += f" ({self.source})"
         if self.uptime_hours is not None and self.so_far_usd is not None:
             text += f"; up {self.uptime_hours:.1f} h since it started: about ${self.so_far_usd:.2f} so far"
         return text
@@ -63,4 +65,5 @@ def _hourly(cfg: Ec2Config, inst: Instance, spot_price: Callable[[], float | Non
     price = table["usd_per_hour"].get(inst.instance_type or "")
     if price is None:
         return None, f"{inst.instance_type} is not in orch's price table: set ec2.hourly_price"
-    return price, f"on-demand, {table['region']} prices of {table['date']}; ec2.hourly_price overrides"
+    what = "no spot price from EC2: its on-demand price" if inst.spot else "on-demand"
+    return price, f"{what}, {table['region']} prices of {table['date']}; ec2.hourly_price overrides"

@@ -1,24 +1,26 @@
 """The EC2 instance: find it (id or Name tag), create it from ``ec2.launch`` (its AMI read from
-SSM when named by a parameter), start/stop/terminate it with boto3 waiters, its address and the
-SSH host key fingerprints it printed to its console."""
+SSM when named by a parameter; on-demand or spot), start/stop/terminate it with boto3 waiters,
+its address and the SSH host key fingerprints it printed to its console."""
 
 from __future__ import annotations
 
+import random
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrator.config import Ec2Config
-from orchestrator.errors import AwsError, ConfigError, InstanceStopped
+from orchestrator.config import Ec2Config, Ec2SpotConfig
+from orchestrator.errors import AwsError, ConfigError, InstanceStopped, NoCapacity
 
 # Every AWS API action orch calls (the waiters poll DescribeInstances; RunInstances needs
 # CreateTags to tag what it creates): README's IAM policy lists exactly these, and a test
 # checks both against the calls in this module.
 IAM_ACTIONS = ("ec2:DescribeInstances", "ec2:StartInstances", "ec2:StopInstances", "ec2:GetConsoleOutput",
                "ec2:DescribeSpotPriceHistory", "ec2:DescribeImages", "ec2:RunInstances", "ec2:CreateTags",
-               "ec2:TerminateInstances", "ssm:GetParameter")
+               "ec2:TerminateInstances", "ec2:CancelSpotInstanceRequests", "ssm:GetParameter")
 # Only with ec2.launch.iam_instance_profile: RunInstances hands the profile's role to the
 # instance. README's policy grants it in a statement of its own, on that one role.
 IAM_PASS_ROLE = "iam:PassRole"
@@ -26,6 +28,35 @@ IAM_PASS_ROLE = "iam:PassRole"
 MANAGED_TAG = "orch:managed"
 # botocore's "standard" mode retries exactly throttling and transient server errors.
 _RETRIES = {"mode": "standard", "max_attempts": 6}
+# ... and every HTTP 500, which is how EC2 answers InsufficientInstanceCapacity: RunInstances goes
+# through a client without botocore's retries (a refusal reaches the fallback or the recovery's
+# backoff at once, not after five blind retries), and _call asks again only for these, with
+# the same ClientToken (a retried call never creates a second instance).
+_NO_RETRIES = {"mode": "standard", "total_max_attempts": 1}  # (botocore's "max_attempts" counts retries only)
+_TRANSIENT = frozenset({"RequestLimitExceeded", "InternalError", "InternalFailure", "ServiceUnavailable",
+                        "Unavailable"})
+_LAUNCH_ATTEMPTS = 5
+# EC2's refusals that mean "no capacity, or not at this price, now" for the instance asked (its
+# type's pool in a zone, the spot market), as opposed to a request that can never succeed: they
+# are NoCapacity, which a recovery retries with backoff and ec2.launch.fallback_on_demand turns
+# into an on-demand request. (EC2 API reference, "Error codes": InsufficientInstanceCapacity is
+# a server error, HTTP 500; the others are client errors.) Not among them: VcpuLimitExceeded and
+# InstanceLimitExceeded (on-demand quotas), Unsupported (a type the zone does not offer),
+# InsufficientFreeAddressesInSubnet (a full subnet): waiting does not fix them.
+CAPACITY_CODES = frozenset({
+    "InsufficientInstanceCapacity",  # no spare capacity of the type in the zone (on-demand or spot)
+    "InsufficientCapacity",          # not enough capacity for the request
+    "UnfulfillableCapacity",         # no spare spot capacity for the request
+    "SpotMaxPriceTooLow",            # the spot price is above the request's maximum price
+    "MaxSpotInstanceCountExceeded",  # the account's spot quota (vCPUs of running spot instances) is used up
+})
+# What to do about a refusal (the capacity ones: elsewhere, or later).
+_REMEDIES = {
+    "SpotMaxPriceTooLow": "raise ec2.launch.spot.max_price (null: up to the on-demand price)",
+    "MaxSpotInstanceCountExceeded": "ask AWS for a higher spot vCPU quota (Service Quotas), or end other spot "
+                                    "instances",
+}
+_ELSEWHERE = "try another ec2.launch.subnet_id (zone) or instance_type, or again later"
 _FINGERPRINTS = re.compile(
     r"-----BEGIN SSH HOST KEY FINGERPRINTS-----(.*?)-----END SSH HOST KEY FINGERPRINTS-----", re.S)
 _CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at")
@@ -43,6 +74,7 @@ class Instance:
     spot: bool = False
     zone: str | None = None
     managed: bool = False  # orch created it (the orch:managed tag)
+    spot_request: str | None = None  # the spot request it came from (a persistent one outlives it)
     state_reason: str | None = None  # EC2's StateReason code: Server.SpotInstanceTermination when it took it back
 
     @property
@@ -50,49 +82,73 @@ class Instance:
         return self.public_dns or self.public_ip
 
 
-def client(cfg: Ec2Config, service: str = "ec2") -> Any:
-    """An EC2 (or SSM) client from boto3's credential chain (env, profile, instance role)."""
+def client(cfg: Ec2Config, service: str = "ec2", *, retries: bool = True) -> Any:
+    """An EC2 (or SSM) client from boto3's credential chain (env, profile, instance role).
+    ``retries=False``: one without botocore's retries, for RunInstances (see _NO_RETRIES)."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError
 
     try:
         session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
-        return session.client(service, endpoint_url=cfg.endpoint_url, config=Config(retries=_RETRIES))
+        return session.client(service, endpoint_url=cfg.endpoint_url,
+                              config=Config(retries=_RETRIES if retries else _NO_RETRIES))
     except (BotoCoreError, ValueError) as exc:  # ProfileNotFound, a bad region, an endpoint that is no URL
         raise AwsError(f"AWS: {exc}; check ec2.profile, ec2.region and ~/.aws/config") from exc
 
 
-def _call(what: str, fn: Any, **kwargs: Any) -> Any:
-    """Call boto3, turning its errors into one-line AwsErrors."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        NoCredentialsError,
-        NoRegionError,
-        ProfileNotFound,
-    )
+def _call(what: str, fn: Any, *, attempts: int = 1, **kwargs: Any) -> Any:
+    """Call boto3, turning its errors into one-line AwsErrors (NoCapacity for EC2's capacity and
+    price refusals). ``attempts``: for a client without botocore's retries, how many times to ask
+    while EC2 throttles or hiccups (never again after a refusal)."""
+    from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    try:
-        return fn(**kwargs)
-    except NoCredentialsError as exc:
-        raise AwsError("no AWS credentials found: set ec2.profile (or AWS_PROFILE), or run "
-                       "`aws configure`; credentials never go into deploy.yaml") from exc
-    except ProfileNotFound as exc:
-        raise AwsError(f"AWS profile not found: {exc}; check ec2.profile") from exc
-    except NoRegionError as exc:
-        raise AwsError("no AWS region: set ec2.region") from exc
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        msg = exc.response.get("Error", {}).get("Message", str(exc))
-        if code in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
-            raise AwsError(f"no such instance: {msg}; check ec2.instance_id and ec2.region") from exc
-        if code in ("AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "AccessDeniedException"):
-            raise AwsError(f"AWS refused {what}: {msg}") from exc
-        hint = next((h for prefix, h in _HINTS.items() if code.startswith(prefix)), "")
-        raise AwsError(f"AWS error while {what}: {code}: {msg}{hint}") from exc
-    except BotoCoreError as exc:
-        raise AwsError(f"AWS error while {what}: {exc}") from exc
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoConnectionError, HTTPClientError) as exc:
+            # a throttle or hiccup of EC2's, a dropped connection or a timeout: worth asking again
+            transient = not isinstance(exc, ClientError) or exc.response.get("Error", {}).get("Code") in _TRANSIENT
+            if attempt == attempts or not transient:
+                raise _aws_error(what, exc) from exc
+            time.sleep(min(8.0, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0))  # jittered backoff
+        except BotoCoreError as exc:
+            raise _aws_error(what, exc) from exc
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _aws_error(what: str, exc: Exception) -> AwsError:
+    """One line for a boto3 error: what failed, AWS's code and message, and what to check."""
+    from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, ProfileNotFound
+
+    if isinstance(exc, NoCredentialsError):
+        return AwsError("no AWS credentials found: set ec2.profile (or AWS_PROFILE), or run "
+                        "`aws configure`; credentials never go into deploy.yaml")
+    if isinstance(exc, ProfileNotFound):
+        return AwsError(f"AWS profile not found: {exc}; check ec2.profile")
+    if isinstance(exc, NoRegionError):
+        return AwsError("no AWS region: set ec2.region")
+    if not isinstance(exc, ClientError):
+        return AwsError(f"AWS error while {what}: {exc}")
+    code = exc.response.get("Error", {}).get("Code", "")
+    msg = _one_line(exc.response.get("Error", {}).get("Message", str(exc)))
+    if code in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
+        return AwsError(f"no such instance: {msg}; check ec2.instance_id and ec2.region", code, f"{code}: {msg}")
+    if code in ("AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "AccessDeniedException"):
+        return AwsError(f"AWS refused {what}: {msg}", code, f"{code}: {msg}")
+    if code in CAPACITY_CODES:
+        msg = msg.rstrip(".")  # a remedy follows
+        return NoCapacity(f"EC2 refused {what}: {code}: {msg}; {_REMEDIES.get(code, 'try again later')}",
+                          code, f"{code}: {msg}")
+    hint = next((h for prefix, h in _HINTS.items() if code.startswith(prefix)), "")
+    return AwsError(f"AWS error while {what}: {code}: {msg}{hint}", code, f"{code}: {msg}")
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """AWS's message on one line, bounded (EC2's capacity messages list zones, and can be long)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # What to check when creating an instance fails (error codes, or their prefixes, of EC2 and SSM).
@@ -104,7 +160,8 @@ _HINTS = {
     "InvalidSubnetID": "; check ec2.launch.subnet_id",
     "InvalidParameterCombination": "; check ec2.launch (security groups and subnet must be of one VPC)",
     "NoSuchEntity": "; check ec2.launch.iam_instance_profile",
-    "InsufficientInstanceCapacity": "; try another subnet (zone) or instance type, or later",
+    "AuthFailure.ServiceLinkedRoleCreationNotPermitted": "; a spot instance needs EC2's spot service-linked role: "
+    "create it once (`aws iam create-service-linked-role --aws-service-name spot.amazonaws.com`)",
     "VcpuLimitExceeded": "; ask AWS for a higher vCPU quota for this instance family",
 }
 
@@ -159,7 +216,7 @@ def _instance(raw: dict[str, Any]) -> Instance:
                     raw.get("PublicIpAddress") or None, tags.get("Name"), raw.get("InstanceType"),
                     raw.get("LaunchTime"), raw.get("InstanceLifecycle") == "spot",
                     (raw.get("Placement") or {}).get("AvailabilityZone"), tags.get(MANAGED_TAG) == "true",
-                    (raw.get("StateReason") or {}).get("Code") or None)
+                    raw.get("SpotInstanceRequestId") or None, (raw.get("StateReason") or {}).get("Code") or None)
 
 
 def spot_price(ec2: Any, inst: Instance) -> float | None:
@@ -197,17 +254,58 @@ def stop(ec2: Any, cfg: Ec2Config, log: Any = None) -> Instance:
     if inst.state == "pending":  # EC2 refuses to stop an instance that is still starting
         _wait(ec2, "instance_running", inst.instance_id, log, "starting, to stop it")
     if inst.state not in ("stopped", "stopping"):
-        _call("stopping the instance", ec2.stop_instances, InstanceIds=[inst.instance_id])
+        try:
+            _call("stopping the instance", ec2.stop_instances, InstanceIds=[inst.instance_id])
+        except AwsError as exc:
+            if not (inst.spot and exc.code == "UnsupportedOperation"):
+                raise
+            raise AwsError(f"{exc}; a spot instance of a one-time request (ec2.launch.spot.interruption: terminate) "
+                           "cannot be stopped: `orch down --terminate` ends it and its disk (runs in storage stay)",
+                           exc.code, exc.detail) from exc
     _wait(ec2, "instance_stopped", inst.instance_id, log, "stopping")
     return _found(ec2, cfg)
 
 
 def terminate(ec2: Any, instance_id: str, log: Any = None) -> Instance:
     """Terminate the instance and wait until it is gone (its disk goes with it when its root
-    volume is deleted on termination, as for every instance orch created)."""
+    volume is deleted on termination, as for every instance orch created). A spot instance's
+    request is cancelled first: a persistent one would otherwise launch a new instance (and
+    bill it) once this one is gone."""
+    request = describe(ec2, instance_id).spot_request
+    if request:
+        cancel_spot_request(ec2, request, log)
     _call("terminating the instance", ec2.terminate_instances, InstanceIds=[instance_id])
     _wait(ec2, "instance_terminated", instance_id, log, "terminating")
     return describe(ec2, instance_id)
+
+
+def cancel_spot_request(ec2: Any, request_id: str, log: Any = None) -> None:
+    """Cancel a spot request (its instance keeps running: terminating it is the caller's). One
+    that EC2 no longer knows (closed and expired) is already gone."""
+    if log:
+        log(f"cancelling spot request {request_id} first (a persistent one would launch a new instance)")
+    try:
+        _call("cancelling the spot request", ec2.cancel_spot_instance_requests, SpotInstanceRequestIds=[request_id])
+    except AwsError as exc:
+        if exc.code != "InvalidSpotInstanceRequestID.NotFound":
+            raise
+
+
+def market_options(spot: Ec2SpotConfig) -> dict[str, Any]:
+    """RunInstances' InstanceMarketOptions for ``ec2.launch.spot``. EC2 stops (or hibernates) an
+    instance only for a persistent request and refuses a one-time one with ``stop``: a one-time
+    request when it terminates the instance, a persistent one when it stops it. No MaxPrice:
+    up to the on-demand price (EC2's default)."""
+    options: dict[str, Any] = {"SpotInstanceType": "persistent" if spot.interruption == "stop" else "one-time",
+                               "InstanceInterruptionBehavior": spot.interruption}
+    if spot.max_price is not None:
+        options["MaxPrice"] = usd(spot.max_price)
+    return {"MarketType": "spot", "SpotOptions": options}
+
+
+def usd(price: float) -> str:
+    """A price as EC2 reads it: plain decimals, never an exponent (str(1e-05) is '1e-05')."""
+    return f"{price:.6f}".rstrip("0").rstrip(".")
 
 
 def resolve_ami(ssm: Any, ami: str) -> str:
@@ -221,10 +319,13 @@ def resolve_ami(ssm: Any, ami: str) -> str:
     return value
 
 
-def create(ec2: Any, ssm: Any, cfg: Ec2Config, log: Any = None) -> Instance:
+def create(ec2: Any, ssm: Any, cfg: Ec2Config, log: Any = None, launcher: Any = None) -> Instance:
     """Create the instance ``cfg.launch`` describes, named ``cfg.name`` and tagged as orch's
-    (tagged as it is created: an untagged instance would be found by nothing). Returns at once
-    (pending); :func:`ensure_running` waits for it."""
+    (tagged as it is created: an untagged instance would be found by nothing), on-demand or, with
+    ``launch.spot``, spot (refused: on-demand with ``launch.fallback_on_demand``, else NoCapacity).
+    ``launcher``: the client RunInstances goes through, one without botocore's retries
+    (``client(cfg, retries=False)``); default ``ec2``. Returns at once (pending);
+    :func:`ensure_running` waits for it."""
     spec = cfg.launch
     assert spec is not None and cfg.name
     image_id = resolve_ami(ssm, spec.ami)
@@ -246,7 +347,8 @@ def create(ec2: Any, ssm: Any, cfg: Ec2Config, log: Any = None) -> Instance:
         "ImageId": image_id, "InstanceType": spec.instance_type, "MinCount": 1, "MaxCount": 1,
         "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
         "BlockDeviceMappings": [{"DeviceName": root_device, "Ebs": ebs}],
-        # shutdown -h (autostop) stops it, keeping its disk; never terminates it
+        # shutdown -h (autostop) stops it, keeping its disk; never terminates it (but a one-time
+        # spot instance, which EC2 cannot stop: below)
         "InstanceInitiatedShutdownBehavior": "stop",
     }
     if spec.key_name:
@@ -258,13 +360,62 @@ def create(ec2: Any, ssm: Any, cfg: Ec2Config, log: Any = None) -> Instance:
     if spec.iam_instance_profile:
         key = "Arn" if spec.iam_instance_profile.startswith("arn:") else "Name"
         params["IamInstanceProfile"] = {key: spec.iam_instance_profile}
-    # RunInstances' ClientToken is filled in by botocore and kept across its retries: a retried
-    # call never creates a second instance.
-    raw = _call("creating the instance", ec2.run_instances, **params)["Instances"][0]
+    run = launcher or ec2
+    spot = spec.spot
+    market = "on-demand"
+    try:
+        if spot is None:
+            raw = _run(run, params)
+        else:
+            # EC2 stops only a persistent request's spot instance: a one-time one is terminated
+            # when it shuts down (autostop), and orch asks for exactly that rather than "stop".
+            shutdown = "stop" if spot.interruption == "stop" else "terminate"
+            raw = _run(run, {**params, "InstanceMarketOptions": market_options(spot),
+                             "InstanceInitiatedShutdownBehavior": shutdown})
+            market = f"spot, {market_options(spot)['SpotOptions']['SpotInstanceType']}, {_max_price(spot)}"
+    except NoCapacity as exc:
+        if spot is None or not spec.fallback_on_demand:
+            raise NoCapacity(_refusal(cfg, spot, exc), exc.code, exc.detail) from exc
+        if log:
+            log(f"EC2 refused the spot request ({exc.detail}): creating an on-demand instance instead "
+                "(ec2.launch.fallback_on_demand)")
+        try:
+            raw = _run(run, params)
+        except NoCapacity as again:
+            raise NoCapacity(_refusal(cfg, None, again, spot_refused=exc.code), again.code, again.detail) from again
     inst = _instance(raw)
     if log:
-        log(f"created instance {inst.instance_id} ({spec.instance_type}, {image_id}) named {cfg.name}")
+        log(f"created instance {inst.instance_id} ({spec.instance_type}, {market}, {image_id}) named {cfg.name}")
     return inst
+
+
+def _run(ec2: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """RunInstances, asked again only while EC2 throttles or hiccups, with one ClientToken (set
+    here: botocore would make a new one per call), so a retried call never creates a second
+    instance. Returns the instance it created."""
+    return _call("creating the instance", ec2.run_instances, attempts=_LAUNCH_ATTEMPTS,
+                 ClientToken=str(uuid.uuid4()), **params)["Instances"][0]
+
+
+def _max_price(spot: Ec2SpotConfig) -> str:
+    return f"max ${usd(spot.max_price)}/hour" if spot.max_price is not None else "up to the on-demand price"
+
+
+def _refusal(cfg: Ec2Config, spot: Ec2SpotConfig | None, exc: NoCapacity, spot_refused: str = "") -> str:
+    """NoCapacity's one line for a refused RunInstances: what was asked (market, type, price,
+    where), EC2's words, and what to do."""
+    spec = cfg.launch
+    assert spec is not None
+    where = f"subnet {spec.subnet_id}" if spec.subnet_id else f"any zone of {cfg.region}"
+    if spot is not None:
+        asked = f"the spot request ({spec.instance_type}, {_max_price(spot)}, {where})"
+        fallback = "; or set ec2.launch.fallback_on_demand: true for an on-demand instance instead"
+    else:
+        asked = f"the on-demand request ({spec.instance_type}, {where})"
+        if spot_refused:
+            asked = f"the spot request ({spot_refused}) and {asked}"
+        fallback = ""
+    return f"EC2 refused {asked}: {exc.detail}; {_REMEDIES.get(exc.code, _ELSEWHERE)}{fallback}"
 
 
 def _wait(ec2: Any, waiter: str, instance_id: str, log: Any, doing: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from trainer.contract.exitcodes import ExitCode
 
 __all__ = ["AwsError", "BusyError", "ConfigError", "ConnectError", "ConnectionLost", "DiskFull", "ExitCode",
-           "HostKeyError", "InstanceStopped", "NoData", "NotReady", "OrchError", "RemoteError"]
+           "HostKeyError", "InstanceStopped", "NoCapacity", "NoData", "NotReady", "OrchError", "RemoteError"]
 
 
 class OrchError(Exception):
@@ -27,6 +27,16 @@ class NoSuchRun(ConfigError):
 
 class AwsError(OrchError):
     exit_code = ExitCode.AWS
+
+    def __init__(self, message: str, code: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # AWS's error code, when AWS answered with one
+        self.detail = detail  # AWS's own words, on one line ("code: message")
+
+
+class NoCapacity(AwsError):
+    """EC2 refused to create (or start) an instance for want of capacity, or not at the price
+    asked (spot): a refusal that passes, which a recovery retries with backoff; nothing else."""
 
 
 class ConnectError(OrchError):
@@ -69,8 +79,3 @@ class NoData(OrchError):
 
 class DiskFull(OrchError):
     exit_code = ExitCode.DISK_FULL
-
-
-class NoCapacity(AwsError):
-    """EC2 refused to create the instance for want of capacity (or of a high enough spot price):
-    worth trying again later."""

@@ -72,6 +72,10 @@ class InstanceStatus:
     spot: bool
     cost: cost.Cost
     managed: bool = False  # orch created it (ec2.launch)
+    market: str = field(init=False)  # "spot" or "on-demand", said in words (`orch status --json`)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "market", "spot" if self.spot else "on-demand")
 
     @property
     def running(self) -> bool:
@@ -161,6 +165,11 @@ class Ec2Provider(SshProvider):
         return ec2.client(self.cfg.ec2)
 
     @cached_property
+    def launcher(self) -> Any:
+        """The client RunInstances goes through: without botocore's retries (ec2._NO_RETRIES)."""
+        return ec2.client(self.cfg.ec2, retries=False)
+
+    @cached_property
     def ssm(self) -> Any:
         return ec2.client(self.cfg.ec2, "ssm")
 
@@ -192,7 +201,8 @@ class Ec2Provider(SshProvider):
         instance_id = was.instance_id if was is not None else None
         try:
             if was is None:
-                instance_id = ec2.create(self.client, self.ssm, self.cfg.ec2, log=self.ctx.log).instance_id
+                instance_id = ec2.create(self.client, self.ssm, self.cfg.ec2, log=self.ctx.log,
+                                         launcher=self.launcher).instance_id
             inst = ec2.ensure_running(self.client, self.cfg.ec2, allow_start=allow, log=self.ctx.log)
             host = self.cfg.ssh.host or inst.address
             if host is None:

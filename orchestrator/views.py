@@ -14,7 +14,7 @@ def status_lines(st: MachineStatus) -> list[str]:
     lines = []
     if st.instance is not None:
         i = st.instance
-        lines += [f"instance {i.id} ({i.type}{', spot' if i.spot else ''}): {i.state}, address {i.address or '-'}",
+        lines += [f"instance {i.id} ({i.type}, {i.market}): {i.state}, address {i.address or '-'}",
                   f"  cost: {i.cost.describe()}"]
     if st.unreachable:
         lines.append(f"machine: unreachable: {st.unreachable}")

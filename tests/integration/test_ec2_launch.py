@@ -1,7 +1,9 @@
 """The instance's whole life from deploy.yaml, against moto's EC2 and SSM and the loopback sshd:
-`orch up` creates it from `ec2.launch` (once), `orch deploy` too, a created instance that a failed
-command leaves is stopped, `orch down --terminate` deletes it; and an instance whose SSH is broken
-is still shown by `orch status` and still stopped by `orch down` (through EC2)."""
+`orch up` creates it from `ec2.launch` (once; on-demand or spot), `orch deploy` too, a created
+instance that a failed command leaves is stopped, `orch down --terminate` deletes it (cancelling
+its spot request first); EC2's refusal of a spot request is one line, or an on-demand instance
+with fallback_on_demand; and an instance whose SSH is broken is still shown by `orch status` and
+still stopped by `orch down` (through EC2)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -78,6 +81,68 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
     assert [line for line in lines if line.startswith("orch: error:")] == lines[-1:], proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[-1]
+
+
+@dataclass
+class SpotMarket:
+    """What moto's RunInstances was asked (each call's InstanceMarketOptions, {} for on-demand),
+    and the error code it refuses a market with ("spot", "on-demand"), as EC2 does: HTTP 500."""
+
+    asked: list[dict] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture
+def spot_market(monkeypatch: pytest.MonkeyPatch) -> SpotMarket:
+    """moto's RunInstances (its server runs in this process), recording what it is asked and
+    refusing what the test says. moto makes a spot instance from InstanceMarketOptions but no
+    spot request: one is made for it here (a real moto SpotInstanceRequest, that Describe- and
+    CancelSpotInstanceRequests see), and DescribeInstances names it, as EC2 does."""
+    from moto.ec2.models.spot_requests import SpotInstanceRequest
+    from moto.ec2.responses.instances import InstanceResponse
+    from moto.ec2.utils import random_spot_request_id
+
+    market = SpotMarket()
+    original = InstanceResponse.run_instances
+
+    class Adopted(SpotInstanceRequest):
+        """The request of an instance moto already made (a plain one launches its own)."""
+
+        def __init__(self, instance: object, options: dict) -> None:
+            self.adopted = instance
+            spot = options.get("SpotOptions") or {}
+            super().__init__(
+                instance.ec2_backend, random_spot_request_id(), spot.get("MaxPrice"), instance.image_id,
+                spot.get("SpotInstanceType", "one-time"), None, None, None, None, instance.key_name, [], None,
+                instance.instance_type, None, None, None, False, instance.subnet_id, {}, None,
+                spot.get("InstanceInterruptionBehavior"))
+
+        def launch_instance(self) -> object:
+            return self.adopted
+
+    def run_instances(self: InstanceResponse) -> object:
+        options = self._get_param("InstanceMarketOptions") or {}
+        market.asked.append(options)
+        code = market.refuse.get(options.get("MarketType", "on-demand"))
+        if code:
+            return (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>"
+                    f"<Message>There is no capacity for your request ({code}, a test).</Message></Error></Errors>"
+                    "<RequestID>refused</RequestID></Response>"), {"status": 500}
+        result = original(self)
+        if options.get("MarketType") == "spot":
+            [instance] = result.result.instances
+            request = Adopted(instance, options)
+            instance.ec2_backend.spot_instance_requests[request.id] = request
+            instance.spot_instance_request_id = request.id
+        return result
+
+    monkeypatch.setattr(InstanceResponse, "run_instances", run_instances)
+    return market
+
+
+def spot_requests(endpoint: str, request_id: str) -> list[dict]:
+    return aws(endpoint).describe_spot_instance_requests(
+        Filters=[{"Name": "spot-instance-request-id", "Values": [request_id]}])["SpotInstanceRequests"]
 
 
 def test_up_creates_the_instance_from_the_spec_once(tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str,
@@ -160,6 +225,85 @@ def test_deploy_creates_the_instance_when_there_is_none(tmp_path: Path, sshd: Ss
     assert wait_final(Path(json.loads(proc.stdout)["run_dir"]))["state"] == "finished"
 
 
+def test_up_creates_a_spot_instance_and_terminate_cancels_its_request(
+        tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None,
+        console_fingerprints: Callable, spot_market: SpotMarket) -> None:
+    console_fingerprints(sshd.host_fingerprint)
+    name = f"spot-{tmp_path.name}"
+    cfg = config(tmp_path, sshd, data, moto_endpoint, ec2={"name": name, "launch": {
+        "instance_type": "g5.xlarge", "ami": an_image(moto_endpoint),
+        "spot": {"interruption": "stop", "max_price": 0.5}}})
+    up = run_orch("up", "-c", cfg)
+    assert up.returncode == 0, up.stderr
+    assert "(g5.xlarge, spot, persistent, max $0.5/hour," in up.stderr  # the "created instance" line
+    # a persistent request: EC2 stops the instance when it takes it back, and starts it again
+    assert spot_market.asked == [{"MarketType": "spot", "SpotOptions": {
+        "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop", "MaxPrice": "0.5"}}]
+    [inst] = alive(moto_endpoint, name)
+    assert inst["InstanceLifecycle"] == "spot" and inst["SpotInstanceRequestId"].startswith("sir-")
+    [request] = spot_requests(moto_endpoint, inst["SpotInstanceRequestId"])
+    assert request["Type"] == "persistent" and request["InstanceId"] == inst["InstanceId"]
+    shutdown = aws(moto_endpoint).describe_instance_attribute(InstanceId=inst["InstanceId"],
+                                                              Attribute="instanceInitiatedShutdownBehavior")
+    assert shutdown["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+
+    doc = json.loads(run_orch("status", "-c", cfg, "--json").stdout)["instance"]
+    assert doc["market"] == "spot" and doc["spot"] and doc["cost"]["hourly_usd"] == 0.00001  # moto's spot price
+    text = run_orch("status", "-c", cfg).stdout
+    assert f"instance {inst['InstanceId']} (g5.xlarge, spot): running" in text
+    assert "$0.00001/hour (current spot price in us-east-1" in text
+    again = run_orch("up", "-c", cfg)
+    assert again.returncode == 0 and "created" not in again.stderr and len(spot_market.asked) == 1
+
+    # Terminating cancels the persistent request first, which would launch a new instance.
+    gone = run_orch("down", "--terminate", "-y", "-c", cfg)
+    assert gone.returncode == 0 and f"{inst['InstanceId']} terminated" in gone.stdout, gone.stderr
+    assert f"cancelling spot request {inst['SpotInstanceRequestId']} first" in gone.stderr
+    assert spot_requests(moto_endpoint, inst["SpotInstanceRequestId"]) == []  # moto forgets a cancelled one
+    assert alive(moto_endpoint, name) == []
+
+
+def test_a_refused_spot_request_is_one_line_or_an_on_demand_instance_with_fallback(
+        tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None,
+        console_fingerprints: Callable, spot_market: SpotMarket) -> None:
+    console_fingerprints(sshd.host_fingerprint)
+    name = f"refused-{tmp_path.name}"
+    launch = {"instance_type": "g5.xlarge", "ami": an_image(moto_endpoint), "spot": {}}
+    spot_market.refuse = {"spot": "InsufficientInstanceCapacity"}
+
+    # Asked once (a capacity refusal is HTTP 500, which botocore would retry 5 times), exit 3.
+    refused = run_orch("up", "-c", config(tmp_path, sshd, data, moto_endpoint, ec2={"name": name, "launch": launch}))
+    line = error_line(refused)
+    assert refused.returncode == 3 and "EC2 refused the spot request (g5.xlarge, up to the on-demand price, " \
+        "any zone of us-east-1): InsufficientInstanceCapacity: There is no capacity" in line, refused.stderr
+    assert "or set ec2.launch.fallback_on_demand: true" in line
+    assert spot_market.asked == [{"MarketType": "spot", "SpotOptions": {
+        "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}]
+    assert named(moto_endpoint, name) == []
+
+    # With fallback_on_demand, and on-demand refused too: one line saying both, nothing created.
+    cfg = config(tmp_path, sshd, data, moto_endpoint, ec2={"name": name, "launch": {
+        **launch, "fallback_on_demand": True}})
+    spot_market.refuse = {"spot": "SpotMaxPriceTooLow", "on-demand": "InsufficientInstanceCapacity"}
+    both = run_orch("up", "-c", cfg)
+    assert both.returncode == 3 and "EC2 refused the spot request (SpotMaxPriceTooLow) and the on-demand request " \
+        "(g5.xlarge, any zone of us-east-1): InsufficientInstanceCapacity" in error_line(both), both.stderr
+    assert [a.get("MarketType") for a in spot_market.asked[1:]] == ["spot", None]
+    assert named(moto_endpoint, name) == []
+
+    # On-demand has capacity: created, and said so.
+    spot_market.refuse = {"spot": "InsufficientInstanceCapacity"}
+    up = run_orch("up", "-c", cfg)
+    assert up.returncode == 0, up.stderr
+    assert "EC2 refused the spot request (InsufficientInstanceCapacity: There is no capacity for your request " \
+        "(InsufficientInstanceCapacity, a test)): creating an on-demand instance instead " \
+        "(ec2.launch.fallback_on_demand)" in up.stderr
+    assert "(g5.xlarge, on-demand," in up.stderr
+    [inst] = alive(moto_endpoint, name)
+    assert "InstanceLifecycle" not in inst and "SpotInstanceRequestId" not in inst
+    assert json.loads(run_orch("status", "-c", cfg, "--json").stdout)["instance"]["market"] == "on-demand"
+
+
 def test_a_created_instance_is_stopped_when_the_deploy_fails_and_terminate_deletes_it(
         tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None,
         console_fingerprints: Callable) -> None:
@@ -238,7 +382,7 @@ def test_a_machine_that_cannot_be_reached_is_still_shown_and_stopped(
 
     st = run_orch("status", "-c", cfg)
     assert st.returncode == 4, st.stderr
-    assert f"instance {iid} (g5.xlarge): running" in st.stdout and "$1.006/hour" in st.stdout
+    assert f"instance {iid} (g5.xlarge, on-demand): running" in st.stdout and "$1.006/hour" in st.stdout
     assert "machine: unreachable: " in st.stdout and f"127.0.0.1:{closed}" in st.stdout
     doc = json.loads(run_orch("status", "-c", cfg, "--json").stdout)
     assert doc["instance"]["state"] == "running" and doc["instance"]["cost"]["hourly_usd"] == 1.006
