@@ -219,13 +219,31 @@ class Ec2Provider(SshProvider):
         # A created instance is stopped, not terminated: terminating cannot be undone, and its disk
         # (with whatever the command already put there: data, the env) costs cents a day and is
         # found again, by its name, by the next deploy; `orch down --terminate` removes it.
-        if created:
+        if created and self.one_time_spot:
+            self.ctx.log(f"terminating instance {instance_id}: it was created for this command, which failed, and a "
+                         "one-time spot instance cannot be stopped")
+        elif created:
             self.ctx.log(f"stopping instance {instance_id}: it was created for this command, which failed (stopped, "
                          "not terminated: the next `orch up` or deploy starts it again; `orch down --terminate` "
                          "deletes it and its disk)")
         else:
             self.ctx.log(f"stopping instance {instance_id} again: it was started for this command, which failed")
         with contextlib.suppress(OrchError):
+            self.park(instance_id, created=created)
+
+    @property
+    def one_time_spot(self) -> bool:
+        """ec2.launch creates one-time spot instances, which EC2 can terminate but never stop."""
+        spot = self.cfg.ec2.launch.spot if self.cfg.ec2.launch is not None else None
+        return spot is not None and spot.interruption == "terminate"
+
+    def park(self, instance_id: str, *, created: bool) -> None:
+        """Stop an instance nobody asked to keep running; one this command (or its run) created
+        as a one-time spot instance is terminated instead, as it cannot be stopped."""
+        inst = ec2.describe(self.client, instance_id)
+        if created and inst.spot and self.one_time_spot:
+            ec2.terminate(self.client, instance_id, log=self.ctx.log)
+        else:
             self.stop()
 
     def stop(self) -> InstanceStatus:

@@ -327,15 +327,11 @@ class Watch:
         inst, _ = self._instance()
         if inst is None or inst.state not in ("running", "pending"):
             return
-        spot = self.cfg.ec2.launch.spot if self.cfg.ec2.launch is not None else None
-        one_time = inst.spot and (spot is None or spot.interruption == "terminate")
+        one_time = inst.spot and self.provider.one_time_spot
         self.ctx.log(f"{'terminating' if one_time else 'stopping'} instance {inst.instance_id}: orch created it for "
                      "this run, which has ended, and autostop is off")
         with contextlib.suppress(OrchError):
-            if one_time:
-                ec2.terminate(self.provider.client, inst.instance_id, log=self.ctx.log)
-            else:
-                self.provider.stop()
+            self.provider.park(inst.instance_id, created=True)
 
 
 def watch(ctx: Context, run_id: str | None, *, created: set[str] | None = None,
