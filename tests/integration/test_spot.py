@@ -26,7 +26,7 @@ from tests.integration.fault_harness import make_data, untimed
 from tests.integration.test_ec2_launch import alive, an_image, aws, named, state_of
 from tests.integration.test_storage import S3
 from tests.integration.trainer_proc import metrics, run_trainer, status, trainer_env
-from tests.servers import TcpRelay, imds_stand_in
+from tests.servers import TcpRelay
 from trainer.contract import layout, options
 from trainer.machine.proc import pid_alive
 
@@ -52,6 +52,8 @@ def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict
 
 @pytest.fixture
 def imds() -> Iterator[Any]:
+    from tests.servers import imds_stand_in
+
     with imds_stand_in() as server:
         yield server
 
@@ -255,14 +257,14 @@ def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until
 
 
 def test_ssh_failing_while_ec2_says_running_is_no_preemption_and_a_crash_restarts_only_as_allowed(
-        tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None, imds: Any) -> None:
+        tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None) -> None:
     relay = TcpRelay(sshd.port)
     try:
         iid = aws(moto_endpoint).run_instances(ImageId=an_image(moto_endpoint), InstanceType="g5.xlarge", MinCount=1,
                                                MaxCount=1)["Instances"][0]["InstanceId"]
         kind, key = sshd.host_key_pub.split()[:2]
         (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{relay.port} {kind} {key}\n")
-        cfg = config(tmp_path, sshd, data, moto_endpoint, imds.url, ec2={"instance_id": iid}, port=relay.port,
+        cfg = config(tmp_path, sshd, data, moto_endpoint, "http://127.0.0.1:9", ec2={"instance_id": iid}, port=relay.port,
                      recover={"max_restarts_on_errors": 1})
         orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "crashy", "-c", cfg)
         run = tmp_path / "remote" / layout.RUNS_DIR / "crashy"
