@@ -96,10 +96,11 @@ class _FrameReader:
 class Machine:
     """A connected machine (from orchestrator.provision.acquire) and what commands ask of it."""
 
-    def __init__(self, ctx: Context, remote: Remote, payload: bytes | None = None) -> None:
+    def __init__(self, ctx: Context, remote: Remote, payload: bytes | None = None, *, spot: bool = False) -> None:
         self.ctx, self.cfg, self.remote, self.log = ctx, ctx.cfg, remote, ctx.log
         self.payload = payload if payload is not None else bundle()  # what runs there (tests send broken ones)
         self.launched = False  # a trainer was started by this command (provision keeps the instance running)
+        self.spot = spot  # EC2 says it is a spot instance: its watcher asks IMDS for interruption notices
 
     # ---- running a verb -----------------------------------------------------------------
 
