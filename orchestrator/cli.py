@@ -507,13 +507,15 @@ def stop(
     """Stop a run: SIGTERM, the trainer saves and marks it stopped; reports the final state."""
     from orchestrator.runs import run_json
     from orchestrator.runs import stop as run_stop
+    from trainer.contract import layout
 
     final = run_stop(ctx, run)
     if json_out:
         _print_json(_out(ctx), run_json(final))
     else:
         _say(_out(ctx), f"run {final.run_id} {final.shown_state} at epoch {final.epoch}/{final.epochs}")
-    return 0 if final.shown_state == "stopped" else int(final.exit_code or ExitCode.ERROR)
+    # stopped as asked (or by a spot notice that came at the same time: it stopped and can continue all the same)
+    return 0 if final.shown_state in (layout.STOPPED, layout.INTERRUPTED) else int(final.exit_code or ExitCode.ERROR)
 
 
 def main(argv: list[str] | None = None, output: Output | None = None) -> int:

@@ -105,6 +105,7 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
     deploy_json = json.dumps(resolved, indent=2).encode()
     args = [m.root, start.run_id, "--fresh" if start.fresh else "--continue", *(["--force"] if start.force else []),
             "--python", start.python, "--code", m.code.path, "--data-dir", m.data_dir, *launch_args(start.autostop),
+            *(["--spot-metadata-url", m.cfg.ec2.metadata_url] if m.spot else []),  # the watcher asks it for notices
             "--", *start.argv, *storage.trainer_args(m.cfg), *_recovery_args(start.recovery)]
     got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if start.fresh else None)
     answer = LaunchAnswer.from_json(got.record) if isinstance(got.record, dict) else LaunchAnswer()
@@ -150,7 +151,7 @@ def wait_started(m: Machine, run_dir: str, pid: int, launched_at: float, timeout
     deadline = time.monotonic() + timeout
     while True:
         check = m.answer(verbs.STARTED, run_dir, pid, repr(launched_at))
-        if check.state in (layout.RUNNING, layout.FINISHED, layout.STOPPED):
+        if check.state in (layout.RUNNING, layout.FINISHED, layout.STOPPED, layout.INTERRUPTED):
             return
         if check.state == layout.FAILED or not check.alive or time.monotonic() > deadline:
             why = "failed" if check.state == layout.FAILED else "exited" if not check.alive else "wrote no status.json"

@@ -97,12 +97,13 @@ class _FrameReader:
 class Machine:
     """A connected machine (from orchestrator.provision.acquire) and what commands ask of it."""
 
-    def __init__(self, ctx: Context, remote: Remote, payload: bytes | None = None) -> None:
+    def __init__(self, ctx: Context, remote: Remote, payload: bytes | None = None, *, spot: bool = False) -> None:
         self.ctx, self.cfg, self.remote, self.log = ctx, ctx.cfg, remote, ctx.log
         self.payload = payload if payload is not None else bundle()  # what runs there (tests send broken ones)
         self.launched = False  # a trainer was started by this command (provision keeps the instance running)
         self.instance: Instance | None = None  # the EC2 instance it is (provision sets it)
         self.created = False  # this command created that instance (from ec2.launch)
+        self.spot = spot  # EC2 says it is a spot instance: its watcher asks IMDS for interruption notices
 
     # ---- running a verb -----------------------------------------------------------------
 

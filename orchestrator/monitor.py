@@ -40,12 +40,14 @@ class RunView:
     host: Host = field(default_factory=Host)
     log_tail: list[str] = field(default_factory=list)
     note: str | None = None  # e.g. "reconnecting"
+    rebalance_at: str | None = None  # EC2 recommended rebalancing (the machine's watcher saw it)
 
     def update(self, snap: Snapshot) -> None:
         if snap.metrics_count < len(self.history):  # metrics.jsonl was rewritten (a continued run)
             self.history = self.history[: snap.metrics_count - len(snap.metrics)]
         self.history += snap.metrics
         self.run, self.host, self.log_tail = snap.run, snap.host, snap.log_tail
+        self.rebalance_at = snap.rebalance_at
         self.note = None
 
     @property
@@ -84,6 +86,7 @@ class RunView:
             "quiet_for": run.quiet_for, "eta_seconds": self.eta_seconds(),
             "mirror": asdict(run.mirror) if run.mirror else None,
             "recoveries": [asdict(r) for r in run.recoveries], "lost_seconds": run.lost_seconds,
+            "interruption": asdict(run.interruption) if run.interruption else None, "rebalance_at": self.rebalance_at,
             "gpus": [asdict(g) for g in self.host.gpus], "load": asdict(self.host.load), "log_tail": self.log_tail,
         }
 
@@ -98,11 +101,15 @@ class RunView:
         versus = compared_with_parent(run, long=True)
         if versus:
             text += f"; {versus}"
+        if self.state == layout.INTERRUPTED and run.interruption is not None:
+            text += f"; {run.interruption.describe()}: `orch resume {self.run_id} --continue` continues it"
         if self.state == DIED:
             text += "; the process is gone without a final state (killed? out of memory? never started?): " \
                     f"`orch resume {self.run_id} --continue` picks it up from its last epoch"
         if run.mirror is not None:
             text += f"; storage: {run.mirror.describe()}"
+        if self.rebalance_at:
+            text += f"; {rebalance_text(self.rebalance_at)}"
         if self.state in (DIED, layout.FAILED) and self.log_tail:
             text += " | last lines of train.log: " + " | ".join(line for line in self.log_tail[-3:] if line.strip())
         return text
@@ -130,7 +137,7 @@ class RunView:
         run = self.info
         epoch, epochs = run.epoch or 0, run.epochs or 0
         color = {layout.FINISHED: "green", layout.FAILED: "red", DIED: "red", STALLED: "red",
-                 layout.STOPPED: "yellow"}.get(
+                 layout.STOPPED: "yellow", layout.INTERRUPTED: "yellow"}.get(
             self.state or "", "cyan")
         head = Text.assemble(("run ", "bold"), (clean(self.run_id), "bold"), "  ",
                              (clean(str(self.state)), f"bold {color}"), "  " + self.process_text(),
@@ -153,6 +160,10 @@ class RunView:
             parts.append(Text(f"stalled: {run.stall}", style="red"))
         if run.recoveries:
             parts.append(Text(clean(self.recoveries_line())))
+        if self.state == layout.INTERRUPTED and run.interruption is not None:
+            parts.append(Text(clean(run.interruption.describe()), style="yellow"))
+        if self.rebalance_at:
+            parts.append(Text(clean(rebalance_text(self.rebalance_at)), style="yellow"))
         if run.mirror is not None:
             parts.append(Text(clean(f"storage: {run.mirror.describe()}"),
                               style="yellow" if run.mirror.state == "retrying" else ""))
@@ -171,6 +182,11 @@ class RunView:
             table.add_row(str(g.index), clean(g.name), _fmt(g.utilization, 0), memory, _fmt(g.temperature, 0),
                           _fmt(g.power, 1))
         return table
+
+
+def rebalance_text(since: str) -> str:
+    return (f"EC2 recommends rebalancing since {since[:40]}: this spot instance is at higher risk of "
+            "interruption")
 
 
 def _series(history: list[Epoch], name: str) -> list[float]:

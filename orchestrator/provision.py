@@ -289,7 +289,7 @@ def acquire(ctx: Context, *, start: bool = False, within: float | None = None) -
     machine: Machine | None = None
     try:
         with p.connect(endpoint, within) as remote:
-            machine = Machine(ctx, remote)
+            machine = Machine(ctx, remote, spot=_spot(endpoint))
             machine.instance, machine.created = endpoint.instance, endpoint.created
             yield machine
     except BaseException:
@@ -312,7 +312,12 @@ def bring_up(ctx: Context) -> Iterator[tuple[Provider, Machine]]:
         assert endpoint.instance is not None
         raise type(exc)(f"{exc} (instance {endpoint.instance.instance_id} is running: `orch down` stops it)") from exc
     with remote:
-        yield p, Machine(ctx, remote)
+        yield p, Machine(ctx, remote, spot=_spot(endpoint))
+
+
+def _spot(endpoint: Endpoint) -> bool:
+    """Whether EC2 calls the machine a spot instance (then its launches set spot watching)."""
+    return endpoint.instance is not None and endpoint.instance.spot
 
 
 def trust_host(ctx: Context) -> HostKey:

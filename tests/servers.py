@@ -1,8 +1,10 @@
 """Throw-away servers on 127.0.0.1 for the tests and the benchmarks: an OpenSSH sshd with
-its own host key, client key, config and port."""
+its own host key, client key, config and port; a stand-in for EC2's instance metadata service
+(IMDSv2, spot notices)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -199,3 +202,126 @@ class TcpRelay:
     def close(self) -> None:
         self.cut()
         self.server.close()
+
+
+# --------------------------------------------------------------------------- IMDSv2
+
+
+class ImdsStandIn:
+    """EC2's instance metadata service as a spot instance sees it, IMDSv2 only: ``PUT
+    /latest/api/token`` (with the TTL header) gives a token; every GET needs a valid one (401
+    otherwise; a GET without any token is counted in ``tokenless_requests``, which IMDSv1 would
+    send). ``instance-action`` and the rebalance recommendation answer 404 until the test posts
+    them. ``respond(path, status, body)`` makes a path answer anything at all (a crafted answer)."""
+
+    TOKEN = "/latest/api/token"
+    INSTANCE_ACTION = "/latest/meta-data/spot/instance-action"
+    REBALANCE = "/latest/meta-data/events/recommendations/rebalance"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.url = ""
+        self.tokens: set[str] = set()
+        self.tokenless_requests = 0
+        self.token_requests = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path), in order
+        self._answers: dict[str, tuple[int, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def notice(self, action: str = "terminate", time: str | None = None) -> str:
+        """Post a spot instance-action notice (default: terminate, two minutes from now); its time."""
+        when = time or _iso_z(120)
+        self.respond(self.INSTANCE_ACTION, 200, json.dumps({"action": action, "time": when}).encode())
+        return when
+
+    def rebalance(self, time: str | None = None) -> str:
+        """Post a rebalance recommendation (default: now); its noticeTime."""
+        when = time or _iso_z(0)
+        self.respond(self.REBALANCE, 200, json.dumps({"noticeTime": when}).encode())
+        return when
+
+    def clear(self) -> None:
+        """No notice, no recommendation (a new instance): every path answers 404 again."""
+        with self._lock:
+            self._answers.clear()
+
+    def expire_tokens(self) -> None:
+        """Every token given so far is no longer valid (their TTL ran out): GETs with them get 401."""
+        with self._lock:
+            self.tokens.clear()
+
+    def respond(self, path: str, status: int, body: bytes) -> None:
+        with self._lock:
+            self._answers[path] = (status, body)
+
+    def gets(self, path: str) -> int:
+        """How many GETs of ``path`` came so far."""
+        with self._lock:
+            return sum(1 for method, p in self.requests if (method, p) == ("GET", path))
+
+    def _handle(self, method: str, path: str, headers: Any) -> tuple[int, bytes]:
+        import secrets
+
+        with self._lock:
+            self.requests.append((method, path))
+            if method == "PUT" and path == self.TOKEN:
+                if path in self._answers:  # respond() made the token service odd
+                    return self._answers[path]
+                ttl = headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
+                if not (ttl.isdigit() and 1 <= int(ttl) <= 21600):
+                    return 400, b""
+                token = secrets.token_urlsafe(42)
+                self.tokens.add(token)
+                self.token_requests += 1
+                return 200, token.encode()
+            if method != "GET":
+                return 405, b""
+            token = headers.get("X-aws-ec2-metadata-token")
+            if token is None:
+                self.tokenless_requests += 1
+                return 401, b""
+            if token not in self.tokens:
+                return 401, b""
+            return self._answers.get(path, (404, b""))
+
+
+def _iso_z(seconds_from_now: float) -> str:
+    from datetime import datetime, timedelta, timezone
+
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@contextmanager
+def imds_stand_in() -> Iterator[ImdsStandIn]:
+    """An IMDSv2 stand-in on a free 127.0.0.1 port for the block (``imds.url`` is its address,
+    what ec2.metadata_url names)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    imds = ImdsStandIn()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            status, body = imds._handle(self.command, self.path, self.headers)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json" if body.startswith(b"{") else "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = _answer
+
+        def log_message(self, *_args: object) -> None:  # quiet: the tests read imds.requests
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: the kernel picks a free one, no race
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True, name="imds-stand-in")
+    thread.start()
+    imds.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield imds
+    finally:
+        server.shutdown()
+        server.server_close()

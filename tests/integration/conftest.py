@@ -39,6 +39,18 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 
 
 @pytest.fixture(scope="session")
+def aws_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A loopback sshd whose sessions have dummy AWS credentials (the machine's own, as an
+    instance role gives them: a trainer mirroring to moto's S3 needs some) and AWS config files
+    of their own: never the real ~/.aws of this user."""
+    d = tmp_path_factory.mktemp("aws-sshd")
+    env = (f"AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_CONFIG_FILE={d}/aws-config "
+           f"AWS_SHARED_CREDENTIALS_FILE={d}/aws-credentials")
+    with start_sshd(d / "sshd", extra_config=f"SetEnv {env}") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 

@@ -26,7 +26,7 @@ from tests.integration.fault_harness import make_data, untimed
 from tests.integration.test_ec2_launch import alive, an_image, aws, named, state_of
 from tests.integration.test_storage import S3
 from tests.integration.trainer_proc import metrics, run_trainer, status, trainer_env
-from tests.servers import TcpRelay
+from tests.servers import TcpRelay, imds_stand_in
 from trainer.contract import layout, options
 from trainer.machine.proc import pid_alive
 
@@ -52,8 +52,6 @@ def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict
 
 @pytest.fixture
 def imds() -> Iterator[Any]:
-    from tests.servers import imds_stand_in
-
     with imds_stand_in() as server:
         yield server
 
@@ -160,8 +158,9 @@ def trainer_gone(run: Path) -> bool:
 
 
 def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_finish(
-        tmp_path: Path, sshd: Sshd, data: Path, reference: list[dict[str, Any]], moto_endpoint: str,
+        tmp_path: Path, aws_sshd: Sshd, data: Path, reference: list[dict[str, Any]], moto_endpoint: str,
         aws_creds: None, console_fingerprints: Callable, imds: Any) -> None:
+    sshd = aws_sshd  # the machine's trainer mirrors to S3 with credentials of its own
     s3 = S3()
     try:
         console_fingerprints(sshd.host_fingerprint)  # each new instance's key is trusted from its console only

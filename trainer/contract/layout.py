@@ -8,10 +8,11 @@ down here exactly once.
       code/<version>/     the uploaded trainer package (.complete once whole; code/.lock)
       envs/<key>/         managed virtualenvs (.orch-ready once pip succeeded; install.log)
       runs/<run_id>/      one folder per run, below
-      launch.lock  activity.lock  autostop.json  watcher.json  watcher.log  watcher.lock
+      launch.lock  activity.lock  autostop.json  spot.json  watcher.json  watcher.log  watcher.lock
 
     <remote_root>/runs/<run_id>/
       run.json  deploy.json  pid  lock  train.log  metrics.jsonl  status.json  MANIFEST.sha256
+      interruption.json                        a spot notice the watcher saw (never in the manifest)
       checkpoints/state.json                   the commit point (see below)
       checkpoints/epoch-NNNN.weights.h5        weights + optimizer state of a committed epoch
       checkpoints/epoch-NNNN-batch-BBBB.weights.h5   ... of a committed position inside epoch NNNN
@@ -55,7 +56,7 @@ extended run (``--init-from PARENT``) commits the parent's best weights as its e
 killed: the manifest lists only files that do not change while it lists them. Always: run.json,
 the statistics inputs (mean, std, classes.json, split.json) and best.weights.h5 (its sha256
 comes from the state, never from re-reading it). Only while the run is in a final state
-(finished, failed, stopped): status.json, metrics.jsonl and the evaluation outputs; a continued
+(finished, failed, stopped, interrupted): status.json, metrics.jsonl and the evaluation outputs; a continued
 run rewrites the manifest without them before it changes them. best.weights.h5 is replaced as:
 manifest without it -> replace -> manifest with it. Until there is something to list (run.json
 or a best checkpoint) there is no manifest: ``sha256sum -c`` needs at least one line.
@@ -85,6 +86,8 @@ LAUNCH_LOCK = "launch.lock"
 # Autostop (trainer/machine/watcher.py), under remote.root: the setting, what the watcher last saw,
 # its decisions, and the lock the one running watcher holds.
 AUTOSTOP_SETTING = "autostop.json"
+# Spot watching (the same watcher): {"metadata_url", "armed_at"}, written by a launch on a spot instance.
+SPOT_SETTING = "spot.json"
 WATCHER_STATE = "watcher.json"
 WATCHER_LOG = "watcher.log"
 WATCHER_LOCK = "watcher.lock"
@@ -105,6 +108,10 @@ HEARTBEAT = "heartbeat.json"
 # The storage mirror's report (trainer/ml/mirror.py): what it last uploaded, or why it retries.
 MIRROR_STATUS = "mirror.json"
 TENSORBOARD_DIR = "tensorboard"
+# A spot interruption notice, written by the watcher before it SIGTERMs the run's trainer
+# ({"action", "notice_time", "noticed_at"}: wire.Interruption): the machine's own, never listed
+# in the manifest nor mirrored.
+INTERRUPTION = "interruption.json"
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_WEIGHTS = f"{CHECKPOINTS_DIR}/best.weights.h5"
@@ -139,6 +146,8 @@ INTERRUPTED = "interrupted"
 FINAL_STATES = (FINISHED, FAILED, STOPPED, INTERRUPTED)
 # status.json "reason" of a failed run that ran out of disk (its exit code is 14, not 8).
 DISK_FULL = "disk_full"
+# status.json "reason" of an interrupted run: a spot instance-action notice.
+SPOT_INTERRUPTION = "spot_interruption"
 
 # Keys of one metrics.jsonl line (more may follow; readers must ignore unknown keys).
 METRIC_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
@@ -219,7 +228,7 @@ def run_dir(remote_root: str, run_id: str) -> str:
 STORAGE_SHA_KEY = "sha256"
 # Mirrored besides the state, its files and the manifest: never the machine's own files (pid, lock,
 # heartbeat, the mirror's report) nor temp files.
-NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, "tensorboard"})
+NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, INTERRUPTION, "tensorboard"})
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

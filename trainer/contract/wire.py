@@ -334,6 +334,34 @@ def _type_name(kind: Any) -> str:
     return " or ".join(names.get(a, str(a)) for a in (typing.get_args(kind) or (kind,)))
 
 
+# What EC2's spot instance-action notice may say (IMDS /latest/meta-data/spot/instance-action).
+SPOT_ACTIONS = ("terminate", "stop", "hibernate")
+MAX_NOTICE_TIME = 40  # "2026-11-21T10:30:15Z" and its variants: a longer one is not EC2's
+
+
+@dataclass(frozen=True)
+class Interruption(Record):
+    """A spot interruption notice as the watcher recorded it for a run (layout.INTERRUPTION, and
+    status.json's ``interruption`` of an interrupted run). Checked when built: anything but one of
+    EC2's actions and a short, printable time is not one (WireError)."""
+
+    action: str
+    notice_time: str | None = None  # EC2's: when the instance is to be interrupted (ISO 8601, UTC)
+    noticed_at: float | None = None  # when the watcher saw it (seconds since the epoch, the machine's clock)
+
+    def __post_init__(self) -> None:
+        if self.action not in SPOT_ACTIONS:
+            raise WireError(f"Interruption.action: {str(self.action)[:20]!r} is not one of {', '.join(SPOT_ACTIONS)}")
+        time_ok = self.notice_time is None or (len(self.notice_time) <= MAX_NOTICE_TIME and self.notice_time.isascii()
+                                               and self.notice_time.isprintable())
+        if not time_ok:
+            raise WireError("Interruption.notice_time: not a time EC2 would write")
+
+    def describe(self) -> str:
+        """'interrupted by a spot notice (terminate at 2026-11-21T10:32:15Z)'."""
+        return f"interrupted by a spot notice ({self.action} at {self.notice_time or 'an unknown time'})"
+
+
 @dataclass(frozen=True)
 class RunInfo(Record):
     """One run as the machine sees it: status.json and run.json fields, and liveness."""
@@ -364,6 +392,7 @@ class RunInfo(Record):
     signal_stopped: bool = False  # its process is stopped by a signal (SIGSTOP, a debugger)
     mirror: MirrorReport | None = None  # the storage mirror's report (a run mirrored to S3)
     where: str = ON_MACHINE  # ON_MACHINE, IN_STORAGE or BOTH (orch sets it when it reads storage too)
+    interruption: Interruption | None = None  # an interrupted run's spot notice (status.json)
     recoveries: list[Recovery] = field(default_factory=list)  # oldest first, the last MAX_RECOVERIES
 
     def __post_init__(self) -> None:
@@ -433,7 +462,7 @@ def run_fields(run_id: str, status: dict[str, Any], run: dict[str, Any]) -> dict
         parent=run.get("parent_run", status.get("parent")),
         parent_best_val_accuracy=status.get("parent_best_val_accuracy", config.get("parent_best_val_accuracy")),
         vs_parent=status.get("vs_parent"), beat_parent=status.get("beat_parent"), started_at=run.get("started_at"),
-        recoveries=_last(status.get("recoveries"), MAX_RECOVERIES))
+        recoveries=_last(status.get("recoveries"), MAX_RECOVERIES), interruption=status.get("interruption"))
 
 
 def _last(value: Any, n: int) -> list[Any]:
@@ -474,6 +503,8 @@ class Snapshot(Record):
     metrics_count: int = 0  # lines in metrics.jsonl
     log_tail: list[str] = field(default_factory=list)
     host: Host = field(default_factory=Host)
+    # when the machine's watcher saw EC2's rebalance recommendation (noticeTime), None: none seen
+    rebalance_at: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Starting and stopping trainers on the machine (verbs ``launch`` and ``signal``):
 
     launch ROOT RUN_ID (--fresh | --continue) [--force] --python PY --code DIR --data-dir DATA
-           [--autostop-minutes M --autostop-command CMD | --autostop-off]
+           [--autostop-minutes M --autostop-command CMD | --autostop-off] [--spot-metadata-url URL]
            [-- TRAINER_OPTIONS...]          (deploy.json on stdin with --fresh)   -> LaunchAnswer
     signal RUN_DIR                          SIGTERM the run's trainer             -> Signalled
 
@@ -10,8 +10,9 @@ machine; the lock dies with this process): check that no run is active (unless -
 (or check) the run folder, start ``python -m trainer train`` in its own session with SIGHUP
 ignored (it outlives the SSH session), and write its pid file before letting go of the lock, so
 the next launch's busy check already sees it. Autostop is armed (or disarmed) in the same step,
-before the trainer starts: whatever fails after the launch, a machine left to itself stops. Standard
-library only.
+before the trainer starts: whatever fails after the launch, a machine left to itself stops. On a
+spot instance (orch passes ``--spot-metadata-url``) spot watching is set in the same step too, so
+the watcher is asking IMDS for notices before the trainer starts. Standard library only.
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ def _autostop(args: argparse.Namespace, root: Path) -> Autostop | None:
     return None
 
 
+def _spot(args: argparse.Namespace, root: Path) -> None:
+    """Spot watching, set (and its watcher started) while the launch lock is held."""
+    if args.spot_metadata_url:
+        watcher.watch_spot(root, args.spot_metadata_url, Path(args.code))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m trainer.machine FRAME launch")
     parser.add_argument("root")
@@ -122,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--autostop-minutes", type=float)
     parser.add_argument("--autostop-command")
     parser.add_argument("--autostop-off", action="store_true")
+    parser.add_argument("--spot-metadata-url", help="a spot instance: the watcher asks this IMDS for notices")
     return parser
 
 
@@ -137,6 +145,7 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
         fd = _lock(root)
         try:
             _check(root, run_dir, args.fresh, args.force)
+            _spot(args, root)  # first: a disarmed autostop never lets the watcher exit before spot watching is set
             armed = _autostop(args, root)
             launched_at = time.time()
             return LaunchAnswer(pid=_start(args, run_dir, deploy_json), autostop=armed, launched_at=launched_at), 0

@@ -5,7 +5,8 @@ trainer/contract/wire.py (verbs: trainer/contract/verbs.py):
     runs ROOT                              -> RunList: every run under ROOT/runs, with liveness
     host                                   -> Host: nvidia-smi's GPUs and CPU/memory load
     snapshot RUN_DIR METRICS_OFFSET LOG_LINES -> Snapshot: the run, metrics lines from the
-                                              offset on, the log's last lines, the host
+                                              offset on, the log's last lines, the host, and
+                                              the watcher's rebalance recommendation
     machine ROOT                           -> MachineReport: the host, every run, the autostop
     files RUN_DIR                          -> RunFiles: the manifest and the run's regular files
     started RUN_DIR PID LAUNCHED_AT        -> StartCheck: what a just-launched trainer wrote
@@ -177,8 +178,15 @@ def log_tail(run_dir: Path, lines: int) -> list[str]:
 def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:
     """Everything one monitor refresh shows."""
     metrics, count = _metrics(run_dir / layout.METRICS, metrics_offset)
-    return Snapshot(describe_run(run_dir, launching(run_dir.parent.parent)), metrics, count,
-                    log_tail(run_dir, log_lines), host())
+    root = run_dir.parent.parent
+    return Snapshot(describe_run(run_dir, launching(root)), metrics, count, log_tail(run_dir, log_lines), host(),
+                    rebalance_at=rebalance_at(root))
+
+
+def rebalance_at(root: Path) -> str | None:
+    """When the watcher saw EC2's rebalance recommendation (watcher.json), or None."""
+    at = read_json(root / layout.WATCHER_STATE).get("rebalance_at")
+    return at if isinstance(at, str) and 0 < len(at) <= 40 and at.isprintable() else None
 
 
 def autostop(root: Path) -> Autostop:

@@ -116,7 +116,7 @@ class RunDir:
         self.publish(state_name, final, **fields)
 
     def finish(self, state_name: str, **fields: Any) -> None:
-        """The run ends in ``state_name`` (finished, failed, stopped): the manifest lists all."""
+        """The run ends in ``state_name`` (finished, failed, stopped, interrupted): the manifest lists all."""
         self.publish(state_name, final=True, phase=None, **fields)
 
     def fail_on_full_disk(self, message: str) -> None:
@@ -158,6 +158,8 @@ class RunDir:
         if state_name != layout.FAILED:
             status["error"] = fields.get("error")
         status["reason"] = fields.get("reason")  # of this failure only: never carried into the next state
+        if "interruption" not in fields:  # an interrupted run's notice: never carried into a continued run
+            status.pop("interruption", None)
         return status
 
     def _write_metrics(self) -> None:

@@ -11,13 +11,23 @@ only noted; the recorder decides at the next batch end (trainer/ml/recorder.py):
   the run stops; a continued run trains on from that batch.
 
 ``ORCH_TRAINER_FINISH_EPOCH_SECONDS`` overrides the threshold (tests set 0 to force a position).
+
+A stop whose run folder holds an ``interruption.json`` written after this trainer started (the
+machine's watcher writes it just before its SIGTERM, on a spot notice: trainer/machine/watcher.py)
+is an interruption: the same commit, then state ``interrupted`` instead of ``stopped``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from pathlib import Path
 from typing import Any
+
+from trainer.contract import layout
+from trainer.contract.wire import Interruption, WireError
+from trainer.machine.readers import read_json
 
 FINISH_EPOCH_SECONDS = 20.0
 ENV = "ORCH_TRAINER_FINISH_EPOCH_SECONDS"
@@ -34,6 +44,27 @@ def finishes_epoch(done: int, steps: int, seconds: float, trained: int, threshol
     if done >= steps:
         return True
     return (steps - done) * seconds / max(trained, 1) <= threshold
+
+
+def interruption(run_dir: Path, since: float) -> Interruption | None:
+    """The spot notice behind a stop: ``interruption.json`` if it was written at ``since`` (this
+    trainer's start) or later and is one (checked: the watcher's file, but a file all the same)."""
+    doc = read_json(run_dir / layout.INTERRUPTION, limit=4096)
+    try:
+        notice = Interruption.from_json(doc)
+    except WireError:
+        return None
+    return notice if notice.noticed_at is not None and notice.noticed_at >= since else None
+
+
+def forget_old_interruption(run_dir: Path, since: float) -> None:
+    """An interruption.json from before this trainer started (the notice its predecessor
+    stopped for) is no notice for this one: removed."""
+    doc = read_json(run_dir / layout.INTERRUPTION, limit=4096)
+    noticed = doc.get("noticed_at")
+    if (run_dir / layout.INTERRUPTION).exists() and not (isinstance(noticed, (int, float)) and noticed >= since):
+        with contextlib.suppress(OSError):
+            (run_dir / layout.INTERRUPTION).unlink()
 
 
 class StopRequested(Exception):

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,7 +28,8 @@ from trainer.contract.files import disk_full_error
 from trainer.contract.wire import Recovery
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json, link_or_copy
-from trainer.ml import runlock, runstate
+from trainer.machine.proc import started_at
+from trainer.ml import runlock, runstate, stopping
 from trainer.ml.config import TrainConfig
 from trainer.ml.data import load_dataset
 from trainer.ml.dataset import require_samples
@@ -52,6 +54,8 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
     ``recovery``: orch continues the run after a preemption or a restart; it is recorded in
     the committed state before anything else happens."""
     path = Path(cfg.run_dir)
+    # A spot notice counts for this trainer only if the watcher wrote it after the process started.
+    since = started_at(os.getpid()) or time.time()
     runlock.hold(path)  # before anything is written: a second trainer leaves no trace (RunBusy)
     run = RunDir(path)
     # ---- a run directory that already has a run.json is continued, with its own config
@@ -69,6 +73,7 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
             raise _disk_full(run, full) from exc
         log(f"run {path.name} already finished; nothing to do (extend it with --init-from)")
         return ExitCode.OK
+    stopping.forget_old_interruption(path, since)
     try:
         with Stopper() as stopper:
             run.create()
@@ -79,11 +84,9 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
             # The repair comes before any status write: a final state's manifest lists status.json.
             run.repair(layout.RUNNING, epochs=cfg.epochs, phase="loading data", run_id=path.name,
                        parent=cfg.parent_run)
-            return _train(cfg, run, previous, stopper, log)
+            return _train(cfg, run, previous, stopper, log, since)
     except StopRequested as stop:
-        run.finish(layout.STOPPED, error=None)
-        log(_stopped_line(run, stop.signum))
-        return ExitCode.RUN_STOPPED
+        return _stopped(run, stop.signum, since, log)
     except Exception as exc:
         full = disk_full_error(exc)
         if full is not None:
@@ -130,17 +133,30 @@ class _Inputs:
     stats: Stats
 
 
-def _stopped_line(run: RunDir, signum: int) -> str:
-    """The last line of a stopped run: what is kept, and the command that continues it."""
+def _stopped(run: RunDir, signum: int, since: float, log: Log) -> ExitCode:
+    """The run ends ``stopped`` (or ``interrupted``, when a spot notice came with the signal), its
+    position committed; the last line says what is kept and how to continue."""
+    notice = stopping.interruption(run.path, since)
+    if notice is None:
+        run.finish(layout.STOPPED, error=None)
+        log(f"stopped by signal {signum} {_kept(run)}; continue with `orch resume {run.path.name} --continue`")
+    else:
+        run.finish(layout.INTERRUPTED, error=None, reason=layout.SPOT_INTERRUPTION, interruption=notice.to_json())
+        log(f"{notice.describe()} {_kept(run)}; continue with `orch resume {run.path.name} --continue`")
+    return ExitCode.RUN_STOPPED
+
+
+def _kept(run: RunDir) -> str:
+    """'after epoch 3 and batch 5 of epoch 4': what a stopped run keeps."""
     state, partial = run.state, run.state.partial
     kept = [f"epoch {state.epoch}"] if state.epoch else []
     if partial is not None:
         kept.append(f"batch {partial.batch} of epoch {partial.epoch}")
-    where = f"after {' and '.join(kept)}" if kept else "before its first epoch"
-    return f"stopped by signal {signum} {where}; continue with `orch resume {run.path.name} --continue`"
+    return f"after {' and '.join(kept)}" if kept else "before its first epoch"
 
 
-def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stopper, log: Log) -> ExitCode:
+def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stopper, log: Log,
+           since: float) -> ExitCode:
     inputs = _inputs(cfg, run, log)
     model, train_seq, val_seq = _model(cfg, run, inputs, log)
     _starting_point(cfg, run, model, log)
@@ -150,9 +166,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stoppe
     if recorder.failure:
         raise TrainingFailed(recorder.failure)
     if stopper.signum is not None:
-        run.finish(layout.STOPPED, error=None)
-        log(_stopped_line(run, stopper.signum))
-        return ExitCode.RUN_STOPPED
+        return _stopped(run, stopper.signum, since, log)
     # ---- evaluate the best checkpoint on the validation split, then finish
     run.heartbeat.beat(force=True, phase="evaluating")
     _final_evaluation(run, model, inputs, list(run.state.history), log)
