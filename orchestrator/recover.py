@@ -219,6 +219,13 @@ class Watch:
         except OrchError as exc:  # e.g. the instance went away between the two questions
             self.link.drop()
             return Seen(inst, run=None, ssh_error=str(exc))
+        if snap.run.final and inst is not None:
+            # An ended run is acted on (restart, or done) only while EC2 still says the instance
+            # runs: one taken meanwhile (its disk with it) is EC2's matter, not the trainer's.
+            again, ec2_error = self._instance()
+            if ec2_error is not None or (again is not None and again.state != "running"):
+                self.link.drop()
+                return Seen(again, ec2_error)
         self.view.update(snap)
         return Seen(inst, run=snap.run)
 
