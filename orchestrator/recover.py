@@ -193,6 +193,7 @@ class Watch:
         self.created: set[str] = set(created or ())  # instances orch created for this run
         self.recoveries: list[Recovery] = []
         self.taken_at: float | None = None  # when the machine was first seen taken
+        self.said = ""  # the last note logged
 
     # ---- looking ----------------------------------------------------------------------------
 
@@ -230,8 +231,9 @@ class Watch:
         return Seen(inst, run=snap.run)
 
     def _note(self, text: str) -> None:
-        if text and text != self.view.note:
+        if text and text != self.said:  # logged once, however many looks say it again
             self.ctx.log(text)
+        self.said = text
         self.view.note = text or None
         if self.show is not None:
             self.show(self.view)
