@@ -29,6 +29,7 @@ from tests.integration.trainer_proc import metrics, run_trainer, status, trainer
 from tests.servers import TcpRelay, imds_stand_in
 from trainer.contract import layout, options
 from trainer.machine.proc import pid_alive
+from trainer.machine.readers import read_json
 
 pytestmark = pytest.mark.slow
 # Enough epochs that the run still trains when the watcher (every 5 s) passes the notice on.
@@ -227,22 +228,44 @@ def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until
                  ec2={"name": name, "launch": spot_launch(moto_endpoint, "stop")}, recover={"max_recoveries": 1})
     orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "spotstop", "-c", cfg)
     run = tmp_path / "remote" / layout.RUNS_DIR / "spotstop"
+    root = tmp_path / "remote"
     wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch.proc)
     [inst] = alive(moto_endpoint, name)
+    assert json.loads((root / layout.SPOT_SETTING).read_text())["metadata_url"] == imds.url
+    # A rebalance recommendation is recorded and shown, nothing more.
+    rebalance_at = imds.rebalance()
+    wait_for(lambda: read_json(root / layout.WATCHER_STATE).get("rebalance_at"), "the rebalance recorded")
+    assert status(run)["state"] == layout.RUNNING
 
-    def taken() -> int:
-        imds.notice("stop")
+    def taken(seen: Callable[[], None] = lambda: None) -> int:
+        notice_time = imds.notice("stop")
         wait_for(lambda: status(run)["state"] == layout.INTERRUPTED, "the run interrupted", orch.proc)
+        st = status(run)
+        assert st["reason"] == layout.SPOT_INTERRUPTION and st["interruption"]["notice_time"] == notice_time
+        seen()
         imds.clear()
         wait_for(lambda: trainer_gone(run), "the interrupted trainer to exit")
         taken_by_ec2(moto_endpoint, inst["InstanceId"], "stop")
         return int(committed(run)["epoch"])
 
+    def shown() -> None:  # what `orch monitor` says of an interrupted run on a spot instance
+        view = run_orch("monitor", "spotstop", "-c", cfg, "--json")
+        assert view.returncode == 9, view.stderr  # like a stopped run: it can continue
+        doc = json.loads(view.stdout)
+        assert doc["state"] == layout.INTERRUPTED and doc["interruption"]["action"] == "stop"
+        assert doc["rebalance_at"] == rebalance_at
+        once = " ".join(run_orch("monitor", "spotstop", "-c", cfg, "--once").stdout.split())  # unwrapped
+        assert "interrupted by a spot notice (stop at" in once and f"EC2 recommends rebalancing since {rebalance_at}" \
+            in once
+        assert "interrupted by a spot notice (stop at" in (run / layout.TRAIN_LOG).read_text()
+        assert "continue with `orch resume spotstop --continue`" in (run / layout.TRAIN_LOG).read_text()
+
     refuse_starts(1)
-    epoch = taken()
+    epoch = taken(shown)
     orch.wait_said("no capacity")  # refused once: orch waits and tries again
     wait_for(lambda: status(run)["state"] == layout.RUNNING and len(metrics(run)) >= epoch + 2,
              "the run training again on its instance", orch.proc)
+    assert "interruption" not in status(run) and not (run / layout.INTERRUPTION).exists()  # the old notice is past
     assert state_of(moto_endpoint, inst["InstanceId"]) == "running" and len(named(moto_endpoint, name)) == 1
     taken()  # a second preemption: max_recoveries 1 is spent
     code, out, err = orch.finish()
@@ -255,26 +278,39 @@ def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until
     assert imds.tokenless_requests == 0
 
 
-def test_ssh_failing_while_ec2_says_running_is_no_preemption_and_a_crash_restarts_only_as_allowed(
+def test_a_lost_network_or_a_sleeping_laptop_is_no_preemption_and_a_crash_restarts_only_as_allowed(
         tmp_path: Path, sshd: Sshd, data: Path, moto_endpoint: str, aws_creds: None) -> None:
-    relay = TcpRelay(sshd.port)
+    ssh_relay, ec2_relay = TcpRelay(sshd.port), TcpRelay(int(moto_endpoint.rsplit(":", 1)[1]))
     try:
         iid = aws(moto_endpoint).run_instances(ImageId=an_image(moto_endpoint), InstanceType="g5.xlarge", MinCount=1,
                                                MaxCount=1)["Instances"][0]["InstanceId"]
         kind, key = sshd.host_key_pub.split()[:2]
-        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{relay.port} {kind} {key}\n")
-        cfg = config(tmp_path, sshd, data, moto_endpoint, "http://127.0.0.1:9", ec2={"instance_id": iid}, port=relay.port,
-                     recover={"max_restarts_on_errors": 1})
-        orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "crashy", "-c", cfg)
+        (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{ssh_relay.port} {kind} {key}\n")
+        cfg = config(tmp_path, sshd, data, f"http://127.0.0.1:{ec2_relay.port}", "http://127.0.0.1:9",
+                     ec2={"instance_id": iid}, port=ssh_relay.port, recover={"max_restarts_on_errors": 1})
+        deployed = run_orch("deploy", "--sync-data", "--allow-cpu", "--run-id", "crashy", "-c", cfg)
+        assert deployed.returncode == 0, deployed.stderr
+        orch = Orch(tmp_path, "watch", "crashy", "-c", cfg)  # a run already going
         run = tmp_path / "remote" / layout.RUNS_DIR / "crashy"
         wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch.proc)
 
-        relay.cut()  # the network goes; EC2 still says running
-        orch.wait_said("does not answer", times=1)
-        wait_for(lambda: relay.refused >= 3, "three refused looks", orch.proc)
-        relay.mend()
-        before = len(metrics(run))
-        wait_for(lambda: len(metrics(run)) > before, "the run going on", orch.proc)
+        def goes_on() -> None:
+            before = len(metrics(run))
+            wait_for(lambda: len(metrics(run)) > before, "the run going on", orch.proc)
+
+        ssh_relay.cut()  # the machine stops answering SSH; EC2 still says running
+        orch.wait_said("does not answer")
+        wait_for(lambda: ssh_relay.refused >= 3, "three refused looks", orch.proc)
+        ec2_relay.cut()  # and then the laptop loses its network altogether
+        orch.wait_said("EC2 cannot be asked")
+        wait_for(lambda: ec2_relay.refused >= 3, "three refused questions", orch.proc)
+        ssh_relay.mend()
+        ec2_relay.mend()
+        goes_on()
+        os.kill(orch.proc.pid, signal.SIGSTOP)  # the laptop sleeps while the run trains on
+        goes_on()
+        os.kill(orch.proc.pid, signal.SIGCONT)
+        goes_on()
         assert orch.said("recovering") == 0
 
         def crash() -> None:
@@ -296,5 +332,11 @@ def test_ssh_failing_while_ec2_says_running_is_no_preemption_and_a_crash_restart
         [recovery] = committed(run)["recoveries"]
         assert recovery["kind"] == "restart" and recovery["old_instance"] == recovery["new_instance"] == iid
         assert state_of(moto_endpoint, iid) == "running"  # the user's own instance: its life is theirs
+        assert "died after 1 recovery" in out
+        once = " ".join(run_orch("monitor", "crashy", "-c", cfg, "--once").stdout.split())
+        assert "recovered once" in once and "restart 1 of 1" in once
+        table = run_orch("runs", "-c", cfg).stdout
+        assert "recovered" in table and "1 recovery" in table
     finally:
-        relay.close()
+        ssh_relay.close()
+        ec2_relay.close()
