@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import yaml
 
 from tests.servers import Sshd, free_port, keygen, start_sshd
 
-__all__ = ["Sshd", "keygen", "on_a_terminal", "run_orch", "write_config"]
+__all__ = ["SpotMarket", "Sshd", "keygen", "on_a_terminal", "run_orch", "write_config"]
 
 
 @pytest.fixture(autouse=True)
@@ -132,3 +133,60 @@ def on_a_terminal(*args: str | Path, question: bytes, answer: bytes) -> tuple[in
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+@dataclass
+class SpotMarket:
+    """What moto's RunInstances was asked (each call's InstanceMarketOptions, {} for on-demand),
+    and the error code it refuses a market with ("spot", "on-demand"), as EC2 does: HTTP 500."""
+
+    asked: list[dict] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture
+def spot_market(monkeypatch: pytest.MonkeyPatch) -> SpotMarket:
+    """moto's RunInstances (its server runs in this process), recording what it is asked and
+    refusing what the test says. moto makes a spot instance from InstanceMarketOptions but no
+    spot request: one is made for it here (a real moto SpotInstanceRequest, that Describe- and
+    CancelSpotInstanceRequests see), and DescribeInstances names it, as EC2 does."""
+    from moto.ec2.models.spot_requests import SpotInstanceRequest
+    from moto.ec2.responses.instances import InstanceResponse
+    from moto.ec2.utils import random_spot_request_id
+
+    market = SpotMarket()
+    original = InstanceResponse.run_instances
+
+    class Adopted(SpotInstanceRequest):
+        """The request of an instance moto already made (a plain one launches its own)."""
+
+        def __init__(self, instance: object, options: dict) -> None:
+            self.adopted = instance
+            spot = options.get("SpotOptions") or {}
+            super().__init__(
+                instance.ec2_backend, random_spot_request_id(), spot.get("MaxPrice"), instance.image_id,
+                spot.get("SpotInstanceType", "one-time"), None, None, None, None, instance.key_name, [], None,
+                instance.instance_type, None, None, None, False, instance.subnet_id, {}, None,
+                spot.get("InstanceInterruptionBehavior"))
+
+        def launch_instance(self) -> object:
+            return self.adopted
+
+    def run_instances(self: InstanceResponse) -> object:
+        options = self._get_param("InstanceMarketOptions") or {}
+        market.asked.append(options)
+        code = market.refuse.get(options.get("MarketType", "on-demand"))
+        if code:
+            return (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>"
+                    f"<Message>There is no capacity for your request ({code}, a test).</Message></Error></Errors>"
+                    "<RequestID>refused</RequestID></Response>"), {"status": 500}
+        result = original(self)
+        if options.get("MarketType") == "spot":
+            [instance] = result.result.instances
+            request = Adopted(instance, options)
+            instance.ec2_backend.spot_instance_requests[request.id] = request
+            instance.spot_instance_request_id = request.id
+        return result
+
+    monkeypatch.setattr(InstanceResponse, "run_instances", run_instances)
+    return market

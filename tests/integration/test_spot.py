@@ -24,7 +24,7 @@ import pytest
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.fault_harness import make_data, untimed
 from tests.integration.test_ec2_launch import alive, an_image, aws, named, state_of
-from tests.integration.test_storage import S3
+from tests.integration.test_storage import PREFIX, S3
 from tests.integration.trainer_proc import metrics, run_trainer, status, trainer_env
 from tests.servers import TcpRelay, imds_stand_in
 from trainer.contract import layout, options
@@ -154,13 +154,23 @@ def committed(run: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def stored_epoch(s3: S3, run_id: str) -> int | None:
+    """The committed epoch of the state S3 holds (read alone: the mirror deletes superseded
+    objects while a run trains, so a listing may name one that is gone when read)."""
+    key = layout.storage_run_prefix(PREFIX, run_id) + layout.STATE
+    try:
+        return json.loads(s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())["epoch"]
+    except s3.client.exceptions.NoSuchKey:
+        return None
+
+
 def trainer_gone(run: Path) -> bool:
     return not pid_alive(run / layout.PID_FILE)[1]
 
 
 def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_finish(
         tmp_path: Path, aws_sshd: Sshd, data: Path, reference: list[dict[str, Any]], moto_endpoint: str,
-        aws_creds: None, console_fingerprints: Callable, imds: Any) -> None:
+        aws_creds: None, console_fingerprints: Callable, imds: Any, spot_market: Any) -> None:
     sshd = aws_sshd  # the machine's trainer mirrors to S3 with credentials of its own
     s3 = S3()
     try:
@@ -181,8 +191,7 @@ def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_fini
                  "the run interrupted", orch.proc)
         interrupted = time.monotonic() - noticed
         at = committed(run)
-        wait_for(lambda: json.loads(s3.objects("spotday").get(layout.STATE, b"{}")).get("epoch") == at["epoch"],
-                 "the committed state in S3")
+        wait_for(lambda: stored_epoch(s3, "spotday") == at["epoch"], "the committed state in S3")
         uploaded = time.monotonic() - noticed
         print(f"\nspot notice -> run interrupted in {interrupted:.1f} s, its committed state (epoch {at['epoch']}) "
               f"in S3 in {uploaded:.1f} s (target 30 s, EC2's window 120 s)")
@@ -191,9 +200,12 @@ def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_fini
         imds.clear()
 
         wait_for(lambda: trainer_gone(run), "the interrupted trainer to exit")
+        spot_market.refuse["spot"] = "InsufficientInstanceCapacity"  # no spot capacity at first
         taken_by_ec2(moto_endpoint, first["InstanceId"], "terminate")
         shutil.rmtree(tmp_path / "remote")  # the disk went with the instance
         (tmp_path / "known_hosts").write_text("")  # a new instance is a new host
+        orch.wait_said("no capacity")  # refused: orch backs off and asks again
+        spot_market.refuse.clear()
         code, out, err = orch.finish()
         assert code == 0, out[-3000:] + err[-3000:]
 
@@ -204,6 +216,7 @@ def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_fini
         assert len(instances) == 2 and first["InstanceId"] in {i["InstanceId"] for i in instances}
         [second] = [i for i in instances if i["InstanceId"] != first["InstanceId"]]
         assert second["InstanceLifecycle"] == "spot"
+        assert [a.get("MarketType") for a in spot_market.asked] == ["spot"] * 3  # the refused request included
         assert alive(moto_endpoint, name) == []  # created for the run, which ended, autostop off: not left running
         [recovery] = committed(run)["recoveries"]
         assert recovery["kind"] == "preempted" and recovery["old_instance"] == first["InstanceId"]
