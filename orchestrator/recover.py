@@ -261,12 +261,28 @@ class Watch:
                       "(recover.max_restarts_on_errors)"
                 gave_up = self._recover("restart", why, in_place=True)
             else:
+                cannot = self._cannot_replace(seen)
+                if cannot is not None:
+                    return self._end(cannot)
                 if not self.budget.allows(time.time()):
                     return self._end(f"{decision.why}; {len(self.budget.times)} recoveries within "
                                      f"{self.policy.window:g} min already (recover.max_recoveries)")
                 gave_up = self._recover("preempted", decision.why, in_place=decision.in_place)
             if gave_up is not None:
                 return self._end(gave_up)
+
+    def _cannot_replace(self, seen: Seen) -> str | None:
+        """Why a terminated instance cannot be replaced (None: it can, or need not be)."""
+        inst = seen.instance
+        if inst is None or inst.state != "terminated":
+            return None
+        if self.cfg.ec2.launch is None:
+            return (f"instance {inst.instance_id} was terminated and deploy.yaml has no ec2.launch to create another "
+                    f"from; give one (and ec2.name), then `orch resume {self.view.run_id} --continue`")
+        if storage.storage(self.cfg) is None:
+            return (f"instance {inst.instance_id} was terminated with its disk, and the run has no storage mirror "
+                    "(storage.s3_uri) to be restored from")
+        return None
 
     def _recover(self, kind: str, why: str, *, in_place: bool) -> str | None:
         """Continue the run (on its instance again, or a new one); None once it trains again,

@@ -70,3 +70,22 @@ def test_the_budget_counts_recoveries_in_the_window_and_backs_off_between_failed
     budget.spent(50.0)
     assert not budget.allows(99.0)  # two recoveries within 100 s
     assert budget.allows(100.0)  # the first left the window
+
+
+def test_a_terminated_instance_without_a_spec_or_storage_is_given_up_at_once(tmp_path) -> None:  # noqa: ANN001
+    from orchestrator.config import DeployConfig
+    from orchestrator.context import Context
+    from orchestrator.recover import Watch
+
+    def watch(**cfg: object) -> Watch:
+        config = DeployConfig.model_validate({"target": "ec2", "base_dir": tmp_path, **cfg})
+        return Watch(Context(config), "r1")
+
+    taken = Seen(inst("terminated", "Server.SpotInstanceTermination"))
+    named = {"ec2": {"instance_id": "i-0abc"}}
+    assert "no ec2.launch" in (watch(**named)._cannot_replace(taken) or "")
+    launch = {"ec2": {"name": "gpu", "launch": {"instance_type": "g5.xlarge", "ami": "ami-03cf127a"}}}
+    assert "no storage mirror" in (watch(**launch)._cannot_replace(taken) or "")
+    stored = {**launch, "storage": {"s3_uri": "s3://bucket/runs"}}
+    assert watch(**stored)._cannot_replace(taken) is None
+    assert watch(**named)._cannot_replace(Seen(inst("stopped", "Server.SpotInstanceShutdown"))) is None
