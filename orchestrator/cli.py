@@ -22,7 +22,7 @@ import typer
 
 from orchestrator import __version__
 from orchestrator.context import Context, Output, Trust
-from orchestrator.errors import ExitCode, OrchError
+from orchestrator.errors import ConfigError, ExitCode, OrchError
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.terminal import clean
 from trainer.contract.exitcodes import help_table
@@ -265,11 +265,15 @@ def deploy(
     from orchestrator.recover import check_recoverable
 
     if recover:
+        if json_out:
+            raise ConfigError("--recover shows the run live to its end; for a script, `orch deploy --json` then "
+                              "`orch watch RUN`")
         check_recoverable(ctx)
     launched = run_deploy(ctx, run_id=run_id, with_data=sync_data, launching=launching, trainer_args=trainer_args or ())
     _show_launched(ctx, launched, json_out)
     if recover:
-        return _watch(ctx, launched.run_id, created={launched.instance_id} if launched.created else set())
+        return _watch(ctx, launched.run_id, created={launched.instance_id} if launched.created else set(),
+                      launching=launching)
     return _follow(ctx, launched.run_id) if follow else 0
 
 
@@ -341,21 +345,28 @@ def monitor(
 
 @app.command()
 @uses_machine
-def watch(ctx: Context, run: str | None = RunArg) -> int:
+def watch(
+    ctx: Context,
+    run: str | None = RunArg,
+    allow_cpu: bool = typer.Option(False, "--allow-cpu", help="a continued run may train on the CPU of a GPU box "
+                                   "whose GPUs TensorFlow cannot see (as deploy's --allow-cpu)"),
+) -> int:
     """Stay with a run already going until it ends, and recover it when EC2 takes its
     (spot) instance, as `orch deploy --recover` does: only EC2's word counts, never one failed
     SSH probe; bounded by deploy.yaml's recover: section; each recovery recorded in the run.
     The exit code says how the run ended (as `orch monitor`)."""
-    return _watch(ctx, run)
+    return _watch(ctx, run, launching=LaunchOptions(allow_cpu=allow_cpu))
 
 
-def _watch(ctx: Context, run: str | None, created: set[str] | None = None) -> int:
+def _watch(ctx: Context, run: str | None, created: set[str] | None = None,
+           launching: LaunchOptions | None = None) -> int:
     from rich.live import Live
 
     from orchestrator.recover import watch as run_watch
 
     with Live(console=_out(ctx), auto_refresh=False, transient=False) as live:
-        outcome = run_watch(ctx, run, created=created, show=lambda v: live.update(v.render(), refresh=True))
+        outcome = run_watch(ctx, run, created=created, launching=launching or LaunchOptions(),
+                            show=lambda v: live.update(v.render(), refresh=True))
     _out(ctx).line()
     _say(_out(ctx), outcome.summary())
     return int(outcome.exit_code)

@@ -249,6 +249,12 @@ def ensure_running(ec2: Any, cfg: Ec2Config, allow_start: bool, log: Any = None)
     return inst
 
 
+def start(ec2: Any, instance_id: str) -> None:
+    """Ask EC2 to start a stopped instance (returns at once; EC2 may refuse: no capacity, or a
+    spot instance it stopped itself, which only EC2 starts again)."""
+    _call("starting the instance", ec2.start_instances, InstanceIds=[instance_id])
+
+
 def stop(ec2: Any, cfg: Ec2Config, log: Any = None) -> Instance:
     inst = _found(ec2, cfg)
     if inst.state == "pending":  # EC2 refuses to stop an instance that is still starting
@@ -266,12 +272,13 @@ def stop(ec2: Any, cfg: Ec2Config, log: Any = None) -> Instance:
     return _found(ec2, cfg)
 
 
-def terminate(ec2: Any, instance_id: str, log: Any = None) -> Instance:
+def terminate(ec2: Any, instance_id: str, log: Any = None, *, cancel_request: bool = True) -> Instance:
     """Terminate the instance and wait until it is gone (its disk goes with it when its root
     volume is deleted on termination, as for every instance orch created). A spot instance's
     request is cancelled first: a persistent one would otherwise launch a new instance (and
-    bill it) once this one is gone."""
-    request = describe(ec2, instance_id).spot_request
+    bill it) once this one is gone. ``cancel_request=False``: a one-time request's instance (its
+    request ends with it; a refused cancel must not keep it running)."""
+    request = describe(ec2, instance_id).spot_request if cancel_request else None
     if request:
         cancel_spot_request(ec2, request, log)
     _call("terminating the instance", ec2.terminate_instances, InstanceIds=[instance_id])

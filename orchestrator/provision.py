@@ -228,8 +228,11 @@ class Ec2Provider(SshProvider):
                          "deletes it and its disk)")
         else:
             self.ctx.log(f"stopping instance {instance_id} again: it was started for this command, which failed")
-        with contextlib.suppress(OrchError):
+        try:
             self.park(instance_id, created=created)
+        except OrchError as exc:
+            self.ctx.log(f"could not stop instance {instance_id} ({exc}): it is still RUNNING and billed; `orch down` "
+                         "(or `orch down --terminate`) ends it")
 
     @property
     def one_time_spot(self) -> bool:
@@ -242,7 +245,7 @@ class Ec2Provider(SshProvider):
         as a one-time spot instance is terminated instead, as it cannot be stopped."""
         inst = ec2.describe(self.client, instance_id)
         if created and inst.spot and self.one_time_spot:
-            ec2.terminate(self.client, instance_id, log=self.ctx.log)
+            ec2.terminate(self.client, instance_id, log=self.ctx.log, cancel_request=False)
         else:
             self.stop()
 

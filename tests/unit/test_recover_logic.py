@@ -89,3 +89,32 @@ def test_a_terminated_instance_without_a_spec_or_storage_is_given_up_at_once(tmp
     stored = {**launch, "storage": {"s3_uri": "s3://bucket/runs"}}
     assert watch(**stored)._cannot_replace(taken) is None
     assert watch(**named)._cannot_replace(Seen(inst("stopped", "Server.SpotInstanceShutdown"))) is None
+
+
+def test_ecs_errors_are_told_apart_gone_wait_or_end(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from orchestrator import ec2
+    from orchestrator.config import DeployConfig
+    from orchestrator.context import Context
+    from orchestrator.errors import AwsError
+    from orchestrator.recover import Watch
+
+    config = DeployConfig.model_validate({"target": "ec2", "ec2": {"instance_id": "i-0abc"}, "base_dir": tmp_path})
+    w = Watch(Context(config), "r1")
+    w.instance_id = "i-0abc"
+
+    def fails(code: str) -> None:
+        def describe(_client: object, _iid: str) -> None:
+            raise AwsError(f"AWS error: {code}", code)
+        monkeypatch.setattr(ec2, "describe", describe)
+        monkeypatch.setattr(type(w.provider), "client", property(lambda _self: object()))
+
+    fails("InvalidInstanceID.NotFound")  # EC2 has forgotten it: terminated
+    inst, error = w._instance()
+    assert inst is not None and inst.state == "terminated" and inst.instance_id == "i-0abc" and error is None
+    for transient in ("", "RequestLimitExceeded", "InternalError", "Unavailable"):  # the network, EC2's trouble
+        fails(transient)
+        assert w._instance()[0] is None and w._instance()[1]
+    for fatal in ("ExpiredToken", "UnauthorizedOperation", "AuthFailure"):  # waiting cannot fix it: the watch ends
+        fails(fatal)
+        with pytest.raises(AwsError):
+            w._instance()

@@ -128,12 +128,15 @@ def test_a_notice_is_written_and_signalled_once_per_run(tmp_path: Path) -> None:
     assert watcher.interrupt(root, notice, done) == ["a", "b"]
     assert watcher.interrupt(root, Interruption("terminate", "2026-11-21T10:32:15Z", time.time()), done) == []
     assert watcher.interrupt(root, notice) == []  # a new watcher: the run's interruption.json says it is done
+    first.terms()
+    first = Trainer(runs / "a")  # the run continued on the same machine while the notice stays posted
+    assert watcher.interrupt(root, notice, set()) == []  # the same notice never stops the continued trainer
     written = json.loads((runs / "a" / layout.INTERRUPTION).read_text())
     assert written == {"action": "terminate", "notice_time": "2026-11-21T10:32:15Z", "noticed_at": notice.noticed_at}
     assert not (runs / "done" / layout.INTERRUPTION).exists()
     later = Interruption("terminate", "2026-11-21T11:00:00Z", time.time())  # another notice: acted on again
     assert watcher.interrupt(root, later, done) == ["a", "b"]
-    assert first.terms() == 2 and second.terms() == 2
+    assert first.terms() == 1 and second.terms() == 2
     assert "spot: EC2 gave notice (terminate at 2026-11-21T10:32:15Z): run a sent SIGTERM" in \
         (root / layout.WATCHER_LOG).read_text()
 
@@ -214,12 +217,9 @@ def test_the_trainer_reads_only_a_notice_written_after_it_started(tmp_path: Path
     assert stopping.interruption(run, start) is None
     old = {"action": "terminate", "notice_time": "2026-11-21T10:32:15Z", "noticed_at": start - 30}
     (run / layout.INTERRUPTION).write_text(json.dumps(old))
-    assert stopping.interruption(run, start) is None
-    stopping.forget_old_interruption(run, start)
-    assert not (run / layout.INTERRUPTION).exists()
+    assert stopping.interruption(run, start) is None  # kept: the watcher sees this notice was acted on
     fresh = old | {"noticed_at": start + 1}
     (run / layout.INTERRUPTION).write_text(json.dumps(fresh))
-    stopping.forget_old_interruption(run, start)
     notice = stopping.interruption(run, start)
     assert notice is not None and notice.action == "terminate" and notice.notice_time == "2026-11-21T10:32:15Z"
     for crafted in ({**fresh, "action": "rm -rf"}, {**fresh, "noticed_at": "soon"}, [1], {"noticed_at": start + 1}):

@@ -19,7 +19,6 @@ is an interruption: the same commit, then state ``interrupted`` instead of ``sto
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from pathlib import Path
@@ -55,16 +54,6 @@ def interruption(run_dir: Path, since: float) -> Interruption | None:
     except WireError:
         return None
     return notice if notice.noticed_at is not None and notice.noticed_at >= since else None
-
-
-def forget_old_interruption(run_dir: Path, since: float) -> None:
-    """An interruption.json from before this trainer started (the notice its predecessor
-    stopped for) is no notice for this one: removed."""
-    doc = read_json(run_dir / layout.INTERRUPTION, limit=4096)
-    noticed = doc.get("noticed_at")
-    if (run_dir / layout.INTERRUPTION).exists() and not (isinstance(noticed, (int, float)) and noticed >= since):
-        with contextlib.suppress(OSError):
-            (run_dir / layout.INTERRUPTION).unlink()
 
 
 class StopRequested(Exception):

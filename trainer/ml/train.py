@@ -73,7 +73,6 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
             raise _disk_full(run, full) from exc
         log(f"run {path.name} already finished; nothing to do (extend it with --init-from)")
         return ExitCode.OK
-    stopping.forget_old_interruption(path, since)
     try:
         with Stopper() as stopper:
             run.create()
