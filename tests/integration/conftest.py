@@ -6,6 +6,7 @@ user's, so nothing can touch the real ~/.ssh or ~/.aws.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,6 +20,26 @@ import yaml
 from tests.servers import Sshd, free_port, keygen, start_sshd
 
 __all__ = ["SpotMarket", "Sshd", "keygen", "on_a_terminal", "run_orch", "write_config"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_watcher_outlives_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The machine-side watchers the tests' launches start (autostop, spot notices) are detached
+    by design: at the end, every one whose remote.root lies under this session's temp folders
+    is ended (its setting may still be armed: nothing else would)."""
+    yield
+    import signal
+
+    base = str(tmp_path_factory.getbasetemp())
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if "trainer.machine" in words and "watch" in words and any(w.startswith(base) for w in words):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(proc.name), signal.SIGTERM)
 
 
 @pytest.fixture(autouse=True)

@@ -68,6 +68,28 @@ def wait_for(predicate: Callable[[], Any], what: str, proc: subprocess.Popen[byt
     return got
 
 
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test ends with (a failed assertion included): no orch, trainer or watcher of
+    it left running."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    root = tmp_path / "remote"
+    for name in (layout.SPOT_SETTING, layout.AUTOSTOP_SETTING):  # the watcher exits without either
+        (root / name).unlink(missing_ok=True)
+    for pid_file in root.glob(f"{layout.RUNS_DIR}/*/{layout.PID_FILE}"):
+        pid, alive = pid_alive(pid_file)
+        if alive and pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
 class Orch:
     """`orch ...` in the background, its stdout and stderr in files."""
 
@@ -76,6 +98,7 @@ class Orch:
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *map(str, args)], stdout=out,
                                          stderr=err, env=trainer_env())
+        STARTED.append(self.proc)
 
     def said(self, text: str) -> int:
         return self.err.read_text(errors="replace").count(text)

@@ -10,7 +10,6 @@ import json
 import secrets
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,90 +243,3 @@ def test_an_unreachable_machine_leaves_runs_and_logs_readable_from_storage(s3: S
     assert logs.returncode == 0 and "epoch 3" in logs.stdout and "\x1b" not in logs.stdout
     missing = run_orch("download", "nope", "-c", cfg, "--dest", tmp_path / "d")
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr and s3.uri in missing.stderr
-
-
-def orch_in_process(*args: str | Path) -> tuple[int, str]:
-    """`orch ...` in this process (its output captured): moto's server is this process's too."""
-    from orchestrator.cli import main
-    from orchestrator.context import Output
-
-    output = Output.captured()
-    code = main([str(a) for a in args], output)
-    return code, output.out.file.getvalue() + output.err.file.getvalue()
-
-
-def test_a_recovery_is_recorded_in_the_run_and_shown_and_the_run_ends_as_if_never_interrupted(
-        s3: S3, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The recovery loop's part after the new machine is up: the run was stopped mid-way, its
-    machine's disk is gone, and orch continues it from storage with a Recovery record."""
-    from datetime import datetime, timezone
-
-    from orchestrator.config import load_config
-    from orchestrator.context import Context
-    from orchestrator.deploy import deploy, resume
-    from orchestrator.monitor import monitor
-    from orchestrator.requests import LaunchOptions
-    from orchestrator.runs import lost_time
-    from tests.integration.fault_harness import untimed
-    from trainer.contract import options
-    from trainer.contract.wire import Recovery
-    from trainer.machine.faults import SIGNAL_ENV
-    from trainer.machine.probe import describe_run
-    from trainer.ml.stopping import ENV as FINISH_EPOCH_ENV
-
-    train = {"epochs": 4, "learning_rate": 0.003, "warmup_epochs": 1, "hidden": 16, "attention": 8, "batch_size": 16}
-    reference = tmp_path / "reference"
-    run_trainer("train", "--data-dir", data, "--run-dir", reference, *options.to_argv(train))  # never interrupted
-    root = tmp_path / "root"
-    cfg_path = write_config(tmp_path / "deploy.yaml", target="local",
-                            remote={"root": str(root), "python": sys.executable}, data={"remote_dir": str(data)},
-                            storage={"s3_uri": s3.uri, "endpoint_url": s3.endpoint, "region": "us-east-1"},
-                            train=train)
-    ctx = Context(load_config(cfg_path))
-    run = root / layout.RUNS_DIR / "rec"
-
-    # SIGTERM at an exact batch of epoch 2 (about 14 batches an epoch), committed where it is
-    monkeypatch.setenv(SIGNAL_ENV, "train:batch@20")
-    monkeypatch.setenv(FINISH_EPOCH_ENV, "0")
-    deploy(ctx, run_id="rec", launching=LaunchOptions(allow_cpu=True))
-    deadline = time.monotonic() + 300  # a safety net for a hang: the loop ends on the event
-    while (info := describe_run(run)).alive or info.state != layout.STOPPED:
-        assert time.monotonic() < deadline and info.state in (None, layout.RUNNING, layout.STOPPED), info
-        time.sleep(0.2)
-    monkeypatch.delenv(SIGNAL_ENV)
-    stopped = json.loads(s3.objects("rec")[layout.STATE])
-    assert stopped["epoch"] == 1 and stopped["partial"]["epoch"] == 2 and stopped["recoveries"] == []  # mid-way
-    shutil.rmtree(run)  # the machine is gone with its disk: the run lives on in storage only
-
-    noticed = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    recovery = Recovery(at=noticed, why="spot interruption (terminate) of i-0old", kind="preempted",
-                        old_instance="i-0old", new_instance="i-0new")
-    resume(ctx, "rec", in_place=True, launching=LaunchOptions(allow_cpu=True), recovery=recovery)
-    view = monitor(ctx, "rec", interval=0.5)  # follows it to its end
-
-    assert untimed(metrics(run)) == untimed(metrics(reference))  # every epoch once, exactly the same
-    state = json.loads((run / layout.STATE).read_text())
-    (recorded,) = state["recoveries"]
-    assert recorded["at"] == noticed and recorded["old_instance"] == "i-0old" and recorded["new_instance"] == "i-0new"
-    assert recorded["epoch_restored"] == stopped["epoch"] and 0 <= recorded["lost_seconds"] < 600
-    status = json.loads((run / layout.STATUS).read_text())
-    assert status["state"] == "finished" and status["recoveries"] == [recorded]
-    held = s3.objects("rec")
-    assert json.loads(held[layout.STATE])["recoveries"] == [recorded]  # the mirror carries it too
-    assert json.loads(held[layout.STATUS])["recoveries"] == [recorded]
-    assert "recovery 1 recorded (preempted: spot interruption (terminate) of i-0old)" in \
-        (run / layout.TRAIN_LOG).read_text()
-
-    lost = lost_time(recorded["lost_seconds"])
-    assert view.summary().startswith(f"run rec finished after 1 recovery, {lost} lost at epoch 4/4: ")
-    code, text = orch_in_process("runs", "--json", "-c", cfg_path)
-    (listed,) = json.loads(text)
-    assert code == 0 and listed["recovered"] == 1 and listed["lost_seconds"] == recorded["lost_seconds"]
-    assert listed["recoveries"] == [recorded] and listed["where"] == "both"
-    code, text = orch_in_process("runs", "-c", cfg_path)
-    assert code == 0 and "recovered" in text and f"1 recovery, {lost} lost" in text
-    code, text = orch_in_process("monitor", "rec", "--once", "-c", cfg_path)
-    assert code == 0 and f"recovered once, {lost} lost (last: {noticed[:19].replace('T', ' ')}, spot " \
-        "interruption (terminate) of i-0old)" in text, text
-    code, text = orch_in_process("monitor", "rec", "--json", "-c", cfg_path)
-    assert code == 0 and json.loads(text)["recoveries"] == [recorded]

@@ -111,7 +111,15 @@ class Trainer:
         (run / layout.PID_FILE).write_text(pid_line(self.proc.pid))
         (run / layout.STATUS).write_text(json.dumps({"state": "running", "pid": self.proc.pid}))
 
+    def wait_terms(self, n: int = 1) -> None:
+        """Until it has handled ``n`` more SIGTERMs (read one at a time: two sent at once may
+        merge into one, as standard signals do)."""
+        assert self.proc.stdout is not None
+        for _ in range(n):
+            assert self.proc.stdout.readline() == "TERM\n"
+
     def terms(self) -> int:
+        """The SIGTERMs it handled that no wait_terms read; it is killed."""
         self.proc.kill()
         out, _ = self.proc.communicate()
         return out.count("TERM")
@@ -126,9 +134,11 @@ def test_a_notice_is_written_and_signalled_once_per_run(tmp_path: Path) -> None:
     notice = Interruption("terminate", "2026-11-21T10:32:15Z", time.time())
     done: set = set()
     assert watcher.interrupt(root, notice, done) == ["a", "b"]
+    first.wait_terms()
+    second.wait_terms()
     assert watcher.interrupt(root, Interruption("terminate", "2026-11-21T10:32:15Z", time.time()), done) == []
     assert watcher.interrupt(root, notice) == []  # a new watcher: the run's interruption.json says it is done
-    first.terms()
+    assert first.terms() == 0
     first = Trainer(runs / "a")  # the run continued on the same machine while the notice stays posted
     assert watcher.interrupt(root, notice, set()) == []  # the same notice never stops the continued trainer
     written = json.loads((runs / "a" / layout.INTERRUPTION).read_text())
@@ -136,7 +146,9 @@ def test_a_notice_is_written_and_signalled_once_per_run(tmp_path: Path) -> None:
     assert not (runs / "done" / layout.INTERRUPTION).exists()
     later = Interruption("terminate", "2026-11-21T11:00:00Z", time.time())  # another notice: acted on again
     assert watcher.interrupt(root, later, done) == ["a", "b"]
-    assert first.terms() == 1 and second.terms() == 2
+    first.wait_terms()
+    second.wait_terms()
+    assert first.terms() == 0 and second.terms() == 0  # nothing more than once per notice
     assert "spot: EC2 gave notice (terminate at 2026-11-21T10:32:15Z): run a sent SIGTERM" in \
         (root / layout.WATCHER_LOG).read_text()
 
