@@ -196,6 +196,9 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
     _refuse_stored(ctx, run_id)
     with working(ctx) as m:
         _refuse_if_busy(m, launching.force)
+        if m.spot and ctx.cfg.storage is None:
+            m.log(f"{m.remote.host} is a spot instance and runs have no storage mirror: when EC2 takes it back (or a "
+                  "one-time spot instance shuts down), the run lives only on its disk; set storage.s3_uri")
         data = sync_data(m) if with_data else None
         python = prepare(m, allow_cpu=launching.allow_cpu)
         answer = launch(m, Start(run_id, argv, python.python, True, launching.force, stop_plan))
