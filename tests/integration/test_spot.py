@@ -25,7 +25,7 @@ from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.fault_harness import make_data, untimed
 from tests.integration.test_ec2_launch import alive, an_image, aws, named, state_of
 from tests.integration.test_storage import PREFIX, S3
-from tests.integration.trainer_proc import metrics, run_trainer, status, trainer_env
+from tests.integration.trainer_proc import metrics, start_trainer, status, trainer_env
 from tests.servers import TcpRelay, imds_stand_in
 from trainer.contract import layout, options
 from trainer.machine.proc import pid_alive
@@ -33,7 +33,7 @@ from trainer.machine.readers import read_json
 
 pytestmark = pytest.mark.slow
 # Enough epochs that the run still trains when the watcher (every 5 s) passes the notice on.
-TRAIN = {"epochs": 30, "learning_rate": 0.003, "warmup_epochs": 2, "hidden": 16, "attention": 8, "batch_size": 16,
+TRAIN = {"epochs": 24, "learning_rate": 0.003, "warmup_epochs": 2, "hidden": 16, "attention": 8, "batch_size": 16,
          "seed": 1, "patience": 0}
 WAIT = 300.0  # a safety net for a hang, never a margin: every wait ends on an event
 
@@ -43,12 +43,23 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_data(tmp_path_factory.mktemp("spot-data") / "data")
 
 
-@pytest.fixture(scope="module")
-def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """The uninterrupted run's metrics (but wall-clock fields)."""
-    run = tmp_path_factory.mktemp("spot-reference") / "run"
-    run_trainer("train", "--data-dir", data, "--run-dir", run, *options.to_argv(TRAIN), timeout=600)
-    return untimed(metrics(run))
+# The runs that end by an event (a second preemption, a second crash), never by their last epoch.
+ENDLESS = {**TRAIN, "epochs": 500}
+
+
+class Reference:
+    """The uninterrupted run, trained in the background while the test waits on orch (its
+    metrics, but wall-clock fields, are read at the end)."""
+
+    def __init__(self, data: Path, where: Path) -> None:
+        self.run = where / "reference"
+        self.proc = start_trainer("train", "--data-dir", data, "--run-dir", self.run, *options.to_argv(TRAIN),
+                                  log=where / "reference.log")
+        STARTED.append(self.proc)
+
+    def rows(self) -> list[dict[str, Any]]:
+        assert self.proc.wait(timeout=WAIT) == 0, (self.run.parent / "reference.log").read_text()[-3000:]
+        return untimed(metrics(self.run))
 
 
 @pytest.fixture
@@ -156,7 +167,7 @@ def refuse_starts(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
 
 
 def config(tmp_path: Path, sshd: Sshd, data: Path, moto: str, imds_url: str, *, ec2: dict, port: int | None = None,
-           recover: dict | None = None, **sections: object) -> Path:
+           recover: dict | None = None, train: dict = TRAIN, **sections: object) -> Path:
     return write_config(
         tmp_path / "deploy.yaml", target="ec2",
         ec2={"region": "us-east-1", "endpoint_url": moto, "metadata_url": imds_url, **ec2},
@@ -165,7 +176,7 @@ def config(tmp_path: Path, sshd: Sshd, data: Path, moto: str, imds_url: str, *, 
         remote={"root": str(tmp_path / "remote"), "python": sys.executable},
         # the data lives under remote.root: a terminated instance's disk takes it along
         data={"remote_dir": "data", "local_dir": str(data)},
-        recover={"poll_seconds": 0.5, "backoff_seconds": 1, **(recover or {})}, train=TRAIN, **sections)
+        recover={"poll_seconds": 0.5, "backoff_seconds": 1, **(recover or {})}, train=train, **sections)
 
 
 def spot_launch(endpoint: str, interruption: str) -> dict:
@@ -192,9 +203,10 @@ def trainer_gone(run: Path) -> bool:
 
 
 def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_finish(
-        tmp_path: Path, aws_sshd: Sshd, data: Path, reference: list[dict[str, Any]], moto_endpoint: str,
+        tmp_path: Path, aws_sshd: Sshd, data: Path, moto_endpoint: str,
         aws_creds: None, console_fingerprints: Callable, imds: Any, spot_market: Any) -> None:
     sshd = aws_sshd  # the machine's trainer mirrors to S3 with credentials of its own
+    reference = Reference(data, tmp_path)
     s3 = S3()
     try:
         console_fingerprints(sshd.host_fingerprint)  # each new instance's key is trusted from its console only
@@ -234,7 +246,7 @@ def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_fini
 
         rows = metrics(run)
         assert [r["epoch"] for r in rows] == list(range(1, TRAIN["epochs"] + 1))  # every epoch once
-        assert untimed(rows) == reference  # as if never interrupted
+        assert untimed(rows) == reference.rows()  # as if never interrupted
         instances = named(moto_endpoint, name)
         assert len(instances) == 2 and first["InstanceId"] in {i["InstanceId"] for i in instances}
         [second] = [i for i in instances if i["InstanceId"] != first["InstanceId"]]
@@ -261,7 +273,8 @@ def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until
     console_fingerprints(sshd.host_fingerprint)
     name = f"spot-stop-{tmp_path.name}"
     cfg = config(tmp_path, sshd, data, moto_endpoint, imds.url,
-                 ec2={"name": name, "launch": spot_launch(moto_endpoint, "stop")}, recover={"max_recoveries": 1})
+                 ec2={"name": name, "launch": spot_launch(moto_endpoint, "stop")}, recover={"max_recoveries": 1},
+                 train=ENDLESS)
     orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "spotstop", "-c", cfg)
     run = tmp_path / "remote" / layout.RUNS_DIR / "spotstop"
     root = tmp_path / "remote"
@@ -323,7 +336,8 @@ def test_a_lost_network_or_a_sleeping_laptop_is_no_preemption_and_a_crash_restar
         kind, key = sshd.host_key_pub.split()[:2]
         (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{ssh_relay.port} {kind} {key}\n")
         cfg = config(tmp_path, sshd, data, f"http://127.0.0.1:{ec2_relay.port}", "http://127.0.0.1:9",
-                     ec2={"instance_id": iid}, port=ssh_relay.port, recover={"max_restarts_on_errors": 1})
+                     ec2={"instance_id": iid}, port=ssh_relay.port, recover={"max_restarts_on_errors": 1},
+                     train=ENDLESS)
         deployed = run_orch("deploy", "--sync-data", "--allow-cpu", "--run-id", "crashy", "-c", cfg)
         assert deployed.returncode == 0, deployed.stderr
         orch = Orch(tmp_path, "watch", "crashy", "-c", cfg)  # a run already going
