@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import ImdsStandIn, imds_stand_in
+from tests.unit.test_watcher import start_watcher
 from trainer.contract import layout
 from trainer.contract.wire import Interruption, RunInfo, Snapshot
 from trainer.machine import watcher
@@ -153,20 +153,6 @@ def test_a_notice_is_written_and_signalled_once_per_run(tmp_path: Path) -> None:
         (root / layout.WATCHER_LOG).read_text()
 
 
-def run_watcher(root: Path) -> tuple[threading.Thread, list[object]]:
-    outcome: list[object] = []
-
-    def target() -> None:
-        try:
-            outcome.append(watcher.watch(root))
-        except SystemExit as exc:
-            outcome.append(exc.code)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
 def wait_for(predicate, what: str, timeout: float = 30) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -193,7 +179,7 @@ def test_the_watcher_polls_spot_notices_until_neither_setting_is_left(tmp_path: 
 
     root.joinpath(layout.SPOT_SETTING).write_text(json.dumps({"metadata_url": imds.url, "armed_at": time.time()}))
     monkeypatch.setattr(watcher, "SPOT_POLL", 0.2)  # the in-process watcher asks every 0.2 s, not 5
-    thread, outcome = run_watcher(root)
+    thread, outcome = start_watcher(root)
     wait_for(lambda: imds.gets(ACTION) >= 1, "the first question")
     imds.rebalance("2026-11-21T10:00:00Z")
     wait_for(lambda: read_json(root / layout.WATCHER_STATE).get("rebalance_at"), "the rebalance")

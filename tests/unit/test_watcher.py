@@ -24,8 +24,8 @@ def arm(root: Path, command: str, minutes: float = 0.01) -> None:
                                                             "armed_at": time.time()}))
 
 
-def run_watcher(root: Path, timeout: float = 20) -> int:
-    """watcher.watch in a thread of this process, until it fires (it exits) or the timeout."""
+def start_watcher(root: Path) -> tuple[threading.Thread, list[object]]:
+    """watcher.watch in a thread of this process; the list gets its exit code when it ends."""
     outcome: list[object] = []
 
     def target() -> None:
@@ -36,6 +36,12 @@ def run_watcher(root: Path, timeout: float = 20) -> int:
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
+    return thread, outcome
+
+
+def run_watcher(root: Path, timeout: float = 20) -> int:
+    """watcher.watch in a thread of this process, until it fires (it exits) or the timeout."""
+    thread, outcome = start_watcher(root)
     thread.join(timeout)
     return outcome[0] if outcome else -1  # type: ignore[return-value]
 
