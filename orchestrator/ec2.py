@@ -33,8 +33,9 @@ _RETRIES = {"mode": "standard", "max_attempts": 6}
 # backoff at once, not after five blind retries), and _call asks again only for these, with
 # the same ClientToken (a retried call never creates a second instance).
 _NO_RETRIES = {"mode": "standard", "total_max_attempts": 1}  # (botocore's "max_attempts" counts retries only)
-_TRANSIENT = frozenset({"RequestLimitExceeded", "InternalError", "InternalFailure", "ServiceUnavailable",
-                        "Unavailable"})
+# AWS's error codes (or their prefixes) for a throttle or a hiccup of its own: worth asking again.
+TRANSIENT_CODES = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure", "ServiceUnavailable",
+                   "Unavailable", "RequestTimeout")
 _LAUNCH_ATTEMPTS = 5
 # EC2's refusals that mean "no capacity, or not at this price, now" for the instance asked (its
 # type's pool in a zone, the spot market), as opposed to a request that can never succeed: they
@@ -109,13 +110,19 @@ def _call(what: str, fn: Any, *, attempts: int = 1, **kwargs: Any) -> Any:
             return fn(**kwargs)
         except (ClientError, BotoConnectionError, HTTPClientError) as exc:
             # a throttle or hiccup of EC2's, a dropped connection or a timeout: worth asking again
-            transient = not isinstance(exc, ClientError) or exc.response.get("Error", {}).get("Code") in _TRANSIENT
+            transient = not isinstance(exc, ClientError) or passes(exc.response.get("Error", {}).get("Code", ""))
             if attempt == attempts or not transient:
                 raise _aws_error(what, exc) from exc
             time.sleep(min(8.0, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0))  # jittered backoff
         except BotoCoreError as exc:
             raise _aws_error(what, exc) from exc
     raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def passes(code: str) -> bool:
+    """Whether an AWS error, by its code, may pass when asked again: a throttle or AWS's own
+    hiccup, or no answer at all (``""``: the network)."""
+    return not code or code.startswith(TRANSIENT_CODES)
 
 
 def _aws_error(what: str, exc: Exception) -> AwsError:
@@ -242,7 +249,7 @@ def ensure_running(ec2: Any, cfg: Ec2Config, allow_start: bool, log: Any = None)
                                   "does not: a running instance costs money)")
         if log:
             log(f"starting instance {inst.instance_id}")
-        _call("starting the instance", ec2.start_instances, InstanceIds=[inst.instance_id])
+        start(ec2, inst.instance_id)
     if inst.state != "running":
         _wait(ec2, "instance_running", inst.instance_id, log, "starting")
         inst = _found(ec2, cfg)

@@ -65,11 +65,9 @@ BACKOFF_CAP = 16
 UNREACHABLE_S = 1800.0
 # AWS error codes of an instance EC2 no longer knows (terminated a while ago).
 GONE_CODES = ("InvalidInstanceID.NotFound",)
-# Error codes worth asking again for (throttling, EC2's own trouble); "" is a network error.
-TRANSIENT_PREFIXES = ("RequestLimitExceeded", "Throttling", "InternalError", "InternalFailure", "Unavailable",
-                      "ServiceUnavailable", "RequestTimeout")
-# What a recovery attempt may fail with that trying again (later) may fix.
-RETRYABLE = (NoCapacity, ConnectError, RemoteError, AwsError)
+# What a recovery attempt may fail with that trying again (later) may fix (of AWS's errors: no
+# capacity, and the codes ec2.passes).
+RETRYABLE = (ConnectError, RemoteError, AwsError)
 
 
 @dataclass(frozen=True)
@@ -241,7 +239,7 @@ class Watch:
         except AwsError as exc:
             if exc.code in GONE_CODES:
                 return _gone(self.instance_id), None
-            if exc.code and not exc.code.startswith(TRANSIENT_PREFIXES):
+            if not ec2.passes(exc.code):
                 raise
             return None, str(exc)
 
@@ -409,9 +407,8 @@ class Watch:
             try:
                 launched = self._continue(record, with_data=not in_place)
             except RETRYABLE as exc:
-                if attempt == attempts or (isinstance(exc, AwsError) and exc.code
-                                           and not exc.code.startswith(TRANSIENT_PREFIXES)
-                                           and not isinstance(exc, NoCapacity)):
+                unfixable = isinstance(exc, AwsError) and not (isinstance(exc, NoCapacity) or ec2.passes(exc.code))
+                if attempt == attempts or unfixable:
                     return f"recovery failed ({exc})" if attempts == 1 else \
                         f"recovery failed {attempt} times, last: {exc}"
                 wait = self.budget.backoff()
