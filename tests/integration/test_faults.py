@@ -29,6 +29,9 @@ from trainer.ml import runstate, stopping
 pytestmark = pytest.mark.slow
 KILLS = int(os.environ.get("ORCH_FAULT_KILLS", "14"))
 SEED = int(os.environ.get("ORCH_FAULT_SEED", "0"))
+# The kill loop's budget grows with the kills asked for: each costs one trainer start (TensorFlow's
+# import is most of it, ~15 s on a loaded 2-core machine), plus the runs that finish meanwhile.
+START_BUDGET_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, scenario: Scenario) -> t
     return reference_run(scenario, run), run
 
 
+@pytest.mark.timeout(START_BUDGET_S * (KILLS + 4))
 def test_sigkill_at_any_moment_keeps_every_guarantee(scenario: Scenario, reference: tuple[Reference, Path],
                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ref, ref_run = reference
