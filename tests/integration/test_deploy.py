@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import metrics, status
 from trainer.contract import layout
+from trainer.machine import logfilter
 from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
@@ -171,6 +173,13 @@ def test_deploy_on_target_local_needs_no_ssh(tmp_path: Path, data: Path) -> None
     assert run_dir.parent.parent == (tmp_path / "remote").resolve()  # relative to the config file
     assert wait_final(run_dir)["state"] == "finished"
     assert deployed(run_orch("deploy", "-c", cfg, "--json"))["code_transferred"] is False
+    # train.log: the raw log's lines (read after it), stamped, TensorFlow's start-up noise left out
+    log = (run_dir / layout.TRAIN_LOG).read_text().splitlines()
+    raw = (run_dir / layout.RAW_LOG).read_bytes().splitlines(keepends=True)
+    noise = logfilter.noise_pattern(logfilter.has_gpu())
+    kept = [line.decode().rstrip("\n") for line in raw if not noise.match(line)]
+    assert [line[21:] for line in log] == kept[:len(log)] and any("[trainer]" in line for line in log)
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in log)
 
 
 # ---------------------------------------------------------------------------- EC2 (moto)

@@ -13,6 +13,7 @@ down here exactly once.
     <remote_root>/runs/<run_id>/
       run.json  deploy.json  pid  lock  train.log  metrics.jsonl  status.json  MANIFEST.sha256
       interruption.json                        a spot notice the watcher saw (never in the manifest)
+      train.raw.log                            the trainer's output unfiltered (train.log: stamped, no noise)
       checkpoints/state.json                   the commit point (see below)
       checkpoints/epoch-NNNN.weights.h5        weights + optimizer state of a committed epoch
       checkpoints/epoch-NNNN-batch-BBBB.weights.h5   ... of a committed position inside epoch NNNN
@@ -99,7 +100,9 @@ RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
 PID_FILE = "pid"
 RUN_LOCK = "lock"  # held (flock) by the one trainer of this run directory, for its whole life
-TRAIN_LOG = "train.log"
+TRAIN_LOG = "train.log"  # the trainer's output, each line timestamped, TensorFlow's known start-up noise left out
+# All of it as it came (trainer/machine/logfilter.py): the machine's own, never listed nor mirrored.
+RAW_LOG = "train.raw.log"
 METRICS = "metrics.jsonl"
 STATUS = "status.json"
 MANIFEST = "MANIFEST.sha256"

@@ -41,6 +41,8 @@ PREFLIGHT = Verb("preflight", "preflight", wire.Preflight, "ROOT DATA_DIR: can t
 SETUP = Verb("setup", "setup", wire.SetupResult, "CODE_DIR PYTHON COMMAND: remote.setup, once per code version")
 AUTOSTOP = Verb("autostop", "watcher", wire.Autostop, "ROOT arm|disarm|status|wake: autostop")
 WATCH = Verb("watch", "watcher", None, "ROOT: the watcher's loop (started detached by autostop arm)")
+LOG_FILTER = Verb("log-filter", "logfilter", None, "RAW_LOG_FD: the trainer's output (stdin) into train.log, "
+                  "timestamped, known noise left out; all of it to train.raw.log (started by launch)")
 HOLD = Verb("hold", "hold", None, "ROOT SILENCE: hold the activity lock while orch works here")
 CODE_STATE = Verb("code-state", "receive", wire.CodeState, "ROOT VERSION: is this code version here?")
 CODE_UNPACK = Verb("code-unpack", "receive", wire.CodeState, "ROOT VERSION < tar.gz: unpack a code version atomically")
@@ -49,7 +51,7 @@ DATA_MOVE = Verb("data-move", "receive", wire.Moved, "STAGING DEST: move receive
 
 VERBS: dict[str, Verb] = {v.name: v for v in (
     HOME, RUNS, HOST, SNAPSHOT, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP, AUTOSTOP,
-    WATCH, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE)}
+    WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE)}
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`

@@ -29,6 +29,7 @@ from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
+from trainer.contract.verbs import LOG_FILTER, NO_FRAME
 from trainer.contract.wire import Autostop, LaunchAnswer, Signalled
 from trainer.machine import watcher
 from trainer.machine.fsutil import atomic_write_bytes
@@ -83,20 +84,38 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None) -
     argv = [args.python, "-m", "trainer", "train", "--data-dir", args.data_dir, "--run-dir", str(run_dir),
             *args.trainer_options]
     env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
-    # A fresh run's log starts empty; a continued run appends to its log.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_APPEND if deploy_json is None else
-                                                                      os.O_TRUNC)
-    fd = os.open(run_dir / layout.TRAIN_LOG, flags, 0o666)  # a named pipe there cannot block the launch
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise Refused("broken", f"run {run_dir.name}: {layout.TRAIN_LOG} is not a regular file", ExitCode.REMOTE)
-    os.set_blocking(fd, True)
-    with open(fd, "ab") as log:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: the trainer ignores hang-ups (nohup)
-        child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+    fresh = deploy_json is not None
+    logs = [_open_log(run_dir, name, fresh) for name in (layout.TRAIN_LOG, layout.RAW_LOG)]
+    # The trainer writes into a pipe; the log filter beside it stamps its lines into train.log
+    # and keeps every byte in train.raw.log (trainer/machine/logfilter.py).
+    read_end, write_end = os.pipe()
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: both ignore hang-ups (nohup)
+        subprocess.Popen([sys.executable, "-S", "-m", "trainer.machine", NO_FRAME, LOG_FILTER.name, str(logs[1])],
+                         cwd=args.code, stdin=read_end, stdout=logs[0], stderr=logs[0], pass_fds=(logs[1],),
+                         start_new_session=True)
+        child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=write_end,
                                  stderr=subprocess.STDOUT, start_new_session=True)  # setsid
+    finally:
+        for fd in (read_end, write_end, *logs):
+            os.close(fd)
     atomic_write_bytes(run_dir / layout.PID_FILE, pid_line(child.pid).encode())
     return child.pid
+
+
+def _open_log(run_dir: Path, name: str, fresh: bool) -> int:
+    """A log of the run, for appending (a fresh run's starts empty); only a regular file: a named
+    pipe or a link there cannot block or redirect the launch."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_TRUNC if fresh else os.O_APPEND)
+    try:
+        fd = os.open(run_dir / name, flags, 0o666)
+    except OSError as exc:
+        raise Refused("broken", f"run {run_dir.name}: cannot open {name}: {exc.strerror}", ExitCode.REMOTE) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused("broken", f"run {run_dir.name}: {name} is not a regular file", ExitCode.REMOTE)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _autostop(args: argparse.Namespace, root: Path) -> Autostop | None:
