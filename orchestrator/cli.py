@@ -26,6 +26,7 @@ from orchestrator.errors import ConfigError, ExitCode, OrchError
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.terminal import clean
 from trainer.contract.exitcodes import help_table
+from trainer.contract.wire import accuracy_text
 
 app = typer.Typer(
     name="orch",
@@ -417,7 +418,7 @@ def download(
     if json_out:
         _print_json(_out(ctx), got.to_json())
         return
-    acc = f"{got.best_val_accuracy:.4f}" if got.best_val_accuracy is not None else "n/a"
+    acc = accuracy_text(got.best_val_accuracy, "n/a")
     _say(_out(ctx), f"run {got.run_id}: best val_accuracy {acc}; {len(got.fetched)} files fetched, "
                     f"{len(got.already_there)} already there, in {got.dest}")
 

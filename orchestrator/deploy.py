@@ -27,7 +27,7 @@ from orchestrator.provision import acquire
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.sync import DataSync, sync_data
 from trainer.contract import layout, options, verbs
-from trainer.contract.wire import Autostop, LaunchAnswer, Recovery, RunInfo
+from trainer.contract.wire import Autostop, LaunchAnswer, Recovery, RunInfo, accuracy_text
 
 START_TIMEOUT = 60.0  # seconds for the trainer to write status.json
 
@@ -290,7 +290,7 @@ def _parent(m: Machine, run_id: str | None, force: bool) -> RunInfo:
         raise ConfigError(f"run {parent.run_id} is {parent.shown_state}, not finished; continue it with "
                           f"`orch resume {parent.run_id} --continue`")
     _refuse_if_busy(m, force)
-    m.log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")
+    m.log(f"extending run {parent.run_id} (best val_accuracy {accuracy_text(parent.best_val_accuracy)})")
     return parent
 
 

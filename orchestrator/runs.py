@@ -16,7 +16,7 @@ from orchestrator.provision import acquire
 from orchestrator.storage import Storage, machine_or_storage, storage
 from orchestrator.terminal import clean
 from trainer.contract import layout, verbs
-from trainer.contract.wire import BOTH, ON_MACHINE, RunInfo
+from trainer.contract.wire import BOTH, ON_MACHINE, RunInfo, accuracy_text
 
 STOP_TIMEOUT = 120.0
 UPLOAD_TIMEOUT = 330.0  # a stopped trainer waits up to 300 s (trainer/ml/mirror.FINAL_WAIT) for S3
@@ -86,7 +86,7 @@ def compared_with_parent(run: RunInfo, *, long: bool = False) -> str:
         return f"parent {run.parent}: no comparison yet" if long else "-"
     if not long:
         return f"{run.vs_parent:+.4f} ({verdict})"
-    base = f" best {run.parent_best_val_accuracy:.4f}" if run.parent_best_val_accuracy is not None else ""
+    base = f" best {accuracy_text(run.parent_best_val_accuracy)}" if run.parent_best_val_accuracy is not None else ""
     return f"parent {run.parent}{base}: {run.vs_parent:+.4f}, {verdict}"
 
 
@@ -105,7 +105,7 @@ def runs_table(runs: list[RunInfo]) -> Any:
     for r in runs:
         seconds = duration_seconds(r)
         cells = (r.run_id, r.parent or "", str(r.shown_state), f"{r.epoch}/{r.epochs}",
-                 f"{r.best_val_accuracy:.4f}" if r.best_val_accuracy is not None else "-",
+                 accuracy_text(r.best_val_accuracy),
                  compared_with_parent(r), (r.started_at or "")[:19].replace("T", " "),
                  f"{seconds / 60:.1f} min" if seconds is not None else "", *([r.where] if mirrored else []),
                  *([recovered(r)] if recoveries else []))

@@ -4,6 +4,7 @@ renders with these; `orch monitor`'s live view is orchestrator/monitor.py's RunV
 from __future__ import annotations
 
 from orchestrator.status import MachineStatus
+from trainer.contract.wire import accuracy_text
 
 
 def status_lines(st: MachineStatus) -> list[str]:
@@ -27,7 +28,9 @@ def status_lines(st: MachineStatus) -> list[str]:
     if not st.machine.host.gpus:
         lines.append(f"  {describe_load(st.machine.host)}")
     active = [r for r in st.machine.runs if r.active]
-    lines += [f"  running: {r.run_id} epoch {r.epoch}/{r.epochs}, best {r.best_val_accuracy}"
+    lines += [f"  running: {r.run_id} epoch {r.epoch}/{r.epochs}, "
+              + (f"best {accuracy_text(r.best_val_accuracy)}" if r.best_val_accuracy is not None else
+                 "no epoch finished yet")
               + (f"; STALLED: {r.stall}" if r.stall else "") for r in active]
     if not active:
         lines.append("  no run is running")

@@ -450,6 +450,11 @@ class RunInfo(Record):
 
 
 # How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
+def accuracy_text(value: float | None, none: str = "-") -> str:
+    """An accuracy as both halves show it: 4 decimals (0.5092), ``none`` before there is one."""
+    return none if value is None else f"{value:.4f}"
+
+
 def run_fields(run_id: str, status: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     """RunInfo's fields from a run's status.json and run.json (unchecked: from_json checks),
     wherever they were read: the machine's folder, or the storage mirror."""

@@ -25,7 +25,7 @@ from typing import Any
 from trainer.contract import layout
 from trainer.contract.codeversion import code_version
 from trainer.contract.files import disk_full_error
-from trainer.contract.wire import Recovery
+from trainer.contract.wire import Recovery, accuracy_text
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json, link_or_copy
 from trainer.machine.proc import started_at
@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stoppe
     _final_evaluation(run, model, inputs, list(run.state.history), log)
     faults.point("finish:evaluated")
     run.finish(layout.FINISHED)
-    log(f"finished: best val_accuracy {run.state.best_val_accuracy} at epoch {run.state.best_epoch}")
+    log(f"finished: best val_accuracy {accuracy_text(run.state.best_val_accuracy)} at epoch {run.state.best_epoch}")
     return ExitCode.OK
 
 
@@ -231,7 +231,7 @@ def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None
         if rng is not None:  # None: a state of an older trainer (the run continues, though not exactly)
             trainstate.assign(trainstate.rng_variables(model), rng, "random generators' states")
         where = f"batch {partial.batch} of epoch {partial.epoch}" if partial is not None else f"epoch {state.epoch}"
-        log(f"continuing from {where} (best val_accuracy {state.best_val_accuracy})")
+        log(f"continuing from {where} (best val_accuracy {accuracy_text(state.best_val_accuracy)})")
     elif state.best is not None:
         _load_initial_weights(model, run.file(state.best.file), "--init-from")
         log(f"starting from the parent's weights ({state.best.file})")
@@ -337,7 +337,7 @@ def _init_from(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
         saved = run.write_checkpoint(0, lambda tmp: link_or_copy(weights, tmp))
         run.commit(run.state.with_parent_weights(saved))
         run.publish(layout.RUNNING)
-    log(f"initialized from {weights}" + (f" (parent best val_accuracy {cfg.parent_best_val_accuracy})"
+    log(f"initialized from {weights}" + (f" (parent best val_accuracy {accuracy_text(cfg.parent_best_val_accuracy)})"
                                          if cfg.parent_run else ""))
 
 
