@@ -25,6 +25,7 @@ from orchestrator.context import Context, Output, Trust
 from orchestrator.errors import ConfigError, ExitCode, OrchError
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.terminal import clean
+from trainer.contract import options
 from trainer.contract.exitcodes import help_table
 from trainer.contract.wire import accuracy_text
 
@@ -40,6 +41,21 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate deploy.yaml or print its JSON schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+
+
+def _flags_take_no_value() -> None:
+    """typer shows a boolean flag's type (`--json <bool>`) as if the flag took a value: in
+    orch's help a flag shows none (the one place help is rendered, so patched once here)."""
+    option = typer.core.TyperOption
+    shown = option.display_type_rich
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 
 @dataclass
@@ -464,16 +480,20 @@ def status(ctx: Context, json_out: bool = JsonOpt) -> int:
 
 
 @app.command()
-def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt) -> int:
+def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt,
+           fresh: bool = typer.Option(False, "--fresh", help="import TensorFlow again on the machine even when its "
+                                      "cached answer still holds (the cache is dropped by any package change)")) -> int:
     """Every check a first day needs, in order, each ok or failed with the fix: config, AWS,
-    instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data,
-    disk. Never starts the instance. Exit 0 only if all pass (else 12)."""
+    instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data (opened
+    as the trainer opens it), disk. Never starts the instance. Exit 0 only if all pass, else the
+    first failure's code (3 AWS, 4 connection, 5 host key, 11 instance stopped, 12 not ready, 13 no data)."""
     from dataclasses import asdict
 
     from orchestrator.doctor import doctor as run_doctor
+    from orchestrator.doctor import exit_code
 
     output = _invocation(typer_ctx).output
-    results = run_doctor(_config_path(typer_ctx, config), output)
+    results = run_doctor(_config_path(typer_ctx, config), output, fresh)
     ok = all(r.ok for r in results)
     if json_out:
         _print_json(output.out, {"ok": ok, "checks": [asdict(r) | {"exit_code": int(r.exit_code)} for r in results]})
@@ -485,7 +505,7 @@ def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: b
             verdict = "FAILED" if not r.ok else "warning" if r.warning else "ok"
             table.add_row(r.check, verdict, clean(r.detail), clean(r.fix) if not r.ok or r.warning else "")
         _print_table(output.out, table)
-    return 0 if ok else int(ExitCode.NOT_READY)
+    return int(exit_code(results))
 
 
 @app.command()
@@ -568,11 +588,24 @@ def _usage_error(output: Output, exc: Any) -> int:
     bare group print their help instead)."""
     ctx = getattr(exc, "ctx", None)
     if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-        output.out.print(ctx.get_help())
+        # Making the error rendered the help already: typer's rich help prints as it renders,
+        # leaving the message empty; a plain click help is the message itself.
+        if exc.format_message().strip():
+            output.out.print(exc.format_message())
         return ExitCode.USAGE
     where = ctx.command_path if ctx is not None else "orch"
-    _say(output.err, f"orch: error: {_one_line(exc.format_message())} (see `{where} --help`)")
+    hint = _trainer_hint(exc, where) or f"see `{where} --help`"
+    _say(output.err, f"orch: error: {_one_line(exc.format_message())} ({hint})")
     return ExitCode.USAGE
+
+
+def _trainer_hint(exc: Any, where: str) -> str | None:
+    """`orch deploy --epochs 3`: a trainer option given as orch's; they go after `--`."""
+    name = (getattr(exc, "option_name", None) or "").split("=")[0]
+    flags = {o.flag for o in options.OPTIONS} | {"--no-" + o.flag[2:] for o in options.OPTIONS if o.type is bool}
+    if type(exc).__name__ != "NoSuchOption" or name not in flags or where.split()[-1] not in ("deploy", "resume"):
+        return None
+    return f"{name} is a trainer option: give it after `--`, as in `{where} ... -- {name} ...`"
 
 
 def _one_line(text: str) -> str:
