@@ -208,3 +208,22 @@ def test_an_answer_that_is_too_long_or_not_a_snapshot_is_refused_and_the_next_is
         with pytest.raises(RemoteError, match=r"not understood: Snapshot.run: missing or not"):
             feed.get(0, 5)
         assert feed.get(0, 5).metrics_count == 2
+
+
+def test_a_snapshots_command_nobody_asks_ends_by_itself_and_the_next_refresh_starts_another(tmp_path: Path) -> None:
+    """IDLE seconds without a question (a connection gone without a word, a laptop asleep): the
+    machine's side ends by itself; the next refresh starts another."""
+    import time
+
+    from tests.conftest import local_machine
+    from tests.servers import processes_with
+
+    run = finished_run(tmp_path, 1)
+    with local_machine(tmp_path).snapshots("r1", idle=0.2) as feed:  # type: ignore[attr-defined]
+        feed.get(0, 5)
+        [pid] = processes_with("snapshots", str(run))
+        deadline = time.monotonic() + 120  # a safety net for a hang: the loop ends when it is gone
+        while pid in processes_with("snapshots", str(run)):
+            assert time.monotonic() < deadline, "the idle snapshots command never ended"
+            time.sleep(0.05)
+        assert feed.get(0, 5).metrics_count == 1
