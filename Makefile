@@ -39,6 +39,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_download.py
 	$(PY) bench/bench_logs.py
+	$(PY) bench/bench_monitor.py
 
 ## faults: SIGKILL the trainer hundreds of times (KILLS=300) and check every guarantee (~50 min on 2 cores)
 KILLS ?= 300

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import stat
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from orchestrator.errors import RemoteError
-from orchestrator.remote import Background, Progress, Remote, Streams, Writer
+from orchestrator.remote import SESSION_EXIT_WAIT, Background, Progress, Remote, Session, Streams, Writer
 from orchestrator.transfer import copy_hashing
 
 
@@ -30,6 +33,38 @@ class _LocalBackground(Background):
             self.proc.wait(timeout=10)
 
 
+class _LocalSession(_LocalBackground, Session):
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        _LocalBackground.__init__(self, proc)
+        Session.__init__(self)
+        self.errors = _drain_in_thread(proc.stderr, self.streams.err)  # type: ignore[arg-type]
+
+    def read(self, timeout: float) -> bytes | None:
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        if not select.select([fd], [], [], timeout)[0]:
+            return None
+        return os.read(fd, 1 << 16)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(timeout=SESSION_EXIT_WAIT)
+        except subprocess.TimeoutExpired:  # deaf to its stdin's end: it must not outlive orch
+            self.proc.kill()
+            self.proc.wait()
+        self.errors.join()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+
+def _drain_in_thread(pipe: BinaryIO, sink: Callable[[bytes], None]) -> threading.Thread:
+    """Read ``pipe`` to its end in a thread, each chunk to ``sink`` as it comes (so it never fills up)."""
+    chunks = iter(lambda: pipe.read1(1 << 16), b"")  # type: ignore[attr-defined]
+    reader = threading.Thread(target=lambda: [sink(c) for c in chunks], daemon=True)
+    reader.start()
+    return reader
+
+
 class LocalRemote(Remote):
     def __init__(self, cwd: Path) -> None:
         self.host = "localhost"
@@ -41,9 +76,7 @@ class LocalRemote(Remote):
         stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
         assert stdin is not None and stdout is not None and stderr is not None
         # stderr in a thread, stdout here, both as they come: neither can fill up and block the other
-        reader = threading.Thread(target=lambda: [streams.err(c) for c in iter(lambda: stderr.read1(1 << 16), b"")],
-                                  daemon=True)
-        reader.start()
+        reader = _drain_in_thread(stderr, streams.err)
         try:
             try:
                 if write is not None:
@@ -66,6 +99,10 @@ class LocalRemote(Remote):
     def start(self, command: str) -> Background:
         return _LocalBackground(subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.PIPE,
                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def session(self, command: str) -> Session:
+        return _LocalSession(subprocess.Popen(["/bin/sh", "-c", command], cwd=self.cwd, stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
 
     def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
         try:

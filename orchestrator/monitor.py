@@ -1,4 +1,5 @@
-"""``orch monitor``: a live view of one run, refreshed with ONE remote command each time."""
+"""``orch monitor``: a live view of one run, its refreshes answered by ONE long-lived remote
+command (orchestrator.machine.Snapshots): a round trip on the open connection each."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from orchestrator.context import Context
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
+from orchestrator.machine import IDLE, Snapshots
 from orchestrator.provision import acquire
 from orchestrator.runs import compared_with_parent, recovered
 from orchestrator.terminal import clean
@@ -224,21 +226,10 @@ def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bo
             with acquire(ctx) as m:
                 if view is None:
                     view = RunView(m.choose(run_id).run_id)
-                backoff = 1.0
-                exiting = 0
-                while True:
-                    view.update(m.snapshot(view.run_id, len(view.history), LOG_LINES))
-                    # A final state is written just before the process exits: wait for the exit
-                    # (briefly) so the last frame shows the process ended.
-                    if view.final and view.alive and not once and exiting < EXIT_WAIT_REFRESHES:
-                        exiting += 1
-                        time.sleep(0.2)
-                        continue
-                    if show is not None:
-                        show(view)
-                    if once or view.final:
-                        return view
-                    time.sleep(interval)
+                with m.snapshots(view.run_id, idle=max(IDLE, 3 * interval)) as feed:
+                    backoff = 1.0
+                    _follow(view, feed, interval, once, show)
+                    return view
         except ConnectError as exc:
             if view is None and not isinstance(exc, ConnectionLost):
                 raise  # cannot connect at all (wrong host, key, port): say so at once
@@ -250,3 +241,22 @@ def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bo
                     show(view)
             time.sleep(backoff)
             backoff = min(backoff * 2, max_backoff)
+
+
+def _follow(view: RunView, feed: Snapshots, interval: float, once: bool, show: Callable[[RunView], None] | None
+            ) -> None:
+    """Refresh ``view`` from ``feed`` until the run ends (or once)."""
+    exiting = 0
+    while True:
+        view.update(feed.get(len(view.history), LOG_LINES))
+        # A final state is written just before the process exits: wait for the exit (briefly)
+        # so the last frame shows the process ended.
+        if view.final and view.alive and not once and exiting < EXIT_WAIT_REFRESHES:
+            exiting += 1
+            time.sleep(0.2)
+            continue
+        if show is not None:
+            show(view)
+        if once or view.final:
+            return
+        time.sleep(interval)

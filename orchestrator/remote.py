@@ -25,6 +25,7 @@ Sink = Callable[[bytes], None]  # takes a command's stdout as it arrives
 MAX_KEPT = 1 << 20  # stdout kept for a command whose output no sink reads
 MAX_STDERR = 64 << 10  # the tail of stderr kept (what error messages quote)
 MAX_LINE = 32 << 20  # one line (a framed answer: a run's file list is a few MB); the rest of a longer one is dropped
+SESSION_EXIT_WAIT = 5.0  # seconds a closed Session's command gets to exit on its stdin's EOF
 
 
 def q(word: str) -> str:
@@ -112,6 +113,22 @@ class Background(ABC):
         """EOF on its stdin, then let go of it."""
 
 
+class Session(Background):
+    """A command left running that orch talks with: its stdin written, its stdout read as it
+    comes, the last MAX_STDERR bytes of its stderr kept (what error messages quote)."""
+
+    def __init__(self) -> None:
+        self.streams = Streams(None)  # only its stderr is kept there
+
+    @abstractmethod
+    def read(self, timeout: float) -> bytes | None:
+        """Its stdout's next bytes: b"" once it ended, None when nothing came within ``timeout`` s."""
+
+    @property
+    def stderr(self) -> str:
+        return self.streams.result(0).stderr
+
+
 class Remote(ABC):
     """The training machine's transport."""
 
@@ -172,6 +189,10 @@ class Remote(ABC):
     @abstractmethod
     def start(self, command: str) -> Background:
         """Start a command left running, its stdin open until the returned handle is closed."""
+
+    @abstractmethod
+    def session(self, command: str) -> Session:
+        """Start a command left running that orch talks with (:class:`Session`) until it is closed."""
 
     def close(self) -> None:  # noqa: B027 (nothing to release for the local target)
         """Release the connection."""

@@ -17,7 +17,18 @@ from typing import Any
 from orchestrator import children
 from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
 from orchestrator.hostkeys import HostKey, VerifyNewHostKey, fingerprint, load_known_hosts
-from orchestrator.remote import MAX_STDERR, Background, Progress, Remote, Sink, Streams, Writer, q
+from orchestrator.remote import (
+    MAX_STDERR,
+    SESSION_EXIT_WAIT,
+    Background,
+    Progress,
+    Remote,
+    Session,
+    Sink,
+    Streams,
+    Writer,
+    q,
+)
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
 from orchestrator.transfer import BLOCK, Unframed, framed, new_frame, receive_file
 
@@ -32,6 +43,53 @@ class _ChannelBackground(Background):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.chan.shutdown_write()
+        self.chan.close()
+
+
+class _ChannelSession(_ChannelBackground, Session):
+    def __init__(self, chan: Any, host: str) -> None:
+        _ChannelBackground.__init__(self, chan)
+        Session.__init__(self)
+        self.host = host
+
+    def write(self, data: bytes) -> None:
+        try:
+            super().write(data)
+        except (OSError, EOFError) as exc:
+            self._check_connection(exc)
+            raise OSError(f"the command has ended ({exc or type(exc).__name__})") from exc
+
+    def read(self, timeout: float) -> bytes | None:
+        import select
+        import time
+
+        chan, deadline = self.chan, time.monotonic() + timeout
+        while True:
+            if chan.recv_ready():
+                return bytes(chan.recv(1 << 16))
+            if chan.recv_stderr_ready():
+                self.streams.err(chan.recv_stderr(1 << 16))
+            elif chan.eof_received or chan.closed:
+                for chunk in iter(lambda: chan.recv_stderr(1 << 16), b""):
+                    self.streams.err(chunk)
+                self._check_connection(None)
+                return b""
+            left = deadline - time.monotonic()
+            if left <= 0:  # however much it prints on stderr meanwhile
+                self._check_connection(None)
+                return None
+            select.select([chan], [], [], left)  # its fileno is readable on stdout, stderr and EOF
+
+    def _check_connection(self, cause: BaseException | None) -> None:
+        transport = self.chan.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(f"the connection to {self.host} was lost") from cause
+
+    def close(self) -> None:
+        # EOF, then its exit (briefly): the command ends when its stdin does, and is gone when close returns.
+        with contextlib.suppress(Exception):
+            self.chan.shutdown_write()
+            self.chan.status_event.wait(SESSION_EXIT_WAIT)
         self.chan.close()
 
 
@@ -118,16 +176,9 @@ class SshRemote(Remote):
     def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
         import paramiko
 
-        transport = self.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise ConnectionLost(f"the connection to {self.host} was lost")
-        try:
-            chan = transport.open_session(timeout=self.target.connect_timeout)
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        chan = self._open(command)
         try:  # the channel is closed whatever happens (a failing stdin writer included)
             chan.settimeout(timeout)
-            chan.exec_command(command)
             if write is not None:
                 with chan.makefile_stdin("wb") as stdin:
                     write(stdin)
@@ -146,15 +197,25 @@ class SshRemote(Remote):
                 chan.shutdown_write()
             chan.close()
 
-    def start(self, command: str) -> Background:
+    def _open(self, command: str) -> Any:
+        """A channel running ``command``."""
         import paramiko
 
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(f"the connection to {self.host} was lost")
         try:
-            chan = self.client.get_transport().open_session(timeout=self.target.connect_timeout)
+            chan = transport.open_session(timeout=self.target.connect_timeout)
             chan.exec_command(command)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
-        return _ChannelBackground(chan)
+        return chan
+
+    def start(self, command: str) -> Background:
+        return _ChannelBackground(self._open(command))
+
+    def session(self, command: str) -> Session:
+        return _ChannelSession(self._open(command), self.host)
 
     def openssh_argv(self) -> list[str]:
         """OpenSSH with the very settings of this connection (same hops, users, keys and

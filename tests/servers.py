@@ -137,6 +137,21 @@ def peak_rss(argv: list[str], stdout: str = os.devnull, env: dict[str, str] | No
     return int(code), int(rss), done.stderr
 
 
+def processes_with(*words: str) -> list[int]:
+    """The living processes (zombies are not) whose argv holds each of ``words``, each as one word."""
+    from trainer.machine.proc import process_start_time
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and all(w in argv for w in words) and process_start_time(int(proc.name)) is not None:
+            found.append(int(proc.name))
+    return found
+
+
 class TcpRelay:
     """A TCP relay on 127.0.0.1 to a local port that a test can cut: :meth:`cut` drops every
     connection through it and refuses new ones (a network gone), :meth:`mend` lets them in again."""

@@ -164,6 +164,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
     r, d = str(root), str(run_dir)
     return {
         "home": ([], b""), "runs": ([r], b""), "host": ([], b""), "snapshot": ([d, "0", "5"], b""),
+        "snapshots": ([d, "60"], b"0 5\n"),
         "machine": ([r], b""), "log": ([d, "0"], b""), "files": ([d], b""), "started": ([d, "1", "0"], b""),
         "launch": ([r, "nope", "--continue", "--python", sys.executable, "--code", str(code), "--data-dir", str(data)],
                    b""),

@@ -23,12 +23,17 @@ class Verb(Generic[R]):
     # trainer will; every other verb runs under `python3 -I -S` (the standard library and the bundle only).
     site: bool = False
     stream: bool = False  # answers with a framed stream of raw bytes (STREAM below), not a record
+    # answers once per question line on its stdin (one record each), until stdin ends: one
+    # interpreter, and one trip of the bundle, for as many questions as orch has
+    converses: bool = False
 
 
 HOME = Verb("home", "probe", wire.Home, "the login's home folder")
 RUNS = Verb("runs", "probe", wire.RunList, "ROOT: every run, with liveness")
 HOST = Verb("host", "probe", wire.Host, "the GPUs (nvidia-smi) and the CPU/memory load")
 SNAPSHOT = Verb("snapshot", "probe", wire.Snapshot, "RUN_DIR METRICS_OFFSET LOG_LINES: one monitor refresh")
+SNAPSHOTS = Verb("snapshots", "probe", wire.Snapshot, "RUN_DIR IDLE: a snapshot per question 'METRICS_OFFSET "
+                 "LOG_LINES' on stdin, until stdin ends or IDLE seconds pass without one", converses=True)
 MACHINE = Verb("machine", "probe", wire.MachineReport, "ROOT: the host, every run and the autostop")
 LOG = Verb("log", "logstream", None, "RUN_DIR OFFSET [--follow]: train.log from OFFSET on, streamed", stream=True)
 FILES = Verb("files", "probe", wire.RunFiles, "RUN_DIR: the manifest and the run's regular files")
@@ -50,8 +55,8 @@ DATA_LIST = Verb("data-list", "receive", wire.DataListing, "DEST: the data files
 DATA_MOVE = Verb("data-move", "receive", wire.Moved, "STAGING DEST: move received files into place")
 
 VERBS: dict[str, Verb] = {v.name: v for v in (
-    HOME, RUNS, HOST, SNAPSHOT, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP, AUTOSTOP,
-    WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE)}
+    HOME, RUNS, HOST, SNAPSHOT, SNAPSHOTS, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP,
+    AUTOSTOP, WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE)}
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`
