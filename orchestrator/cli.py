@@ -484,9 +484,9 @@ def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: b
            fresh: bool = typer.Option(False, "--fresh", help="import TensorFlow again on the machine even when its "
                                       "cached answer still holds (the cache is dropped by any package change)")) -> int:
     """Every check a first day needs, in order, each ok or failed with the fix: config, AWS,
-    instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data (opened
-    as the trainer opens it), disk. Never starts the instance. Exit 0 only if all pass, else the
-    first failure's code (3 AWS, 4 connection, 5 host key, 11 instance stopped, 12 not ready, 13 no data)."""
+    instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data, disk.
+    Never starts the instance. Exit 0 only if all pass, else the first failure's code (3 AWS,
+    4 connection, 5 host key, 11 instance stopped, 12 not ready, 13 no data)."""
     from dataclasses import asdict
 
     from orchestrator.doctor import doctor as run_doctor

@@ -82,7 +82,7 @@ def _machine(ctx: Context, results: list[Finding], fresh: bool) -> None:
                 results.append(Finding("env", False, "the managed environment is not built yet",
                                        "`orch deploy` builds it (once per requirements)"))
                 return
-            results += findings(m, python, ask(m, python, import_tensorflow=fresh, open_data=True))
+            results += findings(m, python, ask(m, python, import_tensorflow=fresh))
     except OrchError as exc:
         step = "ssh" if not local and not any(r.check == "ssh" for r in results) else "machine"
         results.append(Finding(step, False, str(exc), "see the message: `orch trust` for an unknown host key, the "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from orchestrator.errors import NoData, NotReady, RemoteError
 from orchestrator.machine import Machine
-from trainer.contract import options, verbs
+from trainer.contract import verbs
 from trainer.contract.exitcodes import ExitCode
 from trainer.contract.wire import DataCheck, Preflight
 
@@ -27,15 +27,11 @@ class Finding:
     warning: bool = False  # passed, but worth the user's attention (the fix says what to do)
 
 
-def ask(m: Machine, python: str, *, import_tensorflow: bool = False, open_data: bool = False) -> Preflight:
-    """The machine's answer for the training interpreter ``python`` (``open_data``: the data files
-    loaded the trainer's way, through its cache, for their usable count)."""
-    extra = ["--import-tensorflow"] if import_tensorflow else []
-    if open_data:
-        train = m.cfg.train_given()
-        extra += ["--open-data", train.get("cache_dir") or "-", train.get("classes") or options.default("classes")]
+def ask(m: Machine, python: str, *, import_tensorflow: bool = False) -> Preflight:
+    """The machine's answer for the training interpreter ``python``."""
     try:
-        return m.answer(verbs.PREFLIGHT, m.root, m.data_dir, *extra, python=python)
+        return m.answer(verbs.PREFLIGHT, m.root, m.data_dir,
+                        *(["--import-tensorflow"] if import_tensorflow else []), python=python)
     except RemoteError as exc:
         raise NotReady(f"{python} cannot run on {m.remote.host} ({exc}); set remote.python to an interpreter "
                        "that exists there, or leave it unset for a managed env") from None
@@ -92,16 +88,12 @@ def _data_finding(data: DataCheck, host: str, local_dir: str | None) -> Finding:
     if not data.exists:
         return Finding("data", False, f"{data.dir}: missing", f"the data folder {data.dir} does not exist on "
                        f"{host}: {sync}", ExitCode.NO_DATA)
-    check_data = "`python -m trainer check-data` there says why"
-    if data.usable is not None:  # opened, as the trainer will open them
-        return Finding("data", data.usable > 0, f"{data.dir}: {data.usable} usable feature files"
-                       + (f", {data.skipped} skipped" if data.skipped else ""),
-                       f"no usable feature files in {data.dir} on {host} ({data.labelled} labelled by name): "
-                       f"{sync}; {check_data}", ExitCode.NO_DATA)
-    opened = f" (not opened: {data.open_error})" if data.open_error else ""
-    return Finding("data", data.labelled > 0, f"{data.dir}: {data.labelled} feature files labelled by name{opened}",
+    # Counted by their names only (opening thousands of files is the trainer's job): say so, so
+    # that check-data's usable count, lower when some files are damaged, is no surprise.
+    return Finding("data", data.labelled > 0, f"{data.dir}: {data.labelled} feature files labelled by their names "
+                   "(not opened: `python -m trainer check-data` there opens each and counts the usable ones)",
                    f"no labelled .npz/.npy feature files in {data.dir} on {host} ({data.feature_files} "
-                   f"feature files in all): {sync}; {check_data}", ExitCode.NO_DATA)
+                   f"feature files in all): {sync}; `python -m trainer check-data` there says why", ExitCode.NO_DATA)
 
 
 def require_ready(m: Machine, python: str, *, allow_cpu: bool = False) -> list[Finding]:

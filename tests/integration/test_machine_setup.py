@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Sshd, run_orch, write_config
-from tests.integration.trainer_proc import status, trainer_env
+from tests.integration.trainer_proc import status
 from tests.servers import start_sshd
 from trainer.contract import layout
 from trainer.ml.synth import synth
@@ -206,11 +206,8 @@ def test_doctor_reports_each_check(tmp_path: Path, sshd: Sshd, features: Path, m
     assert [c["check"] for c in doc["checks"]] == ["config", "ssh", "shell", "python", "packages", "gpus", "data",
                                                    "disk", "root"]
     assert all(c["ok"] for c in doc["checks"])
-    # the data opened as the trainer opens it: the count check-data gives
-    check_data = subprocess.run([sys.executable, "-m", "trainer", "check-data", str(features), "--json"],
-                                capture_output=True, text=True, env=trainer_env(), check=True)
-    usable = json.loads(check_data.stdout)["usable"]
-    assert doc["checks"][6]["detail"].startswith(f"{features}: {usable} usable feature files")
+    # the data counted by names, and said so (check-data, which opens them, may find fewer usable)
+    assert doc["checks"][6]["detail"].startswith(f"{features}: 60 feature files labelled by their names (not opened")
     # an unknown host key fails the ssh check (doctor never trusts it) with the host key's exit
     # code, and nothing after it runs
     (tmp_path / "known_hosts").write_text("")

@@ -171,6 +171,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
         "signal": ([d], b""), "env": ([str(tmp / "envs"), "--requirements", "numpy\n", "--check"], b""),
         "preflight": ([r, str(data)], b""), "setup": ([str(code), sys.executable, "true"], b""),
         "autostop": ([r, "status"], b""), "watch": ([r], b""), "hold": ([r, "0.2"], b""),
+        "log-filter": (["2"], b"a line of the trainer's\n"),
         "code-state": ([r, "v1"], b""), "code-unpack": ([r, "v1"], tar.getvalue()), "data-list": ([str(data)], b""),
         "data-move": ([str(staging), str(tmp / "moved")], b""),
     }

@@ -633,11 +633,7 @@ class DataCheck(Record):
     dir: str = ""
     exists: bool = False
     feature_files: int = 0
-    labelled: int = 0  # by their names
-    # Opened as the trainer loads them (`orch doctor` only; its cache makes a second look cheap):
-    usable: int | None = None
-    skipped: int | None = None
-    open_error: str | None = None  # why they could not be opened (numpy missing, ...)
+    labelled: int = 0
 
 
 @dataclass(frozen=True)

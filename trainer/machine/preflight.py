@@ -1,13 +1,12 @@
 """What the machine can do, asked before any run folder is created (and by ``orch doctor``).
 Verb ``preflight``, run by orch with the interpreter that will train, with its own packages:
 
-    preflight ROOT DATA_DIR [--import-tensorflow] [--open-data CACHE_DIR|- CLASSES]   -> Preflight
+    preflight ROOT DATA_DIR [--import-tensorflow]                              -> Preflight
 
 answers: the interpreter, the installed versions of TensorFlow/Keras/numpy,
 the GPUs nvidia-smi lists (with driver and CUDA versions), whether TensorFlow and Keras really
 import and how many GPUs TensorFlow sees, the data folder (does it exist, how many labelled
-feature files; with --open-data, how many of them the trainer can use, loaded the trainer's way
-through its cache, ``-`` for the default one) and the free disk under ROOT.
+feature files) and the free disk under ROOT.
 
 Importing TensorFlow takes seconds, so its result is cached on the machine (~/.cache/orch/preflight),
 keyed by the interpreter, its package folders (any install or removal changes them) and what
@@ -128,21 +127,6 @@ def data(folder: Path) -> DataCheck:
     return DataCheck(str(folder), True, features, labelled)
 
 
-def opened(check: DataCheck, cache_dir: str | None, classes: tuple[str, ...]) -> DataCheck:
-    """``check`` with the files opened as the trainer opens them: usable and skipped counts."""
-    from dataclasses import replace
-
-    if not check.exists:
-        return check
-    try:
-        from trainer.ml.data import load_dataset
-
-        ds = load_dataset(check.dir, classes, cache_dir=cache_dir)
-    except Exception as exc:  # noqa: BLE001 (numpy missing, a folder that vanished: say it, the rest goes on)
-        return replace(check, open_error=f"{type(exc).__name__}: {exc}"[:300])
-    return replace(check, usable=len(ds.samples), skipped=len(ds.skipped))
-
-
 def disk(root: Path) -> DiskCheck:
     """Free space on the file system the runs are written to."""
     probe = root
@@ -163,32 +147,18 @@ def writable(folder: Path) -> bool:
         return False
 
 
-def preflight(root: Path, data_dir: Path, import_tensorflow: bool,
-              open_data: tuple[str | None, tuple[str, ...]] | None = None) -> Preflight:
+def preflight(root: Path, data_dir: Path, import_tensorflow: bool) -> Preflight:
     gpus = nvidia()
     found = packages()
     tensorflow = None
     if found["tensorflow"] is not None and found["keras"] is not None:
         tensorflow = tensorflow_check(found, gpus, fresh=import_tensorflow)
     python = PythonInfo(sys.executable, ".".join(map(str, sys.version_info[:3])))
-    checked = data(data_dir)
-    if open_data is not None:
-        checked = opened(checked, *open_data)
-    return Preflight(python, found, gpus, tensorflow, checked, disk(root))
+    return Preflight(python, found, gpus, tensorflow, data(data_dir), disk(root))
 
 
 def run(verb: str, argv: list[str], out: Any) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python3 -m trainer.machine FRAME preflight")
-    parser.add_argument("root", type=Path)
-    parser.add_argument("data_dir", type=Path)
-    parser.add_argument("--import-tensorflow", action="store_true")
-    parser.add_argument("--open-data", nargs=2, metavar=("CACHE_DIR", "CLASSES"))
-    args = parser.parse_args(argv)
-    open_data = None
-    if args.open_data:
-        cache, classes = args.open_data
-        open_data = (None if cache == "-" else cache, tuple(classes.split(",")))
-    out.answer(preflight(args.root, args.data_dir, args.import_tensorflow, open_data))
+    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] != "--import-tensorflow"):
+        raise SystemExit("usage: python3 -m trainer.machine FRAME preflight ROOT DATA_DIR [--import-tensorflow]")
+    out.answer(preflight(Path(argv[0]), Path(argv[1]), len(argv) == 3))
     return 0
