@@ -72,6 +72,14 @@ class RunView:
     def exit_code(self) -> ExitCode:
         return self.info.exit_code if self.run is not None else ExitCode.OK
 
+    def training_epoch(self) -> int | None:
+        """The epoch being trained (1-based, as train.log's `Epoch N/M`), while the run trains."""
+        run = self.info
+        done = run.epoch or 0
+        if self.state != layout.RUNNING or run.phase != "training" or run.epochs is None or done >= run.epochs:
+            return None
+        return done + 1
+
     def eta_seconds(self) -> float | None:
         epoch, epochs = self.info.epoch or 0, self.info.epochs
         seconds = [h.seconds for h in self.history[-10:] if h.seconds is not None]
@@ -82,7 +90,10 @@ class RunView:
     def to_json(self) -> dict[str, Any]:
         run, last = self.info, self.history[-1] if self.history else None
         return {
+            # epoch: epochs finished (committed); training_epoch: the one under way, numbered as
+            # train.log's "Epoch N/M" lines number it (None once the run has ended)
             "run_id": self.run_id, "state": self.state, "epoch": run.epoch, "epochs": run.epochs,
+            "training_epoch": self.training_epoch(),
             "val_accuracy": last.val_accuracy if last else None, "best_val_accuracy": run.best_val_accuracy,
             "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "stall": run.stall,
             "quiet_for": run.quiet_for, "eta_seconds": self.eta_seconds(),
@@ -146,7 +157,9 @@ class RunView:
                              f"  ({clean(self.note)})" if self.note else "")
         eta = self.eta_seconds()
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(f"epoch {epoch}/{epochs}", ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
+        training = self.training_epoch()
+        label = f"epoch {training}/{epochs} ({epoch} done)" if training is not None else f"epoch {epoch}/{epochs}"
+        bar.add_row(label, ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
                     f"ETA {_duration(eta)}" if eta is not None else "")
         last = self.history[-1] if self.history else Epoch(0)
         acc = Table.grid(padding=(0, 2))

@@ -227,3 +227,19 @@ def test_a_snapshots_command_nobody_asks_ends_by_itself_and_the_next_refresh_sta
             assert time.monotonic() < deadline, "the idle snapshots command never ended"
             time.sleep(0.05)
         assert feed.get(0, 5).metrics_count == 1
+
+
+def test_header_json_and_train_log_name_the_same_epoch() -> None:
+    """While epoch 4 trains (3 committed), train.log says `Epoch 4/10`: so do the header and the
+    JSON's training_epoch; `epoch` stays the count of finished epochs."""
+    from rich.console import Console
+
+    view = RunView("r")
+    view.update(snap("running", True, [row(1, 0.3), row(2, 0.4), row(3, 0.5)], 3, phase="training"))
+    console = Console(record=True, width=120)
+    console.print(view.render())
+    assert "epoch 4/10 (3 done)" in console.export_text()
+    doc = view.to_json()
+    assert doc["epoch"] == 3 and doc["training_epoch"] == 4
+    view.update(snap("finished", False, [], 10, phase=None))
+    assert view.to_json()["training_epoch"] is None
