@@ -6,8 +6,10 @@ with the default settings (cache on, cache folder empty: every file decoded, val
 stored as float16 and written into the cache), cold without a cache, warm (cache hit), and
 the whole `python -m trainer check-data` command cold and cached. Each figure is the median of
 --rounds rounds, the measurements of a round interleaved so a busy machine slows them alike;
-ratios are given for wall time and for CPU time (user + system, this process and its worker
-processes), which a shared machine disturbs less. Also the peak RSS of a cold load, per byte
+ratios are given for wall time and for CPU time (user + system of this process and the
+commands it runs), which a shared machine disturbs less; worker processes (children of multiprocessing's fork server, not
+of this process) are not in it, so where the default is more than one worker read the wall
+ratio. Also the peak RSS of a cold load, per byte
 of the frame array it builds (1.0: memory holds the data once).
 
     python bench/bench_load.py [--n 8690] [--rounds 5] [--dir /tmp/orch-bench-load] [--quick]
@@ -54,7 +56,7 @@ print(json.dumps({"peak_bytes": peak - before, "frames_bytes": ds.frames.nbytes}
 
 
 def cpu_seconds() -> float:
-    t = os.times()
+    t = os.times()  # children: the check-data commands (pool workers are the fork server's)
     return t.user + t.system + t.children_user + t.children_system
 
 

@@ -47,10 +47,9 @@ def _dtype(descr: bytes) -> np.dtype:
     return np.dtype(descr.decode("ascii"))
 
 
-def npy_array(buf: Buffer, exact: bool = False) -> np.ndarray | None:
+def npy_array(buf: Buffer) -> np.ndarray | None:
     """The array of .npy bytes, a read-only view of ``buf``; None unless the layout is plain.
-    ``exact``: the bytes must end where the data ends (a member of an archive, whose CRC
-    zipfile checks only when numpy's reads reach its end)."""
+    Bytes after the data are ignored, as numpy ignores them."""
     view = memoryview(buf)
     if len(view) < 10 or view[:6] != _MAGIC:
         return None
@@ -71,8 +70,7 @@ def npy_array(buf: Buffer, exact: bool = False) -> np.ndarray | None:
     for d in shape:
         count *= d
     data = start + header_len
-    available = len(view) - data
-    if available < count * dtype.itemsize or (exact and available != count * dtype.itemsize):
+    if len(view) - data < count * dtype.itemsize:
         return None
     return np.frombuffer(view, dtype, count, data).reshape(shape)
 
@@ -92,7 +90,9 @@ def npz_array(buf: Buffer, choose: Callable[[list[str]], str | None]) -> tuple[s
     payload = _member(view, offset, raw_name, flags, method, packed, size, _end_of(offset, offsets, start_dir))
     if payload is None or zlib.crc32(payload) != crc:
         return None
-    array = npy_array(payload, exact=True)
+    # The whole member is CRC checked; zipfile checks it only when numpy's reads reach the
+    # member's end, so a member zipfile would pass with a bad CRC falls back: the same answer.
+    array = npy_array(payload)
     return None if array is None else (key, array)
 
 
