@@ -172,6 +172,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
         "autostop": ([r, "status"], b""), "watch": ([r], b""), "hold": ([r, "0.2"], b""),
         "code-state": ([r, "v1"], b""), "code-unpack": ([r, "v1"], tar.getvalue()), "data-list": ([str(data)], b""),
         "data-move": ([str(staging), str(tmp / "moved")], b""),
+        "notify": (["test"], b"{}"), "remove": ([r, "not-there"], b""),
     }
 
 
