@@ -584,13 +584,16 @@ def rm(
     if json_out:
         _print_json(_out(ctx), removal.to_json())
         return 0
+    def objects(n: int) -> str:
+        return f"{n} object{'' if n == 1 else 's'}"
+
     for run_id in removal.removed:
         mirror = removal.mirrors.get(run_id)
-        also = f" and its mirror ({mirror} objects)" if mirror is not None else ""
+        also = f" and its mirror ({objects(mirror)})" if mirror is not None else ""
         _say(_out(ctx), f"removed run {run_id} from {removal.host}{also}")
-    for run_id, objects in removal.mirrors.items():
+    for run_id, n in removal.mirrors.items():
         if run_id not in removal.removed:
-            _say(_out(ctx), f"removed run {run_id}'s mirror from storage ({objects} objects)")
+            _say(_out(ctx), f"removed run {run_id}'s mirror from storage ({objects(n)})")
     return 0
 
 

@@ -192,8 +192,8 @@ def told_and_kept_secret(hook: WebhookStandIn, run_dir: Path, cfg: Path) -> None
         "run_id": run_id, "state": "finished", "epoch": 3, "epochs": 3, "best_val_accuracy": final["best_val_accuracy"],
         "best_epoch": final["best_epoch"], "hourly_usd": None, "cost_usd": None}  # no price for this computer
     assert told["elapsed_seconds"] > 0 and "\n" not in told["text"]
-    assert told["text"].startswith(f"orch: run {run_id} finished on localhost: best val_accuracy "
-                                   f"{final['best_val_accuracy']:.4f} at epoch {final['best_epoch']}, epoch 3 of 3 (")
+    assert told["text"].startswith(f"orch: run {run_id} finished on localhost after 3 of 3 epochs: best val_accuracy "
+                                   f"{final['best_val_accuracy']:.4f} at epoch {final['best_epoch']} (")
     pid = int((run_dir / layout.PID_FILE).read_text().split()[0])
     while Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
             not in "ZX":  # the trainer has logged what it did and exited

@@ -150,6 +150,15 @@ def test_runs_newest_first_stop_all_rm_and_completion(tmp_path: Path, moto_endpo
                         "removed run older's mirror from storage (3 objects)"]
         assert not mirrored("newer") and not mirrored("older")
         assert os.listdir(root / layout.RUNS_DIR) == [] and os.listdir(root / layout.NOTIFY_DIR) == []
+
+        # the machine is gone: --storage still removes a mirror
+        s3.put_object(Bucket=name, Key=f"p/runs/gone/{layout.STATE}", Body=b"{}")
+        away = write_config(tmp_path / "away.yaml", target="ssh", ssh={"host": "127.0.0.1", "port": free_port(),
+                                                                        "connect_timeout": 2, "config_file": None},
+                            storage={"s3_uri": f"s3://{name}/p", "endpoint_url": moto_endpoint, "region": "us-east-1"})
+        gone = ok(orch("rm", "gone", "--storage", "-y", "-c", away))
+        assert gone.stdout.strip() == "removed run gone's mirror from storage (1 object)" and not mirrored("gone")
+        assert "the machine cannot be reached" in gone.stderr
     finally:
         for proc in stand_ins:
             proc.kill()

@@ -59,7 +59,8 @@ def run_folder(tmp_path: Path, status: dict, started: str | None = "2026-12-01T1
 
 @pytest.mark.parametrize("event, status, text", [
     ("finished", {"epoch": 20, "best_val_accuracy": 0.61234, "best_epoch": 12},
-     "orch: run r1 finished on i-0abc: best val_accuracy 0.6123 at epoch 12, epoch 20 of 20 (2.5 h, about $2.50)"),
+     "orch: run r1 finished on i-0abc after 20 of 20 epochs: best val_accuracy 0.6123 at epoch 12 (2.5 h, about "
+     "$2.50)"),
     ("failed", {"epoch": 3, "error": "NaN loss\x1b[31m at\nbatch 4", "best_val_accuracy": None},
      "orch: run r1 failed on i-0abc at epoch 3 of 20: NaN loss [31m at batch 4; no epoch finished yet (2.5 h, about "
      "$2.50)"),

@@ -157,7 +157,8 @@ def _text(event: str, f: dict[str, Any], recovery: dict[str, Any] | None) -> str
     spent += [f"about ${f['cost_usd']:.2f}"] if f["cost_usd"] is not None else []
     tail = f" ({', '.join(spent)})" if spent else ""
     if event == layout.FINISHED:
-        return f"{where}: {best}, {at}{tail}"
+        done = f"{f['epoch'] or 0} of {f['epochs']} epochs" if f["epochs"] else f"{f['epoch'] or 0} epochs"
+        return f"{where} after {done}: {best}{tail}"
     if event == layout.FAILED:
         return f"{where} at {at}: {f['error']}; {best}{tail}"
     if event == layout.INTERRUPTED:
@@ -226,6 +227,8 @@ class RunNotifier:
         busy): one message, after any still on its way (each bounded by DEADLINE)."""
         for thread in self._threads:
             thread.join(DEADLINE + TIMEOUT)
+        if self.settings is None:
+            return
         status = read_json(self.run_dir / layout.STATUS)
         event = status.get("state")
         if status.get("pid") == os.getpid() and event in EVENTS and self.wants(event):
