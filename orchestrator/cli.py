@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -41,6 +42,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate deploy.yaml or print its JSON schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+notify_app = typer.Typer(help="Run notifications (deploy.yaml's notify: webhook).", no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
 
 
 def _flags_take_no_value() -> None:
@@ -74,8 +77,19 @@ RootConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_
 ConfigOpt = typer.Option(None, "--config", "-c", show_default=False,
                          help="the configuration file (default: $ORCH_CONFIG, else deploy.yaml)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of text")
+
+
+def _complete_run(typer_ctx: typer.Context, incomplete: str) -> list[str]:
+    """Run ids for the shell: cached by `orch runs`, or the machine's when it answers at once
+    (orchestrator/completion.py); never an instance started, never an error."""
+    from orchestrator.completion import run_ids
+
+    config = typer_ctx.params.get("config") or typer_ctx.find_root().params.get("config")
+    return run_ids(config or os.environ.get("ORCH_CONFIG") or "deploy.yaml", incomplete)
+
+
 RunArg = typer.Argument(None, help="the run: its id or any unique prefix of it (default: the latest)",
-                        show_default=False)
+                        show_default=False, autocompletion=_complete_run)
 
 # The options every command that talks to the machine takes, and those of the commands that
 # launch a run, each declared ONCE (uses_machine adds them to a command's signature).
@@ -313,7 +327,8 @@ def _recipe_help(name: str) -> str:
 def resume(
     ctx: Context,
     run: str | None = typer.Argument(None, help="the run to extend or continue (an id or unique prefix; "
-                                     "default: the best finished run)", show_default=False),
+                                     "default: the best finished run)", show_default=False,
+                                     autocompletion=_complete_run),
     # Ranges are the trainer's own (trainer/contract/options.py), checked before anything connects.
     epochs: int | None = typer.Option(None, "--epochs", help=_recipe_help("epochs"), show_default=False),
     learning_rate: float | None = typer.Option(None, "--learning-rate", help=_recipe_help("learning_rate"),
@@ -407,7 +422,8 @@ def _follow(ctx: Context, run: str | None, interval: float = 2.0) -> int:
 def download(
     ctx: Context,
     run: str | None = typer.Argument(None, help="the run, an id or unique prefix (default: the finished run "
-                                     "with the best val accuracy)", show_default=False),
+                                     "with the best val accuracy)", show_default=False,
+                                     autocompletion=_complete_run),
     best: bool = typer.Option(True, "--best",
                               help="the best checkpoint and the stats files (what MANIFEST.sha256 lists)"),
     latest: bool = typer.Option(False, "--latest", help="the newest run instead of the best one"),
@@ -441,13 +457,19 @@ def download(
 
 @app.command("runs")
 @uses_machine
-def runs_cmd(ctx: Context, json_out: bool = JsonOpt) -> None:
+def runs_cmd(
+    ctx: Context,
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, metavar="N", show_default=False,
+                                     help="only the N newest runs"),
+    json_out: bool = JsonOpt,
+) -> None:
     """All runs on the machine (with `storage:`, and in the S3 mirror, saying where each
-    lives; only the mirror's when the machine cannot be reached): state, epochs, best val
-    accuracy, parent and how the run compares with it, start, duration. Run ids are shown whole."""
+    lives; only the mirror's when the machine cannot be reached), newest first: state, epochs,
+    best val accuracy, parent and how the run compares with it, start, duration. Run ids are
+    shown whole."""
     from orchestrator.runs import list_runs, run_json, runs_table
 
-    runs = list_runs(ctx)
+    runs = list_runs(ctx, limit)
     if json_out:
         _print_json(_out(ctx), [run_json(r) for r in runs])
     elif not runs:
@@ -532,22 +554,85 @@ def logs(
 @uses_machine
 def stop(
     ctx: Context,
-    run: str | None = typer.Argument(None, help="the run, an id or unique prefix (default: the one running)",
-                                     show_default=False),
+    runs: list[str] | None = typer.Argument(None, help="the runs, ids or unique prefixes (default: the one "
+                                            "running)", show_default=False, metavar="[RUN]...",
+                                            autocompletion=_complete_run),
+    every: bool = typer.Option(False, "--all", help="every run that is running"),
     json_out: bool = JsonOpt,
 ) -> int:
-    """Stop a run: SIGTERM, the trainer saves and marks it stopped; reports the final state."""
+    """Stop runs: SIGTERM, each trainer saves and marks its run stopped; reports the final states."""
     from orchestrator.runs import run_json
     from orchestrator.runs import stop as run_stop
     from trainer.contract import layout
 
-    final = run_stop(ctx, run)
+    if every and runs:
+        raise ConfigError("give run ids or --all, not both")
+    final = run_stop(ctx, runs or (), every=every)
     if json_out:
-        _print_json(_out(ctx), run_json(final))
-    else:
-        _say(_out(ctx), f"run {final.run_id} {final.shown_state} at epoch {final.epoch}/{final.epochs}")
+        _print_json(_out(ctx), [run_json(r) for r in final] if every or len(runs or ()) > 1 else run_json(final[0]))
+    elif not final:
+        _say(_out(ctx), "no run is running; nothing to stop")
+    for r in final if not json_out else ():
+        _say(_out(ctx), f"run {r.run_id} {r.shown_state} at epoch {r.epoch}/{r.epochs}")
     # stopped as asked (or by a spot notice that came at the same time: it stopped and can continue all the same)
-    return 0 if final.shown_state in (layout.STOPPED, layout.INTERRUPTED) else int(final.exit_code or ExitCode.ERROR)
+    codes = [0 if r.shown_state in (layout.STOPPED, layout.INTERRUPTED) else int(r.exit_code or ExitCode.ERROR)
+             for r in final]
+    return next((c for c in codes if c), 0)
+
+
+@app.command("rm")
+@uses_machine
+def rm(
+    ctx: Context,
+    runs: list[str] = typer.Argument(..., help="the runs, ids or unique prefixes", show_default=False,
+                                     metavar="RUN...", autocompletion=_complete_run),
+    with_storage: bool = typer.Option(False, "--storage", help="also remove each run's mirror from storage.s3_uri "
+                                      "(else it is kept, and `orch runs` still lists the run there)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation (needed without a terminal)"),
+    json_out: bool = JsonOpt,
+) -> int:
+    """Delete runs from the machine (their folders: checkpoints, metrics, logs) and, with
+    --storage, from the S3 mirror. Asks first; refuses an active run (exit 6: stop it first)."""
+    from orchestrator.runs import remove
+    from orchestrator.status import Consent
+
+    terminal = ctx.output is not None and ctx.output.stdin_isatty
+    consent = Consent(yes, (lambda question: typer.confirm(question, default=False)) if terminal else None)
+    removal = remove(ctx, runs, with_storage=with_storage, consent=consent)
+    if removal is None:
+        _say(_out(ctx), "nothing removed")
+        return int(ExitCode.INTERRUPTED)
+    if json_out:
+        _print_json(_out(ctx), removal.to_json())
+        return 0
+    def objects(n: int) -> str:
+        return f"{n} object{'' if n == 1 else 's'}"
+
+    for run_id in removal.removed:
+        mirror = removal.mirrors.get(run_id)
+        also = f" and its mirror ({objects(mirror)})" if mirror is not None else ""
+        _say(_out(ctx), f"removed run {run_id} from {removal.host}{also}")
+    for run_id, n in removal.mirrors.items():
+        if run_id not in removal.removed:
+            _say(_out(ctx), f"removed run {run_id}'s mirror from storage ({objects(n)})")
+    return 0
+
+
+@notify_app.command("test")
+@uses_machine
+def notify_test(ctx: Context, json_out: bool = JsonOpt) -> None:
+    """Send one test message from the machine, through the code its runs notify with, and
+    say whether the webhook took it (its HTTP status). Never starts the instance."""
+    from dataclasses import asdict
+
+    from orchestrator.notify import test
+
+    sent = test(ctx)
+    if json_out:
+        _print_json(_out(ctx), asdict(sent))
+    else:
+        _say(_out(ctx), f"test message delivered to {sent.target}: HTTP {sent.status}"
+                        + (f" (after {sent.attempts} tries)" if sent.attempts > 1 else ""))
 
 
 def main(argv: list[str] | None = None, output: Output | None = None) -> int:

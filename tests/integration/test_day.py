@@ -150,10 +150,10 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     stopped = orch(day, "stop")
     assert stopped.returncode == 0 and "run long stopped at epoch" in stopped.stdout
 
-    # runs lists all three
+    # runs lists all three, newest first
     runs = ok_json(orch(day, "runs", "--json"))
     assert [(r["run_id"], r["state"], r["parent"]) for r in runs] == [
-        ("first", "finished", None), (child["run_id"], "finished", "first"), ("long", "stopped", None)]
+        ("long", "stopped", None), (child["run_id"], "finished", "first"), ("first", "finished", None)]
     table = orch(day, "runs")
     assert table.returncode == 0 and "first" in table.stdout and "stopped" in table.stdout
     st = ok_json(orch(day, "status", "--json"))

@@ -372,7 +372,8 @@ def test_the_readme_storage_policy_lists_exactly_the_s3_actions_orch_and_the_tra
 
     # boto3's S3 client methods -> the IAM action each needs (multipart uploads are PutObject)
     action = {"list_objects_v2": "s3:ListBucket", "get_object": "s3:GetObject", "head_object": "s3:GetObject",
-              "upload_fileobj": "s3:PutObject", "put_object": "s3:PutObject", "delete_object": "s3:DeleteObject"}
+              "upload_fileobj": "s3:PutObject", "put_object": "s3:PutObject", "delete_object": "s3:DeleteObject",
+              "delete_objects": "s3:DeleteObject"}
     source = Path(storage.__file__).read_text() + Path(mirror.__file__).read_text()
     methods = set(re.findall(r"self\.s3\.([a-z_0-9]+)[(,]", source)) - {"get_paginator"}
     methods |= set(re.findall(r"get_paginator\(\"([a-z_0-9]+)\"\)", source))

@@ -174,6 +174,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
         "log-filter": (["2"], b"a line of the trainer's\n"),
         "code-state": ([r, "v1"], b""), "code-unpack": ([r, "v1"], tar.getvalue()), "data-list": ([str(data)], b""),
         "data-move": ([str(staging), str(tmp / "moved")], b""),
+        "notify": (["test"], b"{}"), "remove": ([r, "not-there"], b""),
     }
 
 

@@ -8,6 +8,7 @@ down here exactly once.
       code/<version>/     the uploaded trainer package (.complete once whole; code/.lock)
       envs/<key>/         managed virtualenvs (.orch-ready once pip succeeded; install.log)
       runs/<run_id>/      one folder per run, below
+      notify/<run_id>.json  a run's webhook settings (0600)
       launch.lock  activity.lock  autostop.json  spot.json  watcher.json  watcher.log  watcher.lock
 
     <remote_root>/runs/<run_id>/
@@ -95,6 +96,10 @@ WATCHER_LOCK = "watcher.lock"
 # Held (shared flock) by every orch command doing work on the machine (deploy, resume,
 # download): the machine is not idle while one runs, whatever the runs say.
 ACTIVITY_LOCK = "activity.lock"
+# Run notifications (trainer/contract/notify.py): <NOTIFY_DIR>/<run_id>.json under remote.root, the
+# webhook settings of one run (0600, the folder 0700: a webhook URL is a credential). Never in a
+# run folder: run folders are downloaded and mirrored.
+NOTIFY_DIR = "notify"
 
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
@@ -218,6 +223,11 @@ def stats_path(name: str) -> str:
 def run_dir(remote_root: str, run_id: str) -> str:
     """``<remote_root>/runs/<run_id>`` (POSIX, since runs live on a Linux machine)."""
     return str(PurePosixPath(remote_root) / RUNS_DIR / run_id)
+
+
+def notify_settings(remote_root: str, run_id: str) -> str:
+    """``<remote_root>/notify/<run_id>.json``: the run's webhook settings."""
+    return str(PurePosixPath(remote_root) / NOTIFY_DIR / f"{run_id}.json")
 
 
 # ---- the storage mirror (deploy.yaml `storage:`) ---------------------------------------------

@@ -53,10 +53,12 @@ CODE_STATE = Verb("code-state", "receive", wire.CodeState, "ROOT VERSION: is thi
 CODE_UNPACK = Verb("code-unpack", "receive", wire.CodeState, "ROOT VERSION < tar.gz: unpack a code version atomically")
 DATA_LIST = Verb("data-list", "receive", wire.DataListing, "DEST: the data files there (size, mtime)")
 DATA_MOVE = Verb("data-move", "receive", wire.Moved, "STAGING DEST: move received files into place")
+NOTIFY = Verb("notify", "notify", wire.Delivery, "test < SETTINGS: send a test message through the runs' webhook code")
+REMOVE = Verb("remove", "remove", wire.Removed, "ROOT RUN_ID...: delete run folders, never an active run's")
 
 VERBS: dict[str, Verb] = {v.name: v for v in (
     HOME, RUNS, HOST, SNAPSHOT, SNAPSHOTS, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP,
-    AUTOSTOP, WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE)}
+    AUTOSTOP, WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE, NOTIFY, REMOVE)}
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`

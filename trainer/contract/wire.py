@@ -561,6 +561,27 @@ class Signalled(Record):
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class Delivery(Record):
+    """``notify test``: whether the webhook took the message (an HTTP 2xx), after how many tries.
+    ``target`` is the URL redacted (trainer/contract/notify.py): never the secret."""
+
+    delivered: bool = False
+    status: int | None = None  # the last HTTP status (None: no answer at all)
+    attempts: int = 0
+    error: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Removed(Record):
+    """``remove``: the run folders deleted, those refused (id -> why) and those not there."""
+
+    removed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- setting up
 
 

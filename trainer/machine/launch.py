@@ -2,7 +2,8 @@
 
     launch ROOT RUN_ID (--fresh | --continue) [--force] --python PY --code DIR --data-dir DATA
            [--autostop-minutes M --autostop-command CMD | --autostop-off] [--spot-metadata-url URL]
-           [-- TRAINER_OPTIONS...]          (deploy.json on stdin with --fresh)   -> LaunchAnswer
+           [--notify-bytes N] [-- TRAINER_OPTIONS...]
+           (stdin: N bytes of notify settings, then deploy.json with --fresh)      -> LaunchAnswer
     signal RUN_DIR                          SIGTERM the run's trainer             -> Signalled
 
 A launch is ONE atomic step under an flock on ROOT/launch.lock (one launch at a time per
@@ -12,7 +13,9 @@ ignored (it outlives the SSH session), and write its pid file before letting go 
 the next launch's busy check already sees it. Autostop is armed (or disarmed) in the same step,
 before the trainer starts: whatever fails after the launch, a machine left to itself stops. On a
 spot instance (orch passes ``--spot-metadata-url``) spot watching is set in the same step too, so
-the watcher is asking IMDS for notices before the trainer starts. Standard library only.
+the watcher is asking IMDS for notices before the trainer starts. The run's webhook settings
+(trainer/contract/notify.py) are kept in a 0600 file the trainer is pointed at, or removed when a
+launch brings none. Standard library only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
+from trainer.contract.notify import SETTINGS_ENV
 from trainer.contract.verbs import LOG_FILTER, NO_FRAME
 from trainer.contract.wire import Autostop, LaunchAnswer, Signalled
 from trainer.machine import watcher
@@ -77,13 +81,29 @@ def _check(root: Path, run_dir: Path, fresh: bool, force: bool) -> None:
         raise Refused("busy", f"run {', '.join(others)} is still running", ExitCode.BUSY)
 
 
-def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None) -> int:
+def _notify_settings(root: Path, run_id: str, settings: bytes) -> Path | None:
+    """The run's webhook settings in their 0600 file (folder 0700: the URL is a credential), or
+    none at all (a launch without them: an earlier launch's must not fire)."""
+    path = Path(layout.notify_settings(str(root), run_id))
+    if not settings:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    atomic_write_bytes(path, settings, mode=0o600)
+    return path
+
+
+def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None, notify: Path | None = None) -> int:
     if deploy_json is not None:
         run_dir.mkdir(parents=True)
         atomic_write_bytes(run_dir / layout.DEPLOY_JSON, deploy_json)
     argv = [args.python, "-m", "trainer", "train", "--data-dir", args.data_dir, "--run-dir", str(run_dir),
             *args.trainer_options]
     env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
+    env.pop(SETTINGS_ENV, None)
+    if notify is not None:  # where, not what: the URL itself is never on a command line or in the environment
+        env[SETTINGS_ENV] = str(notify)
     fresh = deploy_json is not None
     logs = [_open_log(run_dir, name, fresh) for name in (layout.TRAIN_LOG, layout.RAW_LOG)]
     # The trainer writes into a pipe; the log filter beside it stamps its lines into train.log
@@ -149,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--autostop-command")
     parser.add_argument("--autostop-off", action="store_true")
     parser.add_argument("--spot-metadata-url", help="a spot instance: the watcher asks this IMDS for notices")
+    parser.add_argument("--notify-bytes", type=int, default=0, help="stdin starts with this many bytes of the "
+                        "run's webhook settings")
     return parser
 
 
@@ -159,7 +181,8 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
     args.trainer_options = argv[cut + 1:]
     root = Path(args.root)
     run_dir = Path(layout.run_dir(args.root, args.run_id))
-    deploy_json = sys.stdin.buffer.read() if args.fresh else None
+    given = sys.stdin.buffer.read() if args.fresh or args.notify_bytes > 0 else b""
+    notify, deploy_json = given[:max(0, args.notify_bytes)], given[max(0, args.notify_bytes):] if args.fresh else None
     try:
         fd = _lock(root)
         try:
@@ -167,7 +190,8 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
             _spot(args, root)  # first: a disarmed autostop never lets the watcher exit before spot watching is set
             armed = _autostop(args, root)
             launched_at = time.time()
-            return LaunchAnswer(pid=_start(args, run_dir, deploy_json), autostop=armed, launched_at=launched_at), 0
+            pid = _start(args, run_dir, deploy_json, _notify_settings(root, args.run_id, notify))
+            return LaunchAnswer(pid=pid, autostop=armed, launched_at=launched_at), 0
         finally:
             os.close(fd)
     except Refused as exc:

@@ -49,10 +49,11 @@ def _log(msg: str) -> None:
         print(f"[trainer] {msg}", flush=True)
 
 
-def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -> ExitCode:
+def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None,
+          on_recovered: Callable[[Recovery], None] | None = None) -> ExitCode:
     """Train (or continue) the run in ``cfg.run_dir``; returns the exit code for the CLI.
     ``recovery``: orch continues the run after a preemption or a restart; it is recorded in
-    the committed state before anything else happens."""
+    the committed state before anything else happens (then ``on_recovered`` is told, once)."""
     path = Path(cfg.run_dir)
     # A spot notice counts for this trainer only if the watcher wrote it after the process started.
     since = started_at(os.getpid()) or time.time()
@@ -77,7 +78,9 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
         with Stopper() as stopper:
             run.create()
             if recovery is not None:  # before the repair: the status it writes carries the record
-                _record_recovery(run, recovery, log)
+                recorded = _record_recovery(run, recovery, log)
+                if recorded is not None and on_recovered is not None:
+                    on_recovered(recorded)
             run.write_pid()
             run.heartbeat.beat(force=True, phase="starting")
             # The repair comes before any status write: a final state's manifest lists status.json.
@@ -97,24 +100,27 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
         raise
 
 
-def _record_recovery(run: RunDir, recovery: Recovery, log: Log) -> None:
+def _record_recovery(run: RunDir, recovery: Recovery, log: Log) -> Recovery | None:
     """Commit the state with ``recovery`` recorded (once: a relaunch gives the same record
-    again). The trainer knows best which committed epoch it continues from; the time lost is
-    orch's figure, else the time from the recovery's ``at`` to now (the machine's clock)."""
+    again); the record as committed, None when it already was. The trainer knows best which
+    committed epoch it continues from; the time lost is orch's figure, else the time from the
+    recovery's ``at`` to now (the machine's clock)."""
     state = run.state
     lost = recovery.lost_seconds
     if lost is None:
         now = datetime.now(timezone.utc)
         when = recovery.when if recovery.when.tzinfo is not None else recovery.when.replace(tzinfo=timezone.utc)
         lost = max(0.0, round((now - when).total_seconds(), 3))
-    recorded = state.with_recovery(replace(recovery, epoch_restored=state.epoch, lost_seconds=lost))
+    record = replace(recovery, epoch_restored=state.epoch, lost_seconds=lost)
+    recorded = state.with_recovery(record)
     if recorded is state:
         log(f"recovery at {recovery.at} is already recorded")
-        return
+        return None
     run.commit(recorded)
     where = f"epoch {state.epoch}" + (f", batch {state.partial.batch} of epoch {state.partial.epoch}"
                                       if state.partial is not None else "")
     log(f"recovery {len(recorded.recoveries)} recorded ({recovery.kind}: {recovery.why}); continuing from {where}")
+    return record
 
 
 def _disk_full(run: RunDir, exc: OSError) -> DiskFull:
