@@ -46,10 +46,13 @@ CODE_STATE = Verb("code-state", "receive", wire.CodeState, "ROOT VERSION: is thi
 CODE_UNPACK = Verb("code-unpack", "receive", wire.CodeState, "ROOT VERSION < tar.gz: unpack a code version atomically")
 DATA_LIST = Verb("data-list", "receive", wire.DataListing, "DEST: the data files there (size, mtime)")
 DATA_MOVE = Verb("data-move", "receive", wire.Moved, "STAGING DEST: move received files into place")
+TENSORBOARD = Verb("tensorboard", "tboard", wire.TensorBoardAnswer, "ROOT PYTHON PORT ANY KEEP SILENCE RUN...: "
+                   "TensorBoard for the runs, started or reused, while orch pings")
 
 VERBS: dict[str, Verb] = {v.name: v for v in (
     HOME, RUNS, HOST, SNAPSHOT, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP, AUTOSTOP,
-    WATCH, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE)}
+    WATCH, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE,
+    TENSORBOARD)}
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`
