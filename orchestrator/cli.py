@@ -8,6 +8,7 @@ built from it; tests pass their own ``Output`` to :func:`main`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -633,6 +634,75 @@ def notify_test(ctx: Context, json_out: bool = JsonOpt) -> None:
     else:
         _say(_out(ctx), f"test message delivered to {sent.target}: HTTP {sent.status}"
                         + (f" (after {sent.attempts} tries)" if sent.attempts > 1 else ""))
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] [--] COMMAND...")
+@uses_machine
+def exec_(ctx: Context, trainer_args: list[str] | None = None) -> int:
+    """Run a command on the machine, in remote.root, and exit with its exit code:
+    `orch exec -- nvidia-smi`, `orch exec 'tail -n 5 runs/*/train.log'`. One argument is a shell
+    command line; several are each one word (quoted). Output is streamed (escape sequences
+    shown escaped on a terminal; bytes as they are into a pipe); stdin is forwarded when it is
+    not a terminal. Never starts a stopped instance."""
+    import os
+
+    from orchestrator.shell import execute
+    from orchestrator.terminal import OutputClosed, byte_sink
+
+    assert ctx.output is not None
+    stdin = None if ctx.output.stdin_isatty else _stdin_reader()
+    try:
+        return execute(ctx, trainer_args or [], stdin, byte_sink(ctx.output.out.file), byte_sink(ctx.output.err.file))
+    except OutputClosed:  # `orch exec -- cat log | head`: the reader has all it wanted
+        with contextlib.suppress(OSError, ValueError):  # nothing more may reach the closed pipe at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell says of a command that SIGPIPE ended
+
+
+def _stdin_reader() -> Callable[[], bytes] | None:
+    """This command's stdin, a chunk at a time (None: there is none to read)."""
+    import os
+
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # closed, or a test's stand-in
+        return None
+    return functools.partial(os.read, fd, 1 << 16)
+
+
+@app.command()
+@uses_machine
+def ssh(ctx: Context) -> int:
+    """An interactive shell on the machine, in remote.root: OpenSSH with the resolved settings
+    and orch's known_hosts (strict host-key checking), after orch checked the host key as every
+    command does; a terminal when stdin is one. On target local: $SHELL in remote.root. Never
+    starts a stopped instance."""
+    from orchestrator.shell import shell
+
+    assert ctx.output is not None
+    return shell(ctx, terminal=ctx.output.stdin_isatty)
+
+
+@app.command()
+@uses_machine
+def tensorboard(
+    ctx: Context,
+    runs: list[str] | None = typer.Argument(None, help="the runs to show (ids or unique prefixes; default: every "
+                                            "run)", show_default=False),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, show_default=False,
+                                    help="the port here (default: 6006, or a free one when it is taken)"),
+    keep: bool = typer.Option(False, "--keep", help="leave TensorBoard running on the machine when this command "
+                              "ends (the next `orch tensorboard` for the same runs reuses it)"),
+) -> None:
+    """TensorBoard for the runs: started on the machine bound to its 127.0.0.1 (or reused: one
+    per machine), forwarded to 127.0.0.1:PORT here through the SSH connection; serves until
+    Ctrl-C, then stops it unless --keep (or another `orch tensorboard` uses it). Steps are
+    epochs from 1; an extended run goes on from its parent's best epoch."""
+    from orchestrator.tboard import serve
+
+    ended = serve(ctx, runs or [], port=port, keep=keep, show=lambda board: _say(_out(ctx), board.line()))
+    _say(_out(ctx), ended.summary())
 
 
 def main(argv: list[str] | None = None, output: Output | None = None) -> int:

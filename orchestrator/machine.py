@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import queue
 import secrets
 import threading
 import time
@@ -24,7 +25,7 @@ from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from orchestrator.errors import ConfigError, ConnectionLost, NoSuchRun, RemoteError
-from orchestrator.remote import MAX_LINE, Background, LineFeed, Remote, Result, Writer, path_word, q
+from orchestrator.remote import MAX_LINE, Background, LineFeed, Remote, Result, Streams, Writer, path_word, q
 from trainer.contract import layout, verbs
 from trainer.contract.codeversion import bootstrap_source, bundle_files
 from trainer.contract.verbs import R, Verb
@@ -257,15 +258,8 @@ class Machine:
         watcher never calls the machine idle while orch works there."""
         held = self.start(verbs.HOLD, self.root, silence)
         stop = threading.Event()
-
-        def ping() -> None:
-            while not stop.wait(ping_every):
-                try:
-                    held.write(b".")
-                except Exception:  # the connection is gone: so is the lock, with the command
-                    return
-
-        pinger = threading.Thread(target=ping, daemon=True, name="orch-activity")
+        pinger = threading.Thread(target=_pings, args=(held.write, stop, ping_every), daemon=True,
+                                  name="orch-activity")
         pinger.start()
         try:
             yield
@@ -352,6 +346,76 @@ class Snapshots:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pings(write: Callable[[bytes], None], stop: threading.Event, every: float) -> None:
+    """A byte every ``every`` seconds until ``stop``: the machine side's sign that orch is still there."""
+    while not stop.wait(every):
+        try:
+            write(b".")
+        except Exception:  # the connection is gone: so is the verb, with the command
+            return
+
+
+class LiveVerb:
+    """A verb that lives as long as the command that runs it (`orch tensorboard`): started at
+    once from the bundle, its answer read as soon as it gives it, pinged meanwhile (the machine
+    side ends on silence: a laptop that vanished), ended by closing its stdin. Its progress
+    lines are kept: what it did at its end. ``on_end`` is called once it has ended, however."""
+
+    def __init__(self, m: Machine, verb: Verb, *args: str | int | float, on_end: Callable[[], None] = lambda: None,
+                 ping_every: float = PING) -> None:
+        self.verb, self.host = verb, m.remote.host
+        self.progress: list[str] = []
+        frame = secrets.token_hex(12)
+        self.reader = _FrameReader(frame, self.progress.append)
+        self.answered, self._stop = threading.Event(), threading.Event()
+        self.failure: BaseException | None = None
+        self.streams = Streams(LineFeed(self._line).feed)
+        self.stdin: queue.Queue[bytes] = queue.Queue()
+        self.stdin.put(m.payload)
+        self.thread = threading.Thread(target=self._run, args=(m.remote, m._command(verb, args, frame, None), on_end),
+                                       daemon=True, name=f"orch-{verb.name}")
+        self.pinger = threading.Thread(target=_pings, args=(self.stdin.put, self._stop, ping_every), daemon=True,
+                                       name=f"orch-{verb.name}-pings")
+        self.thread.start()
+        self.pinger.start()
+
+    def _line(self, line: str) -> None:
+        self.reader.line(line)
+        if self.reader.answered:
+            self.answered.set()
+
+    def _run(self, remote: Remote, command: str, on_end: Callable[[], None]) -> None:
+        try:
+            remote.interact(command, self.stdin.get, self.streams)
+        except BaseException as exc:  # kept for the command's own thread, which reports it
+            self.failure = exc
+        finally:
+            self.answered.set()
+            on_end()
+
+    def answer(self) -> Any:
+        """The verb's answer, as its record (RemoteError, or the connection's error, when none came)."""
+        self.answered.wait()
+        if not self.reader.answered:
+            if self.failure is not None:
+                raise self.failure
+            lines = [line for line in self.streams.result(0).stderr.splitlines() if line.strip()]
+            raise RemoteError(f"{self.verb.name} on {self.host} ended without an answer: "
+                              f"{lines[-1] if lines else 'no error message'}")
+        try:
+            return self.verb.answer.from_json(self.reader.answer)  # type: ignore[union-attr]
+        except WireError as exc:
+            raise RemoteError(f"the machine's answer ({self.verb.name}) was not understood: {exc}") from exc
+
+    def close(self, wait: float = 60.0) -> list[str]:
+        """EOF on the verb's stdin; wait (at most ``wait`` seconds) for it to end; its progress lines."""
+        self._stop.set()
+        self.pinger.join(wait)
+        self.stdin.put(b"")
+        self.thread.join(wait)
+        return list(self.progress)
 
 
 def choose(runs: list[RunInfo], run_id: str | None, where: str, *, best: bool = False,

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from orchestrator.remote import (
     SESSION_EXIT_WAIT,
     Background,
     Progress,
+    Reader,
     Remote,
     Session,
     Sink,
     Streams,
     Writer,
+    feed,
     q,
 )
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
@@ -173,6 +176,20 @@ class SshRemote(Remote):
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectError(f"the jump host cannot reach {to.label}: {exc or type(exc).__name__}") from exc
 
+    def _transport(self) -> Any:
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(f"the connection to {self.host} was lost")
+        return transport
+
+    def _session(self) -> Any:
+        import paramiko
+
+        try:
+            return self._transport().open_session(timeout=self.target.connect_timeout)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+
     def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
         import paramiko
 
@@ -201,13 +218,11 @@ class SshRemote(Remote):
         """A channel running ``command``."""
         import paramiko
 
-        transport = self.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise ConnectionLost(f"the connection to {self.host} was lost")
+        chan = self._session()
         try:
-            chan = transport.open_session(timeout=self.target.connect_timeout)
             chan.exec_command(command)
         except (OSError, EOFError, paramiko.SSHException) as exc:
+            chan.close()
             raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
         return chan
 
@@ -217,14 +232,48 @@ class SshRemote(Remote):
     def session(self, command: str) -> Session:
         return _ChannelSession(self._open(command), self.host)
 
-    def openssh_argv(self) -> list[str]:
+    def interact(self, command: str, stdin: Reader | None, streams: Streams) -> int:
+        import paramiko
+
+        chan = self._session()
+        try:
+            chan.exec_command(command)
+            if stdin is None:
+                chan.shutdown_write()
+            else:  # fed meanwhile: a command may answer before its input ends
+                threading.Thread(target=feed, args=(stdin, chan.sendall, chan.shutdown_write), daemon=True).start()
+            _drain(chan, streams)
+            code = chan.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        finally:
+            chan.close()
+        if code == -1:  # no exit status: the connection went away, or the command was killed by a signal
+            self._transport()
+            return 255  # what OpenSSH's client says for a command killed by a signal
+        return code
+
+    def tunnel(self, host: str, port: int) -> Any:
+        """A channel to ``host:port`` as the machine sees it (``direct-tcpip`` over the control
+        connection: what ``ssh -L`` does), for one forwarded connection."""
+        import paramiko
+
+        try:
+            return self._transport().open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                                  timeout=self.target.connect_timeout)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"cannot reach {host}:{port} on {self.host} through the connection: "
+                                 f"{exc or type(exc).__name__}") from exc
+
+    def openssh_argv(self, *options: str) -> list[str]:
         """OpenSSH with the very settings of this connection (same hops, users, keys and
-        known_hosts, strict host-key checking: the keys were verified when we connected). For
-        bulk data: OpenSSH moves it about twice as fast as paramiko."""
+        known_hosts, strict host-key checking: the keys were verified when we connected), and
+        ``options`` before the host. For bulk data (OpenSSH moves it about twice as fast as
+        paramiko) and for `orch ssh`'s terminal."""
         if self._openssh_dir is None:
             self._openssh_dir = tempfile.TemporaryDirectory(prefix="orch-ssh-")
             Path(self._openssh_dir.name, "config").write_text(openssh_config(self.target))
-        return ["ssh", "-F", str(Path(self._openssh_dir.name, "config")), "orch-target"]
+        return ["ssh", "-F", str(Path(self._openssh_dir.name, "config")), *options, "orch-target"]
 
     @contextlib.contextmanager
     def _openssh(self, command: str, write: Writer | None, what: str) -> Iterator[Any]:

@@ -67,15 +67,16 @@ def test_read_only_commands_never_start_a_stopped_instance(tmp_path: Path, sshd:
     iid = instance(moto_endpoint, f"stopped-{tmp_path.name}")
     ec2_client(moto_endpoint).stop_instances(InstanceIds=[iid])
     cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
-    for command in (["runs"], ["logs"], ["monitor", "--once"], ["download"], ["stop"], ["status"], ["rm", "a-run", "-y"]):
-        proc = run_orch(*command, "-c", cfg)
+    for command in (["runs"], ["logs"], ["monitor", "--once"], ["download"], ["stop"], ["status"], ["rm", "a-run", "-y"],
+                    ["ssh"], ["tensorboard"], ["exec", "--", "touch", str(tmp_path / "ran")]):
+        proc = run_orch(*command[:1], "-c", cfg, *command[1:])
         assert proc.returncode == 11, (command, proc.stderr)
         assert f"instance {iid} is stopped; `orch up` starts it" in proc.stderr
         assert state_of(moto_endpoint, iid) == "stopped", command
     from orchestrator.completion import run_ids
 
     assert run_ids(str(cfg)) == [] and state_of(moto_endpoint, iid) == "stopped"  # completing a run id starts nothing
-    assert not (tmp_path / "remote").exists()  # nothing was asked of the machine
+    assert not (tmp_path / "remote").exists() and not (tmp_path / "ran").exists()  # nothing was asked of the machine
     st = run_orch("status", "-c", cfg, "--json")
     assert json.loads(st.stdout)["instance"]["type"] == "g5.xlarge"
     assert run_orch("up", "-c", cfg).returncode == 0 and state_of(moto_endpoint, iid) == "running"

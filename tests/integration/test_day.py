@@ -126,6 +126,7 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     got = ok_json(orch(day, "download", "--best", "--dest", work / "artifacts", "--json"))
     assert got["run_id"] == "first" and got["best_val_accuracy"] == parent["best_val_accuracy"]
     assert "stats/classes.json" in got["fetched"] and len(got["fetched"]) + len(got["already_there"]) >= 10
+    assert set(layout.TENSORBOARD_FILES) <= set(got["fetched"]) | set(got["already_there"])  # TensorBoard's too
     check = subprocess.run(["sha256sum", "-c", str(run_dir / layout.MANIFEST)], cwd=work / "artifacts" / "first",
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr

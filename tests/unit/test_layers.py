@@ -175,6 +175,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
         "code-state": ([r, "v1"], b""), "code-unpack": ([r, "v1"], tar.getvalue()), "data-list": ([str(data)], b""),
         "data-move": ([str(staging), str(tmp / "moved")], b""),
         "notify": (["test"], b"{}"), "remove": ([r, "not-there"], b""),
+        "tensorboard": ([r, "/bin/false", "0", "1", "0", "5", "r1"], b""),  # no TensorBoard there: says so
     }
 
 

@@ -10,6 +10,7 @@ down here exactly once.
       runs/<run_id>/      one folder per run, below
       notify/<run_id>.json  a run's webhook settings (0600)
       launch.lock  activity.lock  autostop.json  spot.json  watcher.json  watcher.log  watcher.lock
+      tensorboard.json  tensorboard.lock  tensorboard.users.lock  tensorboard.log
 
     <remote_root>/runs/<run_id>/
       run.json  deploy.json  pid  lock  train.log  metrics.jsonl  status.json  MANIFEST.sha256
@@ -21,7 +22,8 @@ down here exactly once.
       checkpoints/best.weights.h5              the best epoch's file (hard link, or a copy)
       stats/wav2vec_mean.npy  wav2vec_std.npy  classes.json  split.json
             evaluation.json  training_curves.png  confusion_matrix.png
-      tensorboard/
+      tensorboard/train/events.out.tfevents.orch       TensorBoard's scalars, one event per committed
+      tensorboard/validation/events.out.tfevents.orch  epoch (step: the epoch, after the parent's)
 
 One trainer per run directory: it holds an flock on ``lock`` for its whole life (taken before
 it writes anything; a second trainer exits busy, exit 6, naming the holder's pid).
@@ -48,20 +50,22 @@ trains batches B+1.. of the same plan and records the epoch exactly as an uninte
 would. The next epoch commit drops ``partial`` (its file is then deleted like any unnamed one).
 
 Everything else is derived from the committed state, and a restart re-derives it before it
-trains: metrics.jsonl (rewritten from the history), status.json, best.weights.h5 (a hard link,
-or a copy where links fail, of the state's best file), MANIFEST.sha256; epoch files the state
-no longer names are deleted, and so are temp files (names starting with ``.tmp-``). An
-extended run (``--init-from PARENT``) commits the parent's best weights as its epoch 0
-(``best_epoch`` 0: the parent's weights are still the best).
+trains: metrics.jsonl (rewritten from the history), the TensorBoard event files (the epochs
+they lack appended, whatever disagrees with the history cut first), status.json,
+best.weights.h5 (a hard link, or a copy where links fail, of the state's best file),
+MANIFEST.sha256; epoch files the state no longer names are deleted, and so are temp files
+(names starting with ``.tmp-``). An extended run (``--init-from PARENT``) commits the parent's
+best weights as its epoch 0 (``best_epoch`` 0: the parent's weights are still the best).
 
 **The manifest rule.** ``sha256sum -c MANIFEST.sha256`` passes at every instant, whatever was
 killed: the manifest lists only files that do not change while it lists them. Always: run.json,
 the statistics inputs (mean, std, classes.json, split.json) and best.weights.h5 (its sha256
 comes from the state, never from re-reading it). Only while the run is in a final state
-(finished, failed, stopped, interrupted): status.json, metrics.jsonl and the evaluation outputs; a continued
-run rewrites the manifest without them before it changes them. best.weights.h5 is replaced as:
-manifest without it -> replace -> manifest with it. Until there is something to list (run.json
-or a best checkpoint) there is no manifest: ``sha256sum -c`` needs at least one line.
+(finished, failed, stopped, interrupted): status.json, metrics.jsonl, the evaluation outputs and
+the TensorBoard event files; a continued run rewrites the manifest without them before it
+changes them. best.weights.h5 is replaced as: manifest without it -> replace -> manifest with
+it. Until there is something to list (run.json or a best checkpoint) there is no manifest:
+``sha256sum -c`` needs at least one line.
 """
 
 from __future__ import annotations
@@ -100,6 +104,13 @@ ACTIVITY_LOCK = "activity.lock"
 # webhook settings of one run (0600, the folder 0700: a webhook URL is a credential). Never in a
 # run folder: run folders are downloaded and mirrored.
 NOTIFY_DIR = "notify"
+# `orch tensorboard` (trainer/machine/tboard.py), under remote.root: the one TensorBoard's pid,
+# port and runs; the lock held while it is started, reused or stopped; the lock every command
+# using it holds (shared) while it lives; its output.
+TENSORBOARD_STATE = "tensorboard.json"
+TENSORBOARD_LOCK = "tensorboard.lock"
+TENSORBOARD_USERS = "tensorboard.users.lock"
+TENSORBOARD_LOG = "tensorboard.log"
 
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
@@ -116,6 +127,11 @@ HEARTBEAT = "heartbeat.json"
 # The storage mirror's report (trainer/ml/mirror.py): what it last uploaded, or why it retries.
 MIRROR_STATUS = "mirror.json"
 TENSORBOARD_DIR = "tensorboard"
+# TensorBoard's event files (trainer/ml/tbevents.py): one per writer, one event per committed
+# epoch, appended after each commit; listed only in a final state.
+TENSORBOARD_TRAIN = f"{TENSORBOARD_DIR}/train/events.out.tfevents.orch"
+TENSORBOARD_VALIDATION = f"{TENSORBOARD_DIR}/validation/events.out.tfevents.orch"
+TENSORBOARD_FILES = (TENSORBOARD_TRAIN, TENSORBOARD_VALIDATION)
 # A spot interruption notice, written by the watcher before it SIGTERMs the run's trainer
 # ({"action", "notice_time", "noticed_at"}: wire.Interruption): the machine's own, never listed
 # in the manifest nor mirrored.
@@ -211,7 +227,7 @@ def manifest_candidates(final: bool) -> list[str]:
     """The files MANIFEST.sha256 lists when they exist (the manifest rule above), in order."""
     rels = [BEST_WEIGHTS, RUN_JSON] + [stats_path(n) for n in STATS_INPUTS]
     if final:
-        rels += [STATUS, METRICS] + [stats_path(n) for n in STATS_OUTPUTS]
+        rels += [STATUS, METRICS] + [stats_path(n) for n in STATS_OUTPUTS] + list(TENSORBOARD_FILES)
     return rels
 
 

@@ -56,9 +56,12 @@ DATA_MOVE = Verb("data-move", "receive", wire.Moved, "STAGING DEST: move receive
 NOTIFY = Verb("notify", "notify", wire.Delivery, "test < SETTINGS: send a test message through the runs' webhook code")
 REMOVE = Verb("remove", "remove", wire.Removed, "ROOT RUN_ID...: delete run folders, never an active run's")
 
+TENSORBOARD = Verb("tensorboard", "tboard", wire.TensorBoardAnswer, "ROOT PYTHON PORT ANY KEEP SILENCE RUN...: "
+                   "TensorBoard for the runs, started or reused, while orch pings")
+
 VERBS: dict[str, Verb] = {v.name: v for v in (
     HOME, RUNS, HOST, SNAPSHOT, SNAPSHOTS, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP,
-    AUTOSTOP, WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE, NOTIFY, REMOVE)}
+    AUTOSTOP, WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE, NOTIFY, REMOVE, TENSORBOARD)}
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`

@@ -703,3 +703,19 @@ class MachineReport(Record):
     host: Host = field(default_factory=Host)
     runs: list[RunInfo] = field(default_factory=list)
     autostop: Autostop = field(default_factory=Autostop)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+@dataclass(frozen=True)
+class TensorBoardAnswer(Record):
+    """``tensorboard``: the one TensorBoard of remote.root serving the runs asked for, on
+    127.0.0.1:``port`` there (``reused``: it was already running), or why not (``error`` is a
+    kind: missing, busy, port, failed; ``message`` says it in words)."""
+
+    port: int | None = None
+    pid: int | None = None
+    reused: bool = False
+    error: str | None = None
+    message: str | None = None

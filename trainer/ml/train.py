@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None,
     if previous is not None:
         cfg = TrainConfig.from_json(previous["config"])
     run.state = runstate.read(path) or runstate.initial(cfg.parent_run, cfg.parent_best_val_accuracy)
+    run.step_offset = cfg.parent_step
     if (run.read_json(layout.STATUS) or {}).get("state") == layout.FINISHED:
         try:
             run.repair(None, final=True)  # a kill may have cut the final publish short
@@ -269,8 +270,6 @@ def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any
     """Fit, committing every finished epoch; a stop is handled by the recorder (trainer/ml/stopping.py).
     A committed position is continued first: one ``fit`` over the rest of its epoch, then one
     over the epochs after it."""
-    import keras
-
     from trainer.ml.fitting import training_callbacks
     from trainer.ml.recorder import RunRecorder
 
@@ -278,9 +277,6 @@ def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any
     partial = run.state.partial
     callbacks: list[Any] = training_callbacks(cfg, recorder, log=log,
                                               averaged_in_model=run.state.last is not None and partial is None)
-    if keras.backend.backend() == "tensorflow":
-        callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
-                                                     write_graph=False, profile_batch=0))
     run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
     run.heartbeat.beat(force=True, phase="compiling the first batches")
     # shuffle=False: the plan is the batch order (from (seed, epoch)); Keras would shuffle it
