@@ -3,10 +3,19 @@ noise out of train.log (the cuInit failure only where there is no GPU), every by
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
-from trainer.machine import logfilter
+import trainer
+from trainer.contract import layout
+from trainer.contract.verbs import LOG_FILTER, NO_FRAME
+from trainer.machine import launch, logfilter
+from trainer.ml import mirror
 
 CPU_BOX_OUTPUT = b"""[trainer] 1464 samples, per-frame shape (768,), 36 files skipped (cache: hit)
 WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
@@ -48,3 +57,43 @@ def test_an_endless_line_is_cut_not_held() -> None:
     lines, raw = filtered(b"x" * (logfilter.MAX_LINE * 2 + 5) + b"\nend\n", gpu=False)
     assert [len(line) - 21 for line in lines] == [logfilter.MAX_LINE, logfilter.MAX_LINE, 5, 3]
     assert len(raw) == logfilter.MAX_LINE * 2 + 10
+
+
+class StoredLog:
+    """A storage bucket holding one mirrored train.log (what restore's _restore_log reads)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def get_bytes(self, rel: str) -> tuple[bytes, str]:
+        return self.data, hashlib.sha256(self.data).hexdigest()
+
+
+def test_a_restore_rewriting_train_log_while_the_filter_writes_loses_no_line(tmp_path: Path) -> None:
+    """The filter appends lines while a restore from storage puts the mirrored log in front of
+    them, many times over, at any moment: every line ends up in train.log once, in order."""
+    logs = [launch._open_log(tmp_path, name, fresh=True) for name in (layout.TRAIN_LOG, layout.RAW_LOG)]
+    filt = subprocess.Popen([sys.executable, "-S", "-m", "trainer.machine", NO_FRAME, LOG_FILTER.name, str(logs[1])],
+                            cwd=Path(trainer.__file__).parent.parent, stdin=subprocess.PIPE, stdout=logs[0],
+                            pass_fds=(logs[1],))
+    for fd in logs:
+        os.close(fd)
+    stored = StoredLog(b"".join(b"stored %d\n" % i for i in range(200)))
+    lines, restores = 3000, 25
+    assert filt.stdin is not None
+    batch = lines // restores
+    for i in range(lines):
+        filt.stdin.write(b"line %d\n" % i)
+        if i % batch == batch - 1:
+            filt.stdin.flush()
+            # the filter is part-way through this batch: the rewrite lands among its writes
+            waited_for = f"line {i - batch // 2}\n"
+            while waited_for not in (tmp_path / layout.TRAIN_LOG).read_text():
+                assert filt.poll() is None
+            mirror._restore_log(tmp_path / layout.TRAIN_LOG, stored, hashlib.sha256(stored.data).hexdigest())
+    filt.stdin.close()
+    assert filt.wait(timeout=60) == 0
+    got = [line[21:] for line in (tmp_path / layout.TRAIN_LOG).read_text().splitlines()
+           if not line.startswith("stored ")]
+    assert got == [f"line {i}" for i in range(lines)]
+    assert (tmp_path / layout.TRAIN_LOG).read_text().count("stored 199\n") == restores

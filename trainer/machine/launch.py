@@ -126,7 +126,8 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None, n
 def _open_log(run_dir: Path, name: str, fresh: bool) -> int:
     """A log of the run, for appending (a fresh run's starts empty); only a regular file: a named
     pipe or a link there cannot block or redirect the launch."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_TRUNC if fresh else os.O_APPEND)
+    # Always O_APPEND: a restore from storage may rewrite train.log longer, and the filter's next line goes at its end.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_APPEND | (os.O_TRUNC if fresh else 0)
     try:
         fd = os.open(run_dir / name, flags, 0o666)
     except OSError as exc:

@@ -14,13 +14,18 @@ Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import BinaryIO
+
+from trainer.contract.files import writing_alone
 
 MAX_LINE = 64 << 10
 # glog's prefix: severity, MMDD, time (absl writes HH:MM:<epoch seconds>), thread id, then file:line]
@@ -58,12 +63,15 @@ def stamp(when: float) -> bytes:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime(when)).encode()
 
 
-def filter_stream(source: BinaryIO, log: BinaryIO, raw: BinaryIO, noise: re.Pattern[bytes]) -> None:
-    """Copy ``source`` to ``raw`` as is and to ``log`` line by line, stamped, without ``noise``."""
+def filter_stream(source: BinaryIO, log: BinaryIO, raw: BinaryIO, noise: re.Pattern[bytes],
+                  alone: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext) -> None:
+    """Copy ``source`` to ``raw`` as is and to ``log`` line by line, stamped, without ``noise``;
+    each line of ``log`` written inside ``alone()`` (its lock)."""
     while line := source.readline(MAX_LINE):
         _write(raw, line)
         if not noise.match(line):
-            _write(log, stamp(time.time()) + (line if line.endswith(b"\n") else line + b"\n"))
+            with alone():
+                _write(log, stamp(time.time()) + (line if line.endswith(b"\n") else line + b"\n"))
 
 
 def _write(out: BinaryIO, data: bytes) -> None:
@@ -82,5 +90,6 @@ def run(verb: str, args: list[str], out: object) -> int:
         signal.signal(sig, signal.SIG_IGN)
     with os.fdopen(int(args[0]), "ab", buffering=0) as raw, os.fdopen(sys.stdout.fileno(), "ab", buffering=0,
                                                                        closefd=False) as log:
-        filter_stream(sys.stdin.buffer, log, raw, noise_pattern(has_gpu()))
+        # train.log is locked per line: a restore from storage rewrites it whole (trainer/ml/mirror.py)
+        filter_stream(sys.stdin.buffer, log, raw, noise_pattern(has_gpu()), lambda: writing_alone(log.fileno()))
     return 0

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
-from trainer.contract.files import hash_stream
+from trainer.contract.files import hash_stream, writing_alone
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_bytes, atomic_write_json
 from trainer.ml.errors import TrainerError
@@ -409,10 +409,12 @@ def _restore_log(target: Path, bucket: Bucket, sha: str) -> None:
     if got != sha:
         raise TrainerError(f"storage: {layout.TRAIN_LOG} does not match its checksum")
     sys.stdout.flush()
-    with open(target, "r+b") if target.exists() else open(target, "w+b") as fh:
+    # Under train.log's lock: the log filter appends (O_APPEND) before or after the rewrite, never inside it.
+    with open(target, "r+b") if target.exists() else open(target, "w+b") as fh, writing_alone(fh.fileno()):
         now = fh.read()
         fh.seek(0)
         fh.write(stored + now)
+        fh.flush()
         fh.truncate()
         here = os.fstat(fh.fileno())
     import fcntl
