@@ -255,3 +255,12 @@ def test_trainer_data_layer_needs_no_tensorflow() -> None:
     loaded = modules_after("import trainer.ml.cli, trainer.ml.data, trainer.ml.checkdata, trainer.ml.synth, "
                            "trainer.ml.split")
     assert not loaded & {"tensorflow", "keras", "orchestrator"}
+
+
+def test_the_trainers_entry_keeps_scikit_learn_out_of_its_keras() -> None:
+    """scikit-learn is installed here (the benches use it): the trainer's process must not pay its
+    import, which Keras makes for wrappers the trainer never uses."""
+    loaded = modules_after("import runpy, sys\nsys.argv = ['trainer', '--help']\ntry:\n"
+                           "    runpy.run_module('trainer', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                           "import keras")
+    assert "keras.src" in loaded and not {m for m in loaded if m.startswith("sklearn.")}

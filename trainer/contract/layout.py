@@ -256,8 +256,16 @@ def notify_settings(remote_root: str, run_id: str) -> str:
 # whose sha256 it states (it is rewritten without an entry before that object changes).
 STORAGE_SHA_KEY = "sha256"
 # Mirrored besides the state, its files and the manifest: never the machine's own files (pid, lock,
-# heartbeat, the mirror's report) nor temp files.
-NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, INTERRUPTION, "tensorboard"})
+# heartbeat, the mirror's report) nor temp files; under tensorboard/ only the trainer's event files.
+NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, INTERRUPTION})
+
+
+def is_mirrored(rel: str) -> bool:
+    """Whether a run folder's file (a relative POSIX path) belongs in its storage mirror."""
+    parts = rel.split("/")
+    if parts[0] == TENSORBOARD_DIR:
+        return rel in TENSORBOARD_FILES
+    return parts[0] not in NOT_MIRRORED and not is_temp(parts[-1])
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
