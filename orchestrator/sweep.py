@@ -205,16 +205,14 @@ class _Reporter:
         self.trial, self.metric, self.reported = trial, metric, set(reported)
 
     def __call__(self, view: RunView) -> None:
-        fresh = False
-        for epoch in view.history:
+        for epoch in view.history:  # one refresh may bring several epochs: each judged as it came
             value = getattr(epoch, self.metric)
             if epoch.epoch in self.reported or value is None or not math.isfinite(value):
                 continue
             self.trial.report(value, step=epoch.epoch)
             self.reported.add(epoch.epoch)
-            fresh = True
-        if fresh and view.alive and not view.final and self.trial.should_prune():
-            raise _Pruned(max(self.reported))
+            if view.alive and not view.final and self.trial.should_prune():
+                raise _Pruned(epoch.epoch)
 
 
 class Sweep:
