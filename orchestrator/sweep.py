@@ -186,7 +186,8 @@ def objective_value(spec: SweepSpec, view: RunView) -> float | None:
     """The run's recorded best: its best checkpoint's val accuracy, or the best epoch of the
     objective's metrics field (None: no epoch recorded one)."""
     if spec.objective == "best_val_accuracy":
-        return view.info.best_val_accuracy
+        best = view.info.best_val_accuracy
+        return best if best is not None and math.isfinite(best) else None
     values = [v for e in view.history if (v := getattr(e, spec.metric)) is not None and math.isfinite(v)]
     return (max if spec.maximize else min)(values) if values else None
 
@@ -233,6 +234,9 @@ class Sweep:
             run_id = frozen.user_attrs.get(RUN_ID)
             if run_id is None:  # killed between Optuna's ask and the run id: nothing was launched
                 self._fail(trial, "never launched (orch sweep run was stopped before its launch)")
+                continue
+            if not isinstance(run_id, str) or not layout.is_run_id(run_id):  # a shared storage is another's input
+                self._fail(trial, f"its run id {str(run_id)[:80]!r} is not one orch makes")
                 continue
             self.ctx.log(f"trial {frozen.number}: adopting run {run_id}")
             self._follow(trial, run_id, frozen.params, set(frozen.intermediate_values),
@@ -288,7 +292,7 @@ class Sweep:
         reporter = _Reporter(trial, self.spec.metric, reported)
         try:
             if pruned_at is None:
-                view = monitor(self.ctx, run_id, interval=self.interval, show=reporter)
+                view = monitor(self.ctx, run_id, interval=self.interval, show=reporter, wait_exit=False)
         except NoSuchRun:  # a killed sweep had chosen the run id but not launched it yet
             self.ctx.log(f"trial {trial.number}: run {run_id} was never launched; launching it now")
             try:

@@ -1,7 +1,7 @@
 """`orch sweep run` on the local target with Optuna's real SQLite storage and the real trainer
-on tiny synthetic data: a 4-trial sweep killed in its first trial and run again continues its
-study without launching a trial twice; a pruned trial's run is stopped and kept; the budget
-stops launching."""
+on tiny synthetic data: a 4-trial sweep interrupted (Ctrl-C) in its first trial, killed in its
+second and run again continues its study without launching a trial twice; a pruned trial's
+run is stopped and kept; the budget stops launching."""
 
 from __future__ import annotations
 
@@ -58,46 +58,62 @@ def wait_for(check, what: str, proc: subprocess.Popen) -> str:  # noqa: ANN001
     return found
 
 
-def first_run_training(tmp_path: Path, name: str) -> str | None:
-    """Trial 0's run id once its trainer runs (the study and the run folder say so)."""
+def trial_training(tmp_path: Path, name: str, number: int) -> str | None:
+    """Trial ``number``'s run id once its trainer runs (the study and the run folder say so)."""
     import optuna
 
     try:
         trials = study(tmp_path, name).get_trials(deepcopy=False)
     except (KeyError, optuna.exceptions.StorageInternalError):
         return None
-    run_id = trials[0].user_attrs.get("run_id") if trials else None
+    run_id = trials[number].user_attrs.get("run_id") if len(trials) > number else None
     folder = tmp_path / "remote" / "runs" / str(run_id) / "status.json"
     return run_id if run_id and folder.is_file() and status(folder.parent)["state"] == "running" else None
 
 
-def test_a_killed_sweep_run_again_continues_its_study_launching_no_trial_twice(tmp_path: Path,
-                                                                               features: Path) -> None:
+def sweep_run(spec: Path, cfg: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", "run", str(spec), "-c", str(cfg), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(), cwd=ROOT)
+
+
+def test_a_sweep_interrupted_then_killed_continues_its_study_launching_no_trial_twice(tmp_path: Path,
+                                                                                      features: Path) -> None:
     cfg = config(tmp_path, features)
     spec = spec_file(tmp_path, name="e2e", trials=4, seed=3, objective="val_loss", train={"epochs": 2},
                      space={"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
                             "head_dropout": {"choices": [0.0, 0.3]}})
-    first = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", "run", str(spec), "-c", str(cfg)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=trainer_env(), cwd=ROOT)
+    # Ctrl-C once during trial 0: no further trial is launched, trial 0 runs to its end
+    first = sweep_run(spec, cfg, "--json")
     try:
-        adopted = wait_for(lambda: first_run_training(tmp_path, "e2e"), "trial 0 training", first)
-        first.send_signal(signal.SIGKILL)  # no clean-up at all: the study is the state
-        first.wait()
+        wait_for(lambda: trial_training(tmp_path, "e2e", 0), "trial 0 training", first)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=240)
     finally:
-        if first.poll() is None:
-            first.kill()
+        first.kill()
         first.wait()
-    assert study(tmp_path, "e2e").get_trials()[0].state.name == "RUNNING"
+    assert first.returncode == 130 and json.loads(out)["stopped"] == "Ctrl-C", err
+    assert "Ctrl-C: no further trial is launched" in err
+    assert [t.state.name for t in study(tmp_path, "e2e").get_trials()] == ["COMPLETE"]
+    # killed (SIGKILL: no clean-up at all) during trial 1: the study is the state
+    second = sweep_run(spec, cfg)
+    try:
+        adopted = wait_for(lambda: trial_training(tmp_path, "e2e", 1), "trial 1 training", second)
+        second.send_signal(signal.SIGKILL)
+        second.wait()
+    finally:
+        second.kill()
+        second.communicate()
+    assert study(tmp_path, "e2e").get_trials()[1].state.name == "RUNNING"
 
     done = run_orch("sweep", "run", spec, "-c", cfg, "--json")
     assert done.returncode == 0, done.stderr
-    assert f"trial 0: adopting run {adopted}" in done.stderr
+    assert f"trial 1: adopting run {adopted}" in done.stderr
     trials = study(tmp_path, "e2e").get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     run_ids = [t.user_attrs["run_id"] for t in trials]
-    assert run_ids[0] == adopted and len(set(run_ids)) == 4
+    assert run_ids[1] == adopted and len(set(run_ids)) == 4
     assert sorted(p.name for p in (tmp_path / "remote" / "runs").iterdir()) == sorted(run_ids)  # none twice
-    assert json.loads(done.stdout)["launched"] == run_ids[1:]  # the adopted trial was followed, not launched
+    assert json.loads(done.stdout)["launched"] == run_ids[2:]  # the adopted trial was followed, not launched
     for t, run_id in zip(trials, run_ids, strict=True):
         run = tmp_path / "remote" / "runs" / run_id
         lines = metrics(run)
