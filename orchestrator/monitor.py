@@ -229,12 +229,9 @@ def _duration(seconds: float) -> str:
 
 
 def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bool = False,
-            show: Callable[[RunView], None] | None = None, max_backoff: float = 30.0,
-            wait_exit: bool = True) -> RunView:
+            show: Callable[[RunView], None] | None = None, max_backoff: float = 30.0) -> RunView:
     """Follow a run until it ends (or one snapshot with ``once``). ``show`` draws each refresh.
-    A dropped connection is retried with backoff; the run itself is never touched.
-    ``wait_exit``: once the run has its final state, wait briefly for its process to exit (the
-    last frame says so); a sweep, which only needs the final state, does not."""
+    A dropped connection is retried with backoff; the run itself is never touched."""
     view: RunView | None = None
     backoff = 1.0
     while True:
@@ -244,7 +241,7 @@ def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bo
                     view = RunView(m.choose(run_id).run_id)
                 with m.snapshots(view.run_id, idle=max(IDLE, 3 * interval)) as feed:
                     backoff = 1.0
-                    _follow(view, feed, interval, once, show, wait_exit)
+                    _follow(view, feed, interval, once, show)
                     return view
         except ConnectError as exc:
             if view is None and not isinstance(exc, ConnectionLost):
@@ -259,10 +256,10 @@ def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bo
             backoff = min(backoff * 2, max_backoff)
 
 
-def _follow(view: RunView, feed: Snapshots, interval: float, once: bool, show: Callable[[RunView], None] | None,
-            wait_exit: bool = True) -> None:
+def _follow(view: RunView, feed: Snapshots, interval: float, once: bool, show: Callable[[RunView], None] | None
+            ) -> None:
     """Refresh ``view`` from ``feed`` until the run ends (or once)."""
-    exiting = 0 if wait_exit else EXIT_WAIT_REFRESHES
+    exiting = 0
     while True:
         view.update(feed.get(len(view.history), LOG_LINES))
         # A final state is written just before the process exits: wait for the exit (briefly)

@@ -1,6 +1,9 @@
 """``orch sweep run`` and ``orch sweep status``: an Optuna study (ask and tell) whose trials
-are ordinary orch runs, launched with orchestrator.deploy.deploy and followed with
-orchestrator.monitor.monitor (a pruned run is stopped with orchestrator.runs.stop, and kept).
+are ordinary orch runs, launched with orchestrator.deploy.deploy (a pruned run is stopped with
+orchestrator.runs.stop, and kept).
+
+Each trial's run is followed as `orch watch` follows one (orchestrator.recover.watch): a run
+whose (spot) machine is taken is recovered, not failed, as recover: in deploy.yaml says.
 
 The study is the state. A trial's run id is written into its user attributes *before* the run
 is launched, so a killed ``orch sweep run``, started again, adopts each trial the study still
@@ -28,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.context import Context
 from orchestrator.deploy import deploy, new_run_id
 from orchestrator.errors import AwsError, BusyError, ConfigError, NoSuchRun, OrchError, RemoteError
-from orchestrator.monitor import RunView, monitor
+from orchestrator.monitor import RunView
+from orchestrator.recover import check_recoverable, watch
 from orchestrator.requests import LaunchOptions
 from orchestrator.runs import duration_seconds
 from orchestrator.runs import stop as stop_runs
@@ -43,7 +47,6 @@ RUN_ID = "run_id"  # set before the run is launched
 SECONDS = "seconds"  # the run's length, once it ended (what a budget counts)
 ENDED = "ended"  # how its run ended, or why the trial failed
 PRUNED_AT = "pruned_at"  # the epoch the pruner stopped it at (set before the run is stopped)
-INTERVAL = 2.0  # seconds between looks at a running trial
 
 
 @dataclass
@@ -219,10 +222,10 @@ class _Reporter:
 class Sweep:
     """One `orch sweep run`: the study, and what it launched."""
 
-    def __init__(self, ctx: Context, spec: SweepSpec, study: Any, *, launching: LaunchOptions, interval: float,
+    def __init__(self, ctx: Context, spec: SweepSpec, study: Any, *, launching: LaunchOptions,
                  stopping: Stopping) -> None:
         self.ctx, self.spec, self.study = ctx, spec, study
-        self.launching, self.interval, self.stopping = launching, interval, stopping
+        self.launching, self.stopping = launching, stopping
         self.launched: list[str] = []
         self.optuna = _optuna()
 
@@ -292,7 +295,7 @@ class Sweep:
         reporter = _Reporter(trial, self.spec.metric, reported)
         try:
             if pruned_at is None:
-                view = monitor(self.ctx, run_id, interval=self.interval, show=reporter, wait_exit=False)
+                view = self._watched(run_id, reporter)
         except NoSuchRun:  # a killed sweep had chosen the run id but not launched it yet
             self.ctx.log(f"trial {trial.number}: run {run_id} was never launched; launching it now")
             try:
@@ -311,6 +314,15 @@ class Sweep:
         if pruned_at is not None:
             return self._prune(trial, run_id, pruned_at)
         self._settle(trial, view)
+
+    def _watched(self, run_id: str, reporter: _Reporter) -> RunView:
+        """The run followed to its end (every recover.poll_seconds), recovered when its machine
+        is taken; a watch that gives up leaves the trial RUNNING for the next `orch sweep run`."""
+        outcome = watch(self.ctx, run_id, launching=self.launching, show=reporter)
+        if outcome.gave_up is not None and not outcome.view.final:
+            raise RemoteError(f"run {run_id}: {outcome.gave_up}; `orch sweep run` again follows it")
+        reporter(outcome.view)  # the epochs of its last look
+        return outcome.view
 
     def _prune(self, trial: Any, run_id: str, epoch: int) -> None:
         trial.set_user_attr(PRUNED_AT, epoch)  # before the stop: a killed sweep prunes it again, never trains on
@@ -392,6 +404,7 @@ def check(ctx: Context, spec: SweepSpec) -> float | None:
     if spec.parallel > 1:
         raise ConfigError(f"parallel: {spec.parallel}: several machines at once are not built yet; target "
                           f"{ctx.cfg.target} runs trials one after another (parallel: 1)")
+    check_recoverable(ctx)  # what recovering a trial's run needs (storage for one-time spot instances)
     price = hourly_price(ctx)
     if spec.budget is not None and spec.budget.usd is not None and price is None:
         raise ConfigError(f"budget.usd: no hourly price for target {ctx.cfg.target}: set ec2.hourly_price in "
@@ -399,15 +412,13 @@ def check(ctx: Context, spec: SweepSpec) -> float | None:
     return price
 
 
-def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptions(),
-        interval: float = INTERVAL) -> SweepStatus:
+def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptions()) -> SweepStatus:
     """`orch sweep run`: adopt what a killed sweep left, then launch trials one after another
     until the study has ``spec.trials``, the budget would be passed, or Ctrl-C; the study as it
     then stands."""
     price = check(ctx, spec)
     with _one_sweep_per_study(ctx, spec), _interrupts(ctx) as stopping:
-        sweep = Sweep(ctx, spec, open_study(ctx, spec, create=True), launching=launching, interval=interval,
-                      stopping=stopping)
+        sweep = Sweep(ctx, spec, open_study(ctx, spec, create=True), launching=launching, stopping=stopping)
         sweep.adopt()
         while (why := sweep.why_stop(price)) is None:
             with contextlib.suppress(_Settled):

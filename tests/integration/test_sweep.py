@@ -34,7 +34,8 @@ def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config(tmp_path: Path, features: Path) -> Path:
     return write_config(tmp_path / "deploy.yaml", target="local",
                         remote={"root": str(tmp_path / "remote"), "python": sys.executable},
-                        data={"remote_dir": str(features)}, train={**TINY, "cache_dir": str(tmp_path / "cache")})
+                        data={"remote_dir": str(features)}, train={**TINY, "cache_dir": str(tmp_path / "cache")},
+                        recover={"poll_seconds": 1})  # how often a trial's run is looked at
 
 
 def spec_file(tmp_path: Path, **spec: object) -> Path:

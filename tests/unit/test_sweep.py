@@ -40,8 +40,7 @@ def finished(study: optuna.Study, seconds: float) -> None:
 
 def sweep(tmp_path: Path, s: SweepSpec, stopping: Stopping | None = None) -> Sweep:
     ctx = context(tmp_path)
-    return Sweep(ctx, s, open_study(ctx, s, create=True), launching=LaunchOptions(), interval=1.0,
-                 stopping=stopping or Stopping())
+    return Sweep(ctx, s, open_study(ctx, s, create=True), launching=LaunchOptions(), stopping=stopping or Stopping())
 
 
 def test_what_stops_launching(tmp_path: Path) -> None:
