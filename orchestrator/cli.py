@@ -668,7 +668,7 @@ def sweep_run(
 @uses_machine
 def sweep_status(ctx: Context, spec: Path = SpecArg, json_out: bool = JsonOpt) -> None:
     """The study: every trial (state, parameters, value, run), the best trial's run, and the
-    hours the runs took (and their cost, where the machine's price is known). Reads the study's
+    hours the trials took (and their cost, where the machine's price is known). Reads the study's
     storage only."""
     from orchestrator.sweep import status
     from orchestrator.sweepspec import load_spec

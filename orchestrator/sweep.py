@@ -26,6 +26,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.context import Context
@@ -34,7 +35,6 @@ from orchestrator.errors import AwsError, BusyError, ConfigError, NoSuchRun, Orc
 from orchestrator.monitor import RunView
 from orchestrator.recover import check_recoverable, watch
 from orchestrator.requests import LaunchOptions
-from orchestrator.runs import duration_seconds
 from orchestrator.runs import stop as stop_runs
 from orchestrator.sweepspec import SweepSpec
 from trainer.contract import layout, options
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # The trial's user attributes orch keeps (the study is the state: nothing else is).
 RUN_ID = "run_id"  # set before the run is launched
-SECONDS = "seconds"  # the run's length, once it ended (what a budget counts)
+SECONDS = "seconds"  # the trial's length, launch to end, as this computer saw it (what a budget counts)
 ENDED = "ended"  # how its run ended, or why the trial failed
 PRUNED_AT = "pruned_at"  # the epoch the pruner stopped it at (set before the run is stopped)
 
@@ -75,7 +75,7 @@ class TrialRow:
 
 @dataclass(frozen=True)
 class SweepStatus:
-    """A study: its trials, the best, and what the trials' runs took (and cost, where a price is known)."""
+    """A study: its trials, the best, and what the trials took (and cost, where a price is known)."""
 
     name: str
     storage: str  # credentials taken out
@@ -332,30 +332,34 @@ class Sweep:
         except ConfigError:  # it ended by itself meanwhile (or is gone): nothing to stop
             ended = []
         if ended:
-            trial.set_user_attr(SECONDS, duration_seconds(ended[0]))
             trial.set_user_attr(ENDED, ended[0].shown_state)
-        self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
+        self._tell(trial, state=self.optuna.trial.TrialState.PRUNED)
 
     def _settle(self, trial: Any, view: RunView) -> None:
-        seconds = duration_seconds(view.info)
-        if seconds is not None:
-            trial.set_user_attr(SECONDS, seconds)
         trial.set_user_attr(ENDED, view.state)
         value = objective_value(self.spec, view) if view.state == layout.FINISHED else None
         if value is None:
             why = "finished without a value of the objective" if view.state == layout.FINISHED else \
                 f"run {view.run_id} {view.state}"
             self.ctx.log(f"trial {trial.number} failed: {why}")
-            self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+            self._tell(trial, state=self.optuna.trial.TrialState.FAIL)
             return
-        self.study.tell(trial, value)
+        self._tell(trial, value)
         best = self.study.best_trial
         self.ctx.log(f"trial {trial.number}: run {view.run_id} {self.spec.objective} {value:.4f} (best so far: "
                      f"trial {best.number}, {best.value:.4f})")
 
     def _fail(self, trial: Any, why: str) -> None:
         trial.set_user_attr(ENDED, why[:500])
-        self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+        self._tell(trial, state=self.optuna.trial.TrialState.FAIL)
+
+    def _tell(self, trial: Any, value: float | None = None, state: Any = None) -> None:
+        """Optuna told how the trial ended, with its length: the machine's time from the trial's
+        ask (its launch) to now, a killed sweep's gap included (the machine ran on meanwhile)."""
+        start = trial.datetime_start  # Optuna keeps it naive, in this computer's time
+        if start is not None:
+            trial.set_user_attr(SECONDS, max(0.0, (datetime.now() - start).total_seconds()))
+        self.study.tell(trial, value, state=state)
 
 
 class _Settled(Exception):

@@ -65,8 +65,8 @@ class Budget(_Section):
     """The sweep stops launching trials when the next one would pass this (at the mean length
     of the trials so far); a trial under way always runs to its end."""
 
-    instance_hours: float | None = Field(None, gt=0, description="hours of machine time the trials' runs may take "
-                                         "in all (each run from its start to its last update)")
+    instance_hours: float | None = Field(None, gt=0, description="hours of machine time the trials may take in "
+                                         "all (each from its launch to its end)")
     usd: float | None = Field(None, gt=0, description="USD the trials' runs may cost in all, at the machine's "
                               "hourly price (ec2.hourly_price, else what `orch status` prices the instance at)")
 

@@ -65,7 +65,7 @@ def sweep_table(st: SweepStatus) -> Any:
 
 
 def sweep_lines(st: SweepStatus) -> list[str]:
-    """The lines under the table: the best trial and its run, what the runs took (and cost)."""
+    """The lines under the table: the best trial and its run, what the trials took (and cost)."""
     states = [t.state for t in st.trials]
     counts = ", ".join(f"{states.count(s)} {s.lower()}" for s in dict.fromkeys(states))
     lines = [f"sweep {st.name}: {len(st.trials)} of {st.planned} trials" + (f" ({counts})" if counts else "")
@@ -74,7 +74,7 @@ def sweep_lines(st: SweepStatus) -> list[str]:
         lines.append(f"best: trial {st.best.number}, {st.objective} {st.best.value:.4f}, run {st.best.run_id} "
                      f"(`orch download {st.best.run_id}`)")
     cost = f", about ${st.usd:.2f} at ${st.hourly_usd:.3f}/hour" if st.usd is not None else ""
-    lines.append(f"runs took {st.hours:.3f} instance-hours{cost}")
+    lines.append(f"trials took {st.hours:.3f} instance-hours{cost}")
     if st.stopped is not None:
         lines.append(f"stopped launching: {st.stopped}")
     return lines
