@@ -1,7 +1,7 @@
 """`orch sweep run` on the local target with Optuna's real SQLite storage and the real trainer
-on tiny synthetic data: a 4-trial sweep interrupted (Ctrl-C) in its first trial, killed in its
-second and run again continues its study without launching a trial twice; a pruned trial's
-run is stopped and kept; the budget stops launching."""
+on tiny synthetic data: a 4-trial sweep interrupted (Ctrl-C once) in its first trial, twice in
+its second, killed in its third and run again continues its study without launching a trial
+twice; a pruned trial's run is stopped and kept; the budget stops launching."""
 
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ def sweep_run(spec: Path, cfg: Path, *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(), cwd=ROOT)
 
 
-def test_a_sweep_interrupted_then_killed_continues_its_study_launching_no_trial_twice(tmp_path: Path,
-                                                                                      features: Path) -> None:
+def test_a_sweep_interrupted_and_killed_continues_its_study_launching_no_trial_twice(tmp_path: Path,
+                                                                                     features: Path) -> None:
     cfg = config(tmp_path, features)
     spec = spec_file(tmp_path, name="e2e", trials=4, seed=3, objective="val_loss", train={"epochs": 2},
                      space={"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
@@ -96,27 +96,45 @@ def test_a_sweep_interrupted_then_killed_continues_its_study_launching_no_trial_
     assert first.returncode == 130 and json.loads(out)["stopped"] == "Ctrl-C", err
     assert "Ctrl-C: no further trial is launched" in err
     assert [t.state.name for t in study(tmp_path, "e2e").get_trials()] == ["COMPLETE"]
-    # killed (SIGKILL: no clean-up at all) during trial 1: the study is the state
+    # Ctrl-C twice during trial 1: its run is stopped (and kept), the trial failed
     second = sweep_run(spec, cfg)
     try:
-        adopted = wait_for(lambda: trial_training(tmp_path, "e2e", 1), "trial 1 training", second)
-        second.send_signal(signal.SIGKILL)
-        second.wait()
+        stopped = wait_for(lambda: trial_training(tmp_path, "e2e", 1), "trial 1 training", second)
+        second.send_signal(signal.SIGINT)
+        assert second.stderr is not None
+        while "Ctrl-C: no further trial is launched" not in (line := second.stderr.readline()):
+            assert line, "orch sweep run ended before it took the first Ctrl-C"
+        second.send_signal(signal.SIGINT)
+        _, err = second.communicate(timeout=240)
     finally:
         second.kill()
-        second.communicate()
-    assert study(tmp_path, "e2e").get_trials()[1].state.name == "RUNNING"
+        second.wait()
+    assert second.returncode == 130 and f"trial 1: stopping run {stopped} (Ctrl-C again)" in err, err
+    assert status(tmp_path / "remote" / "runs" / stopped)["state"] == "stopped"
+    assert study(tmp_path, "e2e").get_trials()[1].user_attrs["ended"] == "stopped (Ctrl-C)"
+    # killed (SIGKILL: no clean-up at all) during trial 2: the study is the state
+    third = sweep_run(spec, cfg)
+    try:
+        adopted = wait_for(lambda: trial_training(tmp_path, "e2e", 2), "trial 2 training", third)
+        third.send_signal(signal.SIGKILL)
+        third.wait()
+    finally:
+        third.kill()
+        third.communicate()
+    assert [t.state.name for t in study(tmp_path, "e2e").get_trials()] == ["COMPLETE", "FAIL", "RUNNING"]
 
     done = run_orch("sweep", "run", spec, "-c", cfg, "--json")
     assert done.returncode == 0, done.stderr
-    assert f"trial 1: adopting run {adopted}" in done.stderr
+    assert f"trial 2: adopting run {adopted}" in done.stderr
     trials = study(tmp_path, "e2e").get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     run_ids = [t.user_attrs["run_id"] for t in trials]
-    assert run_ids[1] == adopted and len(set(run_ids)) == 4
+    assert run_ids[1:3] == [stopped, adopted] and len(set(run_ids)) == 4
     assert sorted(p.name for p in (tmp_path / "remote" / "runs").iterdir()) == sorted(run_ids)  # none twice
-    assert json.loads(done.stdout)["launched"] == run_ids[2:]  # the adopted trial was followed, not launched
-    for t, run_id in zip(trials, run_ids, strict=True):
+    assert json.loads(done.stdout)["launched"] == run_ids[3:]  # the adopted trial was followed, not launched
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    for t in complete:
+        run_id = t.user_attrs["run_id"]
         run = tmp_path / "remote" / "runs" / run_id
         lines = metrics(run)
         assert t.value == min(m["val_loss"] for m in lines)  # the run's recorded best, told
@@ -131,12 +149,13 @@ def test_a_sweep_interrupted_then_killed_continues_its_study_launching_no_trial_
 
     shown = run_orch("sweep", "status", spec, "-c", cfg, "--json")
     doc = json.loads(shown.stdout)
-    best = min(trials, key=lambda t: t.value)
+    best = min(complete, key=lambda t: t.value)
     assert doc["best"]["run_id"] == best.user_attrs["run_id"] and doc["best"]["value"] == best.value
-    assert [t["state"] for t in doc["trials"]] == ["COMPLETE"] * 4 and doc["hours"] > 0 and doc["usd"] is None
+    assert [t["state"] for t in doc["trials"]] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert doc["hours"] > 0 and doc["usd"] is None
     text = run_orch("sweep", "status", spec, "-c", cfg).stdout
     assert f"best: trial {best.number}, val_loss {best.value:.4f}, run {best.user_attrs['run_id']}" in text
-    assert "4 of 4 trials (4 complete)" in text
+    assert "4 of 4 trials (3 complete, 1 fail)" in text
 
 
 def test_a_pruned_trial_is_stopped_and_kept_and_the_budget_stops_launching(tmp_path: Path, features: Path) -> None:
