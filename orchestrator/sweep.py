@@ -272,7 +272,11 @@ class Sweep:
         params = suggest(trial, self.spec)
         run_id = new_run_id()
         trial.set_user_attr(RUN_ID, run_id)  # before the launch: a killed sweep finds the run again
-        self._launch(trial, run_id, params)
+        try:
+            self._launch(trial, run_id, params)
+        except KeyboardInterrupt:  # the second Ctrl-C came while it launched
+            self._interrupted(trial, run_id)
+            raise
         self._follow(trial, run_id, params, set())
 
     def _launch(self, trial: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -306,14 +310,18 @@ class Sweep:
         except _Pruned as exc:
             pruned_at = exc.epoch
         except KeyboardInterrupt:  # the second Ctrl-C: the trial's run is stopped too
-            self.ctx.log(f"trial {trial.number}: stopping run {run_id} (Ctrl-C again)")
-            with contextlib.suppress(ConfigError):
-                stop_runs(self.ctx, [run_id])
-            self._fail(trial, "stopped (Ctrl-C)")
+            self._interrupted(trial, run_id)
             raise
         if pruned_at is not None:
             return self._prune(trial, run_id, pruned_at)
         self._settle(trial, view)
+
+    def _interrupted(self, trial: Any, run_id: str) -> None:
+        """The second Ctrl-C: the trial's run stopped (kept), the trial failed."""
+        self.ctx.log(f"trial {trial.number}: stopping run {run_id} (Ctrl-C again)")
+        with contextlib.suppress(ConfigError):  # not running (not launched yet, or ended): nothing to stop
+            stop_runs(self.ctx, [run_id])
+        self._fail(trial, "stopped (Ctrl-C)")
 
     def _watched(self, run_id: str, reporter: _Reporter) -> RunView:
         """The run followed to its end (every recover.poll_seconds), recovered when its machine
