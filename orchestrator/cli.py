@@ -45,6 +45,8 @@ config_app = typer.Typer(help="Validate deploy.yaml or print its JSON schema.", 
 app.add_typer(config_app, name="config")
 notify_app = typer.Typer(help="Run notifications (deploy.yaml's notify: webhook).", no_args_is_help=True)
 app.add_typer(notify_app, name="notify")
+sweep_app = typer.Typer(help="Hyperparameter sweeps: an Optuna study whose trials are orch runs.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
 
 
 def _flags_take_no_value() -> None:
@@ -634,6 +636,56 @@ def notify_test(ctx: Context, json_out: bool = JsonOpt) -> None:
     else:
         _say(_out(ctx), f"test message delivered to {sent.target}: HTTP {sent.status}"
                         + (f" (after {sent.attempts} tries)" if sent.attempts > 1 else ""))
+
+
+SpecArg = typer.Argument(..., help="the sweep's SPEC.yaml (name, trials, space, ...: README.md, Sweeps)",
+                         show_default=False, metavar="SPEC")
+
+
+@sweep_app.command("run")
+@uses_machine
+def sweep_run(
+    ctx: Context,
+    spec: Path = SpecArg,
+    allow_cpu: bool = typer.Option(False, "--allow-cpu", help="trials may train on the CPU of a GPU box whose GPUs "
+                                   "TensorFlow cannot see (as deploy's --allow-cpu)"),
+    json_out: bool = JsonOpt,
+) -> int:
+    """Run the sweep: each trial an ordinary orch run with the parameters Optuna asks for, one
+    after another, followed to its end (a pruned one is stopped and kept), until the study has
+    `trials`, or the budget would be passed. Run again, it continues the study (a trial under
+    way is followed, never launched twice). Ctrl-C stops launching; a second Ctrl-C stops the
+    running trial too."""
+    from orchestrator.sweep import run
+    from orchestrator.sweepspec import load_spec
+
+    got = run(ctx, load_spec(spec), launching=LaunchOptions(allow_cpu=allow_cpu))
+    _show_sweep(ctx, got, json_out)
+    return int(ExitCode.INTERRUPTED) if got.stopped == "Ctrl-C" else 0
+
+
+@sweep_app.command("status")
+@uses_machine
+def sweep_status(ctx: Context, spec: Path = SpecArg, json_out: bool = JsonOpt) -> None:
+    """The study: every trial (state, parameters, value, run), the best trial's run, and the
+    hours the trials took (and their cost, where the machine's price is known). Reads the study's
+    storage only."""
+    from orchestrator.sweep import status
+    from orchestrator.sweepspec import load_spec
+
+    _show_sweep(ctx, status(ctx, load_spec(spec)), json_out)
+
+
+def _show_sweep(ctx: Context, got: Any, json_out: bool) -> None:
+    from orchestrator.views import sweep_lines, sweep_table
+
+    if json_out:
+        _print_json(_out(ctx), got.to_json())
+        return
+    if got.trials:
+        _print_table(_out(ctx), sweep_table(got))
+    for line in sweep_lines(got):
+        _say(_out(ctx), line)
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -391,16 +391,19 @@ def load_config(path: str | Path) -> DeployConfig:
     try:
         return DeployConfig.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_first_problem(exc)}") from exc
+        raise ConfigError(f"{path}: {first_problem(exc, DeployConfig)}") from exc
 
 
-def _first_problem(exc: ValidationError) -> str:
+def first_problem(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The first of ``exc``'s problems as one line naming its key (a misspelt key: the nearest
+    one ``model`` knows there)."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if p != "base_dir")
     if err["type"] == "missing":
         msg = "field required"
     elif err["type"] == "extra_forbidden":
-        msg = "unknown key" + _did_you_mean(err["loc"]) + " (see `orch config schema`)"
+        schema = " (see `orch config schema`)" if model is DeployConfig else ""
+        msg = "unknown key" + _did_you_mean(model, err["loc"]) + schema
     else:
         msg = err["msg"].removeprefix("Value error, ")
         if loc and re.match(r"^[a-z_]+: ", msg):  # a section's validator naming one of its keys
@@ -409,14 +412,16 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
 
 
-def _did_you_mean(loc: tuple[Any, ...]) -> str:
+def _did_you_mean(model: Any, loc: tuple[Any, ...]) -> str:
     """' (did you mean epochs?)' for a misspelt key, from the names its section knows."""
     import difflib
 
-    model: Any = DeployConfig
+    keyed = False  # the part before was a mapping of names to sections (a sweep's space:)
     for part in loc[:-1]:
-        model = model.model_fields[part].annotation if part in model.model_fields else None
-        # an optional section (ec2.launch) is `Section | None`: its section
+        if not keyed:
+            model = model.model_fields[part].annotation if part in model.model_fields else None
+        keyed = typing.get_origin(model) is dict
+        # an optional section (ec2.launch) is `Section | None`, a mapping `dict[str, Section]`: its section
         model = next((a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
         if not isinstance(model, type) or not issubclass(model, BaseModel):
             return ""

@@ -284,6 +284,12 @@ class Watch:
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        finally:  # an interrupt, or a caller's `show` raising (a sweep's pruner), leaves no connection open
+            self.link.drop()
+
+    def _run(self) -> Outcome:
         while True:
             seen = self.look()
             decision = judge(seen, self.view.run, time.time())
