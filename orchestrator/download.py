@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from orchestrator import children, destination
@@ -28,7 +28,9 @@ from orchestrator.context import Context
 from orchestrator.errors import ConfigError, OrchError, RemoteError
 from orchestrator.machine import Machine, check_run_id
 from orchestrator.storage import Storage, machine_or_storage
+from orchestrator.transfer import FileStream, framed, new_frame
 from trainer.contract import layout, verbs
+from trainer.contract.codeversion import sender_source
 from trainer.contract.files import is_disk_full, sha256_file
 from trainer.contract.wire import DIED, RunFiles, RunInfo
 
@@ -72,8 +74,8 @@ def download(ctx: Context, run_id: str | None = None, *, latest: bool = False, d
     report = progress or (lambda _r, _d, _t: None)
 
     def from_machine(m: Machine) -> Downloaded:
-        with m.busy():  # autostop waits for us
-            return _Download(MachineSource(m), _resolve(m, run_id, latest), dest, report, ctx.log).execute()
+        with machine_source(m) as source, m.busy():  # autostop waits for us
+            return _Download(source, _resolve(m, run_id, latest), dest, report, ctx.log).execute()
 
     def from_storage(store: Storage) -> Downloaded:
         run = store.choose(run_id, best=not latest)
@@ -98,7 +100,11 @@ class Source(Protocol):
 
 @dataclass
 class MachineSource:
+    """The run's machine: every file through one stream (transfer.FileStream) where OpenSSH is at
+    hand, else one transfer a file."""
+
     m: Machine
+    stream: FileStream | None = None
 
     @property
     def where(self) -> str:
@@ -109,7 +115,22 @@ class MachineSource:
 
     def fetch(self, run_id: str, rel: str, local: Path, progress: Callable[[int], None] | None = None,
               size: int | None = None) -> str:
+        if self.stream is not None and size is not None:  # a run always lists its sizes
+            return self.stream.fetch(f"{run_id}/{rel}", local, progress, size)
         return self.m.remote.fetch(f"{self.m.run_dir(run_id)}/{rel}", local, progress, size)
+
+
+@contextlib.contextmanager
+def machine_source(m: Machine) -> Iterator[MachineSource]:
+    """The machine as a Source; its file stream is opened first, so that its connection is made
+    while the machine answers which files the run has (a connection per download, not per file)."""
+    if not m.remote.bulk_sessions:
+        yield MachineSource(m)
+        return
+    frame = new_frame()
+    sender = m.program(sender_source(), str(PurePosixPath(m.root) / layout.RUNS_DIR))
+    with m.remote.bulk_session(framed(frame, sender), what="reading the run's files") as session:
+        yield MachineSource(m, FileStream(session, frame))
 
 
 def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import queue
 import secrets
 import threading
@@ -34,6 +35,7 @@ from trainer.contract.wire import Host, RunInfo, Snapshot, WireError
 if TYPE_CHECKING:
     from orchestrator.context import Context
     from orchestrator.ec2 import Instance
+    from orchestrator.ssh import BulkSession
     from orchestrator.sync import CodeSync
 
 HEADER = 16  # trainer/machine/bootstrap.py: the bundle's size, in decimal, before it
@@ -125,6 +127,11 @@ class Machine:
         return (f"{path_word(python or self.cfg.helper_python)} {flags}-c {q(bootstrap_source())} {frame} "
                 f"{q(verb.name)} " + " ".join(q(str(a)) for a in args))
 
+    def program(self, source: str, *args: str) -> str:
+        """``source`` run by the helper Python as ``python3 -I -S -c``, without the bundle: for
+        bulk data, where a verb's start-up would cost more than the work (trainer/contract/blocks.py)."""
+        return f"{path_word(self.cfg.helper_python)} -I -S -c {q(source)} " + " ".join(q(a) for a in args)
+
     def ask(self, verb: Verb, *args: str | int, stdin: Writer | None = None, python: str | None = None,
             on_progress: Callable[[str], None] | None = None) -> Answer:
         """Run ``verb`` on the machine from the bundle sent on stdin (then ``stdin``'s bytes)."""
@@ -148,6 +155,29 @@ class Machine:
         frame = secrets.token_hex(12)
         self.remote.stream(self._command(verb, args, frame, None), frame, sink, write=lambda fh: fh.write(self.payload),
                            what=f"{verb.name} on the machine")
+
+    @contextlib.contextmanager
+    def bulk_session(self, verb: Verb, *args: str | int, what: str | None = None
+                     ) -> Iterator[tuple[BulkSession, str]]:
+        """``verb`` through OpenSSH for bulk data, its stdin and stdout held open (orchestrator/ssh.py:
+        BulkSession), with its frame; the bundle is on its way already, so the connection and the
+        interpreter start while the caller does something else. Only where ``remote.bulk_sessions``."""
+        frame = secrets.token_hex(12)
+        with self.remote.bulk_session(self._command(verb, args, frame, None), first=self.payload,
+                                      what=what or f"{verb.name} on the machine") as session:
+            yield session, frame
+
+    def bulk_answer(self, verb: Verb[R], session: BulkSession, frame: str) -> R:
+        """The answer of a session's verb: its output read to the end, then its exit status."""
+        reader = _FrameReader(frame, None)
+        feed = LineFeed(reader.line)
+        for chunk in iter(lambda: os.read(session.stdout, 1 << 16), b""):
+            feed.feed(chunk)
+        feed.flush()
+        code = session.finish()
+        if not reader.answered:
+            raise self._failed(verb, session.stderr_tail(), f"exit code {code}")
+        return self._record(verb, reader.answer)
 
     def start(self, verb: Verb, *args: str | int | float) -> Background:
         """Run ``verb`` in the background (its output is not read); the bundle is sent, its stdin

@@ -172,9 +172,8 @@ def test_dest_that_is_a_file_is_a_usage_error(site: dict[str, Path]) -> None:
 
 def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: dict[str, Path],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import ssh
     from orchestrator.context import Context, Output
-    from orchestrator.download import download
+    from orchestrator.download import MachineSource, download
 
     files = normal_files()
     old_best = os.urandom(4096)
@@ -185,21 +184,21 @@ def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: d
     run_dir = make_run(site["remote"], "live", files, state="running", best=0.99, manifest=stale,
                        pid=pid_line(os.getpid()))
     fetches: list[str] = []
-    original = ssh.SshRemote.fetch
+    original = MachineSource.fetch
 
-    def fetch(self, path, local, progress=None, size=None):  # the trainer commits its manifest meanwhile
-        fetches.append(path)
-        digest = original(self, path, local, progress, size)
-        if path.endswith(BEST):
+    def fetch(self, run_id, rel, local, progress=None, size=None):  # the trainer commits its manifest meanwhile
+        fetches.append(rel)
+        digest = original(self, run_id, rel, local, progress, size)
+        if rel == BEST:
             (run_dir / layout.MANIFEST).write_text(
                 "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
         return digest
 
-    monkeypatch.setattr(ssh.SshRemote, "fetch", fetch)
+    monkeypatch.setattr(MachineSource, "fetch", fetch)
     output = Output.captured()
     got = download(Context(load_config(site["cfg"]), output), "live", dest=site["dest"])
     assert sorted(got.fetched) == sorted(files) and (site["dest"] / "live" / BEST).read_bytes() == files[BEST]
-    assert len([p for p in fetches if p.endswith(BEST)]) == 2 and "again" in output.err.file.getvalue()
+    assert fetches.count(BEST) == 2 and "again" in output.err.file.getvalue()
 
 
 def test_a_live_run_between_two_bests_is_read_again(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,13 +267,14 @@ def _procs() -> Iterator[tuple[int, list[str]]]:
             yield int(d.name), (d / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
 
 
-def remote_cats(path: Path) -> list[int]:
-    """The machine-side `cat` of ``path`` (the sshd session's command)."""
-    return [pid for pid, argv in _procs() if argv[:1] == ["cat"] and str(path) in argv]
+def remote_senders(runs: Path) -> list[int]:
+    """The machine side of a download from ``runs`` (trainer/contract/blocks.py, the sshd session's command)."""
+    return [pid for pid, argv in _procs() if argv[-3:-2] == ["-c"] and argv[-1] == str(runs)]
 
 
-def ssh_clients(path: Path) -> list[int]:
-    return [pid for pid, argv in _procs() if argv[:1] == ["ssh"] and argv and str(path) in argv[-1]]
+def ssh_clients(runs: Path) -> list[int]:
+    """The OpenSSH clients of a download from ``runs``."""
+    return [pid for pid, argv in _procs() if argv[:1] == ["ssh"] and str(runs) in argv[-1]]
 
 
 def size_of(path: Path) -> int:
@@ -310,7 +310,7 @@ def sparse_best(run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[str], Path, list[int]]]:
-    """`orch download` of a large best checkpoint, stalled mid-transfer (its remote `cat` is
+    """`orch download` of a large best checkpoint, stalled mid-transfer (its machine side is
     SIGSTOPped once bytes have arrived), so that a kill lands in the middle for sure."""
     run_dir = make_run(site["remote"], "big", normal_files(), best=0.9)
     sparse_best(run_dir)
@@ -321,7 +321,7 @@ def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[s
     try:
         part = wait_for(lambda: [p for p in (site["dest"] / "big" / "checkpoints").glob(".best.weights.h5.part-*")
                                  if size_of(p) > 0])[0]
-        cats += wait_for(lambda: remote_cats(run_dir / BEST))
+        cats += wait_for(lambda: remote_senders(site["remote"] / layout.RUNS_DIR))
         for pid in cats:
             os.kill(pid, signal.SIGSTOP)
         yield orch, part, cats
@@ -337,11 +337,11 @@ def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[s
 
 def test_sigkill_mid_transfer_leaves_no_ssh_and_the_next_download_cleans_up(site: dict[str, Path]) -> None:
     with stalled_download(site) as (orch, part, _cats):
-        big = site["remote"] / layout.RUNS_DIR / "big" / BEST
-        assert ssh_clients(big)
+        runs, big = site["remote"] / layout.RUNS_DIR, site["remote"] / layout.RUNS_DIR / "big" / BEST
+        assert ssh_clients(runs)
         orch.kill()
         orch.wait()
-        wait_for(lambda: not ssh_clients(big), timeout=5)  # the kernel killed it with orch
+        wait_for(lambda: not ssh_clients(runs), timeout=5)  # the kernel killed it with orch
         assert part.exists()  # what a SIGKILL leaves: only a temp file ...
     make_run(site["remote"], "big", normal_files(), best=0.9)  # a small best: quick to fetch in full
     proc = run_orch("download", "big", "-c", site["cfg"], "--dest", site["dest"])
@@ -353,11 +353,10 @@ def test_sigkill_mid_transfer_leaves_no_ssh_and_the_next_download_cleans_up(site
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_download_stops_at_once_and_leaves_nothing(site: dict[str, Path], sig: int) -> None:
     with stalled_download(site) as (orch, _part, _cats):
-        big = site["remote"] / layout.RUNS_DIR / "big" / BEST
         orch.send_signal(sig)
         _out, err = orch.communicate(timeout=20)
         assert orch.returncode == 130, err
-        assert not ssh_clients(big)
+        assert not ssh_clients(site["remote"] / layout.RUNS_DIR)
         assert not list(site["dest"].rglob("*.part-*")) and not (site["dest"] / "big" / BEST).exists()
 
 
