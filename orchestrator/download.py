@@ -19,20 +19,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator import children, destination
 from orchestrator.confine import Entry, checked_entries
 from orchestrator.context import Context
 from orchestrator.errors import ConfigError, OrchError, RemoteError
-from orchestrator.machine import Machine, check_run_id
+from orchestrator.machine import SILENCE, Machine, check_run_id
 from orchestrator.storage import Storage, machine_or_storage
-from orchestrator.transfer import FileStream, framed, new_frame
+from orchestrator.transfer import FileStream
 from trainer.contract import layout, verbs
-from trainer.contract.codeversion import sender_source
 from trainer.contract.files import is_disk_full, sha256_file
-from trainer.contract.wire import DIED, RunFiles, RunInfo
+from trainer.contract.wire import DIED, RunFiles, RunInfo, WireError
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done in all, total bytes)
 Log = Callable[[str], None]
@@ -74,8 +73,8 @@ def download(ctx: Context, run_id: str | None = None, *, latest: bool = False, d
     report = progress or (lambda _r, _d, _t: None)
 
     def from_machine(m: Machine) -> Downloaded:
-        with machine_source(m) as source, m.busy():  # autostop waits for us
-            return _Download(source, _resolve(m, run_id, latest), dest, report, ctx.log).execute()
+        with machine_source(m) as source:  # autostop waits for us
+            return _Download(source, _resolve(m, source, run_id, latest), dest, report, ctx.log).execute()
 
     def from_storage(store: Storage) -> Downloaded:
         run = store.choose(run_id, best=not latest)
@@ -100,8 +99,8 @@ class Source(Protocol):
 
 @dataclass
 class MachineSource:
-    """The run's machine: every file through one stream (transfer.FileStream) where OpenSSH is at
-    hand, else one transfer a file."""
+    """The run's machine: the run's files and their list through one stream (transfer.FileStream,
+    the ``send`` verb) where OpenSSH is at hand, else one question and one transfer a file."""
 
     m: Machine
     stream: FileStream | None = None
@@ -111,7 +110,12 @@ class MachineSource:
         return self.m.remote.host
 
     def files(self, run_id: str) -> RunFiles:
-        return _read_files(self.m, run_id)
+        if self.stream is None:
+            return self.m.answer(verbs.FILES, self.m.run_dir(run_id))
+        try:
+            return RunFiles.from_json(self.stream.record(f"files {run_id}"))
+        except WireError as exc:
+            raise RemoteError(f"the machine's list of run {run_id}'s files was not understood: {exc}") from exc
 
     def fetch(self, run_id: str, rel: str, local: Path, progress: Callable[[int], None] | None = None,
               size: int | None = None) -> str:
@@ -122,22 +126,22 @@ class MachineSource:
 
 @contextlib.contextmanager
 def machine_source(m: Machine) -> Iterator[MachineSource]:
-    """The machine as a Source; its file stream is opened first, so that its connection is made
-    while the machine answers which files the run has (a connection per download, not per file)."""
+    """The machine as a Source, busy for the block (autostop waits): over OpenSSH, ONE command
+    (the ``send`` verb) holds it busy and answers the whole download, its connection made while
+    orch asks for the list of runs if it needs one; else a hold and one question a step."""
     if not m.remote.bulk_sessions:
-        yield MachineSource(m)
+        with m.busy():
+            yield MachineSource(m)
         return
-    frame = new_frame()
-    sender = m.program(sender_source(), str(PurePosixPath(m.root) / layout.RUNS_DIR))
-    with m.remote.bulk_session(framed(frame, sender), what="reading the run's files") as session:
+    with m.bulk_session(verbs.SEND, m.root, SILENCE, what="reading the run's files") as (session, frame):
         yield MachineSource(m, FileStream(session, frame))
 
 
-def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
+def _resolve(m: Machine, source: MachineSource, run_id: str | None, latest: bool) -> RunFiles:
     """The run to download, with its files. A full id costs one question to the machine; a
     prefix, or no id, asks for the list of runs first."""
     if run_id is not None:
-        files = _read_files(m, run_id)
+        files = source.files(run_id)
         if files.run is not None and files.run.run_id == run_id:  # the machine names the folder: never trusted
             return files
     run = m.choose(run_id, best=not latest)
@@ -146,14 +150,10 @@ def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
     except ConfigError as exc:
         raise RemoteError(f"the machine lists a run {run.run_id!r} that is not a valid run id; "
                           "it cannot be downloaded") from exc
-    files = _read_files(m, run.run_id)
+    files = source.files(run.run_id)
     if files.run is None:
         raise RemoteError(f"run {run.run_id} is gone, or is not a folder of its own on {m.remote.host} (a link?)")
     return files
-
-
-def _read_files(m: Machine, run_id: str) -> RunFiles:
-    return m.answer(verbs.FILES, m.run_dir(run_id))
 
 
 @dataclass

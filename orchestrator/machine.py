@@ -127,11 +127,6 @@ class Machine:
         return (f"{path_word(python or self.cfg.helper_python)} {flags}-c {q(bootstrap_source())} {frame} "
                 f"{q(verb.name)} " + " ".join(q(str(a)) for a in args))
 
-    def program(self, source: str, *args: str) -> str:
-        """``source`` run by the helper Python as ``python3 -I -S -c``, without the bundle: for
-        bulk data, where a verb's start-up would cost more than the work (trainer/contract/blocks.py)."""
-        return f"{path_word(self.cfg.helper_python)} -I -S -c {q(source)} " + " ".join(q(a) for a in args)
-
     def ask(self, verb: Verb, *args: str | int, stdin: Writer | None = None, python: str | None = None,
             on_progress: Callable[[str], None] | None = None) -> Answer:
         """Run ``verb`` on the machine from the bundle sent on stdin (then ``stdin``'s bytes)."""

@@ -7,14 +7,17 @@ and hashed from the page cache as it lands (never read twice)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from orchestrator.errors import RemoteError
-from orchestrator.remote import Progress, Sink, q
+from orchestrator.remote import MAX_LINE, Progress, Sink, q
 from trainer.contract.blocks import BLOCK_HEADER, parse_block_header
 from trainer.contract.files import hash_stream
 from trainer.contract.verbs import STREAM
@@ -146,11 +149,10 @@ class Unsendable(RemoteError):
 
 
 class FileStream:
-    """Files of a machine's runs folder through one session of its sender
-    (trainer/contract/blocks.py): one request, one block back, in turn. A download opens it
-    while it still reads the run's manifest, fetches every file through it, and drops it at
-    the end without waiting for a goodbye (every file is checked already; the machine's side
-    ends with its stdin)."""
+    """A download through one session of the ``send`` verb (trainer/machine/sendfiles.py): one
+    request, one block back (trainer/contract/blocks.py), in turn: the run's list of files, then
+    each file. Dropped at the end without waiting for a goodbye (every file is checked already;
+    the machine's side ends with its stdin)."""
 
     def __init__(self, session: BulkSession, frame: str) -> None:
         self.session, self.stream = session, FramedPipe(session.stdout, frame)
@@ -159,38 +161,56 @@ class FileStream:
     def fetch(self, rel: str, local: Path, progress: Progress | None, size: int) -> str:
         """``rel`` (RUN_ID/PATH) into ``local`` (a new temp file), at most ``size`` bytes (what
         the run listed); the sha256 of what arrived."""
-        if self.broken:
-            raise RemoteError(f"the transfer from {self.session.host} broke off earlier")
-        self.broken = True  # until the whole block is read: the stream is in step again
-        self.session.write(f"{size} {rel}\n".encode())
+        too_big = f"{rel} is bigger than the {size} bytes the run listed"
         with open(local, "w+b") as out:
             writer = HashingWriter(out, progress)
-            try:
-                self.stream.begin()
-                self._block(writer, rel, size)
-            except Unsendable:
-                self.broken = False
-                raise
-            except RemoteError as exc:
-                raise self.session.failed(str(exc), ended=self.stream.ended) from exc
-        self.broken = False
+            with self._block(f"get {size} {rel}", size, too_big) as length:
+                while writer.done < length:
+                    if not self.stream.into(writer, length - writer.done):
+                        raise RemoteError(f"its output ended inside {rel}")
         return writer.hexdigest()
 
-    def _block(self, writer: HashingWriter, rel: str, limit: int) -> None:
-        header = self.stream.read(BLOCK_HEADER)
-        parsed = parse_block_header(header)
-        if parsed is None:
-            raise RemoteError("its output ended" if len(header) < BLOCK_HEADER else "it sent something else "
-                              "than the file")
-        size, error = parsed
-        if error:
-            raise Unsendable(f"{self.session.what} failed on {self.session.host}: "
-                             f"{self.stream.read(size).decode(errors='replace')}")
-        if size > limit:
-            raise RemoteError(f"{rel} is bigger than the {limit} bytes the run listed")
-        while writer.done < size:
-            if not self.stream.into(writer, size - writer.done):
-                raise RemoteError(f"its output ended inside {rel}")
+    def record(self, request: str) -> Any:
+        """The JSON the machine answers ``request`` with (a record: its reader checks it)."""
+        with self._block(request, MAX_LINE, f"its answer is bigger than {MAX_LINE >> 20} MB") as length:
+            data = self.stream.read(length)
+            if len(data) < length:
+                raise RemoteError("its output ended inside its answer")
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise RemoteError(f"{self.session.what} failed on {self.session.host}: its answer is not JSON") from exc
+
+    @contextlib.contextmanager
+    def _block(self, request: str, limit: int, too_big: str) -> Iterator[int]:
+        """Ask ``request``; the length of the block that answers it (at most ``limit``, else
+        ``too_big``), to be read in the block. The stream is out of step (and no longer used)
+        unless it all was."""
+        if self.broken:
+            raise RemoteError(f"the transfer from {self.session.host} broke off earlier")
+        self.broken = True
+        self.session.write(request.encode() + b"\n")
+        try:
+            self.stream.begin()
+            header = self.stream.read(BLOCK_HEADER)
+            parsed = parse_block_header(header)
+            if parsed is None:
+                raise RemoteError("its output ended" if len(header) < BLOCK_HEADER else "it sent something else "
+                                  "than a block")
+            size, error = parsed
+            if error:
+                reason = self.stream.read(size)
+                self.broken = len(reason) < size
+                raise Unsendable(f"{self.session.what} failed on {self.session.host}: "
+                                 f"{reason.decode(errors='replace')}")
+            if size > limit:
+                raise RemoteError(too_big)
+            yield size
+        except Unsendable:
+            raise
+        except RemoteError as exc:
+            raise self.session.failed(str(exc), ended=self.stream.ended) from exc
+        self.broken = False
 
 
 def _move(pipe: int, fd: int, count: int) -> int:

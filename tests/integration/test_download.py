@@ -203,25 +203,22 @@ def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: d
 
 def test_a_live_run_between_two_bests_is_read_again(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.context import Context
-    from orchestrator.download import download
-    from orchestrator.machine import Machine
-    from trainer.contract import verbs
+    from orchestrator.download import MachineSource, download
 
     files = normal_files()
     without_best = "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items() if rel != BEST)
     run_dir = make_run(site["remote"], "live", files, state="running", best=0.99, manifest=without_best,
                        pid=pid_line(os.getpid()))
-    original, asked = Machine.answer, []
+    original, asked = MachineSource.files, []
 
-    def answer(self, verb, *args, **kwargs):  # the trainer puts best.weights.h5 back into its manifest meanwhile
-        got = original(self, verb, *args, **kwargs)
-        if verb == verbs.FILES:
-            asked.append(args)
-            (run_dir / layout.MANIFEST).write_text(
-                "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
+    def listed(self, run_id):  # the trainer puts best.weights.h5 back into its manifest meanwhile
+        got = original(self, run_id)
+        asked.append(run_id)
+        (run_dir / layout.MANIFEST).write_text(
+            "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
         return got
 
-    monkeypatch.setattr(Machine, "answer", answer)
+    monkeypatch.setattr(MachineSource, "files", listed)
     got = download(Context(load_config(site["cfg"])), "live", dest=site["dest"])
     assert len(asked) == 2 and BEST in got.fetched
     assert (site["dest"] / "live" / BEST).read_bytes() == files[BEST]
@@ -267,14 +264,14 @@ def _procs() -> Iterator[tuple[int, list[str]]]:
             yield int(d.name), (d / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
 
 
-def remote_senders(runs: Path) -> list[int]:
-    """The machine side of a download from ``runs`` (trainer/contract/blocks.py, the sshd session's command)."""
-    return [pid for pid, argv in _procs() if argv[-3:-2] == ["-c"] and argv[-1] == str(runs)]
+def remote_senders(root: Path) -> list[int]:
+    """The machine side of a download from ``root`` (the `send` verb, the sshd session's command)."""
+    return [pid for pid, argv in _procs() if argv[-3:-1] == ["send", str(root)]]
 
 
-def ssh_clients(runs: Path) -> list[int]:
-    """The OpenSSH clients of a download from ``runs``."""
-    return [pid for pid, argv in _procs() if argv[:1] == ["ssh"] and str(runs) in argv[-1]]
+def ssh_clients(root: Path) -> list[int]:
+    """The OpenSSH clients of a download from ``root``."""
+    return [pid for pid, argv in _procs() if argv[:1] == ["ssh"] and f" send {root} " in argv[-1]]
 
 
 def size_of(path: Path) -> int:
@@ -321,7 +318,7 @@ def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[s
     try:
         part = wait_for(lambda: [p for p in (site["dest"] / "big" / "checkpoints").glob(".best.weights.h5.part-*")
                                  if size_of(p) > 0])[0]
-        cats += wait_for(lambda: remote_senders(site["remote"] / layout.RUNS_DIR))
+        cats += wait_for(lambda: remote_senders(site["remote"]))
         for pid in cats:
             os.kill(pid, signal.SIGSTOP)
         yield orch, part, cats
@@ -337,11 +334,11 @@ def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[s
 
 def test_sigkill_mid_transfer_leaves_no_ssh_and_the_next_download_cleans_up(site: dict[str, Path]) -> None:
     with stalled_download(site) as (orch, part, _cats):
-        runs, big = site["remote"] / layout.RUNS_DIR, site["remote"] / layout.RUNS_DIR / "big" / BEST
-        assert ssh_clients(runs)
+        big = site["remote"] / layout.RUNS_DIR / "big" / BEST
+        assert ssh_clients(site["remote"])
         orch.kill()
         orch.wait()
-        wait_for(lambda: not ssh_clients(runs), timeout=5)  # the kernel killed it with orch
+        wait_for(lambda: not ssh_clients(site["remote"]), timeout=5)  # the kernel killed it with orch
         assert part.exists()  # what a SIGKILL leaves: only a temp file ...
     make_run(site["remote"], "big", normal_files(), best=0.9)  # a small best: quick to fetch in full
     proc = run_orch("download", "big", "-c", site["cfg"], "--dest", site["dest"])
@@ -356,7 +353,7 @@ def test_an_interrupted_download_stops_at_once_and_leaves_nothing(site: dict[str
         orch.send_signal(sig)
         _out, err = orch.communicate(timeout=20)
         assert orch.returncode == 130, err
-        assert not ssh_clients(site["remote"] / layout.RUNS_DIR)
+        assert not ssh_clients(site["remote"])
         assert not list(site["dest"].rglob("*.part-*")) and not (site["dest"] / "big" / BEST).exists()
 
 

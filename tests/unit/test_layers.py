@@ -176,6 +176,7 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
         "log-filter": (["2"], b"a line of the trainer's\n"),
         "code-state": ([r, "v1"], b""), "code-unpack": ([r, "v1"], tar.getvalue()), "data-list": ([str(data)], b""),
         "data-receive": ([str(tmp / "staging"), str(tmp / "moved")], verbs.DATA_GO + upload.getvalue()),
+        "send": ([r, "5"], b"files r1\nget 100 r1/status.json\n"),
         "notify": (["test"], b"{}"), "remove": ([r, "not-there"], b""),
         "tensorboard": ([r, "/bin/false", "0", "1", "0", "5", "r1"], b""),  # no TensorBoard there: says so
     }

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,10 +21,10 @@ from orchestrator.cli import main
 from orchestrator.context import Output
 from orchestrator.errors import RemoteError
 from orchestrator.ssh import BulkSession
-from orchestrator.transfer import FileStream, Unsendable, framed
+from orchestrator.transfer import FileStream, Unsendable
 from tests.servers import peak_rss
 from trainer.contract import layout
-from trainer.contract.codeversion import sender_source
+from trainer.machine.locks import is_locked
 from trainer.machine.proc import pid_line
 
 UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]")
@@ -249,7 +248,7 @@ def file_stream(argv: list[str]) -> Iterator[FileStream]:
 
 
 def test_the_machine_sends_only_plain_files_of_the_runs_folder(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
+    runs = tmp_path / layout.RUNS_DIR
     (runs / "r").mkdir(parents=True)
     (runs / "other").mkdir()
     data = os.urandom(3000)
@@ -259,15 +258,17 @@ def test_the_machine_sends_only_plain_files_of_the_runs_folder(tmp_path: Path) -
     (runs / "linked").symlink_to(runs / "other")
     os.mkfifo(runs / "r" / "fifo")
     got = tmp_path / "got"
-    assert "\\" not in sender_source()  # fish reads some backslashes inside single quotes
-    sender = f"{sys.executable} -I -S -c {shlex.quote(sender_source())} {shlex.quote(str(runs))}"
-    with file_stream(["/bin/sh", "-c", framed(FRAME, sender)]) as stream:  # as orch runs it there
+    with file_stream([sys.executable, "-m", "trainer.machine", FRAME, "send", str(tmp_path), "30"]) as stream:
+        listed = stream.record("files r")  # what `files` answers: regular files only, links not followed
+        assert listed["files"] == {"ok.bin": len(data)} and listed["run"]["run_id"] == "r"
+        assert is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)  # the machine is busy meanwhile
         for rel in ("r/link", "linked/secret", "r/../other/secret", "/etc/passwd", "r/fifo", "r/missing"):
             with pytest.raises(Unsendable, match="cannot read"):  # the stream goes on after each
                 stream.fetch(rel, got, None, 100)
         assert stream.fetch("r/ok.bin", got, None, len(data)) == hashlib.sha256(data).hexdigest()
         assert stream.fetch("r/ok.bin", got, None, 10) == hashlib.sha256(data[:10]).hexdigest()  # the size listed
         assert got.read_bytes() == data[:10]
+    assert not is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)  # its end lets go
 
 
 # A machine side that answers every request with the next of argv's blocks (hex), then ends.
@@ -278,9 +279,9 @@ CRAFTED = ("import sys\nsys.stdout.buffer.write(b'a noisy shell\\n\\n" + FRAME +
 
 @pytest.mark.parametrize("block, problem", [
     (b"%020d" % (1 << 40) + b"x" * 100, "bigger than the 100 bytes"),
-    (b"not a header at all, but a long line", "something else than the file"),
+    (b"not a header at all, but a long line", "something else than a block"),
     (b"%020d" % 50 + b"x" * 10, "ended inside r/best"),
-    (b"E%019d" % (1 << 30), "something else than the file"),
+    (b"E%019d" % (1 << 30), "something else than a block"),
 ], ids=["more than listed", "no header", "cut short", "huge message"])
 def test_a_crafted_file_stream_is_refused(tmp_path: Path, block: bytes, problem: str) -> None:
     ok = b"%020d" % 3 + b"abc"

@@ -19,7 +19,6 @@ PACKAGE = Path(__file__).resolve().parents[1]  # trainer/
 EXTRA_FILES = ("requirements.txt",)  # besides the sources
 BUNDLED_PACKAGES = ("contract", "machine")  # with trainer/__init__.py: what runs on the machine's bare python3
 BOOTSTRAP = "machine/bootstrap.py"  # the loader of a bundle sent on stdin (``python3 -c``)
-SENDER = "contract/blocks.py"  # a download's sender, sent as ``python3 -c`` too (no bundle)
 
 
 def _sources(folder: Path, package: Path) -> dict[str, bytes]:
@@ -46,11 +45,6 @@ def bundle_files(package: Path = PACKAGE) -> dict[str, bytes]:
 def bootstrap_source(package: Path = PACKAGE) -> str:
     """The source of the bundle loader, sent as ``python3 -c`` (it is a module of its own, linted and tested)."""
     return (package / BOOTSTRAP).read_text()
-
-
-def sender_source(package: Path = PACKAGE) -> str:
-    """The source of a download's sender (trainer/contract/blocks.py), sent as ``python3 -c``."""
-    return (package / SENDER).read_text()
 
 
 def code_version(files: dict[str, bytes] | None = None) -> str:
