@@ -4,9 +4,12 @@ confined to ``DEST/<run_id>/``.
 The run argument is checked here and resolved on the machine before any folder is created;
 every entry of the run's MANIFEST.sha256 is checked (orchestrator/confine.py) before anything
 is written. Each file is streamed into a temporary name beside its destination while its
-sha256 is computed, compared with the manifest, and only then renamed into place; a file
-already present with the right checksum is not fetched again. An interrupted download
-leaves temp files only when orch was killed outright, and the next download removes them.
+sha256 is computed (hashed as it lands, never read again), compared with the manifest, and
+only then renamed into place; a file already present with the right checksum is not fetched
+again. An interrupted download leaves temp files only when orch was killed outright, and the
+next download removes them. Over OpenSSH, ONE command on the machine (the ``send`` verb,
+trainer/machine/sendfiles.py) holds it busy and answers the whole download on one connection:
+the run's list of files, then each file as a sized block.
 """
 
 from __future__ import annotations
