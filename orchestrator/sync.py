@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from orchestrator import children
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, DiskFull, RemoteError
 from orchestrator.machine import Machine
 from orchestrator.ssh import BulkSession
 from trainer.contract import layout, verbs
 from trainer.contract.codeversion import code_files, code_version
+from trainer.contract.wire import Moved
 
 Log = Callable[[str], None]
 
@@ -113,12 +114,16 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
                                          what="uploading the data") as (session, frame):  # connecting meanwhile
             found, changed = _changes(m, local, dest)
             if changed:
-                _tar_into(session, local, [rel for rel, _ in changed])
-                m.bulk_answer(verbs.DATA_RECEIVE, session, frame)
+                tar_failed = _tar_into(session, local, [rel for rel, _ in changed])
+                moved = m.bulk_answer(verbs.DATA_RECEIVE, session, frame)  # read even so: a full disk there?
+                if tar_failed and not moved.disk_full:  # a local cause: the stream was short
+                    raise RemoteError(f"uploading the data to {remote.host} failed: {tar_failed}")
+                _unpacked(m, moved, dest)
     else:
         found, changed = _changes(m, local, dest)
         if changed:
-            m.answer(verbs.DATA_RECEIVE, staging, dest, stdin=lambda fh: _write_tar(fh, local, [r for r, _ in changed]))
+            _unpacked(m, m.answer(verbs.DATA_RECEIVE, staging, dest,
+                                  stdin=lambda fh: _write_tar(fh, local, [r for r, _ in changed])), dest)
     sent = sum(st.st_size for _, st in changed)
     seconds = time.perf_counter() - start
     m.log(f"data: {len(changed)} new or changed files ({sent / 1e6:.1f} MB) sent to {dest} in {seconds:.1f} s")
@@ -127,6 +132,15 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
         m.log(f"data: {found.skipped.total()} entries not sent ({why}); `python -m trainer check-data {local}` "
               "lists them")
     return DataSync(len(changed), sent, seconds, method, found.skipped.total())
+
+
+def _unpacked(m: Machine, moved: Moved, dest: str) -> None:
+    """Raise what kept the machine from unpacking the upload (it moved nothing into place)."""
+    if moved.disk_full:
+        raise DiskFull(f"no space left on device on {m.remote.host} for the data in {dest}: free some space "
+                       "(df -h) and sync again")
+    if moved.error is not None:
+        raise RemoteError(f"unpacking the data on {m.remote.host} failed: {moved.error[:300]}")
 
 
 def _changes(m: Machine, local: Path, dest: str) -> tuple[_LocalFiles, list[tuple[bytes, os.stat_result]]]:
@@ -207,9 +221,9 @@ def _write_tar(fh: BinaryIO, local: Path, rels: list[bytes]) -> None:
             tar.add(os.fsdecode(os.path.join(os.fsencode(local), rel)), arcname=os.fsdecode(rel), recursive=False)
 
 
-def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> None:
-    """The go byte, then `tar c` of ``rels`` straight into the session's stdin: OpenSSH moves
-    bulk data about twice as fast as paramiko."""
+def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> str | None:
+    """The go byte, then `tar c` of ``rels`` straight into the session's stdin (OpenSSH moves
+    bulk data about twice as fast as paramiko); then EOF there. Why tar failed, or None."""
     session.write(verbs.DATA_GO)
     # -h: a link travels as its file's content. Names go NUL-separated, each after "./" so
     # that none is ever read as an option. Records of 1 MiB (-b 2048), as the machine reads them.
@@ -221,5 +235,4 @@ def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> None:
     with contextlib.suppress(BrokenPipeError):  # tar died: its exit status and stderr say why
         tar.stdin.write(b"".join(b"./" + r + b"\0" for r in rels))
         tar.stdin.close()
-    if tar.wait() != 0:
-        raise session.failed(tar_err.last_line("tar failed"), ended=False)
+    return tar_err.last_line("tar failed") if tar.wait() != 0 else None

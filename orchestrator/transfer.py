@@ -8,6 +8,7 @@ and hashed from the page cache as it lands (never read twice)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -213,13 +214,17 @@ class FileStream:
         self.broken = False
 
 
+_NO_SPLICE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
 def _move(pipe: int, fd: int, count: int) -> int:
     """Up to ``count`` bytes from the pipe into the file: by the kernel where it can (splice)."""
     if hasattr(os, "splice"):
         try:
             return os.splice(pipe, fd, count)
-        except OSError:  # a file system without splice (some FUSE mounts): the plain way
-            pass
+        except OSError as exc:  # a file system without splice (some FUSE mounts): the plain way
+            if exc.errno not in _NO_SPLICE:
+                raise  # a full disk, an I/O error: as it is, before a byte more is taken off the stream
     data = os.read(pipe, count)
     view = memoryview(data)
     while view:

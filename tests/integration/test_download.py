@@ -21,6 +21,7 @@ from orchestrator.config import load_config
 from orchestrator.context import Context
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import trainer_env
+from tests.servers import small_disk
 from trainer.contract import layout
 from trainer.machine.proc import pid_line
 
@@ -358,19 +359,6 @@ def test_an_interrupted_download_stops_at_once_and_leaves_nothing(site: dict[str
 
 
 # --------------------------------------------------------------------------- full disk
-
-@contextlib.contextmanager
-def small_disk(path: Path, kib: int) -> Iterator[bool]:
-    """A tmpfs of ``kib`` KiB at ``path`` (True), or False where mounting is not allowed."""
-    path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(path)], check=True)
-
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator import destination

@@ -292,3 +292,26 @@ def test_a_crafted_file_stream_is_refused(tmp_path: Path, block: bytes, problem:
         assert (tmp_path / "best").stat().st_size <= 100
         with pytest.raises(RemoteError, match="broke off"):  # out of step: never read on
             stream.fetch("r/next", tmp_path / "next", None, 100)
+
+
+def test_a_sender_nobody_reads_lets_the_machine_go(tmp_path: Path) -> None:
+    """A laptop that vanished mid-download (its connection stalled, not closed): the machine's
+    sender gives up once it has had no room to write for SILENCE seconds, and lets go of the
+    activity lock, so autostop is never kept waiting by it."""
+    run = tmp_path / layout.RUNS_DIR / "r"
+    run.mkdir(parents=True)
+    with open(run / "big", "wb") as fh:
+        fh.truncate(64 << 20)  # sparse: far more than any pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.machine", FRAME, "send", str(tmp_path), "0.5"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b"get 67108864 r/big\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(4096)  # it sends; then nobody reads on
+        assert is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)
+        assert proc.wait(timeout=120) == 0  # stdin still open: only the stall ends it
+        assert not is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -24,6 +24,7 @@ from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.blocks import widen_pipe
+from trainer.contract.files import is_disk_full
 from trainer.contract.verbs import DATA_GO
 from trainer.contract.wire import CodeState, DataListing, Moved
 from trainer.machine.locks import lock
@@ -87,25 +88,30 @@ def list_data(dest: Path) -> DataListing:
 
 def receive_data(staging: Path, dest: Path) -> Moved:
     """The upload on stdin: after the go byte, a tar stream that GNU tar unpacks into the new
-    folder ``staging`` (a failed or cut stream removes it: exit 1, tar's words on stderr), then
-    moved into ``dest``. EOF instead of the go byte: orch had nothing to send. orch opens this
-    before it knows what to send, so ``staging`` is made only once the go byte came (after
-    ``data-list`` cleared what an interrupted upload left)."""
+    folder ``staging``, then moved into ``dest``; a failed or cut stream removes ``staging`` and
+    answers why (tar's first complaint, and whether the disk is full). EOF instead of the go
+    byte: orch had nothing to send. orch opens this before it knows what to send, so
+    ``staging`` is made only once the go byte came (after ``data-list`` cleared what an
+    interrupted upload left)."""
     if os.read(0, 1) != DATA_GO:
         return Moved(0)
     widen_pipe(0)
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         # Its stdin is ours: the stream after the go byte, read in records of 1 MiB (-b 2048):
-        # a fifth less CPU than 10 KiB ones on a fast transport (bench/bench_sync.py).
-        code = subprocess.run(["tar", "-x", "-b", "2048", "-f", "-", "-C", str(staging)],
-                              stdout=subprocess.DEVNULL).returncode
-    except OSError as exc:  # no tar on the machine
-        sys.stderr.write(f"cannot run tar: {exc.strerror or exc}\n")
-        code = 1
-    if code != 0:
+        # a fifth less CPU than 10 KiB ones on a fast transport (bench/bench_sync.py). LC_ALL=C:
+        # its complaints in words this code knows.
+        tar = subprocess.run(["tar", "-x", "-b", "2048", "-f", "-", "-C", str(staging)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env={**os.environ, "LC_ALL": "C"})
+    except OSError as exc:  # no tar on the machine, no room for the staging folder
         shutil.rmtree(staging, ignore_errors=True)
-        raise SystemExit(1)
+        return Moved(0, f"{exc.filename or 'tar'}: {exc.strerror or exc}", is_disk_full(exc))
+    if tar.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        said = tar.stderr[:8192].decode(errors="replace")
+        lines = [line for line in said.splitlines() if line.strip() and "Exiting with failure" not in line]
+        full = any(words in said for words in ("No space left on device", "Disk quota exceeded"))
+        return Moved(0, lines[0][:300] if lines else f"tar exited with {tar.returncode}", full)
     return move_data(staging, dest)
 
 

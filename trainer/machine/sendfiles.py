@@ -12,7 +12,8 @@ with one block (trainer/contract/blocks.py):
 Only a regular file is sent, reached from ROOT/runs without following a link (a run folder or
 a file swapped for a link is refused); a file that shrinks while it is sent is padded with
 zeros, so that the blocks after it stay in step (its checksum then tells orch it changed). EOF
-on stdin ends it, and so do SILENCE seconds without a request (a laptop that vanished). One
+on stdin ends it, and so do SILENCE seconds without a request, or without room to write an
+answer (a laptop that vanished: its lock never keeps the machine up for longer). One
 command, started while orch still connects, answers a whole download: one interpreter's start
 and one connection instead of three. Standard library only.
 """
@@ -59,33 +60,61 @@ def open_below(root: Path, rel: str) -> int:
     return found
 
 
-def send_exactly(src: int, dst: int, count: int) -> None:
-    """``count`` bytes of ``src`` from its start into ``dst``; zeros for what it no longer has."""
-    offset = 0
-    while offset < count:
-        want = min(BLOCK, count - offset)
-        try:
-            sent = os.sendfile(dst, src, offset, want)
-        except OSError:  # a destination sendfile cannot write to: the plain way
-            sent = _write_all(dst, os.pread(src, want, offset))
-        if sent == 0:  # the file shrank meanwhile
-            sent = _write_all(dst, bytes(want))
-        offset += sent
+class Stalled(Exception):
+    """Nobody read what was sent for SILENCE seconds."""
 
 
-def _write_all(dst: int, data: bytes) -> int:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(dst, view):]
-    return len(data)
+# sendfile cannot write there (another kind of file, an old kernel): the plain way instead
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
-def _error(dst: int, message: str) -> None:
+class Out:
+    """The stream's fd, non-blocking: a write waits at most ``silence`` seconds for room."""
+
+    def __init__(self, fd: int, silence: float) -> None:
+        self.fd, self.silence = fd, silence
+        os.set_blocking(fd, False)
+
+    def _room(self) -> None:
+        if not select.select([], [self.fd], [], self.silence)[1]:
+            raise Stalled
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                self._room()
+
+    def send(self, src: int, count: int) -> None:
+        """``count`` bytes of ``src`` from its start, by the kernel; zeros for what it no longer has."""
+        offset = 0
+        while offset < count:
+            want = min(BLOCK, count - offset)
+            try:
+                sent = os.sendfile(self.fd, src, offset, want)
+            except BlockingIOError:
+                self._room()
+                continue
+            except OSError as exc:
+                if exc.errno not in _NO_SENDFILE:
+                    raise
+                data = os.pread(src, want, offset)
+                self.write(data)
+                sent = len(data)
+            if sent == 0:  # the file shrank meanwhile
+                self.write(bytes(want))
+                sent = want
+            offset += sent
+
+
+def _error(dst: Out, message: str) -> None:
     data = message.encode()[:MAX_BLOCK_ERROR]
-    _write_all(dst, block_header(len(data), error=True) + data)
+    dst.write(block_header(len(data), error=True) + data)
 
 
-def _get(dst: int, runs: Path, limit: int, rel: str) -> None:
+def _get(dst: Out, runs: Path, limit: int, rel: str) -> None:
     try:
         fd = open_below(runs, rel)
     except OSError as exc:
@@ -93,21 +122,21 @@ def _get(dst: int, runs: Path, limit: int, rel: str) -> None:
         return
     try:
         count = min(os.fstat(fd).st_size, limit)
-        _write_all(dst, block_header(count))
-        send_exactly(fd, dst, count)
+        dst.write(block_header(count))
+        dst.send(fd, count)
     finally:
         os.close(fd)
 
 
-def _files(dst: int, runs: Path, run_id: str) -> None:
+def _files(dst: Out, runs: Path, run_id: str) -> None:
     if not run_id or "/" in run_id or run_id in (".", ".."):
         _error(dst, f"{run_id!r} is not a run id")
         return
     data = json.dumps(dataclasses.asdict(run_files(runs / run_id))).encode()
-    _write_all(dst, block_header(len(data)) + data)
+    dst.write(block_header(len(data)) + data)
 
 
-def _answer(dst: int, runs: Path, request: bytes) -> None:
+def _answer(dst: Out, runs: Path, request: bytes) -> None:
     words = request.decode("utf-8", "replace").split(" ", 2)
     if words[0] == "files" and len(words) == 2:
         _files(dst, runs, words[1])
@@ -120,8 +149,9 @@ def _answer(dst: int, runs: Path, request: bytes) -> None:
 def serve(root: Path, silence: float, out: Any) -> int:
     root.mkdir(parents=True, exist_ok=True)
     held = lock(root / layout.ACTIVITY_LOCK, shared=True)
-    dst = out.stream()
-    widen_pipe(dst)
+    fd = out.stream()
+    widen_pipe(fd)
+    dst = Out(fd, silence)
     pending = b""
     try:
         while True:
@@ -134,7 +164,7 @@ def serve(root: Path, silence: float, out: Any) -> int:
                 pending += chunk
             request, _, pending = pending.partition(b"\n")
             _answer(dst, root / layout.RUNS_DIR, request)
-    except BrokenPipeError:  # orch went away (Ctrl-C, or it had what it wanted)
+    except (BrokenPipeError, Stalled):  # orch went away (Ctrl-C, it had what it wanted, or it vanished)
         pass
     finally:
         if held is not None:
