@@ -147,8 +147,9 @@ class BulkSession:
         self.close_stdin()
         self.proc.wait()
         self.finished = True
-        if self.proc.returncode == 255:  # ssh's own failure (the command's exit status otherwise)
-            raise RemoteError(f"{self.what} failed on {self.host}: {self.errors.last_line('ssh failed')}")
+        if self.proc.returncode == 255:  # ssh's own failure, or no exit status came (the command's otherwise)
+            why = self.errors.last_line("the connection, or the command on the machine, ended abruptly (killed?)")
+            raise RemoteError(f"{self.what} failed on {self.host}: {why}")
         return self.proc.returncode
 
     def failed(self, problem: str, *, ended: bool) -> RemoteError:

@@ -96,6 +96,48 @@ def test_an_interrupted_upload_leaves_no_partial_file(tmp_path: Path, sshd: Sshd
     assert same_tree(local, dest)
 
 
+def test_a_receiver_killed_mid_upload_over_openssh_leaves_no_partial_file(tmp_path: Path, sshd: Sshd) -> None:
+    import signal
+    import threading
+
+    from orchestrator.errors import RemoteError
+    from tests.servers import processes_with
+
+    local = tmp_path / "local"
+    make_files(local, 20, size=1_000_000)  # far more than the pipes and the channel hold
+    cfg = ssh_deploy_config(sshd, tmp_path, local_dir=str(local), remote_dir="data")
+    dest = tmp_path / "remote" / "data"
+    failed: list[BaseException] = []
+    with acquire(Context(cfg)) as m:
+        def upload() -> None:
+            try:
+                sync_data(m)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                failed.append(exc)
+
+        thread = threading.Thread(target=upload)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not (staging := [p for p in (tmp_path / "remote").glob(".data.orch-incoming-*") if any(p.iterdir())]):
+            assert time.monotonic() < deadline, "the upload never began"
+            time.sleep(0.01)
+        tars = processes_with("tar", "-x", str(staging[0]))  # this test's, never another's
+        assert tars
+        for pid in tars:  # the stream stalls here: the kill lands in its middle for sure
+            os.kill(pid, signal.SIGSTOP)
+        for pid in [*processes_with("data-receive", str(staging[0])), *tars]:  # the machine's side is gone
+            os.kill(pid, signal.SIGKILL)
+        for pid in tars:
+            os.kill(pid, signal.SIGCONT)
+        thread.join()
+        assert len(failed) == 1 and isinstance(failed[0], RemoteError) and "ended abruptly" in str(failed[0]), failed
+        visible = [p for p in dest.rglob("*") if p.is_file()] if dest.exists() else []
+        assert visible == []  # nothing half-written under a final name
+        assert sync_data(m).files == 20  # running it again finishes the job
+    assert not list((tmp_path / "remote").glob(".data.orch-incoming-*"))  # and leaves no staging behind
+    assert same_tree(local, dest)
+
+
 def test_deploy_sync_data_reports_what_it_sent(tmp_path: Path, sshd: Sshd) -> None:
     from tests.integration.conftest import write_config
     from trainer.ml.synth import synth

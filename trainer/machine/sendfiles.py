@@ -20,6 +20,7 @@ and one connection instead of three. Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -31,7 +32,7 @@ from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.blocks import MAX_BLOCK_ERROR, block_header, widen_pipe
-from trainer.machine.locks import lock
+from trainer.machine.locks import held
 from trainer.machine.probe import run_files
 
 BLOCK = 1 << 20
@@ -148,12 +149,11 @@ def _answer(dst: Out, runs: Path, request: bytes) -> None:
 
 def serve(root: Path, silence: float, out: Any) -> int:
     root.mkdir(parents=True, exist_ok=True)
-    held = lock(root / layout.ACTIVITY_LOCK, shared=True)
-    fd = out.stream()
-    widen_pipe(fd)
-    dst = Out(fd, silence)
-    pending = b""
-    try:
+    with held(root / layout.ACTIVITY_LOCK, shared=True), contextlib.suppress(BrokenPipeError, Stalled):
+        # Stalled, a broken pipe: orch went away (Ctrl-C, it had what it wanted, or it vanished)
+        fd = out.stream()
+        widen_pipe(fd)
+        dst, pending = Out(fd, silence), b""
         while True:
             while b"\n" not in pending:  # the next request: read here, never more than orch sent
                 if len(pending) > MAX_REQUEST or not select.select([0], [], [], silence)[0]:
@@ -164,11 +164,6 @@ def serve(root: Path, silence: float, out: Any) -> int:
                 pending += chunk
             request, _, pending = pending.partition(b"\n")
             _answer(dst, root / layout.RUNS_DIR, request)
-    except (BrokenPipeError, Stalled):  # orch went away (Ctrl-C, it had what it wanted, or it vanished)
-        pass
-    finally:
-        if held is not None:
-            os.close(held)
     return 0
 
 
