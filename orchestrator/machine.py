@@ -109,6 +109,41 @@ class _FrameReader:
             self.on_progress(value)
 
 
+class BulkAnswers:
+    """The framed answers of a verb run through a bulk session (Machine.bulk_session), read off
+    its stdout in turn: :meth:`next` while it still runs (it answers more than once), :meth:`last`
+    once orch is done with it (its output read to the end, then its exit status)."""
+
+    def __init__(self, m: Machine, session: BulkSession, frame: str) -> None:
+        self.m, self.session = m, session
+        self.reader = _FrameReader(frame, None, every=True)
+        self.feed = LineFeed(self.reader.line)
+
+    def next(self, verb: Verb[R]) -> R:
+        """Its next answer, read as ``verb``'s record."""
+        want = self.reader.answers + 1
+        while self.reader.answers < want:
+            chunk = os.read(self.session.stdout, 1 << 16)
+            if not chunk:
+                return self._end(verb, want)
+            self.feed.feed(chunk)
+        return self.m._record(verb, self.reader.answer)
+
+    def last(self, verb: Verb[R]) -> R:
+        """Its last answer, once its output has ended."""
+        want = self.reader.answers + 1
+        for chunk in iter(lambda: os.read(self.session.stdout, 1 << 16), b""):
+            self.feed.feed(chunk)
+        return self._end(verb, want)
+
+    def _end(self, verb: Verb[R], want: int) -> R:
+        self.feed.flush()
+        code = self.session.finish()
+        if self.reader.answers < want:
+            raise self.m._failed(verb, self.session.stderr_tail(), f"exit code {code}")
+        return self.m._record(verb, self.reader.answer)
+
+
 class Machine:
     """A connected machine (from orchestrator.provision.acquire) and what commands ask of it."""
 
@@ -162,17 +197,9 @@ class Machine:
                                       what=what or f"{verb.name} on the machine") as session:
             yield session, frame
 
-    def bulk_answer(self, verb: Verb[R], session: BulkSession, frame: str) -> R:
-        """The answer of a session's verb: its output read to the end, then its exit status."""
-        reader = _FrameReader(frame, None)
-        feed = LineFeed(reader.line)
-        for chunk in iter(lambda: os.read(session.stdout, 1 << 16), b""):
-            feed.feed(chunk)
-        feed.flush()
-        code = session.finish()
-        if not reader.answered:
-            raise self._failed(verb, session.stderr_tail(), f"exit code {code}")
-        return self._record(verb, reader.answer)
+    def bulk_answers(self, session: BulkSession, frame: str) -> BulkAnswers:
+        """The answers of a session's verb, in turn (:class:`BulkAnswers`)."""
+        return BulkAnswers(self, session, frame)
 
     def start(self, verb: Verb, *args: str | int | float) -> Background:
         """Run ``verb`` in the background (its output is not read); the bundle is sent, its stdin

@@ -110,17 +110,19 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
     staging = f"{parent}/{layout.data_staging_prefix(name)}{time.time_ns()}"
     method = "ssh" if use_ssh_client and remote.bulk_sessions and shutil.which("tar") else "channel"
     if method == "ssh":
-        with children.scope(), m.bulk_session(verbs.DATA_RECEIVE, staging, dest,
-                                         what="uploading the data") as (session, frame):  # connecting meanwhile
-            found, changed = _changes(m, local, dest)
+        # ONE command lists the machine's files, then receives: connecting while the local walk goes on
+        with children.scope(), m.bulk_session(verbs.DATA_RECEIVE, staging, dest, verbs.LISTING_FIRST,
+                                              what="uploading the data") as (session, frame):
+            answers = m.bulk_answers(session, frame)
+            found, changed = _changes(lambda: answers.next(verbs.DATA_LIST).listing, local)
             if changed:
                 tar_failed = _tar_into(session, local, [rel for rel, _ in changed])
-                moved = m.bulk_answer(verbs.DATA_RECEIVE, session, frame)  # read even so: a full disk there?
+                moved = answers.last(verbs.DATA_RECEIVE)  # read even so: a full disk there?
                 if tar_failed and not moved.disk_full:  # a local cause: the stream was short
                     raise RemoteError(f"uploading the data to {remote.host} failed: {tar_failed}")
                 _unpacked(m, moved, dest)
     else:
-        found, changed = _changes(m, local, dest)
+        found, changed = _changes(lambda: m.answer(verbs.DATA_LIST, dest).listing, local)
         if changed:
             _unpacked(m, m.answer(verbs.DATA_RECEIVE, staging, dest,
                                   stdin=lambda fh: _write_tar(fh, local, [r for r, _ in changed])), dest)
@@ -143,12 +145,13 @@ def _unpacked(m: Machine, moved: Moved, dest: str) -> None:
         raise RemoteError(f"unpacking the data on {m.remote.host} failed: {moved.error[:300]}")
 
 
-def _changes(m: Machine, local: Path, dest: str) -> tuple[_LocalFiles, list[tuple[bytes, os.stat_result]]]:
+def _changes(machine_listing: Callable[[], str], local: Path
+             ) -> tuple[_LocalFiles, list[tuple[bytes, os.stat_result]]]:
     """This computer's files, and those of them the machine lacks or has otherwise (size, mtime):
-    the machine's listing (which also clears what an interrupted upload left in its staging
-    folder) is asked in a thread while the local folder is walked here."""
+    the machine's listing (``data-list``'s, which also clears what an interrupted upload left in
+    its staging folder) is awaited in a thread while the local folder is walked here."""
     with ThreadPoolExecutor(1) as pool:
-        listing = pool.submit(lambda: m.answer(verbs.DATA_LIST, dest).listing)
+        listing = pool.submit(machine_listing)
         found = _local_files(local)
         have = _parse_listing(listing.result())
     changed = [(rel, st) for rel, st in found.files if have.get(rel) != (st.st_size, int(st.st_mtime))]

@@ -54,8 +54,8 @@ CODE_UNPACK = Verb("code-unpack", "receive", wire.CodeState, "ROOT VERSION < tar
 DATA_LIST = Verb("data-list", "receive", wire.DataListing, "DEST: the data files there (size, mtime)")
 SEND = Verb("send", "sendfiles", None, "ROOT SILENCE < requests: a download's run files and their list, a block "
             "each, holding the machine busy", stream=True)
-DATA_RECEIVE = Verb("data-receive", "receive", wire.Moved, "STAGING DEST < go byte + tar: unpack an upload beside, "
-                   "then move it into place")
+DATA_RECEIVE = Verb("data-receive", "receive", wire.Moved, "STAGING DEST [list] < go byte + tar: unpack an upload "
+                   "beside, then move it into place ('list': answer data-list first)")
 NOTIFY = Verb("notify", "notify", wire.Delivery, "test < SETTINGS: send a test message through the runs' webhook code")
 REMOVE = Verb("remove", "remove", wire.Removed, "ROOT RUN_ID...: delete run folders, never an active run's")
 
@@ -72,3 +72,4 @@ ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <k
 STREAM = "stream"  # `\n<FRAME> stream\n`, then raw bytes to the end: a framed stream (a log, a file)
 
 DATA_GO = b"T"  # what `data-receive` reads before the tar stream; EOF instead: nothing to unpack
+LISTING_FIRST = "list"  # `data-receive`'s last argument: it answers data-list's DataListing first

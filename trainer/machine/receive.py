@@ -4,8 +4,9 @@ or not at all. Verbs:
     code-state ROOT VERSION                          -> CodeState: is it unpacked, whole?
     code-unpack ROOT VERSION   (tar.gz on stdin)     -> CodeState: unpacked beside, then renamed
     data-list DEST                                   -> DataListing: the regular files there
-    data-receive STAGING DEST  (go byte + tar on stdin) -> Moved: unpacked into STAGING (GNU tar),
-                                                        then renamed into DEST
+    data-receive STAGING DEST [list]  (go byte + tar on stdin) -> [DataListing, as data-list,
+                                                        first], Moved: unpacked into STAGING
+                                                        (GNU tar), then renamed into DEST
 
 Standard library only.
 """
@@ -25,7 +26,7 @@ from typing import Any
 from trainer.contract import layout
 from trainer.contract.blocks import widen_pipe
 from trainer.contract.files import is_disk_full
-from trainer.contract.verbs import DATA_GO
+from trainer.contract.verbs import DATA_GO, LISTING_FIRST
 from trainer.contract.wire import CodeState, DataListing, Moved
 from trainer.machine.locks import lock
 
@@ -86,13 +87,16 @@ def list_data(dest: Path) -> DataListing:
     return DataListing(base64.b64encode(b"".join(out)).decode())
 
 
-def receive_data(staging: Path, dest: Path) -> Moved:
+def receive_data(staging: Path, dest: Path, out: Any, listing_first: bool) -> Moved:
     """The upload on stdin: after the go byte, a tar stream that GNU tar unpacks into the new
     folder ``staging``, then moved into ``dest``; a failed or cut stream removes ``staging`` and
     answers why (tar's first complaint, and whether the disk is full). EOF instead of the go
     byte: orch had nothing to send. orch opens this before it knows what to send, so
     ``staging`` is made only once the go byte came (after ``data-list`` cleared what an
-    interrupted upload left)."""
+    interrupted upload left). ``listing_first``: this command answers ``data-list`` first (one
+    interpreter's start and one connection for a whole upload over OpenSSH)."""
+    if listing_first:
+        out.answer(list_data(dest))
     if os.read(0, 1) != DATA_GO:
         return Moved(0)
     widen_pipe(0)
@@ -140,7 +144,7 @@ def run(verb: str, argv: list[str], out: Any) -> int:
         "code-state": lambda: CodeState(code_present(Path(argv[0]), argv[1])),
         "code-unpack": lambda: unpack_code(Path(argv[0]), argv[1]),
         "data-list": lambda: list_data(Path(argv[0])),
-        "data-receive": lambda: receive_data(Path(argv[0]), Path(argv[1])),
+        "data-receive": lambda: receive_data(Path(argv[0]), Path(argv[1]), out, argv[2:] == [LISTING_FIRST]),
     }
     out.answer(answers[verb]())
     return 0
