@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import queue
 import secrets
 import threading
@@ -34,6 +35,7 @@ from trainer.contract.wire import Host, RunInfo, Snapshot, WireError
 if TYPE_CHECKING:
     from orchestrator.context import Context
     from orchestrator.ec2 import Instance
+    from orchestrator.ssh import BulkSession
     from orchestrator.sync import CodeSync
 
 HEADER = 16  # trainer/machine/bootstrap.py: the bundle's size, in decimal, before it
@@ -107,6 +109,41 @@ class _FrameReader:
             self.on_progress(value)
 
 
+class BulkAnswers:
+    """The framed answers of a verb run through a bulk session (Machine.bulk_session), read off
+    its stdout in turn: :meth:`next` while it still runs (it answers more than once), :meth:`last`
+    once orch is done with it (its output read to the end, then its exit status)."""
+
+    def __init__(self, m: Machine, session: BulkSession, frame: str) -> None:
+        self.m, self.session = m, session
+        self.reader = _FrameReader(frame, None, every=True)
+        self.feed = LineFeed(self.reader.line)
+
+    def next(self, verb: Verb[R]) -> R:
+        """Its next answer, read as ``verb``'s record."""
+        want = self.reader.answers + 1
+        while self.reader.answers < want:
+            chunk = os.read(self.session.stdout, 1 << 16)
+            if not chunk:
+                return self._end(verb, want)
+            self.feed.feed(chunk)
+        return self.m._record(verb, self.reader.answer)
+
+    def last(self, verb: Verb[R]) -> R:
+        """Its last answer, once its output has ended."""
+        want = self.reader.answers + 1
+        for chunk in iter(lambda: os.read(self.session.stdout, 1 << 16), b""):
+            self.feed.feed(chunk)
+        return self._end(verb, want)
+
+    def _end(self, verb: Verb[R], want: int) -> R:
+        self.feed.flush()
+        code = self.session.finish()
+        if self.reader.answers < want:
+            raise self.m._failed(verb, self.session.stderr_tail(), f"exit code {code}")
+        return self.m._record(verb, self.reader.answer)
+
+
 class Machine:
     """A connected machine (from orchestrator.provision.acquire) and what commands ask of it."""
 
@@ -148,6 +185,21 @@ class Machine:
         frame = secrets.token_hex(12)
         self.remote.stream(self._command(verb, args, frame, None), frame, sink, write=lambda fh: fh.write(self.payload),
                            what=f"{verb.name} on the machine")
+
+    @contextlib.contextmanager
+    def bulk_session(self, verb: Verb, *args: str | int, what: str | None = None
+                     ) -> Iterator[tuple[BulkSession, str]]:
+        """``verb`` through OpenSSH for bulk data, its stdin and stdout held open (orchestrator/ssh.py:
+        BulkSession), with its frame; the bundle is on its way already, so the connection and the
+        interpreter start while the caller does something else. Only where ``remote.bulk_sessions``."""
+        frame = secrets.token_hex(12)
+        with self.remote.bulk_session(self._command(verb, args, frame, None), first=self.payload,
+                                      what=what or f"{verb.name} on the machine") as session:
+            yield session, frame
+
+    def bulk_answers(self, session: BulkSession, frame: str) -> BulkAnswers:
+        """The answers of a session's verb, in turn (:class:`BulkAnswers`)."""
+        return BulkAnswers(self, session, frame)
 
     def start(self, verb: Verb, *args: str | int | float) -> Background:
         """Run ``verb`` in the background (its output is not read); the bundle is sent, its stdin

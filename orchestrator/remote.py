@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from orchestrator.errors import RemoteError
 
@@ -189,6 +189,16 @@ class Remote(ABC):
 
             self.stream(framed(frame, f"cat -- {q(path)}"), frame, keep, what=f"reading {path}")
         return writer.hexdigest()
+
+    @property
+    def bulk_sessions(self) -> bool:
+        """Whether :meth:`bulk_session` works here (OpenSSH is at hand)."""
+        return False
+
+    def bulk_session(self, command: str, first: bytes = b"", what: str = "a command") -> Any:
+        """``command`` for bulk data, its stdin and stdout held open as pipes (orchestrator/ssh.py:
+        BulkSession), a context manager; only where :attr:`bulk_sessions`."""
+        raise NotImplementedError
 
     @abstractmethod
     def start(self, command: str) -> Background:

@@ -22,7 +22,6 @@ from orchestrator.remote import (
     MAX_STDERR,
     SESSION_EXIT_WAIT,
     Background,
-    Progress,
     Reader,
     Remote,
     Session,
@@ -30,10 +29,10 @@ from orchestrator.remote import (
     Streams,
     Writer,
     feed,
-    q,
 )
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
-from orchestrator.transfer import BLOCK, Unframed, framed, new_frame, receive_file
+from orchestrator.transfer import BLOCK, Unframed
+from trainer.contract.blocks import widen_pipe
 
 
 class _ChannelBackground(Background):
@@ -94,6 +93,86 @@ class _ChannelSession(_ChannelBackground, Session):
             self.chan.shutdown_write()
             self.chan.status_event.wait(SESSION_EXIT_WAIT)
         self.chan.close()
+
+
+class BulkSession:
+    """A command on the machine through OpenSSH, its stdin and stdout held open: orch writes as
+    it goes along (requests, a tar stream) and reads ``stdout`` (a file descriptor) as the
+    answers come. ``first`` (the machine side's bundle) is written at once, in a thread, so that
+    the connection and the remote interpreter start while orch does something else. Pipes of
+    1 MiB where the system allows: ssh never waits on a reader that is hashing or writing."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], host: str, what: str, first: bytes) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc, self.host, self.what = proc, host, what
+        self.stdout = proc.stdout.fileno()
+        self.errors = children.Tail(proc.stderr, MAX_STDERR)
+        self.finished = False
+        for fd in (proc.stdin.fileno(), self.stdout):
+            widen_pipe(fd)
+        self._writer = threading.Thread(target=self._write_quietly, args=(first,), daemon=True)
+        self._writer.start()
+
+    def _write_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):  # ssh died: its exit status and stderr say why
+            self._stdin().write(data)
+            self._stdin().flush()
+
+    def _stdin(self) -> Any:
+        assert self.proc.stdin is not None
+        return self.proc.stdin
+
+    def write(self, data: bytes) -> None:
+        """``data`` to the command's stdin, after what was written before."""
+        self._writer.join()
+        try:
+            self._stdin().write(data)
+            self._stdin().flush()
+        except (OSError, ValueError) as exc:
+            raise self.failed(f"it stopped reading ({exc})", ended=True) from exc
+
+    def stdin_fd(self) -> int:
+        """The stdin pipe, for a child of orch to write into (a tar), after what was written before."""
+        self._writer.join()
+        return self._stdin().fileno()
+
+    def close_stdin(self) -> None:
+        """EOF on the command's stdin."""
+        self._writer.join()
+        with contextlib.suppress(OSError):
+            self._stdin().close()
+
+    def finish(self) -> int:
+        """EOF on its stdin, then wait for it: its exit status (RemoteError when ssh itself failed)."""
+        self.close_stdin()
+        self.proc.wait()
+        self.finished = True
+        if self.proc.returncode == 255:  # ssh's own failure, or no exit status came (the command's otherwise)
+            why = self.errors.last_line("the connection, or the command on the machine, ended abruptly (killed?)")
+            raise RemoteError(f"{self.what} failed on {self.host}: {why}")
+        return self.proc.returncode
+
+    def failed(self, problem: str, *, ended: bool) -> RemoteError:
+        """The error for a ``problem`` met while reading: ssh's own last words when it failed (a
+        refused key, a lost connection); ``ended``: its output ended, so it is exiting."""
+        if ended:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.kill()
+        elif self.proc.returncode != 0:
+            problem = self.errors.last_line(problem)
+        return RemoteError(f"{self.what} failed on {self.host}: {problem}")
+
+    def stderr_tail(self) -> str:
+        self.errors.thread.join(timeout=10)
+        return self.errors.data[-MAX_STDERR:].decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.finished = True
 
 
 class SshRemote(Remote):
@@ -282,6 +361,7 @@ class SshRemote(Remote):
         proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE if write else
                               subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         errors = children.Tail(proc.stderr, MAX_STDERR)
+        widen_pipe(proc.stdout.fileno())  # type: ignore[union-attr]
         failed: BaseException | None = None
         done = False
         try:
@@ -309,6 +389,26 @@ class SshRemote(Remote):
             why = errors.last_line(str(failed) if failed else f"exit code {proc.returncode}")
             raise RemoteError(f"{what} failed on {self.host}: {why}") from failed
 
+    @property
+    def bulk_sessions(self) -> bool:
+        return shutil.which("ssh") is not None
+
+    @contextlib.contextmanager
+    def bulk_session(self, command: str, first: bytes = b"", what: str = "a command") -> Iterator[BulkSession]:
+        """``command`` through OpenSSH, its pipes held open (:class:`BulkSession`); killed at the end
+        of the block unless the block finished it (an interruption, or it was never needed)."""
+        proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        session = BulkSession(proc, self.host, what, first)
+        try:
+            yield session
+        finally:
+            if not session.finished:
+                session.kill()
+            for pipe in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    pipe.close()  # type: ignore[union-attr]
+
     def stream(self, command: str, frame: str, sink: Sink, *, write: Writer | None = None,
                what: str = "reading from the machine") -> None:
         if not shutil.which("ssh"):
@@ -319,16 +419,6 @@ class SshRemote(Remote):
                 unframed.feed(chunk)
         if not unframed.found:
             raise RemoteError(f"{what} failed on {self.host}: its output never began (no frame line)")
-
-    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
-        if not shutil.which("ssh"):
-            return super().fetch(path, local, progress, size)
-        # The kernel moves the bytes from OpenSSH's pipe into the file (splice), and they are
-        # hashed from the page cache as they land: no copy through Python.
-        frame = new_frame()
-        with open(local, "w+b") as out, self._openssh(framed(frame, f"cat -- {q(path)}"), None,
-                                                       f"reading {path}") as pipe:
-            return receive_file(pipe.fileno(), frame, out, progress, size)
 
     def close(self) -> None:
         for client in reversed(self._clients):

@@ -138,6 +138,19 @@ def peak_rss(argv: list[str], stdout: str = os.devnull, env: dict[str, str] | No
     return int(code), int(rss), done.stderr
 
 
+@contextmanager
+def small_disk(path: Path, kib: int) -> Iterator[bool]:
+    """A tmpfs of ``kib`` KiB at ``path`` (True), or False where mounting is not allowed."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+
+
 def processes_with(*words: str) -> list[int]:
     """The living processes (zombies are not) whose argv holds each of ``words``, each as one word."""
     from trainer.machine.proc import process_start_time

@@ -153,9 +153,11 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
     (run_dir / "status.json").write_text('{"state": "finished"}')
     code = tmp / "code"
     code.mkdir()
-    staging = tmp / "staging"
-    staging.mkdir()
-    (staging / "a.npz").write_bytes(b"x")
+    upload = io.BytesIO()
+    with tarfile.open(fileobj=upload, mode="w") as t:
+        info = tarfile.TarInfo("a.npz")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
     tar = io.BytesIO()
     with tarfile.open(fileobj=tar, mode="w:gz") as t:
         info = tarfile.TarInfo("trainer/x.py")
@@ -173,7 +175,8 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
         "autostop": ([r, "status"], b""), "watch": ([r], b""), "hold": ([r, "0.2"], b""),
         "log-filter": (["2"], b"a line of the trainer's\n"),
         "code-state": ([r, "v1"], b""), "code-unpack": ([r, "v1"], tar.getvalue()), "data-list": ([str(data)], b""),
-        "data-move": ([str(staging), str(tmp / "moved")], b""),
+        "data-receive": ([str(tmp / "staging"), str(tmp / "moved")], verbs.DATA_GO + upload.getvalue()),
+        "send": ([r, "5"], b"files r1\nget 100 r1/status.json\n"),
         "notify": (["test"], b"{}"), "remove": ([r, "not-there"], b""),
         "tensorboard": ([r, "/bin/false", "0", "1", "0", "5", "r1"], b""),  # no TensorBoard there: says so
     }

@@ -52,7 +52,10 @@ HOLD = Verb("hold", "hold", None, "ROOT SILENCE: hold the activity lock while or
 CODE_STATE = Verb("code-state", "receive", wire.CodeState, "ROOT VERSION: is this code version here?")
 CODE_UNPACK = Verb("code-unpack", "receive", wire.CodeState, "ROOT VERSION < tar.gz: unpack a code version atomically")
 DATA_LIST = Verb("data-list", "receive", wire.DataListing, "DEST: the data files there (size, mtime)")
-DATA_MOVE = Verb("data-move", "receive", wire.Moved, "STAGING DEST: move received files into place")
+SEND = Verb("send", "sendfiles", None, "ROOT SILENCE < requests: a download's run files and their list, a block "
+            "each, holding the machine busy", stream=True)
+DATA_RECEIVE = Verb("data-receive", "receive", wire.Moved, "STAGING DEST [list] < go byte + tar: unpack an upload "
+                   "beside, then move it into place ('list': answer data-list first)")
 NOTIFY = Verb("notify", "notify", wire.Delivery, "test < SETTINGS: send a test message through the runs' webhook code")
 REMOVE = Verb("remove", "remove", wire.Removed, "ROOT RUN_ID...: delete run folders, never an active run's")
 
@@ -61,8 +64,12 @@ TENSORBOARD = Verb("tensorboard", "tboard", wire.TensorBoardAnswer, "ROOT PYTHON
 
 VERBS: dict[str, Verb] = {v.name: v for v in (
     HOME, RUNS, HOST, SNAPSHOT, SNAPSHOTS, MACHINE, LOG, FILES, STARTED, LAUNCH, SIGNAL, ENV, PREFLIGHT, SETUP,
-    AUTOSTOP, WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_MOVE, NOTIFY, REMOVE, TENSORBOARD)}
+    AUTOSTOP, WATCH, LOG_FILTER, HOLD, CODE_STATE, CODE_UNPACK, DATA_LIST, DATA_RECEIVE, SEND, NOTIFY, REMOVE,
+    TENSORBOARD)}
 
 NO_FRAME = "-"  # FRAME for a process whose output nobody parses (the detached watcher)
 ANSWER, PROGRESS = "answer", "progress"  # the kinds of framed line: `<FRAME> <kind> <json>`
 STREAM = "stream"  # `\n<FRAME> stream\n`, then raw bytes to the end: a framed stream (a log, a file)
+
+DATA_GO = b"T"  # what `data-receive` reads before the tar stream; EOF instead: nothing to unpack
+LISTING_FIRST = "list"  # `data-receive`'s last argument: it answers data-list's DataListing first

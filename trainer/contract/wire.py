@@ -623,7 +623,11 @@ class DataListing(Record):
 
 @dataclass(frozen=True)
 class Moved(Record):
+    """An upload's files moved into place; or why it could not be unpacked (nothing moved)."""
+
     files: int = 0
+    error: str | None = None
+    disk_full: bool = False  # it failed for want of disk space on the machine
 
 
 @dataclass(frozen=True)
