@@ -145,7 +145,7 @@ def _resolve(m: Machine, source: MachineSource, run_id: str | None, latest: bool
     prefix, or no id, asks for the list of runs first."""
     if run_id is not None:
         files = source.files(run_id)
-        if files.run is not None and files.run.run_id == run_id:  # the machine names the folder: never trusted
+        if files.run is not None and files.run.run_id == run_id:
             return files
     run = m.choose(run_id, best=not latest)
     try:  # the machine names the folder: it gets the same check
@@ -153,9 +153,19 @@ def _resolve(m: Machine, source: MachineSource, run_id: str | None, latest: bool
     except ConfigError as exc:
         raise RemoteError(f"the machine lists a run {run.run_id!r} that is not a valid run id; "
                           "it cannot be downloaded") from exc
-    files = source.files(run.run_id)
+    files = _files_of(source, run.run_id)
     if files.run is None:
         raise RemoteError(f"run {run.run_id} is gone, or is not a folder of its own on {m.remote.host} (a link?)")
+    return files
+
+
+def _files_of(source: Source, run_id: str) -> RunFiles:
+    """The files of run ``run_id`` as the source tells them. The answer names the run, and that
+    name becomes the local folder: one that is not the run asked for (``../..``) is refused."""
+    files = source.files(run_id)
+    if files.run is not None and files.run.run_id != run_id:
+        raise RemoteError(f"{source.where} answered for run {files.run.run_id!r} when asked for run {run_id}: "
+                          "not downloaded")
     return files
 
 
@@ -194,7 +204,7 @@ class _Download:
             return self._once(result)
 
     def _reread(self) -> None:
-        files = self.source.files(self.run.run_id)
+        files = _files_of(self.source, self.run.run_id)
         if files.run is None:
             raise RemoteError(f"run {self.run.run_id} disappeared from {self.source.where} while it was downloaded")
         self.files = files

@@ -78,7 +78,6 @@ def test_a_restore_rewriting_train_log_while_the_filter_writes_loses_no_line(tmp
                             pass_fds=(logs[1],))
     for fd in logs:
         os.close(fd)
-    stored = StoredLog(b"".join(b"stored %d\n" % i for i in range(200)))
     lines, restores = 3000, 25
     assert filt.stdin is not None
     batch = lines // restores
@@ -90,10 +89,22 @@ def test_a_restore_rewriting_train_log_while_the_filter_writes_loses_no_line(tmp
             waited_for = f"line {i - batch // 2}\n"
             while waited_for not in (tmp_path / layout.TRAIN_LOG).read_text():
                 assert filt.poll() is None
+            # a log of its own each time (one already in front is not put there again)
+            stored = StoredLog(b"".join(b"stored %d of restore %d\n" % (j, i // batch) for j in range(200)))
             mirror._restore_log(tmp_path / layout.TRAIN_LOG, stored, hashlib.sha256(stored.data).hexdigest())
     filt.stdin.close()
     assert filt.wait(timeout=60) == 0
     got = [line[21:] for line in (tmp_path / layout.TRAIN_LOG).read_text().splitlines()
            if not line.startswith("stored ")]
     assert got == [f"line {i}" for i in range(lines)]
-    assert (tmp_path / layout.TRAIN_LOG).read_text().count("stored 199\n") == restores
+    text = (tmp_path / layout.TRAIN_LOG).read_text()
+    assert all(text.count(f"stored 199 of restore {k}\n") == 1 for k in range(restores))
+
+
+def test_a_restore_started_again_puts_the_stored_log_in_front_once(tmp_path: Path) -> None:
+    stored = StoredLog(b"stored 1\nstored 2\n")
+    log = tmp_path / layout.TRAIN_LOG
+    log.write_bytes(b"this start\n")
+    for _ in range(2):  # the first restore was killed before its state.json commit
+        mirror._restore_log(log, stored, hashlib.sha256(stored.data).hexdigest())
+    assert log.read_bytes() == b"stored 1\nstored 2\nthis start\n"

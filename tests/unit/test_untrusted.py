@@ -24,6 +24,7 @@ from orchestrator.ssh import BulkSession
 from orchestrator.transfer import FileStream, Unsendable
 from tests.servers import peak_rss
 from trainer.contract import layout
+from trainer.contract.wire import RunFiles, RunInfo
 from trainer.machine.locks import is_locked
 from trainer.machine.proc import pid_line
 
@@ -315,3 +316,24 @@ def test_a_sender_nobody_reads_lets_the_machine_go(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+class AnsweringFor:
+    """A source whose answer about a run names another run (a crafted machine or bucket)."""
+
+    where = "the machine"
+
+    def __init__(self, named: str) -> None:
+        self.named = named
+
+    def files(self, run_id: str) -> RunFiles:
+        return RunFiles(manifest="", files={".bashrc": 1}, run=RunInfo(run_id=self.named))
+
+
+@pytest.mark.parametrize("named", ["../..", "..", "/etc", "other-run"])
+def test_a_download_never_takes_its_folder_name_from_an_answer_about_another_run(named: str) -> None:
+    from orchestrator.download import _files_of
+
+    with pytest.raises(RemoteError, match="answered for run"):
+        _files_of(AnsweringFor(named), "20261201-101500-ab12")
+    assert _files_of(AnsweringFor("20261201-101500-ab12"), "20261201-101500-ab12").run is not None

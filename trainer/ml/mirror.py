@@ -425,10 +425,11 @@ def _restore_log(target: Path, bucket: Bucket, sha: str) -> None:
     # Under train.log's lock: the log filter appends (O_APPEND) before or after the rewrite, never inside it.
     with open(target, "r+b") if target.exists() else open(target, "w+b") as fh, writing_alone(fh.fileno()):
         now = fh.read()
-        fh.seek(0)
-        fh.write(stored + now)
-        fh.flush()
-        fh.truncate()
+        if not now.startswith(stored):  # a restore killed before its commit left it in front already
+            fh.seek(0)
+            fh.write(stored + now)
+            fh.flush()
+            fh.truncate()
         here = os.fstat(fh.fileno())
     import fcntl
 
