@@ -8,12 +8,10 @@ import io
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import trainer
 from trainer.contract import layout
-from trainer.contract.verbs import LOG_FILTER, NO_FRAME
 from trainer.machine import launch, logfilter
 from trainer.ml import mirror
 
@@ -73,9 +71,7 @@ def test_a_restore_rewriting_train_log_while_the_filter_writes_loses_no_line(tmp
     """The filter appends lines while a restore from storage puts the mirrored log in front of
     them, many times over, at any moment: every line ends up in train.log once, in order."""
     logs = [launch._open_log(tmp_path, name, fresh=True) for name in (layout.TRAIN_LOG, layout.RAW_LOG)]
-    filt = subprocess.Popen([sys.executable, "-S", "-m", "trainer.machine", NO_FRAME, LOG_FILTER.name, str(logs[1])],
-                            cwd=Path(trainer.__file__).parent.parent, stdin=subprocess.PIPE, stdout=logs[0],
-                            pass_fds=(logs[1],))
+    filt = launch.start_log_filter(str(Path(trainer.__file__).parent.parent), subprocess.PIPE, *logs)
     for fd in logs:
         os.close(fd)
     lines, restores = 3000, 25

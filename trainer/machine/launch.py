@@ -111,9 +111,7 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None, n
     read_end, write_end = os.pipe()
     try:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: both ignore hang-ups (nohup)
-        subprocess.Popen([sys.executable, "-S", "-m", "trainer.machine", NO_FRAME, LOG_FILTER.name, str(logs[1])],
-                         cwd=args.code, stdin=read_end, stdout=logs[0], stderr=logs[0], pass_fds=(logs[1],),
-                         start_new_session=True)
+        start_log_filter(args.code, read_end, *logs)
         child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=write_end,
                                  stderr=subprocess.STDOUT, start_new_session=True)  # setsid
     finally:
@@ -121,6 +119,13 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None, n
             os.close(fd)
     atomic_write_bytes(run_dir / layout.PID_FILE, pid_line(child.pid).encode())
     return child.pid
+
+
+def start_log_filter(code: str, stdin: int, log: int, raw: int) -> subprocess.Popen[bytes]:
+    """The log filter (trainer/machine/logfilter.py) reading ``stdin`` into train.log (``log``)
+    and train.raw.log (``raw``), in a session of its own."""
+    return subprocess.Popen([sys.executable, "-S", "-m", "trainer.machine", NO_FRAME, LOG_FILTER.name, str(raw)],
+                            cwd=code, stdin=stdin, stdout=log, stderr=log, pass_fds=(raw,), start_new_session=True)
 
 
 def _open_log(run_dir: Path, name: str, fresh: bool) -> int:

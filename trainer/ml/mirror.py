@@ -248,19 +248,18 @@ class Pass:
         copy.seek(0)
         self.open[rel] = (copy, sha)
 
-    def _open(self, stack: contextlib.ExitStack, rel: str, expect: str | None = None) -> None:
-        """Open a file for this pass (it stays readable if the trainer replaces or deletes it)."""
+    def _open(self, stack: contextlib.ExitStack, rel: str, expect: str) -> None:
+        """Open a file the committed state names, whose sha256 it records (it stays readable if the
+        trainer deletes it; such files are never changed in place)."""
         try:
             fh = stack.enter_context(open(self.run_dir / rel, "rb"))  # noqa: SIM115 (closed by the stack)
         except FileNotFoundError as exc:
-            if expect is not None:
-                raise StateMoved(rel) from exc  # the state that named it is superseded
-            return
+            raise StateMoved(rel) from exc  # the state that named it is superseded
         st = os.fstat(fh.fileno())
         key = (rel, st.st_ino, st.st_mtime_ns)
         sha = self.hashes.get(key) or hash_stream(fh).hexdigest()
         fh.seek(0)
-        if expect is not None and sha != expect:
+        if sha != expect:
             raise TrainerError(f"{rel} does not match the sha256 its committed state records: not uploaded")
         self.hashes[key] = sha
         self.open[rel] = (fh, sha)
