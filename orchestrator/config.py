@@ -53,6 +53,17 @@ def _aws_id(prefix: str, example: str) -> Any:
     return AfterValidator(check)
 
 
+def _tags(value: dict[str, str]) -> dict[str, str]:
+    # EC2's own rules (aws: is reserved), and the two tags orch sets itself.
+    for key, text in value.items():
+        if not 1 <= len(key) <= 128 or key.lower().startswith("aws:") or key in ("Name", "orch:managed"):
+            raise ValueError(f"tag {key!r}: a key of 1 to 128 characters, not starting with aws:, and not Name or "
+                             "orch:managed (orch sets those)")
+        if len(text) > 256:
+            raise ValueError(f"tag {key!r}: a value of at most 256 characters")
+    return value
+
+
 def _instance_type(value: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9-]*\.[a-z0-9-]+", value):
         raise ValueError(f"give an EC2 instance type such as g5.xlarge, not {value!r}")
@@ -104,6 +115,9 @@ class Ec2LaunchConfig(_Section):
         "null or false: on-demand")
     fallback_on_demand: bool = Field(False, description="when EC2 refuses the spot request (no capacity, price too "
                                      "low), create an on-demand instance instead (and say so); false: fail")
+    tags: Annotated[dict[str, str], AfterValidator(_tags)] = Field(
+        default_factory=dict, description="more tags on the instance and its disk (cost allocation: {team: nlp}); "
+        "orch sets Name and orch:managed itself")
 
 
 class Ec2Config(_Section):

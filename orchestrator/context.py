@@ -22,6 +22,7 @@ class Output:
     out: Any  # rich Console
     err: Any
     stdin_isatty: bool = False
+    label: str = ""  # said before each log line: which machine of several (a parallel sweep's)
 
     @classmethod
     def terminal(cls) -> Output:
@@ -47,7 +48,7 @@ class Output:
 
         from orchestrator.terminal import clean
 
-        self.err.print(Text.assemble(("orch:", "dim"), " ", clean(message)))
+        self.err.print(Text.assemble(("orch:", "dim"), " ", (f"{self.label}: " if self.label else ""), clean(message)))
 
 
 def _quiet(_message: str) -> None:
@@ -72,6 +73,10 @@ class Context:
     @property
     def log(self) -> Callable[[str], None]:
         return self.output.log if self.output is not None else _quiet
+
+    def labelled(self, label: str, cfg: DeployConfig) -> Context:
+        """The same context for another machine (``cfg``), its log lines labelled."""
+        return replace(self, cfg=cfg, output=replace(self.output, label=label) if self.output is not None else None)
 
     def trusting_new_hosts(self) -> Context:
         """The same context, accepting an unknown host key (`orch trust`)."""

@@ -353,7 +353,8 @@ def create(ec2: Any, ssm: Any, cfg: Ec2Config, log: Any = None, launcher: Any = 
     if spec.volume_gb is not None and ami_gb is not None and spec.volume_gb < ami_gb:
         raise ConfigError(f"ec2.launch.volume_gb: {spec.volume_gb} GB is smaller than the root disk of AMI "
                           f"{image_id} ({ami_gb} GB)")
-    tags = [{"Key": "Name", "Value": cfg.name}, {"Key": MANAGED_TAG, "Value": "true"}]
+    tags = [{"Key": "Name", "Value": cfg.name}, {"Key": MANAGED_TAG, "Value": "true"},
+            *({"Key": k, "Value": v} for k, v in spec.tags.items())]
     ebs: dict[str, Any] = {"DeleteOnTermination": True}  # `orch down --terminate` leaves no paid disk behind
     if spec.volume_gb is not None or ami_gb is not None:
         ebs["VolumeSize"] = spec.volume_gb or ami_gb

@@ -11,8 +11,13 @@ calls RUNNING: it follows the run that exists (or settles the one that ended mea
 launches only a trial whose run never started. Nothing is launched twice. One ``orch sweep run``
 per study on this computer at a time (a lock file beside deploy.yaml).
 
-Target ssh/local: trials one after another on the one machine. Optuna is imported here only,
-lazily: ``orch --help`` never loads it, and the trainer never needs it.
+``parallel: 1``: trials one after another on the config's one machine. ``parallel: N`` (target
+ec2 with ec2.launch): N trials at once, each on one of the sweep's own instances (named
+<ec2.name>-<sweep>-<k>, tagged orch:sweep, created from ec2.launch by the first trial's deploy and
+reused by the next ones), each machine followed by its own thread; the machine a trial runs on is
+in its user attributes too, so a continued sweep follows it there. When the sweep ends with no
+trial under way, its instances are stopped (or terminated, or kept) as the spec's ``after`` says.
+Optuna is imported here only, lazily: ``orch --help`` never loads it, and the trainer never needs it.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.config import DeployConfig, Ec2SpotConfig
 from orchestrator.context import Context
 from orchestrator.deploy import deploy, new_run_id
 from orchestrator.errors import AwsError, BusyError, ConfigError, NoSuchRun, OrchError, RemoteError
@@ -47,6 +54,8 @@ RUN_ID = "run_id"  # set before the run is launched
 SECONDS = "seconds"  # the trial's length, launch to end, as this computer saw it (what a budget counts)
 ENDED = "ended"  # how its run ended, or why the trial failed
 PRUNED_AT = "pruned_at"  # the epoch the pruner stopped it at (set before the run is stopped)
+MACHINE = "machine"  # which of the sweep's own instances (1..parallel) runs it; absent: the config's machine
+SWEEP_TAG = "orch:sweep"  # the tag on the sweep's own instances: the sweep's name
 
 
 @dataclass
@@ -54,6 +63,16 @@ class Stopping:
     """Ctrl-C during a sweep: the first stops launching, the second stops the running trial."""
 
     asked: int = 0
+
+
+@dataclass
+class Shared:
+    """What the machines of one `orch sweep run` share: the study's ask is one at a time."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    launched: list[str] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)
+    why: str | None = None  # why launching stopped (the first machine to stop says)
 
 
 @dataclass(frozen=True)
@@ -162,12 +181,14 @@ def hourly_price(ctx: Context) -> float | None:
         return ctx.cfg.ec2.hourly_price
     if ctx.cfg.target != "ec2":
         return None
+    from orchestrator import cost
     from orchestrator.provision import provider
 
     try:
         inst = provider(ctx).status()
-    except (AwsError, ConfigError):
-        return None
+    except (AwsError, ConfigError):  # none yet (a sweep's own, created by its first trial): its type's price
+        launch = ctx.cfg.ec2.launch
+        return cost.price_table()["usd_per_hour"].get(launch.instance_type) if launch is not None else None
     return inst.cost.hourly_usd if inst is not None else None
 
 
@@ -205,10 +226,12 @@ class _Reporter:
     """Monitor's ``show``: each new epoch's objective metric reported to the trial; the pruner's
     verdict asked while the run still trains (a run that ended is judged by its end)."""
 
-    def __init__(self, trial: Any, metric: str, reported: set[int]) -> None:
-        self.trial, self.metric, self.reported = trial, metric, set(reported)
+    def __init__(self, trial: Any, metric: str, reported: set[int], stopping: Stopping) -> None:
+        self.trial, self.metric, self.reported, self.stopping = trial, metric, set(reported), stopping
 
     def __call__(self, view: RunView) -> None:
+        if self.stopping.asked > 1:  # the second Ctrl-C, seen by the thread following this trial
+            raise KeyboardInterrupt
         for epoch in view.history:  # one refresh may bring several epochs: each judged as it came
             value = getattr(epoch, self.metric)
             if epoch.epoch in self.reported or value is None or not math.isfinite(value):
@@ -220,19 +243,39 @@ class _Reporter:
 
 
 class Sweep:
-    """One `orch sweep run`: the study, and what it launched."""
+    """One machine of an `orch sweep run` (``slot`` 0: the config's; 1..parallel: the sweep's
+    own instances), running the study's trials there one after another."""
 
     def __init__(self, ctx: Context, spec: SweepSpec, study: Any, *, launching: LaunchOptions,
-                 stopping: Stopping) -> None:
-        self.ctx, self.spec, self.study = ctx, spec, study
+                 stopping: Stopping, shared: Shared | None = None, slot: int = 0) -> None:
+        self.ctx, self.spec, self.study, self.slot = ctx, spec, study, slot
         self.launching, self.stopping = launching, stopping
-        self.launched: list[str] = []
+        self.shared = shared or Shared()
+        self.unsettled = False  # a trial of this machine was left RUNNING (its run may still train)
         self.optuna = _optuna()
 
+    @property
+    def launched(self) -> list[str]:
+        return self.shared.launched
+
+    def work(self, price: float | None, *, new: bool = True) -> None:
+        """This machine's part: its trials a killed sweep left, then (``new``) new ones until the
+        sweep stops launching. A failure stops the others' launching too, and is raised by :func:`run`."""
+        try:
+            self.adopt()
+            while new and (asked := self._ask(price)) is not None:
+                with contextlib.suppress(_Settled):
+                    self._run_trial(*asked)
+        except KeyboardInterrupt:  # the second Ctrl-C: this machine's trial was stopped
+            pass
+        except BaseException as exc:
+            self.unsettled = True
+            self.shared.failures.append(exc)
+            self.stopping.asked = max(self.stopping.asked, 1)
+
     def adopt(self) -> None:
-        """Settle the trials a killed `orch sweep run` left RUNNING (oldest first)."""
-        running = self.optuna.trial.TrialState.RUNNING
-        for frozen in self.study.get_trials(deepcopy=False, states=(running,)):
+        """Settle this machine's trials a killed `orch sweep run` left RUNNING (oldest first)."""
+        for frozen in running_trials(self.study, self.slot):
             trial = self.optuna.trial.Trial(self.study, frozen._trial_id)
             run_id = frozen.user_attrs.get(RUN_ID)
             if run_id is None:  # killed between Optuna's ask and the run id: nothing was launched
@@ -257,7 +300,9 @@ class Sweep:
             return None
         lengths = [t.user_attrs[SECONDS] for t in trials if isinstance(t.user_attrs.get(SECONDS), (int, float))]
         spent = sum(lengths) / 3600
-        expected = spent / len(lengths) if lengths else 0.0  # the next trial, at the mean length so far
+        # The next trial and those under way on the other machines, each at the mean length so far.
+        under_way = sum(1 for t in trials if t.state.name == "RUNNING")
+        expected = (under_way + 1) * spent / len(lengths) if lengths else 0.0
         if budget.instance_hours is not None and spent + expected > budget.instance_hours:
             return (f"budget: {spent:.3f} instance-hours spent, the next trial (about {expected:.3f} h) would pass "
                     f"{budget.instance_hours:g}")
@@ -266,17 +311,25 @@ class Sweep:
                     f"${budget.usd:g}")
         return None
 
-    def launch_one(self) -> None:
-        """Ask Optuna for a trial, launch its run, follow it to its end, tell the result."""
-        trial = self.study.ask()
-        params = suggest(trial, self.spec)
-        run_id = new_run_id()
-        trial.set_user_attr(RUN_ID, run_id)  # before the launch: a killed sweep finds the run again
-        try:
-            self._launch(trial, run_id, params)
-        except KeyboardInterrupt:  # the second Ctrl-C came while it launched
-            self._interrupted(trial, run_id)
-            raise
+    def _ask(self, price: float | None) -> tuple[Any, str, dict[str, Any]] | None:
+        """A new trial for this machine, its run id and parameters (None: no further trial, and
+        the log says why). One machine at a time: the trials and budget counts hold."""
+        with self.shared.lock:
+            if (why := self.why_stop(price)) is not None:
+                self.shared.why = self.shared.why or why
+                return None
+            trial = self.study.ask()
+            params = suggest(trial, self.spec)  # before the run id: a run is launched with what the trial holds
+            if self.slot:  # before the run id too: a trial with a run id is followed where this says
+                trial.set_user_attr(MACHINE, self.slot)
+            run_id = new_run_id()
+            trial.set_user_attr(RUN_ID, run_id)  # before the launch: a killed sweep finds the run again
+            return trial, run_id, params
+
+    def _run_trial(self, trial: Any, run_id: str, params: dict[str, Any]) -> None:
+        """Launch the trial's run, follow it to its end (a second Ctrl-C during the launch stops
+        it at the first look), tell the result."""
+        self._launch(trial, run_id, params)
         self._follow(trial, run_id, params, set())
 
     def _launch(self, trial: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -296,7 +349,7 @@ class Sweep:
     def _follow(self, trial: Any, run_id: str, params: dict[str, Any], reported: set[int],
                 pruned_at: int | None = None) -> None:
         """Follow the trial's run to its end (reporting each epoch) and tell Optuna how it went."""
-        reporter = _Reporter(trial, self.spec.metric, reported)
+        reporter = _Reporter(trial, self.spec.metric, reported, self.stopping)
         try:
             if pruned_at is None:
                 view = self._watched(run_id, reporter)
@@ -392,7 +445,9 @@ def _one_sweep_per_study(ctx: Context, spec: SweepSpec) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _interrupts(ctx: Context) -> Iterator[Stopping]:
-    """The first Ctrl-C stops launching; the second interrupts (the running trial is stopped)."""
+    """The first Ctrl-C stops launching; the second stops the running trials (each machine's
+    thread sees it: once its launch is done, at its next look); a third exits at once, leaving
+    the trials' runs to train (the next `orch sweep run` follows them)."""
     stopping = Stopping()
     if threading.current_thread() is not threading.main_thread():
         yield stopping
@@ -400,9 +455,14 @@ def _interrupts(ctx: Context) -> Iterator[Stopping]:
 
     def handler(_signum: int, _frame: Any) -> None:
         stopping.asked += 1
-        if stopping.asked > 1:
+        if stopping.asked == 1:
+            ctx.log("Ctrl-C: no further trial is launched; the running ones go on to their end (Ctrl-C again stops "
+                    "them)")
+        elif stopping.asked == 2:
+            ctx.log("Ctrl-C again: the running trials' runs are stopped (Ctrl-C a third time exits at once, leaving "
+                    "them to train)")
+        else:
             raise KeyboardInterrupt
-        ctx.log("Ctrl-C: no further trial is launched; the running one goes on to its end (Ctrl-C again stops it)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -413,30 +473,127 @@ def _interrupts(ctx: Context) -> Iterator[Stopping]:
 
 def check(ctx: Context, spec: SweepSpec) -> float | None:
     """What the spec asks of this config that cannot be done here; the machine's hourly price."""
-    if spec.parallel > 1:
-        raise ConfigError(f"parallel: {spec.parallel}: several machines at once are not built yet; target "
-                          f"{ctx.cfg.target} runs trials one after another (parallel: 1)")
-    check_recoverable(ctx)  # what recovering a trial's run needs (storage for one-time spot instances)
-    price = hourly_price(ctx)
+    if spec.parallel > 1 and (ctx.cfg.target != "ec2" or ctx.cfg.ec2.launch is None):
+        where = "ec2.launch is not set" if ctx.cfg.target == "ec2" else f"target {ctx.cfg.target} is one machine"
+        raise ConfigError(f"parallel: {spec.parallel} needs instances of the sweep's own, created from ec2.launch "
+                          f"(target: ec2), and {where}; parallel: 1 runs the trials one after another")
+    # What recovering a trial's run needs (storage for one-time spot instances), on the machines it runs on.
+    check_recoverable(ctx.labelled("", machine_config(ctx.cfg, spec, 1 if spec.parallel > 1 else 0)))
+    price = hourly_price(ctx.labelled("", machine_config(ctx.cfg, spec, 1 if spec.parallel > 1 else 0)))
     if spec.budget is not None and spec.budget.usd is not None and price is None:
         raise ConfigError(f"budget.usd: no hourly price for target {ctx.cfg.target}: set ec2.hourly_price in "
                           "deploy.yaml, or give budget.instance_hours")
     return price
 
 
+def machine_config(cfg: DeployConfig, spec: SweepSpec, slot: int) -> DeployConfig:
+    """The config of a sweep's machine: slot 0 is the config's own; slot k (1..) the sweep's
+    instance <ec2.name>-<sweep>-<k>, created from ec2.launch, tagged with the sweep's name, spot or
+    on-demand as the spec says."""
+    if slot == 0:
+        return cfg
+    launch = cfg.ec2.launch
+    assert launch is not None  # check(): parallel sweeps need it
+    spot = launch.spot if spec.spot is None else (launch.spot or Ec2SpotConfig()) if spec.spot else None
+    launch = launch.model_copy(update={"tags": {**launch.tags, SWEEP_TAG: spec.name}, "spot": spot})
+    ec2 = cfg.ec2.model_copy(update={"name": f"{cfg.ec2.name or 'orch'}-{spec.name}-{slot}", "instance_id": None,
+                                     "launch": launch})
+    return cfg.model_copy(update={"ec2": ec2})
+
+
+def machine_of(trial: Any) -> int:
+    """The machine a trial runs on: 1..: the sweep's own; 0: the config's (also for a value no
+    sweep writes: a shared storage is another's input)."""
+    k = trial.user_attrs.get(MACHINE, 0)
+    return k if isinstance(k, int) and 0 <= k <= MAX_MACHINES else 0
+
+
+def running_trials(study: Any, slot: int | None = None) -> list[Any]:
+    """The trials the study calls RUNNING (on machine ``slot``; None: any), oldest first."""
+    running = _optuna().trial.TrialState.RUNNING
+    return [t for t in study.get_trials(deepcopy=False, states=(running,)) if slot in (None, machine_of(t))]
+
+
+MAX_MACHINES = 64  # SweepSpec.parallel's bound
+
+
 def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptions()) -> SweepStatus:
-    """`orch sweep run`: adopt what a killed sweep left, then launch trials one after another
-    until the study has ``spec.trials``, the budget would be passed, or Ctrl-C; the study as it
-    then stands."""
+    """`orch sweep run`: adopt what a killed sweep left, then launch trials (``spec.parallel``
+    at once, one thread per machine) until the study has ``spec.trials``, the budget would be
+    passed, or Ctrl-C; the sweep's own machines then stopped as ``spec.after`` says; the study as
+    it then stands."""
     price = check(ctx, spec)
     with _one_sweep_per_study(ctx, spec), _interrupts(ctx) as stopping:
-        sweep = Sweep(ctx, spec, open_study(ctx, spec, create=True), launching=launching, stopping=stopping)
-        sweep.adopt()
-        while (why := sweep.why_stop(price)) is None:
-            with contextlib.suppress(_Settled):
-                sweep.launch_one()
+        study, shared = open_study(ctx, spec, create=True), Shared()
+        slots = range(1, spec.parallel + 1) if spec.parallel > 1 else range(1)
+
+        def machine(k: int) -> Sweep:
+            where = ctx.labelled(f"machine {k}", machine_config(ctx.cfg, spec, k)) if k else ctx
+            return Sweep(where, spec, study, launching=launching, stopping=stopping, shared=shared, slot=k)
+
+        # Trials a killed sweep left on machines this one does not run (parallel changed): followed first.
+        others = sorted({machine_of(t) for t in running_trials(study)} - set(slots))
+        if others and ctx.cfg.ec2.launch is None and any(others):
+            raise ConfigError(f"trials of this study run on the sweep's own instances (machine {others[-1]}), "
+                              "which need ec2.launch (target: ec2) to be followed; run it with the config it "
+                              "was started with")
+        interrupted = _in_threads([lambda m=machine(k): m.work(price, new=False) for k in others], stopping)
+        machines = [machine(k) for k in slots]
+        if not interrupted:
+            interrupted = _in_threads([lambda m=m: m.work(price) for m in machines], stopping)
+        _after(ctx, spec, [m for m in machines if m.slot])
+        if interrupted:
+            raise KeyboardInterrupt
+        if shared.failures:
+            raise shared.failures[0]
+        why = shared.why or ("Ctrl-C" if stopping.asked else "")
         ctx.log(f"sweep {spec.name}: no further trial ({why})")
-        return _status(spec, sweep.study, ctx, price, stopped=why, launched=sweep.launched)
+        return _status(spec, study, ctx, price, stopped=why, launched=shared.launched)
+
+
+def _in_threads(works: list[Callable[[], None]], stopping: Stopping) -> bool:
+    """Each work in its own thread, waited for here, in the main thread, where Ctrl-C arrives
+    (the threads see it through ``stopping``). True: the second Ctrl-C came."""
+    threads = [threading.Thread(target=w, name=f"sweep-{i}", daemon=True) for i, w in enumerate(works)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.2)
+    return stopping.asked > 1
+
+
+def _after(ctx: Context, spec: SweepSpec, machines: list[Sweep]) -> None:
+    """The sweep's own instances, once it ends: stopped, terminated or kept (``spec.after``);
+    one whose trial was left under way (its run may still train) is left as it is."""
+    for m in machines:
+        if m.unsettled:
+            m.ctx.log(f"instance {m.ctx.cfg.ec2.name} is left as it is: its trial did not end here (its run may "
+                      "still train; `orch sweep run` again follows it)")
+    idle = [m for m in machines if not m.unsettled]
+    if spec.after == "keep":
+        if idle:
+            ctx.log(f"the sweep's instances are kept running (after: keep): `orch down` with ec2.name "
+                    f"{idle[0].ctx.cfg.ec2.name} (and the others) stops each")
+        return
+
+    def end(m: Sweep) -> None:
+        from orchestrator import ec2 as aws
+        from orchestrator.provision import Ec2Provider
+
+        p = Ec2Provider(m.ctx)
+        try:
+            inst = aws.find_instance(p.client, m.ctx.cfg.ec2, missing_ok=True)
+            if inst is None or inst.state in ("terminated", "shutting-down") or (
+                    spec.after == "stop" and inst.state in ("stopped", "stopping")):
+                return
+            p.terminate() if spec.after == "terminate" else p.park(inst.instance_id, created=True)
+        except OrchError as exc:
+            m.ctx.log(f"could not {spec.after} instance {m.ctx.cfg.ec2.name} ({exc}): it may still be RUNNING and "
+                      f"billed; `orch down` with ec2.name {m.ctx.cfg.ec2.name} ends it")
+
+    with ThreadPoolExecutor(max(1, len(idle))) as pool:
+        list(pool.map(end, idle))
 
 
 def status(ctx: Context, spec: SweepSpec) -> SweepStatus:

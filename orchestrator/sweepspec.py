@@ -84,8 +84,14 @@ class SweepSpec(_Section):
                       "(letters, digits, '.', '_', '-')")
     trials: int = Field(ge=1, le=100_000, description="trials in the study, all states counted (a sweep run again "
                         "continues the study up to this many)")
-    parallel: int = Field(1, ge=1, le=64, description="trials at once (machines); target ssh/local: 1, one after "
-                          "another")
+    parallel: int = Field(1, ge=1, le=64, description="trials at once, each on its own machine: above 1, target ec2 "
+                          "with ec2.launch, and the sweep has instances of its own (named <ec2.name>-<sweep>-<k>, "
+                          "tagged orch:sweep); 1: the config's one machine, trials one after another")
+    spot: bool | None = Field(None, description="the sweep's own instances (parallel > 1) are spot (true) or "
+                              "on-demand (false); null: as ec2.launch.spot says")
+    after: Literal["stop", "terminate", "keep"] = Field(
+        "stop", description="what becomes of the sweep's own instances (parallel > 1) when it ends with no trial "
+        "under way: stop (disk kept: the next `orch sweep run` starts them again), terminate, keep (running, billed)")
     objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
         "best_val_accuracy", description="what a trial is judged by: best_val_accuracy (the run's recorded best), "
         "or the best epoch of a metrics field: val_accuracy, val_loss, accuracy, loss")
@@ -114,6 +120,14 @@ class SweepSpec(_Section):
                 dim.choices = list(dict.fromkeys(_checked(f"space.{name}.choices", option, v) for v in dim.choices))
             else:
                 _check_range(f"space.{name}", option, dim)
+        return self
+
+    @model_validator(mode="after")
+    def _own_machines(self) -> SweepSpec:
+        for key in ("spot", "after"):
+            if self.parallel == 1 and key in self.model_fields_set:
+                raise ValueError(f"{key}: applies to the sweep's own instances (parallel > 1); with parallel: 1 "
+                                 "trials run on the config's machine (ec2.launch.spot, autostop)")
         return self
 
     @property

@@ -17,7 +17,7 @@ from orchestrator.cli import main
 from orchestrator.config import DeployConfig
 from orchestrator.context import Context, Output
 from orchestrator.requests import LaunchOptions
-from orchestrator.sweep import Stopping, Sweep, open_study, shown_url, suggest
+from orchestrator.sweep import Stopping, Sweep, machine_config, open_study, shown_url, suggest
 from orchestrator.sweepspec import SweepSpec
 from trainer.contract import options
 
@@ -58,6 +58,33 @@ def test_what_stops_launching(tmp_path: Path) -> None:
     finished(count.study, 1)
     assert count.why_stop(None) == "the study has its 1 trials"
     assert sweep(tmp_path, spec(name="ctrl-c"), Stopping(asked=1)).why_stop(None) == "Ctrl-C"
+    # Several machines: the trials under way count too, at the mean length so far.
+    wide = sweep(tmp_path, spec(name="wide", trials=9, parallel=3, budget={"instance_hours": 3.5}))
+    finished(wide.study, 3600)
+    assert wide.why_stop(None) is None  # 1 spent, the next 1: 2 of 3.5
+    wide.study.ask()  # one under way on another machine: 1 + 2 of 3.5
+    assert wide.why_stop(None) is None
+    wide.study.ask()
+    assert wide.why_stop(None) == ("budget: 1.000 instance-hours spent, the next trial (about 3.000 h) would pass "
+                                   "3.5")
+
+
+def test_each_machine_of_a_parallel_sweep_is_an_instance_of_its_own() -> None:
+    cfg = DeployConfig.model_validate({"target": "ec2", "ec2": {"name": "box", "launch": {
+        "instance_type": "g5.xlarge", "ami": "ami-0123456789abcdef0", "tags": {"team": "nlp"}}}})
+    assert machine_config(cfg, spec(parallel=2), 0) is cfg  # parallel 1: the config's own machine
+    two = machine_config(cfg, spec(name="lr", parallel=2), 2)
+    assert two.ec2.name == "box-lr-2" and two.ec2.instance_id is None
+    assert two.ec2.launch.tags == {"team": "nlp", "orch:sweep": "lr"} and two.ec2.launch.spot is None
+    assert cfg.ec2.name == "box" and cfg.ec2.launch.tags == {"team": "nlp"}  # the config itself is unchanged
+    spot = machine_config(cfg, spec(parallel=2, spot=True), 1).ec2.launch.spot
+    assert spot is not None and spot.interruption == "terminate"  # ec2.launch.spot's defaults
+    on_demand = cfg.model_copy(update={"ec2": cfg.ec2.model_copy(update={"launch": cfg.ec2.launch.model_copy(
+        update={"spot": spot})})})
+    assert machine_config(on_demand, spec(parallel=2, spot=False), 1).ec2.launch.spot is None
+    with pytest.raises(ValueError, match="tag 'Name': a key of 1 to 128 characters"):
+        DeployConfig.model_validate({"target": "ec2", "ec2": {"name": "b", "launch": {
+            "instance_type": "g5.xlarge", "ami": "ami-0123456789abcdef0", "tags": {"Name": "x"}}}})
 
 
 def test_the_parameters_asked_are_the_options_types_within_the_space(tmp_path: Path) -> None:
@@ -112,7 +139,10 @@ def test_errors_are_one_line_with_their_exit_code_and_nothing_launched(tmp_path:
     code, err = cli(tmp_path, "run", budget={"usd": 3})
     assert code == 2 and "budget.usd: no hourly price for target local: set ec2.hourly_price" in err
     code, err = cli(tmp_path, "run", parallel=2)
-    assert code == 2 and "parallel: 2: several machines at once are not built yet" in err
+    assert code == 2 and "parallel: 2 needs instances of the sweep's own, created from ec2.launch (target: ec2), " \
+        "and target local is one machine" in err
+    code, err = cli(tmp_path, "run", spot=True)
+    assert code == 2 and "spot: applies to the sweep's own instances (parallel > 1)" in err
     code, err = cli(tmp_path, "status")
     assert code == 2 and "no study 'cli' in sqlite:///" in err and "`orch sweep run` starts it" in err
     fd = os.open(tmp_path / ".orch-sweep-cli.lock", os.O_RDWR | os.O_CREAT)  # another `orch sweep run` holds it
