@@ -478,8 +478,8 @@ def check(ctx: Context, spec: SweepSpec) -> float | None:
         raise ConfigError(f"parallel: {spec.parallel} needs instances of the sweep's own, created from ec2.launch "
                           f"(target: ec2), and {where}; parallel: 1 runs the trials one after another")
     # What recovering a trial's run needs (storage for one-time spot instances), on the machines it runs on.
-    check_recoverable(ctx.labelled("", machine_config(ctx.cfg, spec, 1 if spec.parallel > 1 else 0)))
-    price = hourly_price(ctx.labelled("", machine_config(ctx.cfg, spec, 1 if spec.parallel > 1 else 0)))
+    check_recoverable(_a_machine(ctx, spec))
+    price = hourly_price(_a_machine(ctx, spec))
     if spec.budget is not None and spec.budget.usd is not None and price is None:
         raise ConfigError(f"budget.usd: no hourly price for target {ctx.cfg.target}: set ec2.hourly_price in "
                           "deploy.yaml, or give budget.instance_hours")
@@ -598,7 +598,12 @@ def _after(ctx: Context, spec: SweepSpec, machines: list[Sweep]) -> None:
 
 def status(ctx: Context, spec: SweepSpec) -> SweepStatus:
     """`orch sweep status`: the study as its storage holds it (the machine is not asked)."""
-    return _status(spec, open_study(ctx, spec, create=False), ctx, hourly_price(ctx))
+    return _status(spec, open_study(ctx, spec, create=False), ctx, hourly_price(_a_machine(ctx, spec)))
+
+
+def _a_machine(ctx: Context, spec: SweepSpec) -> Context:
+    """The context of a machine the trials run on (the first; they all have one config but the name)."""
+    return ctx.labelled("", machine_config(ctx.cfg, spec, 1 if spec.parallel > 1 else 0))
 
 
 def _status(spec: SweepSpec, study: Any, ctx: Context, price: float | None, stopped: str | None = None,
