@@ -603,7 +603,8 @@ def status(ctx: Context, spec: SweepSpec) -> SweepStatus:
 
 def _a_machine(ctx: Context, spec: SweepSpec) -> Context:
     """The context of a machine the trials run on (the first; they all have one config but the name)."""
-    return ctx.labelled("", machine_config(ctx.cfg, spec, 1 if spec.parallel > 1 else 0))
+    own = spec.parallel > 1 and ctx.cfg.target == "ec2" and ctx.cfg.ec2.launch is not None
+    return ctx.labelled("", machine_config(ctx.cfg, spec, 1 if own else 0))
 
 
 def _status(spec: SweepSpec, study: Any, ctx: Context, price: float | None, stopped: str | None = None,
