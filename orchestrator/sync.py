@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from orchestrator import children
-from orchestrator.errors import ConfigError, DiskFull, RemoteError
+from orchestrator.errors import BusyError, ConfigError, DiskFull, RemoteError
 from orchestrator.machine import Machine
 from orchestrator.ssh import BulkSession
 from trainer.contract import layout, verbs
 from trainer.contract.codeversion import code_files, code_version
-from trainer.contract.wire import Moved
+from trainer.contract.wire import DataListing, Moved
 
 Log = Callable[[str], None]
 
@@ -106,23 +106,24 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
     start = time.perf_counter()
     if not dest.strip("/"):
         raise ConfigError("data.remote_dir: the data needs a folder of its own, not / (e.g. data or ~/features)")
-    parent, name = dest.rstrip("/").rsplit("/", 1)
-    staging = f"{parent}/{layout.data_staging_prefix(name)}{time.time_ns()}"
+    staging = f"{dest.rstrip('/')}/{layout.DATA_UPLOAD_DIR}/{layout.DATA_STAGING_PREFIX}{time.time_ns()}"
     method = "ssh" if use_ssh_client and remote.bulk_sessions and shutil.which("tar") else "channel"
     if method == "ssh":
         # ONE command lists the machine's files, then receives: connecting while the local walk goes on
         with children.scope(), m.bulk_session(verbs.DATA_RECEIVE, staging, dest, verbs.LISTING_FIRST,
                                               what="uploading the data") as (session, frame):
             answers = m.bulk_answers(session, frame)
-            found, changed = _changes(lambda: answers.next(verbs.DATA_LIST).listing, local)
+            found, changed = _changes(lambda: _listing(m, answers.next(verbs.DATA_LIST), dest), local)
             if changed:
-                tar_failed = _tar_into(session, local, [rel for rel, _ in changed])
+                code, said = _tar_into(session, local, [rel for rel, _ in changed])
                 moved = answers.last(verbs.DATA_RECEIVE)  # read even so: a full disk there?
-                if tar_failed and not moved.disk_full:  # a local cause: the stream was short
-                    raise RemoteError(f"uploading the data to {remote.host} failed: {tar_failed}")
+                if code not in (0, 1) and not moved.disk_full:  # a local cause: the stream was short
+                    raise RemoteError(f"uploading the data to {remote.host} failed: {said}")
                 _unpacked(m, moved, dest)
+                if code == 1:  # GNU tar's "some files differ": a file changed as it was read
+                    m.log(f"data: {said} (a file changed while it was sent; the next --sync-data sends it again)")
     else:
-        found, changed = _changes(lambda: m.answer(verbs.DATA_LIST, dest).listing, local)
+        found, changed = _changes(lambda: _listing(m, m.answer(verbs.DATA_LIST, dest), dest), local)
         if changed:
             _unpacked(m, m.answer(verbs.DATA_RECEIVE, staging, dest,
                                   stdin=lambda fh: _write_tar(fh, local, [r for r, _ in changed])), dest)
@@ -134,6 +135,13 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
         m.log(f"data: {found.skipped.total()} entries not sent ({why}); `python -m trainer check-data {local}` "
               "lists them")
     return DataSync(len(changed), sent, seconds, method, found.skipped.total())
+
+
+def _listing(m: Machine, answer: DataListing, dest: str) -> str:
+    """The machine's listing of the data folder; another upload into it under way is BusyError."""
+    if answer.busy is not None:
+        raise BusyError(f"{answer.busy[:300]} on {m.remote.host}: wait for it to end, then sync again")
+    return answer.listing
 
 
 def _unpacked(m: Machine, moved: Moved, dest: str) -> None:
@@ -228,9 +236,10 @@ def _write_tar(fh: BinaryIO, local: Path, rels: list[bytes]) -> None:
             tar.add(os.fsdecode(os.path.join(os.fsencode(local), rel)), arcname=os.fsdecode(rel), recursive=False)
 
 
-def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> str | None:
+def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> tuple[int, str]:
     """The go byte, then `tar c` of ``rels`` straight into the session's stdin (OpenSSH moves
-    bulk data about twice as fast as paramiko); then EOF there. Why tar failed, or None."""
+    bulk data about twice as fast as paramiko); then EOF there. Tar's exit code (1: a file
+    changed as it was read, the stream is whole) and its last complaint."""
     session.write(verbs.DATA_GO)
     # -h: a link travels as its file's content. Names go NUL-separated, each after "./" so
     # that none is ever read as an option. Records of 1 MiB (-b 2048), as the machine reads them.
@@ -242,4 +251,5 @@ def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> str | Non
     with contextlib.suppress(BrokenPipeError):  # tar died: its exit status and stderr say why
         tar.stdin.write(b"".join(b"./" + r + b"\0" for r in rels))
         tar.stdin.close()
-    return tar_err.last_line("tar failed") if tar.wait() != 0 else None
+    code = tar.wait()
+    return code, tar_err.last_line("tar failed") if code else ""

@@ -92,7 +92,7 @@ def test_an_interrupted_upload_leaves_no_partial_file(tmp_path: Path, sshd: Sshd
         visible = [p for p in dest.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(dest).parts)]
         assert visible == []  # nothing half-written under a final name
         assert sync_data(m).files == 10  # running it again finishes the job
-        assert not list((tmp_path / "remote").glob(".data.orch-incoming-*"))  # and leaves no staging behind
+        assert not list((tmp_path / "remote" / "data" / ".orch-upload").glob("incoming-*"))  # and leaves no staging behind
     assert same_tree(local, dest)
 
 
@@ -118,7 +118,7 @@ def test_a_receiver_killed_mid_upload_over_openssh_leaves_no_partial_file(tmp_pa
         thread = threading.Thread(target=upload)
         thread.start()
         deadline = time.monotonic() + 120
-        while not (staging := [p for p in (tmp_path / "remote").glob(".data.orch-incoming-*") if any(p.iterdir())]):
+        while not (staging := [p for p in (tmp_path / "remote" / "data" / ".orch-upload").glob("incoming-*") if any(p.iterdir())]):
             assert time.monotonic() < deadline, "the upload never began"
             time.sleep(0.01)
         tars = processes_with("tar", "-x", str(staging[0]))  # this test's, never another's
@@ -131,10 +131,11 @@ def test_a_receiver_killed_mid_upload_over_openssh_leaves_no_partial_file(tmp_pa
             os.kill(pid, signal.SIGCONT)
         thread.join()
         assert len(failed) == 1 and isinstance(failed[0], RemoteError) and "ended abruptly" in str(failed[0]), failed
-        visible = [p for p in dest.rglob("*") if p.is_file()] if dest.exists() else []
-        assert visible == []  # nothing half-written under a final name
+        # nothing half-written under a final name (the staging folder is hidden: never read as data)
+        visible = [p for p in dest.rglob("*") if p.is_file() and ".orch-upload" not in p.parts] if dest.exists() else []
+        assert visible == []
         assert sync_data(m).files == 20  # running it again finishes the job
-    assert not list((tmp_path / "remote").glob(".data.orch-incoming-*"))  # and leaves no staging behind
+    assert not list((tmp_path / "remote" / "data" / ".orch-upload").glob("incoming-*"))  # and leaves no staging behind
     assert same_tree(local, dest)
 
 
@@ -184,7 +185,7 @@ def test_a_full_disk_on_the_machine_is_one_line_and_moves_nothing(tmp_path: Path
     answer = json.loads(proc.stdout.decode().split("f00d answer ", 1)[1])
     moved = Moved.from_json(answer)
     assert moved.disk_full and moved.files == 0 and "No space left on device" in (moved.error or "")
-    assert not staging.exists() and not dest.exists()
+    assert not staging.exists() and not [p for p in dest.rglob("*") if p.is_file() and ".orch-upload" not in p.parts]
     # End to end where a small file system can be mounted: one line, exit code 14, nothing moved.
     local = tmp_path / "local"
     make_files(local, 20, size=100_000)
@@ -193,5 +194,36 @@ def test_a_full_disk_on_the_machine_is_one_line_and_moves_nothing(tmp_path: Path
             cfg = ssh_deploy_config(sshd, tmp_path, local_dir=str(local), remote_dir="data")
             with acquire(Context(cfg)) as m, pytest.raises(DiskFull, match="no space left on device on .* for the"):
                 sync_data(m)
-            assert [p.name for p in (tmp_path / "remote").iterdir() if p.name.startswith(".data")] == []
-            assert not [p for p in (tmp_path / "remote" / "data").rglob("*") if p.is_file()]
+            data = tmp_path / "remote" / "data"
+            assert not list((data / ".orch-upload").glob("incoming-*"))  # no staging kept
+            assert not [p for p in data.rglob("*") if p.is_file() and ".orch-upload" not in p.parts]
+
+
+def test_a_file_changed_as_tar_read_it_is_a_warning_and_a_clash_is_one_line(tmp_path: Path, sshd: Sshd,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.context import Output
+    from orchestrator.errors import RemoteError
+
+    local = tmp_path / "local"
+    make_files(local, 6)
+    # GNU tar exits 1 when a file changed while it read it: the stream is whole, the upload done.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tar").write_text('#!/bin/sh\ntar_real=$(PATH=/usr/bin:/bin command -v tar)\n"$tar_real" "$@" || exit $?\n'
+                                 'echo "tar: ./sub/x.npy: file changed as we read it" >&2\nexit 1\n')
+    (bin_dir / "tar").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")  # this computer's tar only (orch's side)
+    cfg = ssh_deploy_config(sshd, tmp_path, local_dir=str(local), remote_dir="data")
+    out = Output.captured()
+    with acquire(Context(cfg, out)) as m:
+        assert sync_data(m).files == 6
+        assert same_tree(local, tmp_path / "remote" / "data")
+        assert "file changed as we read it (a file changed while it was sent; the next --sync-data sends it again)" \
+            in out.err.file.getvalue()
+        # A name that became a folder here, a file there: one line, nothing of the upload moved.
+        (tmp_path / "remote" / "data" / "sub").rename(tmp_path / "moved")
+        (tmp_path / "remote" / "data" / "sub").write_bytes(b"a file now")
+        (local / "cremad_1998_TIE_SAD_XX.npy").write_bytes(b"new")
+        with pytest.raises(RemoteError, match="'sub' is a folder on one side and a file on the other"):
+            sync_data(m)
+        assert not (tmp_path / "remote" / "data" / "cremad_1998_TIE_SAD_XX.npy").exists()

@@ -182,10 +182,12 @@ TIMING_KEYS = ("seconds",)
 _CHECKPOINT = re.compile(r"epoch-(\d{4,})(?:-batch-(\d{4,}))?\.weights\.h5")
 
 
-def data_staging_prefix(data_dir_name: str) -> str:
-    """An upload's staging folder, a hidden sibling of the data folder (same file system, never
-    read as data): ``.<name>.orch-incoming-<ns>``."""
-    return f".{data_dir_name}.orch-incoming-"
+# An upload's bookkeeping, a hidden folder INSIDE the data folder (never read as data, and on
+# the data's own file system even when the data folder is a mount point: every move a rename):
+# its lock (one upload into a data folder at a time) and each upload's staging folder.
+DATA_UPLOAD_DIR = ".orch-upload"
+DATA_UPLOAD_LOCK = "lock"
+DATA_STAGING_PREFIX = "incoming-"
 
 
 # What a run id may be: it names a folder on the machine and one on the laptop.

@@ -619,6 +619,7 @@ class DataListing(Record):
     (names are bytes; an answer is text)."""
 
     listing: str = ""
+    busy: str | None = None  # another upload into the folder is under way: nothing listed
 
 
 @dataclass(frozen=True)

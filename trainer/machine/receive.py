@@ -6,7 +6,11 @@ or not at all. Verbs:
     data-list DEST                                   -> DataListing: the regular files there
     data-receive STAGING DEST [list]  (go byte + tar on stdin) -> [DataListing, as data-list,
                                                         first], Moved: unpacked into STAGING
-                                                        (GNU tar), then renamed into DEST
+                                                        (GNU tar; orch puts it in DEST's hidden
+                                                        .orch-upload/), then renamed into DEST
+
+One upload into a data folder at a time: both verbs hold its lock (DEST/.orch-upload/lock)
+while they run; the other one is told so (DataListing.busy, Moved.error).
 
 Standard library only.
 """
@@ -28,7 +32,9 @@ from trainer.contract.blocks import widen_pipe
 from trainer.contract.files import is_disk_full
 from trainer.contract.verbs import DATA_GO, LISTING_FIRST
 from trainer.contract.wire import CodeState, DataListing, Moved
-from trainer.machine.locks import lock
+from trainer.machine.locks import lock, open_lock, try_lock
+
+_HELD: dict[Path, int] = {}  # the upload locks this process holds (until it ends)
 
 
 def code_dir(root: Path, version: str) -> Path:
@@ -64,14 +70,26 @@ def unpack_code(root: Path, version: str) -> CodeState:
             os.close(fd)
 
 
+def _one_upload(dest: Path) -> str | None:
+    """Take ``dest``'s upload lock for the rest of this process; why not (another upload holds it)."""
+    if dest in _HELD:
+        return None
+    (dest / layout.DATA_UPLOAD_DIR).mkdir(parents=True, exist_ok=True)
+    fd = open_lock(dest / layout.DATA_UPLOAD_DIR / layout.DATA_UPLOAD_LOCK)
+    if not try_lock(fd):
+        os.close(fd)
+        return f"another upload into {dest} is under way"
+    _HELD[dest] = fd
+    return None
+
+
 def list_data(dest: Path) -> DataListing:
-    """Clear what an interrupted upload left in its staging folders, make sure ``dest`` exists,
+    """Make sure ``dest`` exists, clear what an interrupted upload left in its staging folders,
     and list its regular files (hidden folders skipped) as NUL-separated (name, size, mtime)."""
-    parent, name = dest.parent, dest.name
-    if parent.is_dir():
-        for stale in parent.glob(layout.data_staging_prefix(name) + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    dest.mkdir(parents=True, exist_ok=True)
+    if (busy := _one_upload(dest)) is not None:
+        return DataListing(busy=busy)
+    for stale in (dest / layout.DATA_UPLOAD_DIR).glob(layout.DATA_STAGING_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
     root = os.fsencode(dest)
     out = []
     for d, ds, fs in os.walk(root):
@@ -99,6 +117,8 @@ def receive_data(staging: Path, dest: Path, out: Any, listing_first: bool) -> Mo
         out.answer(list_data(dest))
     if os.read(0, 1) != DATA_GO:
         return Moved(0)
+    if (busy := _one_upload(dest)) is not None:
+        return Moved(0, busy)
     widen_pipe(0)
     try:
         staging.mkdir(parents=True)
@@ -120,14 +140,14 @@ def receive_data(staging: Path, dest: Path, out: Any, listing_first: bool) -> Mo
 
 
 def move_data(staging: Path, dest: Path) -> Moved:
-    """Into an empty data folder, the staging folder is renamed as a whole; otherwise each file
-    is renamed into place (os.replace: atomic per file)."""
+    """Each file renamed into place (os.replace: atomic per file); nothing moved when a name is
+    a folder on one side and a file on the other (no data replaced by what it cannot be)."""
     src, dst = os.fsencode(staging), os.fsencode(dest)
-    if not os.listdir(dst):
-        count = sum(len(fs) for _d, _ds, fs in os.walk(src))
-        os.rmdir(dst)
-        os.rename(src, dst)
-        return Moved(count)
+    if (clash := _clash(src, dst)) is not None:
+        shutil.rmtree(src, ignore_errors=True)
+        name = os.fsdecode(clash)
+        return Moved(0, f"{name!r} is a folder on one side and a file on the other (in {dest} on the machine): "
+                     "rename or remove one of them; nothing was moved")
     count = 0
     for d, _ds, fs in os.walk(src):
         target = os.path.join(dst, os.path.relpath(d, src))
@@ -137,6 +157,22 @@ def move_data(staging: Path, dest: Path) -> Moved:
             count += 1
     shutil.rmtree(src)
     return Moved(count)
+
+
+def _clash(src: bytes, dst: bytes) -> bytes | None:
+    """The first name (relative) that is a folder in the upload ``src`` and a file in ``dst``,
+    or a file in ``src`` and a folder (not a link to one: a link is replaced) in ``dst``."""
+    for d, ds, fs in os.walk(src):
+        rel = os.path.relpath(d, src)
+        for name in ds:
+            there = os.path.join(dst, rel, name)
+            if os.path.lexists(there) and not os.path.isdir(there):
+                return os.path.normpath(os.path.join(rel, name))
+        for name in fs:
+            there = os.path.join(dst, rel, name)
+            if os.path.isdir(there) and not os.path.islink(there):
+                return os.path.normpath(os.path.join(rel, name))
+    return None
 
 
 def run(verb: str, argv: list[str], out: Any) -> int:
