@@ -158,10 +158,13 @@ def _changes(machine_listing: Callable[[], str], local: Path
     """This computer's files, and those of them the machine lacks or has otherwise (size, mtime):
     the machine's listing (``data-list``'s, which also clears what an interrupted upload left in
     its staging folder) is awaited in a thread while the local folder is walked here."""
-    with ThreadPoolExecutor(1) as pool:
+    pool = ThreadPoolExecutor(1)
+    try:
         listing = pool.submit(machine_listing)
         found = _local_files(local)
         have = _parse_listing(listing.result())
+    finally:  # Ctrl-C during the walk: no waiting here for the machine's listing (its connection ends it)
+        pool.shutdown(wait=False, cancel_futures=True)
     changed = [(rel, st) for rel, st in found.files if have.get(rel) != (st.st_size, int(st.st_mtime))]
     return found, [(rel, st) for rel, st in changed if found.readable(local, rel)]
 
@@ -243,8 +246,10 @@ def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> tuple[int
     session.write(verbs.DATA_GO)
     # -h: a link travels as its file's content. Names go NUL-separated, each after "./" so
     # that none is ever read as an option. Records of 1 MiB (-b 2048), as the machine reads them.
+    # COPYFILE_DISABLE: macOS's bsdtar would add an AppleDouble ._name beside each file with metadata.
     tar = children.spawn(["tar", "-C", str(local), "-h", "-b", "2048", "--null", "-T", "-", "-cf", "-"],
-                         stdin=subprocess.PIPE, stdout=session.stdin_fd(), stderr=subprocess.PIPE)
+                         stdin=subprocess.PIPE, stdout=session.stdin_fd(), stderr=subprocess.PIPE,
+                         env={**os.environ, "COPYFILE_DISABLE": "1"})
     session.close_stdin()  # tar holds it now: when tar ends, the machine sees the end of the stream
     assert tar.stdin is not None
     tar_err = children.Tail(tar.stderr)  # bounded, never blocking
