@@ -111,6 +111,9 @@ LAUNCHING: dict[str, tuple[Any, Any]] = {
                                           "deploy.yaml's autostop)")),
     "follow": (bool, typer.Option(False, "--follow", "-f", help="then monitor the run to its end; the exit code "
                                   "says how it ended (as `orch monitor`)")),
+    "gpu": (int | None, typer.Option(None, "--gpu", metavar="K", min=0, show_default=False,
+                                     help="the run gets GPU K of the machine alone (CUDA_VISIBLE_DEVICES), beside "
+                                     "runs on its other GPUs (default: all GPUs, and no other run)")),
 }
 
 
@@ -125,7 +128,7 @@ def _config_path(typer_ctx: typer.Context, config: str | None) -> str:
 
 def uses_machine(func: Callable[..., Any] | None = None, *, launches: bool = False) -> Any:
     """A command that talks to the machine: its options get -c and --trust-new-host (and, with
-    ``launches``, --force, --allow-cpu, --autostop, --follow), and it is called with the
+    ``launches``, --force, --allow-cpu, --autostop, --follow, --gpu), and it is called with the
     :class:`Context` first (and ``launching=LaunchOptions``, ``follow`` for a launching command;
     a ``trainer_args`` parameter gets the arguments after `--`)."""
     if func is None:
@@ -152,7 +155,8 @@ def uses_machine(func: Callable[..., Any] | None = None, *, launches: bool = Fal
         ctx = Context(load_config(_config_path(typer_ctx, shared["config"])), invocation.output,
                       Trust(accept_new=shared["trust_new_host"]), invocation.debug)
         if launches:
-            kwargs |= {"launching": LaunchOptions(shared["force"], shared["allow_cpu"], shared["autostop"]),
+            kwargs |= {"launching": LaunchOptions(shared["force"], shared["allow_cpu"], shared["autostop"],
+                                                  shared["gpu"]),
                        "follow": shared["follow"]}
         if wants_args:
             kwargs["trainer_args"] = list(typer_ctx.args)

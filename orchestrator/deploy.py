@@ -91,6 +91,7 @@ class Start:
     fresh: bool  # a new run (its folder must not exist); else the run folder is continued
     force: bool = False
     autostop: AutostopPlan = AutostopPlan(change=False)
+    gpu: int | None = None  # this GPU alone (CUDA_VISIBLE_DEVICES), beside runs on the others
     recovery: Recovery | None = None  # a continued run's recovery, for the trainer to record
 
 
@@ -108,6 +109,7 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
     notify = notify_settings(m)
     secret = notify.to_bytes() if notify is not None else b""  # on stdin, before deploy.json: never in argv
     args = [m.root, start.run_id, "--fresh" if start.fresh else "--continue", *(["--force"] if start.force else []),
+            *(["--gpu", str(start.gpu)] if start.gpu is not None else []),
             "--python", start.python, "--code", m.code.path, "--data-dir", m.data_dir, *launch_args(start.autostop),
             *(["--spot-metadata-url", m.cfg.ec2.metadata_url] if m.spot else []),  # the watcher asks it for notices
             *(["--notify-bytes", str(len(secret))] if secret else []),
@@ -167,12 +169,12 @@ def wait_started(m: Machine, run_dir: str, pid: int, launched_at: float, timeout
         time.sleep(0.5)
 
 
-def prepare(m: Machine, *, allow_cpu: bool) -> TrainingPython:
+def prepare(m: Machine, *, allow_cpu: bool, gpu: int | None = None) -> TrainingPython:
     """Setup and preflight: the training Python (managed env built if needed, remote.setup
-    run), then the machine's checks. Nothing of a run exists yet."""
+    run), then the machine's checks (``gpu``: that GPU is one of its). Nothing of a run exists yet."""
     python = ensure_env(m)
     run_setup(m, python)
-    require_ready(m, python.python, allow_cpu=allow_cpu)
+    require_ready(m, python.python, allow_cpu=allow_cpu, gpu=gpu)
     return python
 
 
@@ -202,13 +204,13 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
     stop_plan = autostop_plan(ctx.cfg, launching.autostop)
     _refuse_stored(ctx, run_id)
     with working(ctx) as m:
-        _refuse_if_busy(m, launching.force)
+        _refuse_if_busy(m, launching.force or launching.gpu is not None)  # a GPU's own: the launch checks it
         if m.spot and ctx.cfg.storage is None:
             m.log(f"{m.remote.host} is a spot instance and runs have no storage mirror: when EC2 takes it back (or a "
                   "one-time spot instance shuts down), the run lives only on its disk; set storage.s3_uri")
         data = sync_data(m) if with_data else None
-        python = prepare(m, allow_cpu=launching.allow_cpu)
-        answer = launch(m, Start(run_id, argv, python.python, True, launching.force, stop_plan))
+        python = prepare(m, allow_cpu=launching.allow_cpu, gpu=launching.gpu)
+        answer = launch(m, Start(run_id, argv, python.python, True, launching.force, stop_plan, gpu=launching.gpu))
         return Launched(run_id, m.run_dir(run_id), m.remote.host, answer.pid or 0, m.code.version,
                         m.code.transferred, data, extra={"env": _env_json(python)} | _autostop_json(answer.autostop),
                         **_on(m))
@@ -229,20 +231,22 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
                           "are for an extended run (`orch resume RUN` without --continue)")
     argv = trainer_argv(ctx.cfg, overrides=extension.given(), extending=True)
     stop_plan = autostop_plan(ctx.cfg, launching.autostop)
+    force = launching.force or launching.gpu is not None  # a GPU's own: the launch checks it
     with working(ctx) as m:
         if in_place:
-            target, fresh = _continued(m, run_id, launching.force)
+            target, fresh = _continued(m, run_id, force)
             argv, extra = [], {}
         else:
-            parent = _parent(m, run_id, launching.force)
+            parent = _parent(m, run_id, force)
             argv = ["--init-from", m.run_dir(parent.run_id), *argv]
             target, fresh, extra = new_run_id(), True, {"parent": parent.run_id}
         data = sync_data(m) if with_data else None
-        python = prepare(m, allow_cpu=launching.allow_cpu)
+        python = prepare(m, allow_cpu=launching.allow_cpu, gpu=launching.gpu)
         record = recovery(m) if callable(recovery) else recovery
         if record is not None:
             extra["recovery"] = record
-        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan, record))
+        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan, record,
+                                 launching.gpu))
         return Launched(target, m.run_dir(target), m.remote.host, answer.pid or 0, m.code.version,
                         m.code.transferred, data,
                         extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop), **_on(m))

@@ -37,7 +37,8 @@ def ask(m: Machine, python: str, *, import_tensorflow: bool = False) -> Prefligh
                        "that exists there, or leave it unset for a managed env") from None
 
 
-def findings(m: Machine, python: str, answer: Preflight, *, allow_cpu: bool = False) -> list[Finding]:
+def findings(m: Machine, python: str, answer: Preflight, *, allow_cpu: bool = False,
+             gpu: int | None = None) -> list[Finding]:
     """Every check, in the order a first day meets them."""
     host, cfg = m.remote.host, m.cfg
     found = answer.packages
@@ -61,6 +62,10 @@ def findings(m: Machine, python: str, answer: Preflight, *, allow_cpu: bool = Fa
         if listed else f"none ({gpus.error or 'nvidia-smi lists none'})",
         f"nvidia-smi is installed but fails ({gpus.error}): the NVIDIA driver is not working and training would "
         "run on the CPU; fix the driver (a reboot after a kernel update often does) or pass --allow-cpu"))
+    if gpu is not None:  # a run on one GPU: one nvidia-smi lists (else it would see none, and train on the CPU)
+        out.append(Finding("gpu", 0 <= gpu < listed, f"GPU {gpu} of {listed}",
+                           f"the run was to get GPU {gpu} alone, but nvidia-smi on {host} lists {listed} GPU"
+                           f"{'' if listed == 1 else 's'} (indices from 0)"))
     if listed and not missing and not broken:
         sees = (tf.gpus if tf is not None else 0) or 0
         out.append(Finding(
@@ -96,9 +101,9 @@ def _data_finding(data: DataCheck, host: str, local_dir: str | None) -> Finding:
                    f"feature files in all): {sync}; `python -m trainer check-data` there says why", ExitCode.NO_DATA)
 
 
-def require_ready(m: Machine, python: str, *, allow_cpu: bool = False) -> list[Finding]:
+def require_ready(m: Machine, python: str, *, allow_cpu: bool = False, gpu: int | None = None) -> list[Finding]:
     """Refuse (one line, its exit code) unless every check passes."""
-    results = findings(m, python, ask(m, python), allow_cpu=allow_cpu)
+    results = findings(m, python, ask(m, python), allow_cpu=allow_cpu, gpu=gpu)
     for finding in results:
         if not finding.ok:
             error = NoData if finding.exit_code == ExitCode.NO_DATA else NotReady

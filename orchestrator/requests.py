@@ -14,6 +14,7 @@ class LaunchOptions:
     force: bool = False  # start even though another run is active
     allow_cpu: bool = False  # train on the CPU of a GPU box whose GPUs TensorFlow cannot see
     autostop: str | None = None  # `--autostop MINUTES|off` (None: deploy.yaml's)
+    gpu: int | None = None  # the run gets this GPU of the machine alone, beside runs on the others (None: all)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ SECONDS = "seconds"  # the trial's length, launch to end, as this computer saw i
 ENDED = "ended"  # how its run ended, or why the trial failed
 PRUNED_AT = "pruned_at"  # the epoch the pruner stopped it at (set before the run is stopped)
 MACHINE = "machine"  # which of the sweep's own instances (1..parallel) runs it; absent: the config's machine
+GPU = "gpu"  # per_gpu: the GPU of the config's machine it runs on alone; absent: all of them
 SWEEP_TAG = "orch:sweep"  # the tag on the sweep's own instances: the sweep's name
 
 
@@ -243,13 +244,14 @@ class _Reporter:
 
 
 class Sweep:
-    """One machine of an `orch sweep run` (``slot`` 0: the config's; 1..parallel: the sweep's
-    own instances), running the study's trials there one after another."""
+    """One place of an `orch sweep run`, running the study's trials there one after another: a
+    machine (``slot`` 0: the config's; 1..parallel: the sweep's own instances), or with per_gpu
+    one ``gpu`` of the config's machine."""
 
     def __init__(self, ctx: Context, spec: SweepSpec, study: Any, *, launching: LaunchOptions,
-                 stopping: Stopping, shared: Shared | None = None, slot: int = 0) -> None:
-        self.ctx, self.spec, self.study, self.slot = ctx, spec, study, slot
-        self.launching, self.stopping = launching, stopping
+                 stopping: Stopping, shared: Shared | None = None, slot: int = 0, gpu: int | None = None) -> None:
+        self.ctx, self.spec, self.study, self.slot, self.gpu = ctx, spec, study, slot, gpu
+        self.launching, self.stopping = replace(launching, gpu=gpu) if gpu is not None else launching, stopping
         self.shared = shared or Shared()
         self.unsettled = False  # a trial of this machine was left RUNNING (its run may still train)
         self.optuna = _optuna()
@@ -275,7 +277,7 @@ class Sweep:
 
     def adopt(self) -> None:
         """Settle this machine's trials a killed `orch sweep run` left RUNNING (oldest first)."""
-        for frozen in running_trials(self.study, self.slot):
+        for frozen in running_trials(self.study, (self.slot, self.gpu)):
             trial = self.optuna.trial.Trial(self.study, frozen._trial_id)
             run_id = frozen.user_attrs.get(RUN_ID)
             if run_id is None:  # killed between Optuna's ask and the run id: nothing was launched
@@ -322,6 +324,8 @@ class Sweep:
             params = suggest(trial, self.spec)  # before the run id: a run is launched with what the trial holds
             if self.slot:  # before the run id too: a trial with a run id is followed where this says
                 trial.set_user_attr(MACHINE, self.slot)
+            if self.gpu is not None:
+                trial.set_user_attr(GPU, self.gpu)
             run_id = new_run_id()
             trial.set_user_attr(RUN_ID, run_id)  # before the launch: a killed sweep finds the run again
             return trial, run_id, params
@@ -473,10 +477,11 @@ def _interrupts(ctx: Context) -> Iterator[Stopping]:
 
 def check(ctx: Context, spec: SweepSpec) -> float | None:
     """What the spec asks of this config that cannot be done here; the machine's hourly price."""
-    if spec.parallel > 1 and (ctx.cfg.target != "ec2" or ctx.cfg.ec2.launch is None):
+    if spec.own_machines and (ctx.cfg.target != "ec2" or ctx.cfg.ec2.launch is None):
         where = "ec2.launch is not set" if ctx.cfg.target == "ec2" else f"target {ctx.cfg.target} is one machine"
         raise ConfigError(f"parallel: {spec.parallel} needs instances of the sweep's own, created from ec2.launch "
-                          f"(target: ec2), and {where}; parallel: 1 runs the trials one after another")
+                          f"(target: ec2), and {where}; parallel: 1 runs the trials one after another (per_gpu: "
+                          "true, one per GPU of the machine)")
     # What recovering a trial's run needs (storage for one-time spot instances), on the machines it runs on.
     check_recoverable(_a_machine(ctx, spec))
     price = hourly_price(_a_machine(ctx, spec))
@@ -501,17 +506,21 @@ def machine_config(cfg: DeployConfig, spec: SweepSpec, slot: int) -> DeployConfi
     return cfg.model_copy(update={"ec2": ec2})
 
 
-def machine_of(trial: Any) -> int:
-    """The machine a trial runs on: 1..: the sweep's own; 0: the config's (also for a value no
-    sweep writes: a shared storage is another's input)."""
-    k = trial.user_attrs.get(MACHINE, 0)
-    return k if isinstance(k, int) and 0 <= k <= MAX_MACHINES else 0
+Place = tuple[int, int | None]  # (machine: 0 the config's, 1.. the sweep's own; its GPU, None: all)
 
 
-def running_trials(study: Any, slot: int | None = None) -> list[Any]:
-    """The trials the study calls RUNNING (on machine ``slot``; None: any), oldest first."""
+def place_of(trial: Any) -> Place:
+    """Where a trial runs. A value no sweep writes (a shared storage is another's input) reads
+    as the config's machine, all GPUs."""
+    k, gpu = trial.user_attrs.get(MACHINE, 0), trial.user_attrs.get(GPU)
+    return (k if isinstance(k, int) and 0 <= k <= MAX_MACHINES else 0,
+            gpu if isinstance(gpu, int) and 0 <= gpu < MAX_MACHINES else None)
+
+
+def running_trials(study: Any, place: Place | None = None) -> list[Any]:
+    """The trials the study calls RUNNING (at ``place``; None: anywhere), oldest first."""
     running = _optuna().trial.TrialState.RUNNING
-    return [t for t in study.get_trials(deepcopy=False, states=(running,)) if slot in (None, machine_of(t))]
+    return [t for t in study.get_trials(deepcopy=False, states=(running,)) if place in (None, place_of(t))]
 
 
 MAX_MACHINES = 64  # SweepSpec.parallel's bound
@@ -525,20 +534,22 @@ def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptio
     price = check(ctx, spec)
     with _one_sweep_per_study(ctx, spec), _interrupts(ctx) as stopping:
         study, shared = open_study(ctx, spec, create=True), Shared()
-        slots = range(1, spec.parallel + 1) if spec.parallel > 1 else range(1)
+        places: list[Place] = ([(0, g) for g in range(spec.parallel)] if spec.per_gpu else
+                               [(k, None) for k in range(1, spec.parallel + 1)] if spec.parallel > 1 else [(0, None)])
 
-        def machine(k: int) -> Sweep:
-            where = ctx.labelled(f"machine {k}", machine_config(ctx.cfg, spec, k)) if k else ctx
-            return Sweep(where, spec, study, launching=launching, stopping=stopping, shared=shared, slot=k)
+        def at(place: Place) -> Sweep:
+            k, gpu = place
+            label = " ".join(([f"machine {k}"] if k else []) + ([f"GPU {gpu}"] if gpu is not None else []))
+            where = ctx.labelled(label, machine_config(ctx.cfg, spec, k)) if label else ctx
+            return Sweep(where, spec, study, launching=launching, stopping=stopping, shared=shared, slot=k, gpu=gpu)
 
-        # Trials a killed sweep left on machines this one does not run (parallel changed): followed first.
-        others = sorted({machine_of(t) for t in running_trials(study)} - set(slots))
-        if others and ctx.cfg.ec2.launch is None and any(others):
-            raise ConfigError(f"trials of this study run on the sweep's own instances (machine {others[-1]}), "
-                              "which need ec2.launch (target: ec2) to be followed; run it with the config it "
-                              "was started with")
-        interrupted = _in_threads([lambda m=machine(k): m.work(price, new=False) for k in others], stopping)
-        machines = [machine(k) for k in slots]
+        # Trials a killed sweep left where this one does not run (parallel changed): followed first.
+        others = sorted({place_of(t) for t in running_trials(study)} - set(places), key=str)
+        if any(k for k, _ in others) and ctx.cfg.ec2.launch is None:
+            raise ConfigError("trials of this study run on the sweep's own instances, which need ec2.launch "
+                              "(target: ec2) to be followed; run it with the config it was started with")
+        interrupted = _in_threads([lambda m=at(p): m.work(price, new=False) for p in others], stopping)
+        machines = [at(p) for p in places]
         if not interrupted:
             interrupted = _in_threads([lambda m=m: m.work(price) for m in machines], stopping)
         _after(ctx, spec, [m for m in machines if m.slot])
@@ -603,7 +614,7 @@ def status(ctx: Context, spec: SweepSpec) -> SweepStatus:
 
 def _a_machine(ctx: Context, spec: SweepSpec) -> Context:
     """The context of a machine the trials run on (the first; they all have one config but the name)."""
-    own = spec.parallel > 1 and ctx.cfg.target == "ec2" and ctx.cfg.ec2.launch is not None
+    own = spec.own_machines and ctx.cfg.target == "ec2" and ctx.cfg.ec2.launch is not None
     return ctx.labelled("", machine_config(ctx.cfg, spec, 1 if own else 0))
 
 

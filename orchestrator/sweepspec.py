@@ -87,6 +87,9 @@ class SweepSpec(_Section):
     parallel: int = Field(1, ge=1, le=64, description="trials at once, each on its own machine: above 1, target ec2 "
                           "with ec2.launch, and the sweep has instances of its own (named <ec2.name>-<sweep>-<k>, "
                           "tagged orch:sweep); 1: the config's one machine, trials one after another")
+    per_gpu: bool = Field(False, description="the `parallel` trials at once run on the config's one machine, each "
+                          "on one GPU alone (CUDA_VISIBLE_DEVICES 0..parallel-1; any target), instead of on "
+                          "instances of the sweep's own")
     spot: bool | None = Field(None, description="the sweep's own instances (parallel > 1) are spot (true) or "
                               "on-demand (false); null: as ec2.launch.spot says")
     after: Literal["stop", "terminate", "keep"] = Field(
@@ -125,10 +128,15 @@ class SweepSpec(_Section):
     @model_validator(mode="after")
     def _own_machines(self) -> SweepSpec:
         for key in ("spot", "after"):
-            if self.parallel == 1 and key in self.model_fields_set:
-                raise ValueError(f"{key}: applies to the sweep's own instances (parallel > 1); with parallel: 1 "
-                                 "trials run on the config's machine (ec2.launch.spot, autostop)")
+            if not self.own_machines and key in self.model_fields_set:
+                raise ValueError(f"{key}: applies to the sweep's own instances (parallel > 1, without per_gpu); "
+                                 "these trials run on the config's machine (ec2.launch.spot, autostop)")
         return self
+
+    @property
+    def own_machines(self) -> bool:
+        """The trials run on instances of the sweep's own (else on the config's one machine)."""
+        return self.parallel > 1 and not self.per_gpu
 
     @property
     def maximize(self) -> bool:

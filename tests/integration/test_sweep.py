@@ -187,3 +187,65 @@ def test_a_pruned_trial_is_stopped_and_kept_and_the_budget_stops_launching(tmp_p
     assert pruned.user_attrs["ended"] == "stopped" and (run / "checkpoints" / "state.json").is_file()
     assert f"trial 1: pruned at epoch 1; stopping run {pruned.user_attrs['run_id']}" in proc.stderr
     assert os.listdir(tmp_path / "remote" / "runs") == [run.name]
+
+
+TWO_GPUS = """#!/bin/sh
+case "$1" in
+  -L) echo "GPU 0: NVIDIA A10G (UUID: GPU-0)"; echo "GPU 1: NVIDIA A10G (UUID: GPU-1)" ;;
+  --query-gpu=*) echo "0, NVIDIA A10G, 0, 0, 23028, 30, 20.5"; echo "1, NVIDIA A10G, 0, 0, 23028, 30, 20.5" ;;
+  *) echo "| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2 |" ;;
+esac
+"""
+
+
+def test_per_gpu_trials_run_at_once_on_the_one_machine_each_seeing_its_gpu_alone(tmp_path: Path,
+                                                                                 features: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(TWO_GPUS)  # the machine (target local: this one) has two GPUs
+    (fake / "nvidia-smi").chmod(0o755)
+    cfg = config(tmp_path, features)
+    # Epochs enough that both train at once whatever the load: Ctrl-C twice then stops both.
+    spec = spec_file(tmp_path, name="gpus", trials=2, parallel=2, per_gpu=True, train={"epochs": 500},
+                     space={"dropout": {"choices": [0.1, 0.2]}})
+    env = {**trainer_env(), "PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", "run", str(spec), "-c", str(cfg),
+                             "--allow-cpu", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    runs = tmp_path / "remote" / "runs"
+
+    def both_training() -> dict[str, str] | None:
+        seen = {}
+        for run in runs.glob("*") if runs.is_dir() else []:
+            try:
+                pid = int((run / "pid").read_text().split()[0])
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                training = status(run).get("state") == "running"
+            except (OSError, ValueError, IndexError):  # not started yet (no status.json), or ended
+                continue
+            if training:
+                seen[run.name] = next((e.split(b"=", 1)[1].decode() for e in environ
+                                       if e.startswith(b"CUDA_VISIBLE_DEVICES=")), "all")
+        return seen if len(seen) == 2 else None
+
+    try:
+        seen = wait_for(both_training, "a trial training on each GPU", proc)  # two at once, on one machine
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        while "Ctrl-C: no further trial is launched" not in (line := proc.stderr.readline()):
+            assert line, "orch sweep run ended before it took the first Ctrl-C"
+        proc.send_signal(signal.SIGINT)  # the second: each machine's thread stops its trial's run
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    trials = study(tmp_path, "gpus").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert sorted(t.user_attrs["gpu"] for t in trials) == [0, 1]
+    for t in trials:  # each trial's trainer saw its GPU alone, its run records it, and was stopped
+        run_id = t.user_attrs["run_id"]
+        assert seen[run_id] == str(t.user_attrs["gpu"]) == (runs / run_id / "gpu").read_text()
+        assert f"GPU {t.user_attrs['gpu']}: trial {t.number}: stopping run {run_id} (Ctrl-C again)" in err
+        assert t.user_attrs["ended"] == "stopped (Ctrl-C)" and status(runs / run_id)["state"] == "stopped"
+    assert "machine" not in trials[0].user_attrs  # the config's own machine, no instance of the sweep's

@@ -58,9 +58,9 @@ def test_a_parallel_sweep_has_two_instances_of_its_own_reuses_them_survives_a_ki
     spec = tmp_path / "par.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "par", "trials": 3, "parallel": 2, "seed": 3, "storage": f"sqlite:///{tmp_path / 'par.db'}",
-        "space": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}, "train": {"epochs": 6}}))
+        "space": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}, "train": {"epochs": 30}}))
     roots = {k: Path(f"{tmp_path / 'remote'}-{k}") for k in (1, 2)}
-    assert train["epochs"] == 2  # the spec's train: (6 epochs) is what the trials get
+    assert train["epochs"] == 2  # the spec's train: (30 epochs: both train at once) is what the trials get
 
     # Killed while both machines train a trial: two at once, each on its own instance.
     first = sweep_run(spec, cfg)

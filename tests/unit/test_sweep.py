@@ -142,7 +142,7 @@ def test_errors_are_one_line_with_their_exit_code_and_nothing_launched(tmp_path:
     assert code == 2 and "parallel: 2 needs instances of the sweep's own, created from ec2.launch (target: ec2), " \
         "and target local is one machine" in err
     code, err = cli(tmp_path, "run", spot=True)
-    assert code == 2 and "spot: applies to the sweep's own instances (parallel > 1)" in err
+    assert code == 2 and "spot: applies to the sweep's own instances (parallel > 1, without per_gpu)" in err
     code, err = cli(tmp_path, "status")
     assert code == 2 and "no study 'cli' in sqlite:///" in err and "`orch sweep run` starts it" in err
     fd = os.open(tmp_path / ".orch-sweep-cli.lock", os.O_RDWR | os.O_CREAT)  # another `orch sweep run` holds it

@@ -115,6 +115,7 @@ TENSORBOARD_LOG = "tensorboard.log"
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
 PID_FILE = "pid"
+GPU_FILE = "gpu"  # the one GPU (index) the run was launched on, beside runs on the others; absent: all of them
 RUN_LOCK = "lock"  # held (flock) by the one trainer of this run directory, for its whole life
 TRAIN_LOG = "train.log"  # the trainer's output, each line timestamped, TensorFlow's known start-up noise left out
 # All of it as it came (trainer/machine/logfilter.py): the machine's own, never listed nor mirrored.
@@ -259,7 +260,7 @@ def notify_settings(remote_root: str, run_id: str) -> str:
 STORAGE_SHA_KEY = "sha256"
 # Mirrored besides the state, its files and the manifest: never the machine's own files (pid, lock,
 # heartbeat, the mirror's report) nor temp files; under tensorboard/ only the trainer's event files.
-NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, INTERRUPTION})
+NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, GPU_FILE, HEARTBEAT, MIRROR_STATUS, INTERRUPTION})
 
 
 def is_mirrored(rel: str) -> bool:

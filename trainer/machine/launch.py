@@ -1,13 +1,14 @@
 """Starting and stopping trainers on the machine (verbs ``launch`` and ``signal``):
 
-    launch ROOT RUN_ID (--fresh | --continue) [--force] --python PY --code DIR --data-dir DATA
+    launch ROOT RUN_ID (--fresh | --continue) [--force] [--gpu K] --python PY --code DIR --data-dir DATA
            [--autostop-minutes M --autostop-command CMD | --autostop-off] [--spot-metadata-url URL]
            [--notify-bytes N] [-- TRAINER_OPTIONS...]
            (stdin: N bytes of notify settings, then deploy.json with --fresh)      -> LaunchAnswer
     signal RUN_DIR                          SIGTERM the run's trainer             -> Signalled
 
 A launch is ONE atomic step under an flock on ROOT/launch.lock (one launch at a time per
-machine; the lock dies with this process): check that no run is active (unless --force), create
+machine; the lock dies with this process): check that no run is active (unless --force; with
+``--gpu K``: none on GPU K, nor one on every GPU; the trainer then sees GPU K alone), create
 (or check) the run folder, start ``python -m trainer train`` in its own session with SIGHUP
 ignored (it outlives the SSH session), and write its pid file before letting go of the lock, so
 the next launch's busy check already sees it. Autostop is armed (or disarmed) in the same step,
@@ -60,8 +61,18 @@ def _lock(root: Path) -> int:
     return fd
 
 
-def _check(root: Path, run_dir: Path, fresh: bool, force: bool) -> None:
-    active = [r.run_id for r in list_runs(root) if r.active]
+def _in_the_way(root: Path, gpu: int | None) -> list[str]:
+    """The active runs a launch on ``gpu`` (None: every GPU) would share a GPU with."""
+    def gpu_of(run_id: str) -> int | None:
+        try:
+            return int((Path(layout.run_dir(str(root), run_id)) / layout.GPU_FILE).read_text())
+        except (OSError, ValueError):
+            return None  # launched on every GPU
+    return [r.run_id for r in list_runs(root) if r.active and (gpu is None or gpu_of(r.run_id) in (None, gpu))]
+
+
+def _check(root: Path, run_dir: Path, fresh: bool, force: bool, gpu: int | None = None) -> None:
+    active = _in_the_way(root, gpu)
     if fresh:
         if active and not force:
             raise Refused("busy", f"run {', '.join(active)} is still running", ExitCode.BUSY)
@@ -101,6 +112,11 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None, n
     argv = [args.python, "-m", "trainer", "train", "--data-dir", args.data_dir, "--run-dir", str(run_dir),
             *args.trainer_options]
     env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
+    if args.gpu is not None:  # the run's GPU alone (TensorFlow, JAX and PyTorch read it); recorded for the next check
+        env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        atomic_write_bytes(run_dir / layout.GPU_FILE, str(args.gpu).encode())
+    else:
+        (run_dir / layout.GPU_FILE).unlink(missing_ok=True)
     env.pop(SETTINGS_ENV, None)
     if notify is not None:  # where, not what: the URL itself is never on a command line or in the environment
         env[SETTINGS_ENV] = str(notify)
@@ -168,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--fresh", action="store_true")
     mode.add_argument("--continue", dest="fresh", action="store_false")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--gpu", type=int, help="the run gets this GPU alone, beside runs on the others")
     parser.add_argument("--python", required=True)
     parser.add_argument("--code", required=True)
     parser.add_argument("--data-dir", required=True)
@@ -192,7 +209,7 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
     try:
         fd = _lock(root)
         try:
-            _check(root, run_dir, args.fresh, args.force)
+            _check(root, run_dir, args.fresh, args.force, args.gpu)
             _spot(args, root)  # first: a disarmed autostop never lets the watcher exit before spot watching is set
             armed = _autostop(args, root)
             launched_at = time.time()

@@ -56,7 +56,12 @@ def interruption(run_dir: Path, since: float) -> Interruption | None:
     return notice if notice.noticed_at is not None and notice.noticed_at >= since else None
 
 
-class StopRequested(Exception):
+class StopRequested(BaseException):
+    """Raised by the signal handler wherever the main thread is. A BaseException, as
+    KeyboardInterrupt is: library code's ``except Exception`` (inspect's, turning any error into
+    "TypeError: unsupported callable", under Keras building the model) must not swallow or
+    convert it (a stop during start-up ended as *failed*)."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(f"signal {signum}")
         self.signum = signum
