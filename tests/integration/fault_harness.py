@@ -4,7 +4,9 @@ restarting the same command after each kill, and check the run directory's guara
 
 Kills come at the trainer's failpoints (trainer/machine/faults.py: between any two file operations of
 the commit sequence, of the publishing of derived files and of the start-up repair; the n-th
-time a point is reached, so at various epochs) and at random moments. One harness for
+time a point is reached, so at various epochs) and at random moments. A failpoint kill is
+planned within the times the start surely reaches its point (counted on the uninterrupted
+run), so each one comes: no start is spent on a run that finishes unkilled. One harness for
 tests/integration/test_faults.py (a modest number of kills) and bench/bench_faults.py
 (hundreds).
 
@@ -30,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +44,6 @@ from trainer.ml import runstate
 from trainer.ml.runstate import RunState
 from trainer.ml.tbevents import read_steps
 
-# Failpoints reached once per start, or only when there is something to do: always the 1st time.
-_ONCE = {"repair:begin", "repair:temp-removed", "best:temp", "publish:best", "finish:evaluated"}
-# Reached once per committed epoch.
-_PER_EPOCH = {"commit:begin", "weights:temp", "weights:synced", "weights:renamed", "state:temp", "commit:done",
-              "publish:deleted", "validate:begin"}
-# A few times per start: the manifest changes only with run.json, a new best and the run's end.
-_FEW = {"manifest:temp"}
 _RANDOM_SHARE = 0.3  # of the kills, the share at random moments rather than at a failpoint
 
 
@@ -81,16 +77,30 @@ class Reference:
     epoch_seconds: float
     seconds: float
     steps: int  # batches per epoch
+    points: tuple[str, ...] = ()  # the failpoints it reached, in order
+
+    def sure_hits(self, point: str, committed: int) -> int:
+        """How many times a start that continues from ``committed`` epochs surely reaches
+        ``point``: at least as often as the uninterrupted run did from the first batch of
+        epoch ``committed + 1`` on (the same training, bit for bit; the start's own repair
+        and publishing only add to it). A kill planned within this count always comes."""
+        done = [i for i, name in enumerate(self.points) if name == "commit:done"]
+        after = done[min(committed, len(done)) - 1] if committed else -1
+        first = next((i for i in range(after + 1, len(self.points)) if self.points[i] == "train:batch"),
+                     len(self.points))
+        return self.points[first:].count(point)
 
 
 def reference_run(scenario: Scenario, run: Path) -> Reference:
     start = time.monotonic()
-    run_trainer(*scenario.argv(run))
+    log = run.parent / f"{run.name}.points"
+    run_trainer(*scenario.argv(run), env={faults.LOG_ENV: str(log)})
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, scenario.epochs + 1))
     typical = sorted(r["seconds"] for r in rows)[len(rows) // 2]
     steps = json.loads((run / layout.HEARTBEAT).read_text())["batches"]
-    return Reference(untimed(rows), rows[0]["seconds"], typical, time.monotonic() - start, steps)
+    return Reference(untimed(rows), rows[0]["seconds"], typical, time.monotonic() - start, steps,
+                     tuple(log.read_text().split()))
 
 
 def untimed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,6 +165,8 @@ def kill_loop(scenario: Scenario, reference: Reference, judge: Judge, workdir: P
             tally.violations += [f"{run.name}, kill {tally.kills} ({plan}): {v}" for v in found]
             log(f"kill {tally.kills:>3} {plan}: epoch {_committed(run)}" + (f", {len(found)} VIOLATIONS" if found else ""))
         else:
+            if plan.point:  # planned within what the start surely reaches (Reference.sure_hits)
+                tally.violations.append(f"{run.name}: the kill {plan} never came (exit {rc})")
             tally.violations += _ended(judge, run, rc, plan)
             tally.finished_runs += 1
             run = None
@@ -172,32 +184,43 @@ def _ended(judge: Judge, run: Path, rc: int, plan: Plan) -> list[str]:
 
 
 class _Cycle:
-    """The failpoints in a shuffled order, again and again: few kills still cover many points."""
+    """The failpoints in a shuffled order, again and again: few kills still cover many points.
+    A point this start cannot reach waits in the queue for a start that can."""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng, self.queue = rng, []
 
-    def next(self, has_temps: bool) -> str:
+    def next(self, hits: Callable[[str], int]) -> tuple[str, int]:
+        """The next point this start surely reaches, and how many times (``hits``)."""
         while True:
-            if not self.queue:
-                self.queue = list(faults.POINTS)
-                self.rng.shuffle(self.queue)
-            name = self.queue.pop()
-            if name != "repair:temp-removed" or has_temps:  # reached only when a kill left temp files
-                return name
+            for i in range(len(self.queue) - 1, -1, -1):
+                n = hits(self.queue[i])
+                if n > 0:
+                    return self.queue.pop(i), n
+            fresh = [name for name in faults.POINTS if name not in self.queue]  # repair:begin: always reached
+            self.rng.shuffle(fresh)
+            self.queue = fresh + self.queue
 
 
 def _plan(rng: random.Random, points: _Cycle, scenario: Scenario, reference: Reference, run: Path) -> Plan:
-    remaining = scenario.epochs - _committed(run)
+    committed = _committed(run)
+    remaining = scenario.epochs - committed
     if rng.random() < _RANDOM_SHARE:
         if rng.random() < 0.2:  # now and then during start-up (repair, data, TensorFlow)
             startup = reference.seconds - reference.first_epoch_seconds - scenario.epochs * reference.epoch_seconds
             return Plan(delay=rng.uniform(0, max(startup, 0.5)), from_start=True)
         return Plan(delay=rng.uniform(0, reference.first_epoch_seconds + remaining * reference.epoch_seconds))
-    name = points.next(has_temps=any(layout.is_temp(p.name) for p in _files(run)))
-    # per start: the repair's publish, the 'training' publish, one per epoch, the final one
-    hits = 1 if name in _ONCE else 3 if name in _FEW else remaining if name in _PER_EPOCH else remaining + 3
-    return Plan(point=f"{name}@{rng.randint(1, max(hits, 1))}")
+    has_temps = any(layout.is_temp(p.name) for p in _files(run))
+
+    def hits(name: str) -> int:
+        if name == "repair:begin":
+            return 1
+        if name == "repair:temp-removed":  # reached only when a kill left temp files
+            return int(has_temps)
+        return reference.sure_hits(name, committed)
+
+    name, n = points.next(hits)
+    return Plan(point=f"{name}@{rng.randint(1, n)}")
 
 
 def _attempt(scenario: Scenario, run: Path, plan: Plan) -> tuple[int, bool]:

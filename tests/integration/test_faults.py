@@ -2,9 +2,10 @@
 moment, a full disk, a second trainer on the same run directory. Real training runs on tiny
 SYNTHETIC data.
 
-ORCH_FAULT_KILLS sets the number of kills of the kill loop (CI default below: 3-8 minutes on
-2 cores, idle to loaded, TensorFlow's start-up and tracing being most of each restart; the
-failpoints come in a shuffled cycle, so successive seeds cover the others); bench/bench_faults.py
+ORCH_FAULT_KILLS sets the number of kills of the kill loop (CI default below: 15 trainer starts
+with the reference run, 9 minutes on 2 cores at load 5-6, TensorFlow's start-up and tracing
+being most of each start; the failpoints come in a shuffled cycle, so successive seeds cover
+the others); bench/bench_faults.py
 runs hundreds. ORCH_FAULT_SEED picks other kill moments. ORCH_FAULT_SIMULATE_FULL_DISK=1 runs the full-disk
 test the way machines that cannot mount a tmpfs run it.
 """

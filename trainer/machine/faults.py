@@ -6,7 +6,9 @@ time it reaches that point (no clean-up, no atexit: exactly what a kill -9 or a 
 does); with ``ORCH_TRAINER_FULL_AT=<name>@<n>`` it raises ENOSPC there instead (a full disk,
 for machines where a test cannot mount a small filesystem); with
 ``ORCH_TRAINER_SIGNAL_AT=<name>@<n>`` it sends itself SIGTERM there and goes on (``orch stop``
-at exactly that moment). Without the variables a point costs one comparison. Pure Python.
+at exactly that moment); with ``ORCH_TRAINER_POINTS_LOG=<file>`` it appends each point's name
+to that file as it is reached (the fault harness plans its kills from an uninterrupted run's
+list). Without the variables a point costs one comparison. Pure Python.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 ENV = "ORCH_TRAINER_KILL_AT"
 FULL_ENV = "ORCH_TRAINER_FULL_AT"
 SIGNAL_ENV = "ORCH_TRAINER_SIGNAL_AT"
+LOG_ENV = "ORCH_TRAINER_POINTS_LOG"
 
 # Every point, in the order a run reaches them (tests check this list against the code).
 POINTS = (
@@ -51,13 +54,17 @@ def parse(spec: str, env: str = ENV) -> tuple[str, int] | None:
 _KILL = parse(os.environ.get(ENV, ""))
 _FULL = parse(os.environ.get(FULL_ENV, ""), FULL_ENV)
 _SIGNAL = parse(os.environ.get(SIGNAL_ENV, ""), SIGNAL_ENV)
+_LOG = os.environ.get(LOG_ENV) or None
 _reached: dict[str, int] = {}
 
 
 def point(name: str) -> None:
     """Die by SIGKILL, fail as a full disk, or be sent SIGTERM here if the environment asks for it."""
-    if _KILL is None and _FULL is None and _SIGNAL is None:
+    if _KILL is None and _FULL is None and _SIGNAL is None and _LOG is None:
         return
+    if _LOG is not None:
+        with open(_LOG, "a") as fh:
+            fh.write(name + "\n")
     _reached[name] = count = _reached.get(name, 0) + 1
     if (name, count) == _KILL:
         os.kill(os.getpid(), signal.SIGKILL)
