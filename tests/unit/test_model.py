@@ -1,6 +1,6 @@
 """The Keras model: padding never counts, weights load into a fresh model, all layer shapes; the
 in-graph augmentation: off at inference, padding-neutral, reproducible from its generators'
-states, frame dropout the same as removing frames and never all of them, mixup mixing inputs,
+states, frame dropout removing a share of the valid frames and never all of them, mixup mixing inputs,
 labels and weights alike."""
 
 import os
@@ -16,7 +16,7 @@ from trainer.ml.config import Architecture  # noqa: E402
 from trainer.ml.model import (  # noqa: E402
     AttentiveStatsPooling,
     Augmentation,
-    FrameMask,
+    FrameDropout,
     WarmupCosine,
     build_model,
 )
@@ -96,22 +96,31 @@ def test_training_outputs_are_padding_neutral_and_follow_the_generators_states()
     assert not np.allclose(a, c)
 
 
-def test_frame_dropout_masks_valid_frames_and_always_keeps_one() -> None:
+def test_frame_dropout_removes_a_share_of_the_valid_frames_and_always_keeps_one() -> None:
     lengths = np.array([1, 2, 7, 400, 400], np.int32)
-    frames = np.zeros((5, 400, 3), np.float32)
-    valid = np.arange(400)[None, :] < lengths[:, None]
-    half = keras.ops.convert_to_numpy(FrameMask(0.5, seed=1)(frames, lengths, training=True))
-    assert ((half > 0) <= valid).all()  # padding never comes back
-    assert half.sum(axis=1).min() >= 1
-    assert 160 < half[3].sum() < 240 and not np.array_equal(half[3], half[4])  # about half, row by row
-    almost_all = keras.ops.convert_to_numpy(FrameMask(0.999, seed=2)(frames, lengths, training=True))
-    assert almost_all.sum(axis=1).tolist() == [1, 1, 1, 1, 1]
-    assert ((almost_all > 0) <= valid).all()
-    np.testing.assert_array_equal(FrameMask(0.5)(frames, lengths), valid.astype(np.float32))  # inference
+    frames = np.full((5, 400, 3), -1.0, np.float32)  # padding: -1
+    for row, length in enumerate(lengths):
+        frames[row, :length, 0] = np.arange(length)  # each valid frame carries its index
+    x, keep = (keras.ops.convert_to_numpy(t) for t in FrameDropout(0.5, seed=1)(frames, lengths, training=True))
+    assert x.shape == (5, 200, 3) and keep.shape == (5, 200)  # ceil(0.5 * 400) slots: half the work after it
+    kept = [x[row, keep[row] > 0, 0] for row in range(5)]
+    for row, frames_kept in enumerate(kept):
+        assert len(np.unique(frames_kept)) == len(frames_kept)  # each frame once
+        assert ((frames_kept >= 0) & (frames_kept < lengths[row])).all()  # valid frames only, never padding
+    assert [len(k) for k in kept[:2]] == [1, 1] and len(kept[2]) in (3, 4) and [len(k) for k in kept[3:]] == [200, 200]
+    assert not np.array_equal(np.sort(kept[3]), np.sort(kept[4]))  # a choice of its own per row
+    almost_all, keep = (keras.ops.convert_to_numpy(t) for t in FrameDropout(0.999, seed=2)(frames, lengths, training=True))
+    assert almost_all.shape[1] == 1 and keep.sum(axis=1).tolist() == [1, 1, 1, 1, 1]
+    # The share is exact on average (stochastic rounding): 7 frames at rate 0.5 keep 3.5.
+    _, keep = FrameDropout(0.5, seed=3)(np.zeros((4000, 8, 1), np.float32), np.full(4000, 7, np.int32), training=True)
+    assert abs(float(keras.ops.convert_to_numpy(keep).sum(axis=1).mean()) - 3.5) < 0.05
+    same, valid = (keras.ops.convert_to_numpy(t) for t in FrameDropout(0.5)(frames, lengths))  # inference: nothing
+    np.testing.assert_array_equal(same, frames)
+    np.testing.assert_array_equal(valid, (np.arange(400)[None, :] < lengths[:, None]).astype(np.float32))
 
 
-def test_a_dropped_frame_counts_as_a_removed_one() -> None:
-    """Pooling over a mask is pooling over the kept frames alone (the effect of removing them)."""
+def test_the_pooling_ignores_the_frames_its_mask_leaves_out() -> None:
+    """Pooling over a mask is pooling over the kept frames alone (padding, dropped slots)."""
     pool = AttentiveStatsPooling(4)
     x = np.random.default_rng(3).standard_normal((1, 10, 6)).astype(np.float32)
     keep = np.array([[1, 0, 0, 1, 1, 0, 1, 0, 0, 0]], np.float32)

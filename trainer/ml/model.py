@@ -1,12 +1,13 @@
 """The classifier, in Keras 3 with ``keras.ops`` only (TensorFlow, JAX or PyTorch backend).
 
 frames (B, T, D) or (B, T, L, D), float16 from the host  + lengths (B,)
+  -> FrameDropout (training only: a random share of each sequence's frames removed)
   -> Standardize (the training split's mean/std, in float32)
   -> FeatureNoise (training only)
   -> [LayerWeighting: learned softmax over the L layers]
   -> Dense per frame (projection) -> LayerNorm -> Dropout
-  -> AttentiveStatsPooling (attention-weighted mean and std over the frames FrameMask keeps:
-     the valid ones, less a random share in training)
+  -> AttentiveStatsPooling (attention-weighted mean and std over the frames FrameDropout
+     keeps: the valid ones, less the dropped ones in training)
   -> head: Dropout -> Dense -> Dropout -> Dense(classes) logits (float32 even in mixed precision)
 
 and mixup of pairs of sequences in :meth:`EmotionClassifier.train_step`. Every augmentation
@@ -90,33 +91,57 @@ class FeatureNoise(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class FrameMask(layers.Layer):
-    """frames (B, T, ...) + lengths (B,) -> (B, T) float mask of the frames the pooling uses:
-    the first ``length`` of each row, and in training without a random ``rate`` share of them
-    (frame dropout: the same as removing those frames, since nothing before the pooling mixes
-    frames). A row whose every frame was drawn out keeps its valid frame of the highest draw."""
+class FrameDropout(layers.Layer):
+    """frames (B, T, ...) + lengths (B,) -> (frames (B, S, ...), keep (B, S)): the frames the
+    pooling uses and a 0/1 mask of which of them count.
+
+    At inference S = T and ``keep`` marks each row's first ``length`` frames. In training each
+    sequence keeps a random ``1 - rate`` share of its valid frames (``(1 - rate) * length``
+    frames, stochastically rounded so that the share is exact on average, and at least one),
+    gathered into S = ceil((1 - rate) * T) slots: the dropped frames are removed, not only
+    masked, so every layer after this one computes on about ``1 - rate`` of the frames (half,
+    by default). Nothing before the pooling mixes frames and the pooling ignores their order,
+    so this is exactly training on the shortened sequences. S depends on T alone: the compiled
+    shapes stay as few as the padded lengths."""
 
     def __init__(self, rate: float = 0.0, seed: int | None = None, **kwargs: Any) -> None:
-        super().__init__(autocast=False, **kwargs)  # only the frames' shape is used: no cast
+        super().__init__(autocast=False, **kwargs)  # frames pass as they came (no bfloat16 on the way)
         self.rate, self.seed = float(rate), seed
         self.seed_generator = keras.random.SeedGenerator(seed) if self.rate else None
 
-    def call(self, frames: Any, lengths: Any, training: bool = False) -> Any:
+    def call(self, frames: Any, lengths: Any, training: bool = False) -> tuple[Any, Any]:
         steps = ops.shape(frames)[1]
-        valid = ops.expand_dims(ops.arange(steps), 0) < ops.expand_dims(ops.cast(lengths, "int32"), 1)
-        if training and self.seed_generator is not None:
-            draws = keras.random.uniform((ops.shape(frames)[0], steps), seed=self.seed_generator)
-            kept = ops.logical_and(valid, draws >= self.rate)
-            best = ops.one_hot(ops.argmax(ops.where(valid, draws, -1.0), axis=1), steps, dtype="bool")
-            empty = ops.logical_not(ops.any(kept, axis=1, keepdims=True))
-            valid = ops.logical_or(kept, ops.logical_and(best, empty))
-        return ops.cast(valid, "float32")
+        lengths = ops.cast(lengths, "int32")
+        valid = ops.expand_dims(ops.arange(steps), 0) < ops.expand_dims(lengths, 1)
+        if not training or self.seed_generator is None:
+            return frames, ops.cast(valid, "float32")
+        share = 1.0 - self.rate
+        draws = keras.random.uniform((ops.shape(frames)[0], steps), seed=self.seed_generator)
+        rounding = keras.random.uniform(ops.shape(lengths), seed=self.seed_generator)
+        kept = ops.maximum(ops.cast(ops.floor(share * ops.cast(lengths, "float32") + rounding), "int32"), 1)
+        # The highest draws of each row's valid frames (padding draws -1: never chosen before them).
+        chosen = ops.top_k(ops.where(valid, draws, -1.0), _slots(steps, share))[1]
+        keep = ops.expand_dims(ops.arange(ops.shape(chosen)[1]), 0) < ops.expand_dims(kept, 1)
+        # One flat gather: take_along_axis broadcasts the indices over the features first
+        # (measured: 27 ms of a 50 ms step on one CPU core, against ~1 ms for this).
+        rows = ops.expand_dims(ops.arange(ops.shape(frames)[0]) * steps, 1)
+        flat = ops.reshape(frames, (-1, *frames.shape[2:]))
+        return ops.take(flat, chosen + rows, axis=0), ops.cast(keep, "float32")
 
-    def compute_output_spec(self, frames: Any, lengths: Any, training: bool = False) -> Any:
-        return keras.KerasTensor(tuple(frames.shape[:2]), dtype="float32")
+    def compute_output_spec(self, frames: Any, lengths: Any, training: bool = False) -> tuple[Any, Any]:
+        shape = (frames.shape[0], None, *frames.shape[2:])
+        return keras.KerasTensor(shape, dtype=frames.dtype), keras.KerasTensor(shape[:2], dtype="float32")
 
     def get_config(self) -> dict[str, Any]:
         return super().get_config() | {"rate": self.rate, "seed": self.seed}
+
+
+def _slots(steps: Any, share: float) -> Any:
+    """ceil(share * steps), at least 1: a Python int where the time axis is static (JAX,
+    PyTorch), a tensor where it is not (TensorFlow's traced steps)."""
+    if isinstance(steps, int):
+        return max(1, math.ceil(share * steps))
+    return ops.maximum(ops.cast(ops.ceil(share * ops.cast(steps, "float32")), "int32"), 1)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -263,14 +288,14 @@ def build_model(arch: Architecture, stats: Stats, n_classes: int, *, augmentatio
     feature_shape = tuple(stats.mean.shape)
     frames = keras.Input(shape=(None, *feature_shape), name="frames")
     lengths = keras.Input(shape=(), dtype="int32", name="lengths")
-    x = Standardize(stats.mean, stats.std, name="standardize")(frames)
+    x, keep = FrameDropout(aug.frame_dropout, name="frame_dropout")(frames, lengths)
+    x = Standardize(stats.mean, stats.std, name="standardize")(x)
     x = FeatureNoise(aug.noise, name="feature_noise")(x)
     if len(feature_shape) == 2:
         x = LayerWeighting(name="layer_weighting", trainable=layer_weighting)(x)
     x = layers.Dense(arch.hidden, activation="gelu", name="frame_projection")(x)
     x = layers.LayerNormalization(name="frame_norm")(x)
     x = layers.Dropout(arch.dropout)(x)
-    keep = FrameMask(aug.frame_dropout, name="frame_mask")(frames, lengths)
     x = AttentiveStatsPooling(arch.attention, name="pooling")(x, keep)
     # The head sees one vector per utterance: its dropout is set apart from the frames'.
     x = layers.Dropout(head_dropout)(x)
