@@ -352,9 +352,9 @@ class Judge:
         """Accuracy of ``weights`` on ``run``'s validation split (as the trainer's evaluate scores it)."""
         from trainer.ml.evaluate import predict_probabilities
 
-        model, sequences, labels, stats = self._evaluator(run)
+        model, sequences, labels = self._evaluator(run)
         model.load_weights(weights)
-        probs = predict_probabilities(model, sequences, stats)
+        probs = predict_probabilities(model, sequences)
         return float((probs.argmax(axis=1) == labels).mean())
 
     def _evaluator(self, run: Path) -> Any:
@@ -371,9 +371,8 @@ class Judge:
             ds = self._dataset
             index = ds.index_of()
             val = [index[rel] for rel in json.loads((run / layout.stats_path(layout.SPLIT_JSON)).read_text())["validation"]]
-            model = build_model(cfg.architecture, shape, len(cfg.classes))
-            self._evaluators[run] = (model, [ds.sequence(i) for i in val], ds.label_ids()[val],
-                                     load_stats(run / layout.STATS_DIR, shape))
+            model = build_model(cfg.architecture, load_stats(run / layout.STATS_DIR, shape), len(cfg.classes))
+            self._evaluators[run] = (model, [ds.sequence(i) for i in val], ds.label_ids()[val])
         return self._evaluators[run]
 
 

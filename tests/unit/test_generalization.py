@@ -1,6 +1,7 @@
-"""The generalization measures: augmentation reproducible per (seed, epoch), a stopped run
-(weight average, dropout and augmentation on) that continues exactly, early stopping that
-counts from the committed best."""
+"""The generalization measures: batches reproducible per (seed, epoch), a stopped run (weight
+average, dropout and the in-graph augmentation on, mixup too) that continues exactly, early
+stopping that counts from the committed best. The augmentation layers themselves:
+tests/unit/test_model.py."""
 
 from __future__ import annotations
 
@@ -20,10 +21,8 @@ from trainer.ml.config import Architecture, TrainConfig  # noqa: E402
 from trainer.ml.data import load_dataset  # noqa: E402
 from trainer.ml.dataset import Dataset  # noqa: E402
 from trainer.ml.fitting import EarlyStop, ema_momentum  # noqa: E402
-from trainer.ml.pipeline import Augmentation, BatchSequence, drop_frames, mix_pairs, padded_length  # noqa: E402
-from trainer.ml.stats import Stats  # noqa: E402
+from trainer.ml.pipeline import BatchSequence  # noqa: E402
 
-AUG = Augmentation(frame_dropout=0.3, noise=0.5, mixup=0.4)
 EMOS = ("NEU", "HAP", "SAD", "ANG")
 
 
@@ -35,14 +34,12 @@ def ds() -> Dataset:
         return load_dataset(tmp, use_cache=False)
 
 
-def sequence(ds: Dataset, epoch: int, augmentation: Augmentation = AUG) -> BatchSequence:
-    stats = Stats(np.zeros(4, np.float32), np.ones(4, np.float32))
+def sequence(ds: Dataset, epoch: int) -> BatchSequence:
     weights = np.linspace(0.5, 2.0, len(ds.classes)).astype(np.float32)
-    return BatchSequence(ds, np.arange(len(ds)), stats, 8, shuffle=True, seed=3, epoch=epoch,
-                         class_weights=weights, augmentation=augmentation)
+    return BatchSequence(ds, np.arange(len(ds)), 8, shuffle=True, seed=3, epoch=epoch, class_weights=weights)
 
 
-def test_augmented_batches_depend_only_on_seed_and_epoch(ds: Dataset) -> None:
+def test_batches_depend_only_on_seed_and_epoch(ds: Dataset) -> None:
     forward = [sequence(ds, 2)[i] for i in range(5)]
     backward = [sequence(ds, 2)[i] for i in reversed(range(5))][::-1]  # worker threads take any order
     for a, b in zip(forward, backward, strict=True):
@@ -57,47 +54,16 @@ def test_augmented_batches_depend_only_on_seed_and_epoch(ds: Dataset) -> None:
     assert not np.array_equal(sequence(ds, 3)[0][0]["frames"], forward[0][0]["frames"])
 
 
-def test_augmentation_keeps_the_batch_shapes_and_the_label_mass(ds: Dataset) -> None:
-    plain, augmented = sequence(ds, 1, Augmentation()), sequence(ds, 1)
-    for i in range(len(plain)):
-        (x, _, w), (xa, ya, wa) = plain[i], augmented[i]
-        # The padded length comes from the stored lengths: Keras's input signature never changes.
-        assert xa["frames"].shape == x["frames"].shape
-        assert x["frames"].shape[1] == padded_length(int(x["lengths"].max()))
-        assert (xa["lengths"] <= x["lengths"].max()).all() and (xa["lengths"] >= 1).all()
-        np.testing.assert_allclose(ya.sum(axis=1), 1.0, rtol=1e-6)  # mixed labels stay distributions
-        assert wa.min() >= w.min() - 1e-6 and wa.max() <= w.max() + 1e-6
-        valid = np.arange(xa["frames"].shape[1])[None, :] < xa["lengths"][:, None]
-        assert (xa["frames"][~valid] == 0).all()  # padding stays zero
-
-
-def test_frame_dropout_keeps_order_and_at_least_one_frame() -> None:
-    rng = np.random.default_rng(0)
-    seq = np.arange(20, dtype=np.float32)[:, None]
-    kept = drop_frames(seq, 0.5, rng)
-    assert 1 <= len(kept) < 20 and (np.diff(kept[:, 0]) > 0).all()
-    assert len(drop_frames(seq[:1], 0.9, rng)) == 1
-
-
-def test_mixup_mixes_inputs_labels_and_weights_alike() -> None:
-    rng = np.random.default_rng(1)
-    x = {"frames": np.stack([np.full((8, 2), k, np.float32) for k in range(4)]), "lengths": np.array([8, 3, 5, 8])}
-    y = np.eye(4, dtype=np.float32)
-    mixed, labels, weights = mix_pairs((x, y, np.arange(4, dtype=np.float32)), 0.4, rng)
-    # Each mixed frame value k_a * lam + k_b * (1 - lam) equals the label-weighted class index.
-    np.testing.assert_allclose(mixed["frames"][:, 0, 0], labels @ np.arange(4), rtol=1e-5)
-    np.testing.assert_allclose(weights, labels @ np.arange(4), rtol=1e-5)
-
-
 def test_ema_momentum_averages_over_the_given_epochs() -> None:
     assert ema_momentum(2.0, 50) == pytest.approx(0.99)
     assert ema_momentum(0.01, 10) == 0.0
 
 
-# Only sizes are set: dropout, head dropout, frame dropout, noise and the weight average keep
-# their defaults, so every random generator and the EMA are part of what must continue exactly.
+# Only sizes are set, and mixup turned on: dropout, head dropout, frame dropout, noise and the
+# weight average keep their defaults, so every random generator (mixup's too) and the EMA are
+# part of what must continue exactly.
 TINY = {"epochs": 3, "batch_size": 16, "learning_rate": 0.003, "warmup_epochs": 1, "patience": 0, "cache": False,
-        "architecture": Architecture(hidden=8, attention=4)}
+        "mixup": 0.4, "architecture": Architecture(hidden=8, attention=4)}
 
 
 @pytest.fixture(scope="module")

@@ -260,6 +260,34 @@ def test_trainer_data_layer_needs_no_tensorflow() -> None:
     assert not loaded & {"tensorflow", "keras", "orchestrator"}
 
 
+def unguarded_tensorflow_imports(source: str) -> list[int]:
+    """Lines importing TensorFlow outside the body of an ``if ...backend() == "tensorflow"``."""
+    tree = ast.parse(source)
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "backend()" in (test := ast.unparse(node.test)) and "tensorflow" in test:
+            guarded |= {id(inner) for stmt in node.body for inner in ast.walk(stmt)}
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in guarded
+            and any(name.split(".")[0] == "tensorflow" for name in imports_of_node(node))]
+
+
+def imports_of_node(node: ast.Import | ast.ImportFrom) -> list[str]:
+    return [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+
+
+def test_the_training_path_imports_tensorflow_only_when_keras_runs_on_it() -> None:
+    """A GPU machine may have Keras on JAX or PyTorch and no TensorFlow at all: the trainer's
+    ML modules and the GPU bench import it only behind a check of Keras's backend."""
+    files = [*sorted((ROOT / "trainer" / "ml").glob("*.py")), ROOT / "bench" / "bench_gpu.py", ROOT / "bench" / "speed.py"]
+    assert {p.name for p in files} >= {"model.py", "pipeline.py", "fitting.py", "train.py", "precision.py"}
+    found = {p.relative_to(ROOT).as_posix(): lines for p in files if (lines := unguarded_tensorflow_imports(p.read_text()))}
+    assert found == {}
+    bad = "import keras\ndef f():\n    import tensorflow as tf\n    if keras.backend.backend() == 'tensorflow':\n" \
+          "        from tensorflow import config\n    else:\n        import tensorflow.data\n"
+    assert unguarded_tensorflow_imports(bad) == [3, 7]
+
+
 def test_the_trainers_entry_keeps_scikit_learn_out_of_its_keras() -> None:
     """scikit-learn is installed here (the benches use it): the trainer's process must not pay its
     import, which Keras makes for wrappers the trainer never uses."""

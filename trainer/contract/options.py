@@ -105,7 +105,7 @@ class Option:
 
     def describe_default(self) -> str:
         if self.type is bool:
-            return "on" if self.default else "off"
+            return "auto" if self.default is None else "on" if self.default else "off"
         if self.default is None:
             return "not set"
         if self.default == 0 and self.name in _ZERO_MEANS_OFF:
@@ -183,7 +183,9 @@ OPTIONS: tuple[Option, ...] = (
            on_extend=INHERIT),
     Option("clip_norm", float, 1.0, "global gradient-norm clipping", gt=0, le=1e6, on_extend=INHERIT),
     Option("weight_decay", float, 1e-4, "AdamW weight decay", ge=0, le=1, on_extend=INHERIT),
-    Option("mixed_precision", bool, False, "float16 compute (GPUs with tensor cores)"),
+    Option("mixed_precision", bool, None, "half-precision compute: bfloat16 on GPUs of compute capability 8.0 "
+           "and up, float16 on 7.x; unset: chosen per device class (on for those GPUs, off on CPUs and older "
+           "GPUs; run.json records it)"),
     # ---- generalization
     Option("label_smoothing", float, 0.0, "label smoothing of the cross-entropy", group="generalization",
            ge=0, lt=1, on_extend=INHERIT),

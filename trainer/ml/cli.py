@@ -224,7 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(chosen) == 0:
         raise _usage(f"every usable file of {ds.root} is in the run's training split: scoring them would only "
                      "measure memory (--all scores them anyway)")
-    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in chosen], stats)
+    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in chosen])
     report = classification_report(ds.label_ids()[chosen], probs.argmax(axis=1), classes) | {"scope": scope}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -263,7 +263,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sequences.append(seq)
     if not usable:
         raise _usage("no usable feature files among the given paths")
-    probs = predict_probabilities(model, sequences, stats)
+    probs = predict_probabilities(model, sequences)
     for f, p in zip(usable, probs, strict=True):
         label = classes[int(p.argmax())]
         if args.json:

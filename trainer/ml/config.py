@@ -41,7 +41,7 @@ class TrainConfig:
     seed: int = default("seed")
     clip_norm: float = default("clip_norm")
     weight_decay: float = default("weight_decay")
-    mixed_precision: bool = default("mixed_precision")
+    mixed_precision: bool | None = default("mixed_precision")  # None: chosen per device
     label_smoothing: float = default("label_smoothing")
     class_weights: bool = default("class_weights")
     frame_dropout: float = default("frame_dropout")

@@ -40,15 +40,15 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
     }
 
 
-def predict_probabilities(model: Any, sequences: Sequence[np.ndarray], stats: Stats,
-                          batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N, K) for sequences of frames, batched by similar length."""
+def predict_probabilities(model: Any, sequences: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, K) for sequences of frames, batched by similar length (the model
+    normalizes them: trainer/ml/model.py)."""
     from trainer.ml.pipeline import length_sorted_batches, pad_batch
 
     lengths = np.array([len(s) for s in sequences])
     probs: np.ndarray | None = None
     for idx in length_sorted_batches(np.arange(len(sequences)), lengths, batch_size, None):
-        logits = np.asarray(model.predict_on_batch(pad_batch([sequences[i] for i in idx], stats)))
+        logits = np.asarray(model.predict_on_batch(pad_batch([sequences[i] for i in idx])))
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         if probs is None:
@@ -214,6 +214,7 @@ def load_run_model(run_dir: Path) -> tuple[Any, Stats, tuple[str, ...], tuple[in
     best = run_dir / layout.BEST_WEIGHTS
     if not best.is_file():
         raise UsageError(f"{run_dir}: no {layout.BEST_WEIGHTS} yet (has an epoch finished?)")
-    model = build_model(cfg.architecture, feature_shape, len(cfg.classes))
+    stats = load_stats(run_dir / layout.STATS_DIR, feature_shape)
+    model = build_model(cfg.architecture, stats, len(cfg.classes))
     model.load_weights(best)
-    return model, load_stats(run_dir / layout.STATS_DIR, feature_shape), cfg.classes, feature_shape
+    return model, stats, cfg.classes, feature_shape

@@ -1,8 +1,8 @@
 """How the model is fitted, from a TrainConfig: the optimizer and loss, the augmentation of the
 training batches, and the callbacks that average weights and stop early.
 
-The generalization measures live here (and in :mod:`trainer.ml.pipeline` for the numpy side);
-:mod:`trainer.ml.train` only wires them in. Each one's default was chosen by its effect on
+The generalization measures live here (and in :mod:`trainer.ml.model`, where the augmentation
+runs, in the graph); :mod:`trainer.ml.train` only wires them in. Each one's default was chosen by its effect on
 speakers that neither training nor validation saw (``bench/bench_train.py``).
 """
 
@@ -14,8 +14,7 @@ from typing import Any
 import keras
 
 from trainer.ml.config import TrainConfig
-from trainer.ml.model import WarmupCosine
-from trainer.ml.pipeline import Augmentation
+from trainer.ml.model import Augmentation, WarmupCosine
 
 Log = Callable[[str], None]
 

@@ -1,15 +1,15 @@
-"""Batches for training and inference: similar lengths together, normalized, padded.
+"""Batches for training and inference: similar lengths together, padded, nothing else.
 
-Frames stay in the one float16 dataset array; each batch is gathered, normalized and padded
-on the fly (no per-epoch file decoding). Shuffled chunks sorted by length keep padding small
-while the batch order stays random; lengths are rounded up to a multiple of 8 so backends
-that compile per shape (JAX) see few shapes.
+Frames stay in the one float16 dataset array; a batch is gathered and zero-padded from it on
+the fly (no per-epoch file decoding), in the dataset's float16: that is all the host does per
+batch. Normalization and every augmentation run on the device, in the model's graph
+(trainer/ml/model.py). Shuffled chunks sorted by length keep padding small while the batch
+order stays random; lengths are rounded up to a multiple of 8 so backends that compile per
+shape (XLA, JAX) see few shapes.
 
-Training batches can be augmented (frame dropout, Gaussian noise, mixup) in numpy; the random
-numbers of batch ``i`` of epoch ``e`` come from (seed, e, i) alone, so a continued run sees
-exactly the batches an uninterrupted one would have, whatever order worker threads take, and
-one continued from a position inside an epoch trains the rest of that very plan
-(:meth:`BatchSequence.rest_of_epoch`).
+The batch order of epoch ``e`` comes from (seed, e) alone, so a continued run sees exactly the
+batches an uninterrupted one would have, and one continued from a position inside an epoch
+trains the rest of that very plan (:meth:`BatchSequence.rest_of_epoch`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import keras
 import numpy as np
 
 from trainer.ml.dataset import Dataset
-from trainer.ml.stats import Stats
 
 PAD_MULTIPLE = 8
 SORT_CHUNK_BATCHES = 32  # batches per shuffled chunk that is sorted by length
@@ -33,16 +31,16 @@ def padded_length(longest: int) -> int:
     return PAD_MULTIPLE * math.ceil(longest / PAD_MULTIPLE)
 
 
-def pad_batch(sequences: Sequence[np.ndarray], stats: Stats, time_steps: int | None = None) -> dict[str, np.ndarray]:
-    """Normalize and zero-pad sequences (T_i, *F) into {"frames": (B, T, *F), "lengths": (B,)};
-    T is the longest length rounded up to PAD_MULTIPLE, or ``time_steps`` when given."""
-    lengths = np.array([len(s) for s in sequences], dtype=np.int32)
+def pad_batch(sequences: Sequence[np.ndarray], time_steps: int | None = None) -> dict[str, np.ndarray]:
+    """Zero-pad sequences (T_i, *F) into {"frames": (B, T, *F), "lengths": (B,)}, in the
+    sequences' own dtype (the dataset's float16); T is the longest length rounded up to
+    PAD_MULTIPLE, or ``time_steps`` when given. The model normalizes: padding stays zero here."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences))
     t = time_steps or padded_length(int(lengths.max()))
-    out = np.zeros((len(sequences), t, *stats.mean.shape), dtype=np.float32)
+    dtype = np.result_type(*{s.dtype for s in sequences})
+    out = np.zeros((len(sequences), t, *sequences[0].shape[1:]), dtype=dtype)
     for row, seq in zip(out, sequences, strict=True):
-        valid = row[: len(seq)]
-        np.subtract(seq, stats.mean, out=valid)
-        valid /= stats.std
+        row[: len(seq)] = seq
     return {"frames": out, "lengths": lengths}
 
 
@@ -62,124 +60,60 @@ def length_sorted_batches(indices: np.ndarray, lengths: np.ndarray, batch_size: 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """What is done to training batches; all zero means nothing."""
-
-    frame_dropout: float = 0.0  # share of each sequence's frames left out
-    noise: float = 0.0  # standard deviation of the Gaussian noise on normalized frames
-    mixup: float = 0.0  # Beta(mixup, mixup) mixing weights of pairs of sequences
-
-    def __bool__(self) -> bool:
-        return bool(self.frame_dropout or self.noise or self.mixup)
-
-
-Batch = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]
-KerasBatch = tuple[np.ndarray | dict[str, np.ndarray], ...]  # (inputs, labels[, sample weights])
-
-
-def drop_frames(seq: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
-    """``seq`` without a random ``share`` of its frames (order kept; at least one frame left)."""
-    keep = rng.random(len(seq)) >= share
-    if not keep.any():
-        keep[rng.integers(len(seq))] = True
-    return seq[keep]
-
-
-def add_noise(inputs: dict[str, np.ndarray], std: float, rng: np.random.Generator) -> None:
-    """Gaussian noise on the valid frames of a padded batch, in place (padding stays zero)."""
-    frames, lengths = inputs["frames"], inputs["lengths"]
-    noise = rng.standard_normal(frames.shape, dtype=np.float32)
-    noise *= std
-    noise[np.arange(frames.shape[1])[None, :] >= lengths[:, None]] = 0.0
-    frames += noise
-
-
-def mix_pairs(batch: Batch, alpha: float, rng: np.random.Generator) -> Batch:
-    """Mixup: each sequence mixed with a random partner of the batch, labels and sample weights
-    alike; the mixed sequence is as long as the longer of the two (padding is zero)."""
-    inputs, labels, weights = batch
-    partner = rng.permutation(len(labels))
-    lam = rng.beta(alpha, alpha, size=len(labels)).astype(np.float32)
-    frames = inputs["frames"]
-    lam_frames = lam.reshape(-1, *([1] * (frames.ndim - 1)))
-    mixed = {"frames": lam_frames * frames + (1 - lam_frames) * frames[partner],
-             "lengths": np.maximum(inputs["lengths"], inputs["lengths"][partner])}
-    mixed_labels = lam[:, None] * labels + (1 - lam[:, None]) * labels[partner]
-    mixed_weights = None if weights is None else lam * weights + (1 - lam) * weights[partner]
-    return mixed, mixed_labels, mixed_weights
+KerasBatch = tuple[dict[str, np.ndarray], ...]  # (inputs, one-hot labels[, sample weights])
 
 
 class BatchSequence(keras.utils.PyDataset):
     """Keras input for ``fit``/``evaluate``: (inputs, one-hot labels[, sample weights]).
 
-    The batch order and the augmentation of epoch ``e`` depend only on (seed, e), so a
-    continued run sees the same batches an uninterrupted one would have. Keras's ``fit`` calls
-    ``on_epoch_end`` once as it starts (resetting its iterator): a sequence made at ``epoch``
-    (the committed epochs) trains the run's 1-based epoch E on plan E.
+    The batch order of epoch ``e`` depends only on (seed, e), so a continued run sees the same
+    batches an uninterrupted one would have. Keras's ``fit`` calls ``on_epoch_end`` once as it
+    starts (resetting its iterator): a sequence made at ``epoch`` (the committed epochs) trains
+    the run's 1-based epoch E on plan E.
     """
 
-    def __init__(self, ds: Dataset, indices: np.ndarray, stats: Stats, batch_size: int,
-                 shuffle: bool, seed: int = 0, epoch: int = 0,
-                 class_weights: np.ndarray | None = None, workers: int | None = None,
-                 augmentation: Augmentation | None = None) -> None:
+    def __init__(self, ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
+                 epoch: int = 0, class_weights: np.ndarray | None = None, workers: int | None = None) -> None:
         super().__init__(workers=workers or default_workers(), use_multiprocessing=False, max_queue_size=16)
-        self.ds, self.indices, self.stats = ds, np.asarray(indices), stats
+        self.ds, self.indices = ds, np.asarray(indices)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.labels, self.lengths = ds.label_ids(), ds.lengths()
-        self.n_classes = len(ds.classes)
+        self.onehot = np.eye(len(ds.classes), dtype=np.float32)
         self.class_weights = class_weights
-        self.augmentation = augmentation or Augmentation()
         self.epoch = epoch
-        # One tuple, replaced whole, so a worker never pairs one epoch's plan with another's number.
-        self.epoch_plan = (epoch, self._plan())
+        self.plan = self._plan()  # replaced whole: a worker never sees half of two plans
 
     def _plan(self) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
         batches = length_sorted_batches(self.indices, self.lengths, self.batch_size, rng)
         # Keras (TensorFlow backend) infers the input signature from the first 2 batches: a
         # time axis of equal length in both would be fixed for the whole run. So the second
-        # batch is one of another padded length whenever there is one (augmentation never
-        # changes a batch's padded length: it is taken from the stored lengths).
+        # batch is one of another padded length whenever there is one.
         padded = [padded_length(int(self.lengths[b].max())) for b in batches]
         other = next((k for k in range(1, len(batches)) if padded[k] != padded[0]), None)
         if other is not None and other != 1:
             batches[1], batches[other] = batches[other], batches[1]
         return batches
 
-    @property
-    def plan(self) -> list[np.ndarray]:
-        return self.epoch_plan[1]
-
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> KerasBatch:
-        return self.batch(*self.epoch_plan, i)
+        return self.batch(self.plan, i)
 
-    def batch(self, epoch: int, plan: list[np.ndarray], i: int) -> KerasBatch:
-        """Batch ``i`` of ``plan`` (epoch ``epoch``'s), augmented with the numbers of (seed, epoch, i)."""
+    def batch(self, plan: list[np.ndarray], i: int) -> KerasBatch:
+        """Batch ``i`` of ``plan``: its sequences gathered and padded, labels, sample weights."""
         idx = plan[i]
-        sequences = [self.ds.sequence(int(k)) for k in idx]
-        aug = self.augmentation
-        rng = np.random.default_rng([self.seed, epoch, i, 1]) if aug else None
-        if rng is not None and aug.frame_dropout:
-            sequences = [drop_frames(s, aug.frame_dropout, rng) for s in sequences]
-        inputs = pad_batch(sequences, self.stats, padded_length(int(self.lengths[idx].max())))
-        onehot = np.eye(self.n_classes, dtype=np.float32)[self.labels[idx]]
-        weights = None if self.class_weights is None else self.class_weights[self.labels[idx]].astype(np.float32)
-        if rng is not None and aug.noise:
-            add_noise(inputs, aug.noise, rng)
-        if rng is not None and aug.mixup:
-            inputs, onehot, weights = mix_pairs((inputs, onehot, weights), aug.mixup, rng)
-        return (inputs, onehot) if weights is None else (inputs, onehot, weights)
+        inputs = pad_batch([self.ds.sequence(int(k)) for k in idx], padded_length(int(self.lengths[idx].max())))
+        labels = self.labels[idx]
+        if self.class_weights is None:
+            return inputs, self.onehot[labels]
+        return inputs, self.onehot[labels], self.class_weights[labels].astype(np.float32)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
         if self.shuffle:
-            self.epoch_plan = (self.epoch, self._plan())
-        else:
-            self.epoch_plan = (self.epoch, self.plan)
+            self.plan = self._plan()
 
     def rest_of_epoch(self, start: int) -> RestOfEpoch:
         """The current plan's batches from ``start`` on: a fit over them continues a position."""
@@ -200,19 +134,17 @@ class BatchSequence(keras.utils.PyDataset):
 
 
 class RestOfEpoch(keras.utils.PyDataset):
-    """The batches of one epoch's plan from ``start`` on, exactly as the whole epoch has them
-    (the same augmentation numbers: batch ``start + i`` is batch ``start + i`` of the plan)."""
+    """The batches of one epoch's plan from ``start`` on, exactly as the whole epoch has them."""
 
     def __init__(self, seq: BatchSequence, start: int) -> None:
         super().__init__(workers=seq.workers, use_multiprocessing=False, max_queue_size=16)
-        self.seq, self.start = seq, start
-        self.epoch, self.plan = seq.epoch_plan
+        self.seq, self.start, self.plan = seq, start, seq.plan
 
     def __len__(self) -> int:
         return len(self.plan) - self.start
 
     def __getitem__(self, i: int) -> KerasBatch:
-        return self.seq.batch(self.epoch, self.plan, self.start + i)
+        return self.seq.batch(self.plan, self.start + i)
 
     # Keras's fit calls on_epoch_end as it starts: this is one epoch's rest, whatever it calls.
 

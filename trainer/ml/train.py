@@ -164,10 +164,12 @@ def _kept(run: RunDir) -> str:
 def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stopper, log: Log,
            since: float) -> ExitCode:
     inputs = _inputs(cfg, run, log)
-    model, train_seq, val_seq = _model(cfg, run, inputs, log)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras (and TensorFlow) load
+    precision = _precision(cfg, previous)
+    model, train_seq, val_seq = _model(cfg, run, inputs, precision.policy, log)
     _starting_point(cfg, run, model, log)
     if previous is None:
-        _write_run_json(cfg, run, inputs)
+        _write_run_json(cfg, run, inputs, precision.to_json())
     recorder = _fit(cfg, run, model, train_seq, val_seq, stopper, log)
     if recorder.failure:
         raise TrainingFailed(recorder.failure)
@@ -195,10 +197,10 @@ def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
     return _Inputs(ds, split, stats)
 
 
-def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, log: Log) -> tuple[Any, Any, Any]:
-    """The compiled model and its training and validation batches (TensorFlow/Keras imported only now)."""
+def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, policy: str, log: Log) -> tuple[Any, Any, Any]:
+    """The compiled model, in the dtype ``policy``, and its training and validation batches
+    (TensorFlow/Keras imported only now)."""
     run.heartbeat.beat(force=True, phase="building the model")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     from trainer.ml.fitting import augmentation, compile_model
@@ -206,22 +208,34 @@ def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, log: Log) -> tuple[An
     from trainer.ml.pipeline import BatchSequence, balanced_class_weights
 
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(policy)
     ds, split = inputs.ds, inputs.split
     labels = ds.label_ids()
     weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
-    train_seq = BatchSequence(ds, split.train, inputs.stats, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                              epoch=run.state.epoch, class_weights=weights, augmentation=augmentation(cfg))
-    val_seq = BatchSequence(ds, split.val, inputs.stats, cfg.batch_size, shuffle=False)
+    train_seq = BatchSequence(ds, split.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              epoch=run.state.epoch, class_weights=weights)
+    val_seq = BatchSequence(ds, split.val, cfg.batch_size, shuffle=False)
     steps = len(train_seq)
     scope, devices = _distribution()
     with scope:
-        model = build_model(cfg.architecture, ds.feature_shape, len(cfg.classes), head_dropout=cfg.head_dropout,
-                            layer_weighting=cfg.layer_weighting)
+        model = build_model(cfg.architecture, inputs.stats, len(cfg.classes), augmentation=augmentation(cfg),
+                            head_dropout=cfg.head_dropout, layer_weighting=cfg.layer_weighting)
         compile_model(model, cfg, steps)
-    log(f"model: {model.count_params():,} parameters on {devices}; {steps} batches per epoch")
+    log(f"model: {model.count_params():,} parameters on {devices}, {keras.mixed_precision.global_policy().name}; "
+        f"{steps} batches per epoch")
     return model, train_seq, val_seq
+
+
+def _precision(cfg: TrainConfig, previous: dict | None) -> Any:
+    """The dtype policy: the one run.json recorded (a continued run trains as it started), else
+    the one chosen for this device (trainer/ml/precision.py)."""
+    from trainer.ml import precision
+
+    chosen = precision.choose(cfg.mixed_precision, precision.training_device())
+    recorded = (previous or {}).get("precision")
+    if isinstance(recorded, dict) and recorded.get("policy") in precision.POLICIES:
+        return replace(chosen, policy=recorded["policy"], reason="recorded in run.json")
+    return chosen
 
 
 def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
@@ -246,8 +260,9 @@ def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None
         _init_from(cfg, run, model, log)
 
 
-def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs) -> None:
-    """run.json: everything needed to rebuild the model and to know where the run came from."""
+def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs, precision: dict[str, Any]) -> None:
+    """run.json: everything needed to rebuild the model and to know where the run came from,
+    and the dtype policy it trains in (with the device and why)."""
     import keras
 
     atomic_write_json(run.file(layout.RUN_JSON), {
@@ -259,6 +274,7 @@ def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs) -> None:
         "code_version": code_version(),
         "started_at": now_iso(),
         "backend": keras.backend.backend(),
+        "precision": precision,
         "keras_version": keras.__version__,
         "samples": {"train": int(len(inputs.split.train)), "validation": int(len(inputs.split.val)),
                     "skipped_files": len(inputs.ds.skipped)},
@@ -382,11 +398,11 @@ def _distribution() -> tuple[Any, str]:
 def _final_evaluation(run: RunDir, model: Any, inputs: _Inputs, history: list[dict[str, Any]], log: Log) -> None:
     from trainer.ml.evaluate import classification_report, plot_confusion, plot_curves, predict_probabilities
 
-    ds, split, stats = inputs.ds, inputs.split, inputs.stats
+    ds, split = inputs.ds, inputs.split
     best = run.file(layout.BEST_WEIGHTS)
     if best.is_file():
         model.load_weights(best, objects_to_skip=[model.optimizer])
-    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in split.val], stats)
+    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in split.val])
     report = classification_report(ds.label_ids()[split.val], probs.argmax(axis=1), ds.classes)
     atomic_write_json(run.file(layout.stats_path(layout.EVALUATION_JSON)), report)
     # The plots carry the run id, mark the kept (best) checkpoint, and say when data is synthetic.

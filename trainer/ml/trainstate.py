@@ -4,21 +4,22 @@
 count, its moments and the weight average's slots). Keras leaves out two kinds of variables
 (``model.variables`` minus ``model.weights``):
 
-- the **random generators' states** (a ``keras.random.SeedGenerator`` per Dropout layer, and
-  any other layer's): each training step moves them on, so a continued run that started them
-  afresh would drop other frames than the uninterrupted run did. They are committed with every
-  checkpoint (state.json's ``rng``, trainer/contract/layout.py) and put back before training.
+- the **random generators' states** (a ``keras.random.SeedGenerator`` per Dropout layer, the
+  augmentation's: noise, frame mask, mixup, trainer/ml/model.py): each training step moves them
+  on, so a continued run that started them afresh would drop other frames than the
+  uninterrupted run did. They are committed with every checkpoint (state.json's ``rng``,
+  trainer/contract/layout.py) and put back before training.
 
-  Saved, not re-derived from (seed, epoch, batch) as the batch pipeline derives its numbers:
-  a generator's state is Keras's own format (its layout, and how far a step moves it, are
-  Keras's business), so copying it back holds exactly whatever Keras does with it, at any
-  batch (a position inside an epoch needs that too), and costs nothing per batch, where
-  reseeding every generator before every step would.
+  Saved, not re-derived from (seed, epoch, batch): a generator's state is Keras's own format
+  (its layout, and how far a step moves it, are Keras's business), so copying it back holds
+  exactly whatever Keras does with it, at any batch (a position inside an epoch needs that
+  too), and costs nothing per batch, where reseeding every generator before every step would
+  (Keras's random ops take only an int or a SeedGenerator as seed, not a tensor of the step).
 - the **metric accumulators** (the running sums behind the epoch's loss and accuracy): reset at
   every epoch's start, so they matter only for a position inside an epoch.
 
-The rest of the training state is derived: the batch plan and the augmentation come from
-(seed, epoch, batch) (trainer/ml/pipeline.py), nothing draws from numpy's or Python's global
+The rest of the training state is derived: the batch plan comes from (seed, epoch)
+(trainer/ml/pipeline.py), nothing draws from numpy's or Python's global
 generators during training, and the weights' initial values are those of a fresh start.
 """
 
