@@ -173,6 +173,14 @@ _HINTS = {
 }
 
 
+def tagged(ec2: Any, tags: dict[str, str]) -> list[Instance]:
+    """Every live instance (not terminated) that carries all of ``tags``."""
+    pages = _call("looking up instances by tag", ec2.describe_instances,
+                  Filters=[{"Name": f"tag:{k}", "Values": [v]} for k, v in tags.items()])
+    found = [_instance(i) for r in pages["Reservations"] for i in r["Instances"]]
+    return [i for i in found if i.state not in ("terminated", "shutting-down")]
+
+
 def find_instance(ec2: Any, cfg: Ec2Config, *, missing_ok: bool = False) -> Instance | None:
     """The configured instance; a clear error when it is missing, terminated or ambiguous.
     ``missing_ok``: None when no live instance has the name (ec2.launch creates one then)."""

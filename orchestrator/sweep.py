@@ -43,7 +43,7 @@ from orchestrator.monitor import RunView
 from orchestrator.recover import check_recoverable, watch
 from orchestrator.requests import LaunchOptions
 from orchestrator.runs import stop as stop_runs
-from orchestrator.sweepspec import SweepSpec
+from orchestrator.sweepspec import MAX_PARALLEL, SweepSpec
 from trainer.contract import layout, options
 
 if TYPE_CHECKING:
@@ -61,7 +61,8 @@ SWEEP_TAG = "orch:sweep"  # the tag on the sweep's own instances: the sweep's na
 
 @dataclass
 class Stopping:
-    """Ctrl-C during a sweep: the first stops launching, the second stops the running trial."""
+    """Ctrl-C during a sweep: the first stops launching, the second stops the running trials,
+    a third exits at once."""
 
     asked: int = 0
 
@@ -72,8 +73,11 @@ class Shared:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     launched: list[str] = field(default_factory=list)
-    failures: list[BaseException] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)  # each place's, as it came: none is launched after
     why: str | None = None  # why launching stopped (the first machine to stop says)
+    # per_gpu: one machine for every place, so one launch at a time (the first creates or starts
+    # it; the next find it running, and never stop it under the others' runs when they fail)
+    launching: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ def open_study(ctx: Context, spec: SweepSpec, *, create: bool) -> Any:
     except Exception as exc:  # SQLAlchemy's and Optuna's errors alike: a URL that does not open
         raise ConfigError(f"storage {shown_url(url)}: cannot be opened ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    sampler, pruner = optuna.samplers.TPESampler(seed=spec.seed), _pruner(spec)
+    # constant_liar: trials asked while others run (parallel) are not drawn where those are
+    sampler, pruner = optuna.samplers.TPESampler(seed=spec.seed, constant_liar=spec.parallel > 1), _pruner(spec)
     try:
         if create:
             study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction, sampler=sampler,
@@ -165,7 +170,8 @@ def open_study(ctx: Context, spec: SweepSpec, *, create: bool) -> Any:
         raise ConfigError(f"study {spec.name!r} in {shown_url(url)} was started to {study.direction.name.lower()}, "
                           f"the spec says {direction}: give the sweep another name")
     if spec.seed is not None:  # a continued study must not draw the first trials' parameters again
-        study.sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.get_trials(deepcopy=False)))
+        study.sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.get_trials(deepcopy=False)),
+                                                   constant_liar=spec.parallel > 1)
     objective = study.user_attrs.get("objective")
     if objective is None and create:
         study.set_user_attr("objective", spec.objective)
@@ -231,7 +237,7 @@ class _Reporter:
         self.trial, self.metric, self.reported, self.stopping = trial, metric, set(reported), stopping
 
     def __call__(self, view: RunView) -> None:
-        if self.stopping.asked > 1:  # the second Ctrl-C, seen by the thread following this trial
+        if self.stopping.asked > 1 and not view.final:  # the second Ctrl-C (a run that ended is settled)
             raise KeyboardInterrupt
         for epoch in view.history:  # one refresh may bring several epochs: each judged as it came
             value = getattr(epoch, self.metric)
@@ -253,7 +259,6 @@ class Sweep:
         self.ctx, self.spec, self.study, self.slot, self.gpu = ctx, spec, study, slot, gpu
         self.launching, self.stopping = replace(launching, gpu=gpu) if gpu is not None else launching, stopping
         self.shared = shared or Shared()
-        self.unsettled = False  # a trial of this machine was left RUNNING (its run may still train)
         self.optuna = _optuna()
 
     @property
@@ -270,10 +275,9 @@ class Sweep:
                     self._run_trial(*asked)
         except KeyboardInterrupt:  # the second Ctrl-C: this machine's trial was stopped
             pass
-        except BaseException as exc:
-            self.unsettled = True
+        except Exception as exc:  # said at once; the others launch nothing more, and run() raises the first
             self.shared.failures.append(exc)
-            self.stopping.asked = max(self.stopping.asked, 1)
+            self.ctx.log(f"{exc if isinstance(exc, OrchError) else repr(exc)}; no further trial is launched")
 
     def adopt(self) -> None:
         """Settle this machine's trials a killed `orch sweep run` left RUNNING (oldest first)."""
@@ -297,14 +301,20 @@ class Sweep:
             return f"the study has its {self.spec.trials} trials"
         if self.stopping.asked:
             return "Ctrl-C"
+        if self.shared.failures:
+            return "a machine failed"
         budget = self.spec.budget
         if budget is None:
             return None
         lengths = [t.user_attrs[SECONDS] for t in trials if isinstance(t.user_attrs.get(SECONDS), (int, float))]
-        spent = sum(lengths) / 3600
-        # The next trial and those under way on the other machines, each at the mean length so far.
-        under_way = sum(1 for t in trials if t.state.name == "RUNNING")
-        expected = (under_way + 1) * spent / len(lengths) if lengths else 0.0
+        mean = sum(lengths) / len(lengths) / 3600 if lengths else 0.0
+        # The trials under way on the other machines count what they took so far (at least the
+        # mean length, in all), the next one the mean length.
+        now = datetime.now()
+        taking = [(now - t.datetime_start).total_seconds() / 3600 for t in trials
+                  if t.state.name == "RUNNING" and t.datetime_start is not None]
+        spent = sum(lengths) / 3600 + sum(taking)
+        expected = mean + sum(max(0.0, mean - h) for h in taking)
         if budget.instance_hours is not None and spent + expected > budget.instance_hours:
             return (f"budget: {spent:.3f} instance-hours spent, the next trial (about {expected:.3f} h) would pass "
                     f"{budget.instance_hours:g}")
@@ -331,17 +341,25 @@ class Sweep:
             return trial, run_id, params
 
     def _run_trial(self, trial: Any, run_id: str, params: dict[str, Any]) -> None:
-        """Launch the trial's run, follow it to its end (a second Ctrl-C during the launch stops
-        it at the first look), tell the result."""
-        self._launch(trial, run_id, params)
+        """Launch the trial's run, follow it to its end, tell the result. A second Ctrl-C during
+        the launch: in the main thread (one place) it interrupts the launch; in a place's thread
+        the run is stopped at its first look."""
+        try:
+            self._launch(trial, run_id, params)
+        except KeyboardInterrupt:
+            self._interrupted(trial, run_id)
+            raise
         self._follow(trial, run_id, params, set())
 
     def _launch(self, trial: Any, run_id: str, params: dict[str, Any]) -> None:
         shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         self.ctx.log(f"trial {trial.number}: launching run {run_id} ({shown})")
+        # The sweep's own instances get the data from data.local_dir (new ones have none)
+        with_data = self.slot > 0 and bool(self.ctx.cfg.data.local_dir)
         try:
-            deploy(self.ctx, run_id=run_id, launching=self.launching,
-                   trainer_args=options.to_argv(self.spec.train | params))
+            with self.shared.launching if self.gpu is not None else contextlib.nullcontext():
+                deploy(self.ctx, run_id=run_id, with_data=with_data, launching=self.launching,
+                       trainer_args=options.to_argv(self.spec.train | params))
         except RemoteError as exc:  # the trainer failed as it started (these options?): the trial's failure
             self._fail(trial, f"failed at launch: {exc}")
             raise _Settled() from exc
@@ -448,10 +466,11 @@ def _one_sweep_per_study(ctx: Context, spec: SweepSpec) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _interrupts(ctx: Context) -> Iterator[Stopping]:
-    """The first Ctrl-C stops launching; the second stops the running trials (each machine's
-    thread sees it: once its launch is done, at its next look); a third exits at once, leaving
-    the trials' runs to train (the next `orch sweep run` follows them)."""
+def _interrupts(ctx: Context, *, threaded: bool) -> Iterator[Stopping]:
+    """The first Ctrl-C stops launching; the second stops the running trials (one place: at
+    once, a launch under way too; several: each place's thread, once its launch is done, at its
+    next look); a third exits at once, leaving the trials' runs to train (the next `orch sweep
+    run` follows them)."""
     stopping = Stopping()
     if threading.current_thread() is not threading.main_thread():
         yield stopping
@@ -462,11 +481,13 @@ def _interrupts(ctx: Context) -> Iterator[Stopping]:
         if stopping.asked == 1:
             ctx.log("Ctrl-C: no further trial is launched; the running ones go on to their end (Ctrl-C again stops "
                     "them)")
-        elif stopping.asked == 2:
-            ctx.log("Ctrl-C again: the running trials' runs are stopped (Ctrl-C a third time exits at once, leaving "
-                    "them to train)")
-        else:
-            raise KeyboardInterrupt
+            return
+        if stopping.asked == 2:
+            ctx.log("Ctrl-C again: the running trials' runs are stopped" + (
+                " (Ctrl-C a third time exits at once, leaving them to train)" if threaded else ""))
+            if threaded:
+                return
+        raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -477,16 +498,27 @@ def _interrupts(ctx: Context) -> Iterator[Stopping]:
 
 def check(ctx: Context, spec: SweepSpec) -> float | None:
     """What the spec asks of this config that cannot be done here; the machine's hourly price."""
-    if spec.own_machines and (ctx.cfg.target != "ec2" or ctx.cfg.ec2.launch is None):
-        where = "ec2.launch is not set" if ctx.cfg.target == "ec2" else f"target {ctx.cfg.target} is one machine"
+    cfg = ctx.cfg
+    if spec.own_machines and (cfg.target != "ec2" or cfg.ec2.launch is None):
+        where = "ec2.launch is not set" if cfg.target == "ec2" else f"target {cfg.target} is one machine"
         raise ConfigError(f"parallel: {spec.parallel} needs instances of the sweep's own, created from ec2.launch "
                           f"(target: ec2), and {where}; parallel: 1 runs the trials one after another (per_gpu: "
                           "true, one per GPU of the machine)")
+    if spec.own_machines and cfg.ssh.host:
+        raise ConfigError(f"parallel: {spec.parallel}: each of the sweep's own instances is reached at its own "
+                          f"address, but ssh.host ({cfg.ssh.host}) names one host for all: leave ssh.host unset (a "
+                          "ProxyJump in ssh.config_file still applies)")
+    if spec.per_gpu and cfg.target == "ec2" and cfg.ec2.launch is not None and cfg.ec2.launch.spot is not None:
+        raise ConfigError("per_gpu on a spot instance is not built (each GPU's trial would recover the one machine "
+                          "on its own): use an on-demand instance, or parallel machines without per_gpu")
+    if spec.own_machines and not cfg.data.local_dir:
+        ctx.log("data.local_dir is unset: the sweep's own instances must find their data in data.remote_dir "
+                "already (an AMI or volume that has it); preflight says so if they do not")
     # What recovering a trial's run needs (storage for one-time spot instances), on the machines it runs on.
     check_recoverable(_a_machine(ctx, spec))
     price = hourly_price(_a_machine(ctx, spec))
     if spec.budget is not None and spec.budget.usd is not None and price is None:
-        raise ConfigError(f"budget.usd: no hourly price for target {ctx.cfg.target}: set ec2.hourly_price in "
+        raise ConfigError(f"budget.usd: no hourly price for target {cfg.target}: set ec2.hourly_price in "
                           "deploy.yaml, or give budget.instance_hours")
     return price
 
@@ -494,7 +526,7 @@ def check(ctx: Context, spec: SweepSpec) -> float | None:
 def machine_config(cfg: DeployConfig, spec: SweepSpec, slot: int) -> DeployConfig:
     """The config of a sweep's machine: slot 0 is the config's own; slot k (1..) the sweep's
     instance <ec2.name>-<sweep>-<k>, created from ec2.launch, tagged with the sweep's name, spot or
-    on-demand as the spec says."""
+    on-demand as the spec says, reached at its own address."""
     if slot == 0:
         return cfg
     launch = cfg.ec2.launch
@@ -503,7 +535,7 @@ def machine_config(cfg: DeployConfig, spec: SweepSpec, slot: int) -> DeployConfi
     launch = launch.model_copy(update={"tags": {**launch.tags, SWEEP_TAG: spec.name}, "spot": spot})
     ec2 = cfg.ec2.model_copy(update={"name": f"{cfg.ec2.name or 'orch'}-{spec.name}-{slot}", "instance_id": None,
                                      "launch": launch})
-    return cfg.model_copy(update={"ec2": ec2})
+    return cfg.model_copy(update={"ec2": ec2, "ssh": cfg.ssh.model_copy(update={"host": None})})
 
 
 Place = tuple[int, int | None]  # (machine: 0 the config's, 1.. the sweep's own; its GPU, None: all)
@@ -513,8 +545,8 @@ def place_of(trial: Any) -> Place:
     """Where a trial runs. A value no sweep writes (a shared storage is another's input) reads
     as the config's machine, all GPUs."""
     k, gpu = trial.user_attrs.get(MACHINE, 0), trial.user_attrs.get(GPU)
-    return (k if isinstance(k, int) and 0 <= k <= MAX_MACHINES else 0,
-            gpu if isinstance(gpu, int) and 0 <= gpu < MAX_MACHINES else None)
+    return (k if type(k) is int and 0 <= k <= MAX_PARALLEL else 0,
+            gpu if type(gpu) is int and 0 <= gpu < MAX_PARALLEL else None)
 
 
 def running_trials(study: Any, place: Place | None = None) -> list[Any]:
@@ -523,19 +555,16 @@ def running_trials(study: Any, place: Place | None = None) -> list[Any]:
     return [t for t in study.get_trials(deepcopy=False, states=(running,)) if place in (None, place_of(t))]
 
 
-MAX_MACHINES = 64  # SweepSpec.parallel's bound
-
-
 def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptions()) -> SweepStatus:
     """`orch sweep run`: adopt what a killed sweep left, then launch trials (``spec.parallel``
-    at once, one thread per machine) until the study has ``spec.trials``, the budget would be
-    passed, or Ctrl-C; the sweep's own machines then stopped as ``spec.after`` says; the study as
-    it then stands."""
+    at once, one thread per place) until the study has ``spec.trials``, the budget would be
+    passed, a machine fails, or Ctrl-C; the sweep's own instances then stopped as ``spec.after``
+    says; the study as it then stands."""
     price = check(ctx, spec)
-    with _one_sweep_per_study(ctx, spec), _interrupts(ctx) as stopping:
+    places: list[Place] = ([(0, g) for g in range(spec.parallel)] if spec.per_gpu else
+                           [(k, None) for k in range(1, spec.parallel + 1)] if spec.parallel > 1 else [(0, None)])
+    with _one_sweep_per_study(ctx, spec), _interrupts(ctx, threaded=len(places) > 1) as stopping:
         study, shared = open_study(ctx, spec, create=True), Shared()
-        places: list[Place] = ([(0, g) for g in range(spec.parallel)] if spec.per_gpu else
-                               [(k, None) for k in range(1, spec.parallel + 1)] if spec.parallel > 1 else [(0, None)])
 
         def at(place: Place) -> Sweep:
             k, gpu = place
@@ -545,14 +574,21 @@ def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptio
 
         # Trials a killed sweep left where this one does not run (parallel changed): followed first.
         others = sorted({place_of(t) for t in running_trials(study)} - set(places), key=str)
-        if any(k for k, _ in others) and ctx.cfg.ec2.launch is None:
+        if any(k for k, _ in others) and (ctx.cfg.target != "ec2" or ctx.cfg.ec2.launch is None):
             raise ConfigError("trials of this study run on the sweep's own instances, which need ec2.launch "
                               "(target: ec2) to be followed; run it with the config it was started with")
-        interrupted = _in_threads([lambda m=at(p): m.work(price, new=False) for p in others], stopping)
-        machines = [at(p) for p in places]
-        if not interrupted:
-            interrupted = _in_threads([lambda m=m: m.work(price) for m in machines], stopping)
-        _after(ctx, spec, [m for m in machines if m.slot])
+        try:
+            interrupted = _each([lambda m=at(p): m.work(price, new=False) for p in others], stopping)
+            if not interrupted:
+                interrupted = _each([lambda m=at(p): m.work(price) for p in places], stopping)
+        except KeyboardInterrupt:  # the third Ctrl-C: out at once
+            ctx.log("Ctrl-C a third time: exiting; the trials' runs go on (`orch sweep run` again follows them), "
+                    "and the sweep's instances are left as they are (`orch sweep run` again ends them)")
+            raise
+        if spec.own_machines and ctx.cfg.target == "ec2":
+            _after(ctx, spec, study)
+        for later in shared.failures[1:]:
+            ctx.log(f"also: {later}")
         if interrupted:
             raise KeyboardInterrupt
         if shared.failures:
@@ -562,9 +598,12 @@ def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptio
         return _status(spec, study, ctx, price, stopped=why, launched=shared.launched)
 
 
-def _in_threads(works: list[Callable[[], None]], stopping: Stopping) -> bool:
-    """Each work in its own thread, waited for here, in the main thread, where Ctrl-C arrives
-    (the threads see it through ``stopping``). True: the second Ctrl-C came."""
+def _each(works: list[Callable[[], None]], stopping: Stopping) -> bool:
+    """The works: one in this (the main) thread, several each in its own thread, waited for
+    here, where Ctrl-C arrives (the threads see it through ``stopping``). True: the second Ctrl-C came."""
+    if len(works) == 1:
+        works[0]()
+        return stopping.asked > 1
     threads = [threading.Thread(target=w, name=f"sweep-{i}", daemon=True) for i, w in enumerate(works)]
     for t in threads:
         t.start()
@@ -574,34 +613,44 @@ def _in_threads(works: list[Callable[[], None]], stopping: Stopping) -> bool:
     return stopping.asked > 1
 
 
-def _after(ctx: Context, spec: SweepSpec, machines: list[Sweep]) -> None:
-    """The sweep's own instances, once it ends: stopped, terminated or kept (``spec.after``);
-    one whose trial was left under way (its run may still train) is left as it is."""
-    for m in machines:
-        if m.unsettled:
-            m.ctx.log(f"instance {m.ctx.cfg.ec2.name} is left as it is: its trial did not end here (its run may "
-                      "still train; `orch sweep run` again follows it)")
-    idle = [m for m in machines if not m.unsettled]
+def _after(ctx: Context, spec: SweepSpec, study: Any) -> None:
+    """The sweep's own instances once it ends (every live one EC2 has tagged as orch's and this
+    sweep's: also those of an earlier `parallel`), stopped, terminated or kept (``spec.after``);
+    one a trial is still RUNNING on (its run may train: `orch sweep run` again follows it) is
+    left as it is."""
+    from orchestrator import ec2 as aws
+    from orchestrator.provision import Ec2Provider
+
+    own = _a_machine(ctx, spec)
+    p = Ec2Provider(own)
+    busy = {machine_config(ctx.cfg, spec, k).ec2.name for k, _ in map(place_of, running_trials(study)) if k}
+    try:
+        instances = aws.tagged(p.client, {SWEEP_TAG: spec.name, aws.MANAGED_TAG: "true"})
+    except OrchError as exc:
+        ctx.log(f"could not list the sweep's instances ({exc}): they may still be RUNNING and billed; "
+                "`orch sweep run` again ends them")
+        return
+    for inst in instances:
+        if inst.name in busy:
+            ctx.log(f"instance {inst.name} ({inst.instance_id}) is left as it is: a trial on it is still under way")
+    idle = [i for i in instances if i.name not in busy and (spec.after == "terminate" or i.state not in
+                                                            ("stopped", "stopping"))]
     if spec.after == "keep":
         if idle:
-            ctx.log(f"the sweep's instances are kept running (after: keep): `orch down` with ec2.name "
-                    f"{idle[0].ctx.cfg.ec2.name} (and the others) stops each")
+            ctx.log(f"the sweep's instances are kept running (after: keep): {', '.join(str(i.name) for i in idle)}")
         return
 
-    def end(m: Sweep) -> None:
-        from orchestrator import ec2 as aws
-        from orchestrator.provision import Ec2Provider
-
-        p = Ec2Provider(m.ctx)
+    def end(inst: aws.Instance) -> None:
+        one = Ec2Provider(own.labelled(inst.name or inst.instance_id, own.cfg.model_copy(update={
+            "ec2": own.cfg.ec2.model_copy(update={"instance_id": inst.instance_id, "name": None})})))
         try:
-            inst = aws.find_instance(p.client, m.ctx.cfg.ec2, missing_ok=True)
-            if inst is None or inst.state in ("terminated", "shutting-down") or (
-                    spec.after == "stop" and inst.state in ("stopped", "stopping")):
-                return
-            p.terminate() if spec.after == "terminate" else p.park(inst.instance_id, created=True)
+            if spec.after == "terminate":
+                one.terminate()
+            else:
+                one.park(inst.instance_id, created=True)  # a one-time spot instance cannot be stopped: terminated
         except OrchError as exc:
-            m.ctx.log(f"could not {spec.after} instance {m.ctx.cfg.ec2.name} ({exc}): it may still be RUNNING and "
-                      f"billed; `orch down` with ec2.name {m.ctx.cfg.ec2.name} ends it")
+            one.ctx.log(f"could not {spec.after} instance {inst.instance_id} ({exc}): it may still be RUNNING and "
+                        "billed; `orch sweep run` again ends it")
 
     with ThreadPoolExecutor(max(1, len(idle))) as pool:
         list(pool.map(end, idle))

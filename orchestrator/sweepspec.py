@@ -61,6 +61,9 @@ def _pruner(value: Any) -> Any:
     return {"kind": value} if isinstance(value, str) else value
 
 
+MAX_PARALLEL = 64  # trials at once, at most
+
+
 class Budget(_Section):
     """The sweep stops launching trials when the next one would pass this (at the mean length
     of the trials so far); a trial under way always runs to its end."""
@@ -84,9 +87,10 @@ class SweepSpec(_Section):
                       "(letters, digits, '.', '_', '-')")
     trials: int = Field(ge=1, le=100_000, description="trials in the study, all states counted (a sweep run again "
                         "continues the study up to this many)")
-    parallel: int = Field(1, ge=1, le=64, description="trials at once, each on its own machine: above 1, target ec2 "
-                          "with ec2.launch, and the sweep has instances of its own (named <ec2.name>-<sweep>-<k>, "
-                          "tagged orch:sweep); 1: the config's one machine, trials one after another")
+    parallel: int = Field(1, ge=1, le=MAX_PARALLEL, description="trials at once: above 1 each on an instance of "
+                          "the sweep's own (target ec2 with ec2.launch; named <ec2.name>-<sweep>-<k>, tagged "
+                          "orch:sweep), or with per_gpu each on one GPU of the config's machine; 1: the config's "
+                          "one machine, trials one after another")
     per_gpu: bool = Field(False, description="the `parallel` trials at once run on the config's one machine, each "
                           "on one GPU alone (CUDA_VISIBLE_DEVICES 0..parallel-1; any target), instead of on "
                           "instances of the sweep's own")

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -94,9 +94,25 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
     files while this computer lists its own, so the tar stream starts as soon as both are known.
     File names are bytes end to end (listings are NUL-separated): any valid POSIX name travels.
     Only regular files are sent, a link as the file it leads to; what cannot be sent is counted
-    and logged.
+    and logged. A file that changed while tar read it (GNU tar's exit 1: it may have arrived
+    torn) is sent again by a second pass, before anything trains on it.
     """
+    done, torn = _sync_pass(m, use_ssh_client)
+    if not torn:
+        return done
+    m.log(f"data: {torn} (a file changed while it was sent): sending what changed once more")
+    again, torn = _sync_pass(m, use_ssh_client)
+    if torn:
+        raise RemoteError(f"data: files in {m.cfg.data.local_dir} keep changing while they are sent ({torn}): stop "
+                          "what writes into it, then sync again")
+    return replace(again, files=done.files + again.files, bytes=done.bytes + again.bytes,
+                   seconds=done.seconds + again.seconds)
+
+
+def _sync_pass(m: Machine, use_ssh_client: bool) -> tuple[DataSync, str]:
+    """One upload of what changed; and tar's complaint when a file changed as it was read."""
     cfg, remote = m.cfg, m.remote
+    torn = ""
     if not cfg.data.local_dir:
         raise ConfigError("--sync-data needs data.local_dir in the config")
     local = cfg.local_path(cfg.data.local_dir).resolve()
@@ -121,7 +137,7 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
                     raise RemoteError(f"uploading the data to {remote.host} failed: {said}")
                 _unpacked(m, moved, dest)
                 if code == 1:  # GNU tar's "some files differ": a file changed as it was read
-                    m.log(f"data: {said} (a file changed while it was sent; the next --sync-data sends it again)")
+                    torn = said
     else:
         found, changed = _changes(lambda: _listing(m, m.answer(verbs.DATA_LIST, dest), dest), local)
         if changed:
@@ -134,7 +150,7 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
         why = ", ".join(f"{n} {reason}" for reason, n in found.skipped.most_common())
         m.log(f"data: {found.skipped.total()} entries not sent ({why}); `python -m trainer check-data {local}` "
               "lists them")
-    return DataSync(len(changed), sent, seconds, method, found.skipped.total())
+    return DataSync(len(changed), sent, seconds, method, found.skipped.total()), torn
 
 
 def _listing(m: Machine, answer: DataListing, dest: str) -> str:
@@ -146,6 +162,8 @@ def _listing(m: Machine, answer: DataListing, dest: str) -> str:
 
 def _unpacked(m: Machine, moved: Moved, dest: str) -> None:
     """Raise what kept the machine from unpacking the upload (it moved nothing into place)."""
+    if moved.busy is not None:
+        raise BusyError(f"{moved.busy[:300]} on {m.remote.host}: wait for it to end, then sync again")
     if moved.disk_full:
         raise DiskFull(f"no space left on device on {m.remote.host} for the data in {dest}: free some space "
                        "(df -h) and sync again")

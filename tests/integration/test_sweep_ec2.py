@@ -51,7 +51,8 @@ def test_a_parallel_sweep_has_two_instances_of_its_own_reuses_them_survives_a_ki
     import optuna
 
     console_fingerprints(sshd.host_fingerprint)
-    cfg = config(tmp_path, sshd, data, moto_endpoint, known=True,
+    # ssh.host unset: each instance is reached at its own address (the harness makes it 127.0.0.1)
+    cfg = config(tmp_path, sshd, data, moto_endpoint, known=True, ssh={"host": None},
                  ec2={"name": "box", "launch": {"instance_type": "g5.xlarge", "ami": an_image(moto_endpoint)}},
                  recover={"poll_seconds": 1})
     train = yaml.safe_load(cfg.read_text())["train"]

@@ -73,4 +73,5 @@ def test_the_trainer_sees_its_gpu_alone_and_the_run_records_it(tmp_path: Path) -
         return (tmp_path / "seen").read_text().strip()
 
     assert seen("--gpu", "1") == "1" and (run / layout.GPU_FILE).read_text() == "1"
-    assert seen() != "1" and not (run / layout.GPU_FILE).exists()  # launched again on every GPU: the record goes
+    assert seen() == "1"  # continued without --gpu: on the GPU it was launched on
+    assert seen("--gpu", "0") == "0" and (run / layout.GPU_FILE).read_text() == "0"  # or on the one given

@@ -58,11 +58,17 @@ def test_a_name_that_is_a_folder_on_one_side_and_a_file_on_the_other_moves_nothi
     (dest / "speaker1").mkdir(parents=True)
     (dest / "speaker1" / "kept.npy").write_bytes(b"old")
     (dest / "flat.npy").write_bytes(b"file")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (dest / "linked").symlink_to(elsewhere)  # the upload must never land outside the data folder
     for files, name in (({"new.npy": b"n", "speaker1": b"now a file"}, "speaker1"),
-                        ({"new.npy": b"n", "flat.npy/inner.npy": b"now a folder"}, "flat.npy")):
+                        ({"new.npy": b"n", "flat.npy/inner.npy": b"now a folder"}, "flat.npy"),
+                        ({"new.npy": b"n", "linked/inner.npy": b"through a link"}, "linked")):
         [moved] = machine("data-receive", staging_of(dest), dest, stdin=upload(files))
         got = Moved.from_json(moved)
-        assert got.files == 0 and f"{name!r} is a folder on one side and a file on the other" in (got.error or "")
+        assert got.files == 0 and f"{name!r} is a folder in the upload but a file or a link on the machine" in \
+            (got.error or "")
+        assert not list(elsewhere.iterdir())
         assert not (dest / "new.npy").exists()  # nothing moved, not even what did not clash
         assert (dest / "speaker1" / "kept.npy").read_bytes() == b"old" and (dest / "flat.npy").read_bytes() == b"file"
         assert not staging_of(dest).exists()
@@ -81,9 +87,11 @@ def test_one_upload_into_a_data_folder_at_a_time(tmp_path: Path) -> None:
         assert left.is_dir()  # its staging is not cleared under it
         [moved] = machine("data-receive", dest / layout.DATA_UPLOAD_DIR / "incoming-2", dest,
                           stdin=upload({"z.npy": b"z"}))
-        assert Moved.from_json(moved).error == f"another upload into {dest} is under way"
+        assert Moved.from_json(moved).busy == f"another upload into {dest} is under way"
         assert not (dest / "z.npy").exists()
     finally:
         os.close(fd)
-    [listing] = machine("data-list", dest)  # it ended: the next upload clears what it left
-    assert DataListing.from_json(listing).busy is None and not left.exists()
+    older = tmp_path / ".data.orch-incoming-123"  # an older orch's staging, beside the data folder
+    older.mkdir()
+    [listing] = machine("data-list", dest)  # it ended: the next upload clears what it (and an older orch) left
+    assert DataListing.from_json(listing).busy is None and not left.exists() and not older.exists()

@@ -629,6 +629,7 @@ class Moved(Record):
     files: int = 0
     error: str | None = None
     disk_full: bool = False  # it failed for want of disk space on the machine
+    busy: str | None = None  # another upload into the folder is under way: nothing unpacked
 
 
 @dataclass(frozen=True)

@@ -61,14 +61,18 @@ def _lock(root: Path) -> int:
     return fd
 
 
+def recorded_gpu(run_dir: Path) -> int | None:
+    """The GPU a run was launched on alone (its gpu file); None: every GPU (no file, or not a number)."""
+    try:
+        return int((run_dir / layout.GPU_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _in_the_way(root: Path, gpu: int | None) -> list[str]:
     """The active runs a launch on ``gpu`` (None: every GPU) would share a GPU with."""
-    def gpu_of(run_id: str) -> int | None:
-        try:
-            return int((Path(layout.run_dir(str(root), run_id)) / layout.GPU_FILE).read_text())
-        except (OSError, ValueError):
-            return None  # launched on every GPU
-    return [r.run_id for r in list_runs(root) if r.active and (gpu is None or gpu_of(r.run_id) in (None, gpu))]
+    return [r.run_id for r in list_runs(root) if r.active and
+            (gpu is None or recorded_gpu(Path(layout.run_dir(str(root), r.run_id))) in (None, gpu))]
 
 
 def _check(root: Path, run_dir: Path, fresh: bool, force: bool, gpu: int | None = None) -> None:
@@ -113,6 +117,8 @@ def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None, n
             *args.trainer_options]
     env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
     if args.gpu is not None:  # the run's GPU alone (TensorFlow, JAX and PyTorch read it); recorded for the next check
+        # nvidia-smi's numbering (what preflight checked and the monitor shows), not CUDA's fastest-first
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         atomic_write_bytes(run_dir / layout.GPU_FILE, str(args.gpu).encode())
     else:
@@ -204,6 +210,8 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
     args.trainer_options = argv[cut + 1:]
     root = Path(args.root)
     run_dir = Path(layout.run_dir(args.root, args.run_id))
+    if args.gpu is None and not args.fresh:  # a continued run stays on the GPU it was launched on alone
+        args.gpu = recorded_gpu(run_dir)
     given = sys.stdin.buffer.read() if args.fresh or args.notify_bytes > 0 else b""
     notify, deploy_json = given[:max(0, args.notify_bytes)], given[max(0, args.notify_bytes):] if args.fresh else None
     try:

@@ -18,6 +18,7 @@ Standard library only.
 from __future__ import annotations
 
 import base64
+import glob
 import os
 import shutil
 import stat
@@ -88,8 +89,11 @@ def list_data(dest: Path) -> DataListing:
     and list its regular files (hidden folders skipped) as NUL-separated (name, size, mtime)."""
     if (busy := _one_upload(dest)) is not None:
         return DataListing(busy=busy)
-    for stale in (dest / layout.DATA_UPLOAD_DIR).glob(layout.DATA_STAGING_PREFIX + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # (and an older orch's, a hidden sibling of the data folder: .<name>.orch-incoming-<ns>)
+    stale = [*(dest / layout.DATA_UPLOAD_DIR).glob(layout.DATA_STAGING_PREFIX + "*"),
+             *dest.parent.glob(f".{glob.escape(dest.name)}.orch-incoming-*")]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
     root = os.fsencode(dest)
     out = []
     for d, ds, fs in os.walk(root):
@@ -118,7 +122,9 @@ def receive_data(staging: Path, dest: Path, out: Any, listing_first: bool) -> Mo
     if os.read(0, 1) != DATA_GO:
         return Moved(0)
     if (busy := _one_upload(dest)) is not None:
-        return Moved(0, busy)
+        while os.read(0, 1 << 16):  # the stream read to its end: the sender's writes never fail first
+            pass
+        return Moved(0, busy=busy)
     widen_pipe(0)
     try:
         staging.mkdir(parents=True)
@@ -152,27 +158,32 @@ def move_data(staging: Path, dest: Path) -> Moved:
     if (clash := _clash(src, dst)) is not None:
         shutil.rmtree(src, ignore_errors=True)
         name = os.fsdecode(clash)
-        return Moved(0, f"{name!r} is a folder on one side and a file on the other (in {dest} on the machine): "
-                     "rename or remove one of them; nothing was moved")
+        return Moved(0, f"{name!r} is a folder in the upload but a file or a link on the machine, or the reverse "
+                     f"(in {dest}): rename or remove one of them; nothing was moved")
     count = 0
-    for d, _ds, fs in os.walk(src):
-        target = os.path.join(dst, os.path.relpath(d, src))
-        os.makedirs(target, exist_ok=True)
-        for f in fs:
-            os.replace(os.path.join(d, f), os.path.join(target, f))
-            count += 1
+    try:
+        for d, _ds, fs in os.walk(src):
+            target = os.path.join(dst, os.path.relpath(d, src))
+            os.makedirs(target, exist_ok=True)
+            for f in fs:
+                os.replace(os.path.join(d, f), os.path.join(target, f))
+                count += 1
+    except OSError as exc:  # moved so far: in place, whole; the rest goes with the staging folder
+        shutil.rmtree(src, ignore_errors=True)
+        return Moved(count, f"moving into {dest}: {exc.strerror or exc} ({count} files moved)", is_disk_full(exc))
     shutil.rmtree(src)
     return Moved(count)
 
 
 def _clash(src: bytes, dst: bytes) -> bytes | None:
-    """The first name (relative) that is a folder in the upload ``src`` and a file in ``dst``,
-    or a file in ``src`` and a folder (not a link to one: a link is replaced) in ``dst``."""
+    """The first name (relative) that is a folder in the upload ``src`` and anything but a real
+    folder in ``dst`` (a file; a link, even to a folder: the upload would land outside the data
+    folder), or a file in ``src`` and a folder in ``dst`` (a link there is replaced)."""
     for d, ds, fs in os.walk(src):
         rel = os.path.relpath(d, src)
         for name in ds:
             there = os.path.join(dst, rel, name)
-            if os.path.lexists(there) and not os.path.isdir(there):
+            if os.path.lexists(there) and (os.path.islink(there) or not os.path.isdir(there)):
                 return os.path.normpath(os.path.join(rel, name))
         for name in fs:
             there = os.path.join(dst, rel, name)
