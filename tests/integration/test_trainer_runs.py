@@ -199,10 +199,17 @@ def test_evaluate_scores_the_validation_split_not_the_training_files(data: Path,
 def test_predict_matches_evaluate(tmp_path: Path, data: Path, parent: Path) -> None:
     evaluated = json.loads(run_trainer("evaluate", "--run-dir", parent, "--data-dir", data, "--all",
                                        "--json").stdout)
-    lines = run_trainer("predict", "--run-dir", parent, data, "--json").stdout.splitlines()
-    predictions = [json.loads(line) for line in lines]
     classes = evaluated["classes"]
     from trainer.contract.labels import label_from_path
+
+    # The files evaluate scores (RAVDESS surprise is not a class): per-speaker normalization
+    # computes each speaker's statistics over the files it is given, so both get the same ones.
+    files = sorted(p for p in data.iterdir() if label_from_path(p.name).label in classes)
+    lines = run_trainer("predict", "--run-dir", parent, *files, "--json").stdout.splitlines()
+    predictions = [json.loads(line) for line in lines]
+    # Every speaker of the set has enough files: each file says it was normalized as the run was.
+    per_speaker = evaluated["normalization"]["speaker_min_files"] is not None
+    assert {p["normalization"] for p in predictions} == {"speaker" if per_speaker else "global"}
 
     scored = [(label_from_path(Path(p["path"]).name).label, p) for p in predictions]
     scored = [(truth, p) for truth, p in scored if truth in classes]  # surprise files are not in the classes
