@@ -33,8 +33,10 @@ def chosen(spec: str) -> list[int] | None:
 
 def take(ds: Dataset, spec: str) -> None:
     """Keep only the layers ``spec`` names in ``ds`` (in memory, once); all: nothing to do."""
+    if len(ds.feature_shape) != 2:  # (T, D) features have no layers to choose from
+        return
     layers = chosen(spec)
-    if layers is None or len(ds.feature_shape) != 2:
+    if layers is None:
         return
     if max(layers) >= ds.feature_shape[0]:
         raise DataError(f"--layers {spec}: the features have {ds.feature_shape[0]} layers (0 to "
@@ -45,8 +47,10 @@ def take(ds: Dataset, spec: str) -> None:
 
 def frames_of(sequence: np.ndarray, spec: str) -> np.ndarray:
     """One (T, L, D) sequence with only the layers ``spec`` names (as :func:`take` does)."""
+    if sequence.ndim != 3:
+        return sequence
     layers = chosen(spec)
-    return sequence if layers is None or sequence.ndim != 3 else sequence[:, layers]
+    return sequence if layers is None else sequence[:, layers]
 
 
 def resolve(spec: str, ds: Dataset, split: Split, log: Log) -> str:
