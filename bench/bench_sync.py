@@ -29,7 +29,7 @@ from orchestrator.provision import acquire  # noqa: E402
 from orchestrator.sync import sync_data  # noqa: E402
 from tests.servers import ssh_deploy_config, start_sshd  # noqa: E402
 
-REPEATS = 3
+REPEATS = 5  # the machine is shared and noisy: medians of five, and each pair's ratio
 
 
 def main() -> None:
@@ -63,14 +63,17 @@ def main() -> None:
                 baseline.append(time.perf_counter() - start)
                 cfg = ssh_deploy_config(sshd, work, local_dir=str(local), remote_dir=f"data-{rep}")
                 # the same connection, another data folder
+                start = time.perf_counter()
                 result = sync_data(Machine(Context(cfg), remote))
+                first.append(time.perf_counter() - start)
                 assert result.files == args.n
-                first.append(result.seconds)
             second = sync_data(Machine(Context(cfg), remote))
     assert second.files == 0
     base, ours = statistics.median(baseline), statistics.median(first)
+    pairs = " ".join(f"{o / b:.2f}" for o, b in zip(first, baseline, strict=True))
     print(f"  baseline: tar c | ssh host tar x      {base:6.2f} s   (median of {repeats})")
-    print(f"  orch sync ({result.method}), first upload    {ours:6.2f} s   ratio {ours / base:.2f} (target <= 1.25)")
+    print(f"  orch sync ({result.method}), first upload    {ours:6.2f} s   ratio {ours / base:.2f} (target <= 1.0; "
+          f"each pair: {pairs})")
     print(f"  orch sync, nothing changed            {second.seconds:6.2f} s   (target < 2 s)")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -8,9 +8,11 @@ built from it; tests pass their own ``Output`` to :func:`main`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -25,7 +27,9 @@ from orchestrator.context import Context, Output, Trust
 from orchestrator.errors import ConfigError, ExitCode, OrchError
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.terminal import clean
+from trainer.contract import options
 from trainer.contract.exitcodes import help_table
+from trainer.contract.wire import accuracy_text
 
 app = typer.Typer(
     name="orch",
@@ -39,6 +43,25 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate deploy.yaml or print its JSON schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+notify_app = typer.Typer(help="Run notifications (deploy.yaml's notify: webhook).", no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
+sweep_app = typer.Typer(help="Hyperparameter sweeps: an Optuna study whose trials are orch runs.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+
+
+def _flags_take_no_value() -> None:
+    """typer shows a boolean flag's type (`--json <bool>`) as if the flag took a value: in
+    orch's help a flag shows none (the one place help is rendered, so patched once here)."""
+    option = typer.core.TyperOption
+    shown = option.display_type_rich
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 
 @dataclass
@@ -57,8 +80,19 @@ RootConfigOpt = typer.Option(None, "--config", "-c", envvar="ORCH_CONFIG", show_
 ConfigOpt = typer.Option(None, "--config", "-c", show_default=False,
                          help="the configuration file (default: $ORCH_CONFIG, else deploy.yaml)")
 JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of text")
+
+
+def _complete_run(typer_ctx: typer.Context, incomplete: str) -> list[str]:
+    """Run ids for the shell: cached by `orch runs`, or the machine's when it answers at once
+    (orchestrator/completion.py); never an instance started, never an error."""
+    from orchestrator.completion import run_ids
+
+    config = typer_ctx.params.get("config") or typer_ctx.find_root().params.get("config")
+    return run_ids(config or os.environ.get("ORCH_CONFIG") or "deploy.yaml", incomplete)
+
+
 RunArg = typer.Argument(None, help="the run: its id or any unique prefix of it (default: the latest)",
-                        show_default=False)
+                        show_default=False, autocompletion=_complete_run)
 
 # The options every command that talks to the machine takes, and those of the commands that
 # launch a run, each declared ONCE (uses_machine adds them to a command's signature).
@@ -296,7 +330,8 @@ def _recipe_help(name: str) -> str:
 def resume(
     ctx: Context,
     run: str | None = typer.Argument(None, help="the run to extend or continue (an id or unique prefix; "
-                                     "default: the best finished run)", show_default=False),
+                                     "default: the best finished run)", show_default=False,
+                                     autocompletion=_complete_run),
     # Ranges are the trainer's own (trainer/contract/options.py), checked before anything connects.
     epochs: int | None = typer.Option(None, "--epochs", help=_recipe_help("epochs"), show_default=False),
     learning_rate: float | None = typer.Option(None, "--learning-rate", help=_recipe_help("learning_rate"),
@@ -390,7 +425,8 @@ def _follow(ctx: Context, run: str | None, interval: float = 2.0) -> int:
 def download(
     ctx: Context,
     run: str | None = typer.Argument(None, help="the run, an id or unique prefix (default: the finished run "
-                                     "with the best val accuracy)", show_default=False),
+                                     "with the best val accuracy)", show_default=False,
+                                     autocompletion=_complete_run),
     best: bool = typer.Option(True, "--best",
                               help="the best checkpoint and the stats files (what MANIFEST.sha256 lists)"),
     latest: bool = typer.Option(False, "--latest", help="the newest run instead of the best one"),
@@ -417,20 +453,26 @@ def download(
     if json_out:
         _print_json(_out(ctx), got.to_json())
         return
-    acc = f"{got.best_val_accuracy:.4f}" if got.best_val_accuracy is not None else "n/a"
+    acc = accuracy_text(got.best_val_accuracy, "n/a")
     _say(_out(ctx), f"run {got.run_id}: best val_accuracy {acc}; {len(got.fetched)} files fetched, "
                     f"{len(got.already_there)} already there, in {got.dest}")
 
 
 @app.command("runs")
 @uses_machine
-def runs_cmd(ctx: Context, json_out: bool = JsonOpt) -> None:
+def runs_cmd(
+    ctx: Context,
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, metavar="N", show_default=False,
+                                     help="only the N newest runs"),
+    json_out: bool = JsonOpt,
+) -> None:
     """All runs on the machine (with `storage:`, and in the S3 mirror, saying where each
-    lives; only the mirror's when the machine cannot be reached): state, epochs, best val
-    accuracy, parent and how the run compares with it, start, duration. Run ids are shown whole."""
+    lives; only the mirror's when the machine cannot be reached), newest first: state, epochs,
+    best val accuracy, parent and how the run compares with it, start, duration. Run ids are
+    shown whole."""
     from orchestrator.runs import list_runs, run_json, runs_table
 
-    runs = list_runs(ctx)
+    runs = list_runs(ctx, limit)
     if json_out:
         _print_json(_out(ctx), [run_json(r) for r in runs])
     elif not runs:
@@ -463,16 +505,20 @@ def status(ctx: Context, json_out: bool = JsonOpt) -> int:
 
 
 @app.command()
-def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt) -> int:
+def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: bool = JsonOpt,
+           fresh: bool = typer.Option(False, "--fresh", help="import TensorFlow again on the machine even when its "
+                                      "cached answer still holds (the cache is dropped by any package change)")) -> int:
     """Every check a first day needs, in order, each ok or failed with the fix: config, AWS,
-    instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data,
-    disk. Never starts the instance. Exit 0 only if all pass (else 12)."""
+    instance, SSH and host key, Python, TensorFlow and the GPUs it sees, CUDA driver, data, disk.
+    Never starts the instance. Exit 0 only if all pass, else the first failure's code (3 AWS,
+    4 connection, 5 host key, 11 instance stopped, 12 not ready, 13 no data)."""
     from dataclasses import asdict
 
     from orchestrator.doctor import doctor as run_doctor
+    from orchestrator.doctor import exit_code
 
     output = _invocation(typer_ctx).output
-    results = run_doctor(_config_path(typer_ctx, config), output)
+    results = run_doctor(_config_path(typer_ctx, config), output, fresh)
     ok = all(r.ok for r in results)
     if json_out:
         _print_json(output.out, {"ok": ok, "checks": [asdict(r) | {"exit_code": int(r.exit_code)} for r in results]})
@@ -484,7 +530,7 @@ def doctor(typer_ctx: typer.Context, config: str | None = ConfigOpt, json_out: b
             verdict = "FAILED" if not r.ok else "warning" if r.warning else "ok"
             table.add_row(r.check, verdict, clean(r.detail), clean(r.fix) if not r.ok or r.warning else "")
         _print_table(output.out, table)
-    return 0 if ok else int(ExitCode.NOT_READY)
+    return int(exit_code(results))
 
 
 @app.command()
@@ -511,22 +557,204 @@ def logs(
 @uses_machine
 def stop(
     ctx: Context,
-    run: str | None = typer.Argument(None, help="the run, an id or unique prefix (default: the one running)",
-                                     show_default=False),
+    runs: list[str] | None = typer.Argument(None, help="the runs, ids or unique prefixes (default: the one "
+                                            "running)", show_default=False, metavar="[RUN]...",
+                                            autocompletion=_complete_run),
+    every: bool = typer.Option(False, "--all", help="every run that is running"),
     json_out: bool = JsonOpt,
 ) -> int:
-    """Stop a run: SIGTERM, the trainer saves and marks it stopped; reports the final state."""
+    """Stop runs: SIGTERM, each trainer saves and marks its run stopped; reports the final states."""
     from orchestrator.runs import run_json
     from orchestrator.runs import stop as run_stop
     from trainer.contract import layout
 
-    final = run_stop(ctx, run)
+    if every and runs:
+        raise ConfigError("give run ids or --all, not both")
+    final = run_stop(ctx, runs or (), every=every)
     if json_out:
-        _print_json(_out(ctx), run_json(final))
-    else:
-        _say(_out(ctx), f"run {final.run_id} {final.shown_state} at epoch {final.epoch}/{final.epochs}")
+        _print_json(_out(ctx), [run_json(r) for r in final] if every or len(runs or ()) > 1 else run_json(final[0]))
+    elif not final:
+        _say(_out(ctx), "no run is running; nothing to stop")
+    for r in final if not json_out else ():
+        _say(_out(ctx), f"run {r.run_id} {r.shown_state} at epoch {r.epoch}/{r.epochs}")
     # stopped as asked (or by a spot notice that came at the same time: it stopped and can continue all the same)
-    return 0 if final.shown_state in (layout.STOPPED, layout.INTERRUPTED) else int(final.exit_code or ExitCode.ERROR)
+    codes = [0 if r.shown_state in (layout.STOPPED, layout.INTERRUPTED) else int(r.exit_code or ExitCode.ERROR)
+             for r in final]
+    return next((c for c in codes if c), 0)
+
+
+@app.command("rm")
+@uses_machine
+def rm(
+    ctx: Context,
+    runs: list[str] = typer.Argument(..., help="the runs, ids or unique prefixes", show_default=False,
+                                     metavar="RUN...", autocompletion=_complete_run),
+    with_storage: bool = typer.Option(False, "--storage", help="also remove each run's mirror from storage.s3_uri "
+                                      "(else it is kept, and `orch runs` still lists the run there)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation (needed without a terminal)"),
+    json_out: bool = JsonOpt,
+) -> int:
+    """Delete runs from the machine (their folders: checkpoints, metrics, logs) and, with
+    --storage, from the S3 mirror. Asks first; refuses an active run (exit 6: stop it first)."""
+    from orchestrator.runs import remove
+    from orchestrator.status import Consent
+
+    terminal = ctx.output is not None and ctx.output.stdin_isatty
+    consent = Consent(yes, (lambda question: typer.confirm(question, default=False)) if terminal else None)
+    removal = remove(ctx, runs, with_storage=with_storage, consent=consent)
+    if removal is None:
+        _say(_out(ctx), "nothing removed")
+        return int(ExitCode.INTERRUPTED)
+    if json_out:
+        _print_json(_out(ctx), removal.to_json())
+        return 0
+    def objects(n: int) -> str:
+        return f"{n} object{'' if n == 1 else 's'}"
+
+    for run_id in removal.removed:
+        mirror = removal.mirrors.get(run_id)
+        also = f" and its mirror ({objects(mirror)})" if mirror is not None else ""
+        _say(_out(ctx), f"removed run {run_id} from {removal.host}{also}")
+    for run_id, n in removal.mirrors.items():
+        if run_id not in removal.removed:
+            _say(_out(ctx), f"removed run {run_id}'s mirror from storage ({objects(n)})")
+    return 0
+
+
+@notify_app.command("test")
+@uses_machine
+def notify_test(ctx: Context, json_out: bool = JsonOpt) -> None:
+    """Send one test message from the machine, through the code its runs notify with, and
+    say whether the webhook took it (its HTTP status). Never starts the instance."""
+    from dataclasses import asdict
+
+    from orchestrator.notify import test
+
+    sent = test(ctx)
+    if json_out:
+        _print_json(_out(ctx), asdict(sent))
+    else:
+        _say(_out(ctx), f"test message delivered to {sent.target}: HTTP {sent.status}"
+                        + (f" (after {sent.attempts} tries)" if sent.attempts > 1 else ""))
+
+
+SpecArg = typer.Argument(..., help="the sweep's SPEC.yaml (name, trials, space, ...: README.md, Sweeps)",
+                         show_default=False, metavar="SPEC")
+
+
+@sweep_app.command("run")
+@uses_machine
+def sweep_run(
+    ctx: Context,
+    spec: Path = SpecArg,
+    allow_cpu: bool = typer.Option(False, "--allow-cpu", help="trials may train on the CPU of a GPU box whose GPUs "
+                                   "TensorFlow cannot see (as deploy's --allow-cpu)"),
+    json_out: bool = JsonOpt,
+) -> int:
+    """Run the sweep: each trial an ordinary orch run with the parameters Optuna asks for, one
+    after another, followed to its end (a pruned one is stopped and kept), until the study has
+    `trials`, or the budget would be passed. Run again, it continues the study (a trial under
+    way is followed, never launched twice). Ctrl-C stops launching; a second Ctrl-C stops the
+    running trial too."""
+    from orchestrator.sweep import run
+    from orchestrator.sweepspec import load_spec
+
+    got = run(ctx, load_spec(spec), launching=LaunchOptions(allow_cpu=allow_cpu))
+    _show_sweep(ctx, got, json_out)
+    return int(ExitCode.INTERRUPTED) if got.stopped == "Ctrl-C" else 0
+
+
+@sweep_app.command("status")
+@uses_machine
+def sweep_status(ctx: Context, spec: Path = SpecArg, json_out: bool = JsonOpt) -> None:
+    """The study: every trial (state, parameters, value, run), the best trial's run, and the
+    hours the trials took (and their cost, where the machine's price is known). Reads the study's
+    storage only."""
+    from orchestrator.sweep import status
+    from orchestrator.sweepspec import load_spec
+
+    _show_sweep(ctx, status(ctx, load_spec(spec)), json_out)
+
+
+def _show_sweep(ctx: Context, got: Any, json_out: bool) -> None:
+    from orchestrator.views import sweep_lines, sweep_table
+
+    if json_out:
+        _print_json(_out(ctx), got.to_json())
+        return
+    if got.trials:
+        _print_table(_out(ctx), sweep_table(got))
+    for line in sweep_lines(got):
+        _say(_out(ctx), line)
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] [--] COMMAND...")
+@uses_machine
+def exec_(ctx: Context, trainer_args: list[str] | None = None) -> int:
+    """Run a command on the machine, in remote.root, and exit with its exit code:
+    `orch exec -- nvidia-smi`, `orch exec 'tail -n 5 runs/*/train.log'`. One argument is a shell
+    command line; several are each one word (quoted). Output is streamed (escape sequences
+    shown escaped on a terminal; bytes as they are into a pipe); stdin is forwarded when it is
+    not a terminal. Never starts a stopped instance."""
+    import os
+
+    from orchestrator.shell import execute
+    from orchestrator.terminal import OutputClosed, byte_sink
+
+    assert ctx.output is not None
+    stdin = None if ctx.output.stdin_isatty else _stdin_reader()
+    try:
+        return execute(ctx, trainer_args or [], stdin, byte_sink(ctx.output.out.file), byte_sink(ctx.output.err.file))
+    except OutputClosed:  # `orch exec -- cat log | head`: the reader has all it wanted
+        with contextlib.suppress(OSError, ValueError):  # nothing more may reach the closed pipe at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell says of a command that SIGPIPE ended
+
+
+def _stdin_reader() -> Callable[[], bytes] | None:
+    """This command's stdin, a chunk at a time (None: there is none to read)."""
+    import os
+
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # closed, or a test's stand-in
+        return None
+    return functools.partial(os.read, fd, 1 << 16)
+
+
+@app.command()
+@uses_machine
+def ssh(ctx: Context) -> int:
+    """An interactive shell on the machine, in remote.root: OpenSSH with the resolved settings
+    and orch's known_hosts (strict host-key checking), after orch checked the host key as every
+    command does; a terminal when stdin is one. On target local: $SHELL in remote.root. Never
+    starts a stopped instance."""
+    from orchestrator.shell import shell
+
+    assert ctx.output is not None
+    return shell(ctx, terminal=ctx.output.stdin_isatty)
+
+
+@app.command()
+@uses_machine
+def tensorboard(
+    ctx: Context,
+    runs: list[str] | None = typer.Argument(None, help="the runs to show (ids or unique prefixes; default: every "
+                                            "run)", show_default=False),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, show_default=False,
+                                    help="the port here (default: 6006, or a free one when it is taken)"),
+    keep: bool = typer.Option(False, "--keep", help="leave TensorBoard running on the machine when this command "
+                              "ends (the next `orch tensorboard` for the same runs reuses it)"),
+) -> None:
+    """TensorBoard for the runs: started on the machine bound to its 127.0.0.1 (or reused: one
+    per machine), forwarded to 127.0.0.1:PORT here through the SSH connection; serves until
+    Ctrl-C, then stops it unless --keep (or another `orch tensorboard` uses it). Steps are
+    epochs from 1; an extended run goes on from its parent's best epoch."""
+    from orchestrator.tboard import serve
+
+    ended = serve(ctx, runs or [], port=port, keep=keep, show=lambda board: _say(_out(ctx), board.line()))
+    _say(_out(ctx), ended.summary())
 
 
 def main(argv: list[str] | None = None, output: Output | None = None) -> int:
@@ -567,11 +795,24 @@ def _usage_error(output: Output, exc: Any) -> int:
     bare group print their help instead)."""
     ctx = getattr(exc, "ctx", None)
     if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-        output.out.print(ctx.get_help())
+        # Making the error rendered the help already: typer's rich help prints as it renders,
+        # leaving the message empty; a plain click help is the message itself.
+        if exc.format_message().strip():
+            output.out.print(exc.format_message())
         return ExitCode.USAGE
     where = ctx.command_path if ctx is not None else "orch"
-    _say(output.err, f"orch: error: {_one_line(exc.format_message())} (see `{where} --help`)")
+    hint = _trainer_hint(exc, where) or f"see `{where} --help`"
+    _say(output.err, f"orch: error: {_one_line(exc.format_message())} ({hint})")
     return ExitCode.USAGE
+
+
+def _trainer_hint(exc: Any, where: str) -> str | None:
+    """`orch deploy --epochs 3`: a trainer option given as orch's; they go after `--`."""
+    name = (getattr(exc, "option_name", None) or "").split("=")[0]
+    flags = {o.flag for o in options.OPTIONS} | {"--no-" + o.flag[2:] for o in options.OPTIONS if o.type is bool}
+    if type(exc).__name__ != "NoSuchOption" or name not in flags or where.split()[-1] not in ("deploy", "resume"):
+        return None
+    return f"{name} is a trainer option: give it after `--`, as in `{where} ... -- {name} ...`"
 
 
 def _one_line(text: str) -> str:

@@ -14,12 +14,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    SecretStr,
     ValidationError,
     create_model,
     model_validator,
 )
 
 from orchestrator.errors import ConfigError
+from trainer.contract import notify as notify_contract
 from trainer.contract import options as trainer_options
 
 
@@ -229,6 +232,40 @@ class StorageConfig(_Section):
                                 "ec2.profile); the machine uses its own credentials (instance role, AWS config)")
 
 
+def _webhook(value: Any) -> Any:
+    return notify_contract.check_webhook(value) if isinstance(value, str) else value
+
+
+# A webhook URL is a credential: shown (`orch config check`, deploy.json) as its scheme and host only.
+Webhook = Annotated[SecretStr, BeforeValidator(_webhook),
+                    PlainSerializer(lambda s: notify_contract.redact(s.get_secret_value()), return_type=str)]
+NotifyEvent = Literal[notify_contract.EVENTS]  # type: ignore[valid-type]
+
+
+class NotifyConfig(_Section):
+    """A message when a run ends, sent from the machine (it arrives with the laptop closed)."""
+
+    webhook: Webhook = Field(description="the http(s) URL a JSON message is POSTed to (a Slack incoming webhook "
+                             "works as it is: it shows the message's `text`); kept out of logs, run folders and "
+                             "output, which show its host only")
+    on: list[NotifyEvent] = Field(default_factory=lambda: list(notify_contract.EVENTS), min_length=1,
+                                  description="the events that send one: finished, failed, interrupted (a spot "
+                                  "notice), recovered (a run continued after a recovery)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, values: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `on:` key as the boolean true, as GitHub Actions users know
+        if isinstance(values, dict) and True in values and "on" not in values:
+            values = {("on" if k is True else k): v for k, v in values.items()}
+        return values
+
+    @model_validator(mode="after")
+    def _once_each(self) -> NotifyConfig:
+        self.on = list(dict.fromkeys(self.on))
+        return self
+
+
 class DataConfig(_Section):
     remote_dir: str = Field("models/wav2vec",
                             description="feature folder on the machine: relative to remote.root, or absolute")
@@ -280,6 +317,8 @@ class DeployConfig(_Section):
                                    "was taken (`orch deploy --recover`, `orch watch`)")
     storage: StorageConfig | None = Field(None, description="an S3 mirror of every run (null: runs live only on "
                                           "the machine's disk)")
+    notify: NotifyConfig | None = Field(None, description="a webhook told when a run ends (null: none); `orch "
+                                        "notify test` sends a test message")
     train: TrainOptions = Field(  # type: ignore[valid-type]
         default_factory=TrainOptions,
         description="defaults for `python -m trainer train` (every key, its type, range and default: "
@@ -352,16 +391,19 @@ def load_config(path: str | Path) -> DeployConfig:
     try:
         return DeployConfig.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_first_problem(exc)}") from exc
+        raise ConfigError(f"{path}: {first_problem(exc, DeployConfig)}") from exc
 
 
-def _first_problem(exc: ValidationError) -> str:
+def first_problem(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The first of ``exc``'s problems as one line naming its key (a misspelt key: the nearest
+    one ``model`` knows there)."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if p != "base_dir")
     if err["type"] == "missing":
         msg = "field required"
     elif err["type"] == "extra_forbidden":
-        msg = "unknown key" + _did_you_mean(err["loc"]) + " (see `orch config schema`)"
+        schema = " (see `orch config schema`)" if model is DeployConfig else ""
+        msg = "unknown key" + _did_you_mean(model, err["loc"]) + schema
     else:
         msg = err["msg"].removeprefix("Value error, ")
         if loc and re.match(r"^[a-z_]+: ", msg):  # a section's validator naming one of its keys
@@ -370,14 +412,16 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
 
 
-def _did_you_mean(loc: tuple[Any, ...]) -> str:
+def _did_you_mean(model: Any, loc: tuple[Any, ...]) -> str:
     """' (did you mean epochs?)' for a misspelt key, from the names its section knows."""
     import difflib
 
-    model: Any = DeployConfig
+    keyed = False  # the part before was a mapping of names to sections (a sweep's space:)
     for part in loc[:-1]:
-        model = model.model_fields[part].annotation if part in model.model_fields else None
-        # an optional section (ec2.launch) is `Section | None`: its section
+        if not keyed:
+            model = model.model_fields[part].annotation if part in model.model_fields else None
+        keyed = typing.get_origin(model) is dict
+        # an optional section (ec2.launch) is `Section | None`, a mapping `dict[str, Section]`: its section
         model = next((a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
         if not isinstance(model, type) or not issubclass(model, BaseModel):
             return ""

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestrator import storage
+from orchestrator import completion, storage
 from orchestrator.autostop import AutostopPlan, describe, launch_args
 from orchestrator.autostop import plan as autostop_plan
 from orchestrator.config import DeployConfig
@@ -22,12 +22,13 @@ from orchestrator.context import Context
 from orchestrator.environment import TrainingPython, ensure_env, run_setup
 from orchestrator.errors import BusyError, ConfigError, NoSuchRun, OrchError, RemoteError
 from orchestrator.machine import Machine, check_run_id
+from orchestrator.notify import settings as notify_settings
 from orchestrator.preflight import require_ready
 from orchestrator.provision import acquire
 from orchestrator.requests import Extension, LaunchOptions
 from orchestrator.sync import DataSync, sync_data
 from trainer.contract import layout, options, verbs
-from trainer.contract.wire import Autostop, LaunchAnswer, Recovery, RunInfo
+from trainer.contract.wire import Autostop, LaunchAnswer, Recovery, RunInfo, accuracy_text
 
 START_TIMEOUT = 60.0  # seconds for the trainer to write status.json
 
@@ -101,19 +102,25 @@ def launch(m: Machine, start: Start) -> LaunchAnswer:
     the same moment, exactly one starts and the other gets the busy error. Whatever fails after
     the launch says which run was started, and how to follow or stop it.
     """
+    # (the dump shows a webhook URL as its host only: orchestrator/config.py)
     resolved = m.cfg.model_dump(mode="json") | {"resolved": {"root": m.root, "code": m.code.path}}
     deploy_json = json.dumps(resolved, indent=2).encode()
+    notify = notify_settings(m)
+    secret = notify.to_bytes() if notify is not None else b""  # on stdin, before deploy.json: never in argv
     args = [m.root, start.run_id, "--fresh" if start.fresh else "--continue", *(["--force"] if start.force else []),
             "--python", start.python, "--code", m.code.path, "--data-dir", m.data_dir, *launch_args(start.autostop),
             *(["--spot-metadata-url", m.cfg.ec2.metadata_url] if m.spot else []),  # the watcher asks it for notices
+            *(["--notify-bytes", str(len(secret))] if secret else []),
             "--", *start.argv, *storage.trainer_args(m.cfg), *_recovery_args(start.recovery)]
-    got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(deploy_json)) if start.fresh else None)
+    given = secret + (deploy_json if start.fresh else b"")
+    got = m.ask(verbs.LAUNCH, *args, stdin=(lambda fh: fh.write(given)) if given else None)
     answer = LaunchAnswer.from_json(got.record) if isinstance(got.record, dict) else LaunchAnswer()
     if answer.pid is None:
         _refuse(answer, start.run_id, m.remote.host, got.result.stderr)
     assert answer.pid is not None
     m.launched = True
     m.log(f"launched run {start.run_id} (pid {answer.pid}) on {m.remote.host}")
+    completion.add(m.cfg, start.run_id)
     if answer.autostop is not None:
         m.log(describe(answer.autostop))
     try:
@@ -290,7 +297,7 @@ def _parent(m: Machine, run_id: str | None, force: bool) -> RunInfo:
         raise ConfigError(f"run {parent.run_id} is {parent.shown_state}, not finished; continue it with "
                           f"`orch resume {parent.run_id} --continue`")
     _refuse_if_busy(m, force)
-    m.log(f"extending run {parent.run_id} (best val_accuracy {parent.best_val_accuracy:.4f})")
+    m.log(f"extending run {parent.run_id} (best val_accuracy {accuracy_text(parent.best_val_accuracy)})")
     return parent
 
 

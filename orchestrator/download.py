@@ -4,9 +4,12 @@ confined to ``DEST/<run_id>/``.
 The run argument is checked here and resolved on the machine before any folder is created;
 every entry of the run's MANIFEST.sha256 is checked (orchestrator/confine.py) before anything
 is written. Each file is streamed into a temporary name beside its destination while its
-sha256 is computed, compared with the manifest, and only then renamed into place; a file
-already present with the right checksum is not fetched again. An interrupted download
-leaves temp files only when orch was killed outright, and the next download removes them.
+sha256 is computed (hashed as it lands, never read again), compared with the manifest, and
+only then renamed into place; a file already present with the right checksum is not fetched
+again. An interrupted download leaves temp files only when orch was killed outright, and the
+next download removes them. Over OpenSSH, ONE command on the machine (the ``send`` verb,
+trainer/machine/sendfiles.py) holds it busy and answers the whole download on one connection:
+the run's list of files, then each file as a sized block.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from orchestrator import children, destination
 from orchestrator.confine import Entry, checked_entries
 from orchestrator.context import Context
 from orchestrator.errors import ConfigError, OrchError, RemoteError
-from orchestrator.machine import Machine, check_run_id
+from orchestrator.machine import SILENCE, Machine, check_run_id
 from orchestrator.storage import Storage, machine_or_storage
+from orchestrator.transfer import FileStream
 from trainer.contract import layout, verbs
 from trainer.contract.files import is_disk_full, sha256_file
-from trainer.contract.wire import DIED, RunFiles, RunInfo
+from trainer.contract.wire import DIED, RunFiles, RunInfo, WireError
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done in all, total bytes)
 Log = Callable[[str], None]
@@ -72,8 +76,8 @@ def download(ctx: Context, run_id: str | None = None, *, latest: bool = False, d
     report = progress or (lambda _r, _d, _t: None)
 
     def from_machine(m: Machine) -> Downloaded:
-        with m.busy():  # autostop waits for us
-            return _Download(MachineSource(m), _resolve(m, run_id, latest), dest, report, ctx.log).execute()
+        with machine_source(m) as source:  # autostop waits for us
+            return _Download(source, _resolve(m, source, run_id, latest), dest, report, ctx.log).execute()
 
     def from_storage(store: Storage) -> Downloaded:
         run = store.choose(run_id, best=not latest)
@@ -98,26 +102,50 @@ class Source(Protocol):
 
 @dataclass
 class MachineSource:
+    """The run's machine: the run's files and their list through one stream (transfer.FileStream,
+    the ``send`` verb) where OpenSSH is at hand, else one question and one transfer a file."""
+
     m: Machine
+    stream: FileStream | None = None
 
     @property
     def where(self) -> str:
         return self.m.remote.host
 
     def files(self, run_id: str) -> RunFiles:
-        return _read_files(self.m, run_id)
+        if self.stream is None:
+            return self.m.answer(verbs.FILES, self.m.run_dir(run_id))
+        try:
+            return RunFiles.from_json(self.stream.record(f"files {run_id}"))
+        except WireError as exc:
+            raise RemoteError(f"the machine's list of run {run_id}'s files was not understood: {exc}") from exc
 
     def fetch(self, run_id: str, rel: str, local: Path, progress: Callable[[int], None] | None = None,
               size: int | None = None) -> str:
+        if self.stream is not None and size is not None:  # a run always lists its sizes
+            return self.stream.fetch(f"{run_id}/{rel}", local, progress, size)
         return self.m.remote.fetch(f"{self.m.run_dir(run_id)}/{rel}", local, progress, size)
 
 
-def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
+@contextlib.contextmanager
+def machine_source(m: Machine) -> Iterator[MachineSource]:
+    """The machine as a Source, busy for the block (autostop waits): over OpenSSH, ONE command
+    (the ``send`` verb) holds it busy and answers the whole download, its connection made while
+    orch asks for the list of runs if it needs one; else a hold and one question a step."""
+    if not m.remote.bulk_sessions:
+        with m.busy():
+            yield MachineSource(m)
+        return
+    with m.bulk_session(verbs.SEND, m.root, SILENCE, what="reading the run's files") as (session, frame):
+        yield MachineSource(m, FileStream(session, frame))
+
+
+def _resolve(m: Machine, source: MachineSource, run_id: str | None, latest: bool) -> RunFiles:
     """The run to download, with its files. A full id costs one question to the machine; a
     prefix, or no id, asks for the list of runs first."""
     if run_id is not None:
-        files = _read_files(m, run_id)
-        if files.run is not None and files.run.run_id == run_id:  # the machine names the folder: never trusted
+        files = source.files(run_id)
+        if files.run is not None and files.run.run_id == run_id:
             return files
     run = m.choose(run_id, best=not latest)
     try:  # the machine names the folder: it gets the same check
@@ -125,14 +153,20 @@ def _resolve(m: Machine, run_id: str | None, latest: bool) -> RunFiles:
     except ConfigError as exc:
         raise RemoteError(f"the machine lists a run {run.run_id!r} that is not a valid run id; "
                           "it cannot be downloaded") from exc
-    files = _read_files(m, run.run_id)
+    files = _files_of(source, run.run_id)
     if files.run is None:
         raise RemoteError(f"run {run.run_id} is gone, or is not a folder of its own on {m.remote.host} (a link?)")
     return files
 
 
-def _read_files(m: Machine, run_id: str) -> RunFiles:
-    return m.answer(verbs.FILES, m.run_dir(run_id))
+def _files_of(source: Source, run_id: str) -> RunFiles:
+    """The files of run ``run_id`` as the source tells them. The answer names the run, and that
+    name becomes the local folder: one that is not the run asked for (``../..``) is refused."""
+    files = source.files(run_id)
+    if files.run is not None and files.run.run_id != run_id:
+        raise RemoteError(f"{source.where} answered for run {files.run.run_id!r} when asked for run {run_id}: "
+                          "not downloaded")
+    return files
 
 
 @dataclass
@@ -170,7 +204,7 @@ class _Download:
             return self._once(result)
 
     def _reread(self) -> None:
-        files = self.source.files(self.run.run_id)
+        files = _files_of(self.source, self.run.run_id)
         if files.run is None:
             raise RemoteError(f"run {self.run.run_id} disappeared from {self.source.where} while it was downloaded")
         self.files = files

@@ -1,4 +1,5 @@
-"""``orch monitor``: a live view of one run, refreshed with ONE remote command each time."""
+"""``orch monitor``: a live view of one run, its refreshes answered by ONE long-lived remote
+command (orchestrator.machine.Snapshots): a round trip on the open connection each."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from orchestrator.context import Context
 from orchestrator.errors import ConnectError, ConnectionLost, ExitCode
+from orchestrator.machine import IDLE, Snapshots
 from orchestrator.provision import acquire
 from orchestrator.runs import compared_with_parent, recovered
 from orchestrator.terminal import clean
@@ -70,6 +72,14 @@ class RunView:
     def exit_code(self) -> ExitCode:
         return self.info.exit_code if self.run is not None else ExitCode.OK
 
+    def training_epoch(self) -> int | None:
+        """The epoch being trained (1-based, as train.log's `Epoch N/M`), while the run trains."""
+        run = self.info
+        done = run.epoch or 0
+        if self.state != layout.RUNNING or run.phase != "training" or run.epochs is None or done >= run.epochs:
+            return None
+        return done + 1
+
     def eta_seconds(self) -> float | None:
         epoch, epochs = self.info.epoch or 0, self.info.epochs
         seconds = [h.seconds for h in self.history[-10:] if h.seconds is not None]
@@ -80,7 +90,10 @@ class RunView:
     def to_json(self) -> dict[str, Any]:
         run, last = self.info, self.history[-1] if self.history else None
         return {
+            # epoch: epochs finished (committed); training_epoch: the one under way, numbered as
+            # train.log's "Epoch N/M" lines number it (None once the run has ended)
             "run_id": self.run_id, "state": self.state, "epoch": run.epoch, "epochs": run.epochs,
+            "training_epoch": self.training_epoch(),
             "val_accuracy": last.val_accuracy if last else None, "best_val_accuracy": run.best_val_accuracy,
             "best_epoch": run.best_epoch, "alive": self.alive, "error": run.error, "stall": run.stall,
             "quiet_for": run.quiet_for, "eta_seconds": self.eta_seconds(),
@@ -144,7 +157,9 @@ class RunView:
                              f"  ({clean(self.note)})" if self.note else "")
         eta = self.eta_seconds()
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(f"epoch {epoch}/{epochs}", ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
+        training = self.training_epoch()
+        label = f"epoch {training}/{epochs} ({epoch} done)" if training is not None else f"epoch {epoch}/{epochs}"
+        bar.add_row(label, ProgressBar(total=max(epochs, 1), completed=epoch, width=40),
                     f"ETA {_duration(eta)}" if eta is not None else "")
         last = self.history[-1] if self.history else Epoch(0)
         acc = Table.grid(padding=(0, 2))
@@ -224,21 +239,10 @@ def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bo
             with acquire(ctx) as m:
                 if view is None:
                     view = RunView(m.choose(run_id).run_id)
-                backoff = 1.0
-                exiting = 0
-                while True:
-                    view.update(m.snapshot(view.run_id, len(view.history), LOG_LINES))
-                    # A final state is written just before the process exits: wait for the exit
-                    # (briefly) so the last frame shows the process ended.
-                    if view.final and view.alive and not once and exiting < EXIT_WAIT_REFRESHES:
-                        exiting += 1
-                        time.sleep(0.2)
-                        continue
-                    if show is not None:
-                        show(view)
-                    if once or view.final:
-                        return view
-                    time.sleep(interval)
+                with m.snapshots(view.run_id, idle=max(IDLE, 3 * interval)) as feed:
+                    backoff = 1.0
+                    _follow(view, feed, interval, once, show)
+                    return view
         except ConnectError as exc:
             if view is None and not isinstance(exc, ConnectionLost):
                 raise  # cannot connect at all (wrong host, key, port): say so at once
@@ -250,3 +254,22 @@ def monitor(ctx: Context, run_id: str | None, *, interval: float = 5.0, once: bo
                     show(view)
             time.sleep(backoff)
             backoff = min(backoff * 2, max_backoff)
+
+
+def _follow(view: RunView, feed: Snapshots, interval: float, once: bool, show: Callable[[RunView], None] | None
+            ) -> None:
+    """Refresh ``view`` from ``feed`` until the run ends (or once)."""
+    exiting = 0
+    while True:
+        view.update(feed.get(len(view.history), LOG_LINES))
+        # A final state is written just before the process exits: wait for the exit (briefly)
+        # so the last frame shows the process ended.
+        if view.final and view.alive and not once and exiting < EXIT_WAIT_REFRESHES:
+            exiting += 1
+            time.sleep(0.2)
+            continue
+        if show is not None:
+            show(view)
+        if once or view.final:
+            return
+        time.sleep(interval)

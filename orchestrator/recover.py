@@ -41,13 +41,13 @@ from orchestrator.errors import (
     OrchError,
     RemoteError,
 )
-from orchestrator.machine import Machine
+from orchestrator.machine import IDLE, Machine, Snapshots
 from orchestrator.monitor import LOG_LINES, RunView
 from orchestrator.provision import Ec2Provider, acquire, provider, quick_reach
 from orchestrator.requests import LaunchOptions
 from orchestrator.runs import UPLOAD_TIMEOUT
 from trainer.contract import layout
-from trainer.contract.wire import DIED, Recovery
+from trainer.contract.wire import DIED, Recovery, Snapshot
 
 if TYPE_CHECKING:
     from orchestrator.config import DeployConfig
@@ -174,12 +174,14 @@ class Outcome:
 
 
 class _Link:
-    """The connection to the machine, kept across looks and dropped when it fails."""
+    """The connection to the machine, kept across looks and dropped when it fails; and the
+    run's snapshots, from one long-lived command on it (orchestrator.machine.Snapshots)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.stack: contextlib.ExitStack | None = None
         self.machine: Machine | None = None
+        self.feed: Snapshots | None = None
 
     def get(self) -> Machine:
         if self.machine is None:
@@ -192,11 +194,19 @@ class _Link:
             self.stack = stack
         return self.machine
 
+    def snapshot(self, run_id: str, metrics_offset: int) -> Snapshot:
+        machine = self.get()
+        if self.feed is None:
+            assert self.stack is not None
+            idle = max(IDLE, 3 * self.ctx.cfg.recover.poll_seconds)
+            self.feed = self.stack.enter_context(machine.snapshots(run_id, idle=idle))
+        return self.feed.get(metrics_offset, LOG_LINES)
+
     def drop(self) -> None:
         if self.stack is not None:
             with contextlib.suppress(Exception):
                 self.stack.close()
-        self.stack, self.machine = None, None
+        self.stack, self.machine, self.feed = None, None, None
 
 
 class Watch:
@@ -249,7 +259,7 @@ class Watch:
             self.link.drop()
             return Seen(inst, ec2_error)
         try:
-            snap = self.link.get().snapshot(self.view.run_id, len(self.view.history), LOG_LINES)
+            snap = self.link.snapshot(self.view.run_id, len(self.view.history))
         except (ConnectError, HostKeyError, RemoteError) as exc:  # the machine did not answer (or not sanely)
             self.link.drop()
             return Seen(inst, run=None, ssh_error=str(exc))
@@ -274,6 +284,12 @@ class Watch:
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        finally:  # an interrupt, or a caller's `show` raising (a sweep's pruner), leaves no connection open
+            self.link.drop()
+
+    def _run(self) -> Outcome:
         while True:
             seen = self.look()
             decision = judge(seen, self.view.run, time.time())

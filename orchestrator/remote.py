@@ -8,23 +8,26 @@ argument with :func:`q` (a leading ``~/`` with :func:`path_word`).
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from orchestrator.errors import RemoteError
 
 Writer = Callable[[BinaryIO], None]
 Progress = Callable[[int], None]  # bytes received so far
 Sink = Callable[[bytes], None]  # takes a command's stdout as it arrives
+Reader = Callable[[], bytes]  # gives a command's stdin, a chunk at a time; b"": the end
 
 # What the machine sends is untrusted: nothing of one command's output is held without a bound.
 MAX_KEPT = 1 << 20  # stdout kept for a command whose output no sink reads
 MAX_STDERR = 64 << 10  # the tail of stderr kept (what error messages quote)
 MAX_LINE = 32 << 20  # one line (a framed answer: a run's file list is a few MB); the rest of a longer one is dropped
+SESSION_EXIT_WAIT = 5.0  # seconds a closed Session's command gets to exit on its stdin's EOF
 
 
 def q(word: str) -> str:
@@ -80,10 +83,10 @@ class LineFeed:
 
 class Streams:
     """Where one command's output goes: stdout to a sink as it arrives (or kept, up to
-    MAX_KEPT), the last MAX_STDERR bytes of stderr kept."""
+    MAX_KEPT), the last MAX_STDERR bytes of stderr kept (and given to ``err_sink`` as they arrive)."""
 
-    def __init__(self, sink: Sink | None) -> None:
-        self.sink = sink
+    def __init__(self, sink: Sink | None, err_sink: Sink | None = None) -> None:
+        self.sink, self.err_sink = sink, err_sink
         self.kept, self.errors = bytearray(), bytearray()
 
     def out(self, chunk: bytes) -> None:
@@ -93,6 +96,8 @@ class Streams:
             self.kept += chunk[: MAX_KEPT - len(self.kept)]
 
     def err(self, chunk: bytes) -> None:
+        if self.err_sink is not None:
+            self.err_sink(chunk)
         self.errors += chunk
         if len(self.errors) > 2 * MAX_STDERR:
             del self.errors[:-MAX_STDERR]
@@ -110,6 +115,22 @@ class Background(ABC):
     @abstractmethod
     def close(self) -> None:
         """EOF on its stdin, then let go of it."""
+
+
+class Session(Background):
+    """A command left running that orch talks with: its stdin written, its stdout read as it
+    comes, the last MAX_STDERR bytes of its stderr kept (what error messages quote)."""
+
+    def __init__(self) -> None:
+        self.streams = Streams(None)  # only its stderr is kept there
+
+    @abstractmethod
+    def read(self, timeout: float) -> bytes | None:
+        """Its stdout's next bytes: b"" once it ended, None when nothing came within ``timeout`` s."""
+
+    @property
+    def stderr(self) -> str:
+        return self.streams.result(0).stderr
 
 
 class Remote(ABC):
@@ -169,9 +190,29 @@ class Remote(ABC):
             self.stream(framed(frame, f"cat -- {q(path)}"), frame, keep, what=f"reading {path}")
         return writer.hexdigest()
 
+    @property
+    def bulk_sessions(self) -> bool:
+        """Whether :meth:`bulk_session` works here (OpenSSH is at hand)."""
+        return False
+
+    def bulk_session(self, command: str, first: bytes = b"", what: str = "a command") -> Any:
+        """``command`` for bulk data, its stdin and stdout held open as pipes (orchestrator/ssh.py:
+        BulkSession), a context manager; only where :attr:`bulk_sessions`."""
+        raise NotImplementedError
+
     @abstractmethod
     def start(self, command: str) -> Background:
         """Start a command left running, its stdin open until the returned handle is closed."""
+
+    @abstractmethod
+    def session(self, command: str) -> Session:
+        """Start a command left running that orch talks with (:class:`Session`) until it is closed."""
+
+    @abstractmethod
+    def interact(self, command: str, stdin: Reader | None, streams: Streams) -> int:
+        """Run ``command`` with its output going to ``streams`` as it arrives while its stdin is
+        fed, meanwhile, with what ``stdin()`` gives until it gives b"" (None: EOF at once); its
+        exit code. `orch exec`, and a verb that lives as long as the command that runs it."""
 
     def close(self) -> None:  # noqa: B027 (nothing to release for the local target)
         """Release the connection."""
@@ -181,6 +222,24 @@ class Remote(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def shell_status(returncode: int) -> int:
+    """A local child's exit code as a shell says it: killed by signal N is 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def feed(read: Reader, write: Callable[[bytes], None], close: Callable[[], None]) -> None:
+    """Copy what ``read()`` gives to ``write`` until it gives b"", then ``close`` (a command's
+    stdin, in a thread of its own); a command that went away ends it too."""
+    try:
+        for chunk in iter(read, b""):
+            write(chunk)
+    except Exception:  # the command has gone (its stdin closed), or orch's own stdin failed: EOF either way
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _check_stream(code: int, stderr: str, found: bool, what: str) -> None:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,21 @@ from typing import Any
 from orchestrator import children
 from orchestrator.errors import ConnectError, ConnectionLost, HostKeyError, RemoteError
 from orchestrator.hostkeys import HostKey, VerifyNewHostKey, fingerprint, load_known_hosts
-from orchestrator.remote import MAX_STDERR, Background, Progress, Remote, Sink, Streams, Writer, q
+from orchestrator.remote import (
+    MAX_STDERR,
+    SESSION_EXIT_WAIT,
+    Background,
+    Reader,
+    Remote,
+    Session,
+    Sink,
+    Streams,
+    Writer,
+    feed,
+)
 from orchestrator.sshconfig import Hop, SshTarget, openssh_config
-from orchestrator.transfer import BLOCK, Unframed, framed, new_frame, receive_file
+from orchestrator.transfer import BLOCK, Unframed
+from trainer.contract.blocks import widen_pipe
 
 
 class _ChannelBackground(Background):
@@ -33,6 +46,133 @@ class _ChannelBackground(Background):
         with contextlib.suppress(Exception):
             self.chan.shutdown_write()
         self.chan.close()
+
+
+class _ChannelSession(_ChannelBackground, Session):
+    def __init__(self, chan: Any, host: str) -> None:
+        _ChannelBackground.__init__(self, chan)
+        Session.__init__(self)
+        self.host = host
+
+    def write(self, data: bytes) -> None:
+        try:
+            super().write(data)
+        except (OSError, EOFError) as exc:
+            self._check_connection(exc)
+            raise OSError(f"the command has ended ({exc or type(exc).__name__})") from exc
+
+    def read(self, timeout: float) -> bytes | None:
+        import select
+        import time
+
+        chan, deadline = self.chan, time.monotonic() + timeout
+        while True:
+            if chan.recv_ready():
+                return bytes(chan.recv(1 << 16))
+            if chan.recv_stderr_ready():
+                self.streams.err(chan.recv_stderr(1 << 16))
+            elif chan.eof_received or chan.closed:
+                for chunk in iter(lambda: chan.recv_stderr(1 << 16), b""):
+                    self.streams.err(chunk)
+                self._check_connection(None)
+                return b""
+            left = deadline - time.monotonic()
+            if left <= 0:  # however much it prints on stderr meanwhile
+                self._check_connection(None)
+                return None
+            select.select([chan], [], [], left)  # its fileno is readable on stdout, stderr and EOF
+
+    def _check_connection(self, cause: BaseException | None) -> None:
+        transport = self.chan.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(f"the connection to {self.host} was lost") from cause
+
+    def close(self) -> None:
+        # EOF, then its exit (briefly): the command ends when its stdin does, and is gone when close returns.
+        with contextlib.suppress(Exception):
+            self.chan.shutdown_write()
+            self.chan.status_event.wait(SESSION_EXIT_WAIT)
+        self.chan.close()
+
+
+class BulkSession:
+    """A command on the machine through OpenSSH, its stdin and stdout held open: orch writes as
+    it goes along (requests, a tar stream) and reads ``stdout`` (a file descriptor) as the
+    answers come. ``first`` (the machine side's bundle) is written at once, in a thread, so that
+    the connection and the remote interpreter start while orch does something else. Pipes of
+    1 MiB where the system allows: ssh never waits on a reader that is hashing or writing."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], host: str, what: str, first: bytes) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc, self.host, self.what = proc, host, what
+        self.stdout = proc.stdout.fileno()
+        self.errors = children.Tail(proc.stderr, MAX_STDERR)
+        self.finished = False
+        for fd in (proc.stdin.fileno(), self.stdout):
+            widen_pipe(fd)
+        self._writer = threading.Thread(target=self._write_quietly, args=(first,), daemon=True)
+        self._writer.start()
+
+    def _write_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):  # ssh died: its exit status and stderr say why
+            self._stdin().write(data)
+            self._stdin().flush()
+
+    def _stdin(self) -> Any:
+        assert self.proc.stdin is not None
+        return self.proc.stdin
+
+    def write(self, data: bytes) -> None:
+        """``data`` to the command's stdin, after what was written before."""
+        self._writer.join()
+        try:
+            self._stdin().write(data)
+            self._stdin().flush()
+        except (OSError, ValueError) as exc:
+            raise self.failed(f"it stopped reading ({exc})", ended=True) from exc
+
+    def stdin_fd(self) -> int:
+        """The stdin pipe, for a child of orch to write into (a tar), after what was written before."""
+        self._writer.join()
+        return self._stdin().fileno()
+
+    def close_stdin(self) -> None:
+        """EOF on the command's stdin."""
+        self._writer.join()
+        with contextlib.suppress(OSError):
+            self._stdin().close()
+
+    def finish(self) -> int:
+        """EOF on its stdin, then wait for it: its exit status (RemoteError when ssh itself failed)."""
+        self.close_stdin()
+        self.proc.wait()
+        self.finished = True
+        if self.proc.returncode == 255:  # ssh's own failure, or no exit status came (the command's otherwise)
+            why = self.errors.last_line("the connection, or the command on the machine, ended abruptly (killed?)")
+            raise RemoteError(f"{self.what} failed on {self.host}: {why}")
+        return self.proc.returncode
+
+    def failed(self, problem: str, *, ended: bool) -> RemoteError:
+        """The error for a ``problem`` met while reading: ssh's own last words when it failed (a
+        refused key, a lost connection); ``ended``: its output ended, so it is exiting."""
+        if ended:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.kill()
+        elif self.proc.returncode != 0:
+            problem = self.errors.last_line(problem)
+        return RemoteError(f"{self.what} failed on {self.host}: {problem}")
+
+    def stderr_tail(self) -> str:
+        self.errors.thread.join(timeout=10)
+        return self.errors.data[-MAX_STDERR:].decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.finished = True
 
 
 class SshRemote(Remote):
@@ -115,19 +255,26 @@ class SshRemote(Remote):
         except (OSError, paramiko.SSHException) as exc:
             raise ConnectError(f"the jump host cannot reach {to.label}: {exc or type(exc).__name__}") from exc
 
-    def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
-        import paramiko
-
+    def _transport(self) -> Any:
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise ConnectionLost(f"the connection to {self.host} was lost")
+        return transport
+
+    def _session(self) -> Any:
+        import paramiko
+
         try:
-            chan = transport.open_session(timeout=self.target.connect_timeout)
+            return self._transport().open_session(timeout=self.target.connect_timeout)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+
+    def _exec(self, command: str, write: Writer | None, timeout: float | None, streams: Streams) -> int:
+        import paramiko
+
+        chan = self._open(command)
         try:  # the channel is closed whatever happens (a failing stdin writer included)
             chan.settimeout(timeout)
-            chan.exec_command(command)
             if write is not None:
                 with chan.makefile_stdin("wb") as stdin:
                     write(stdin)
@@ -146,24 +293,66 @@ class SshRemote(Remote):
                 chan.shutdown_write()
             chan.close()
 
+    def _open(self, command: str) -> Any:
+        """A channel running ``command``."""
+        import paramiko
+
+        chan = self._session()
+        try:
+            chan.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            chan.close()
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        return chan
+
     def start(self, command: str) -> Background:
+        return _ChannelBackground(self._open(command))
+
+    def session(self, command: str) -> Session:
+        return _ChannelSession(self._open(command), self.host)
+
+    def interact(self, command: str, stdin: Reader | None, streams: Streams) -> int:
+        import paramiko
+
+        chan = self._session()
+        try:
+            chan.exec_command(command)
+            if stdin is None:
+                chan.shutdown_write()
+            else:  # fed meanwhile: a command may answer before its input ends
+                threading.Thread(target=feed, args=(stdin, chan.sendall, chan.shutdown_write), daemon=True).start()
+            _drain(chan, streams)
+            code = chan.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
+        finally:
+            chan.close()
+        if code == -1:  # no exit status: the connection went away, or the command was killed by a signal
+            self._transport()
+            return 255  # what OpenSSH's client says for a command killed by a signal
+        return code
+
+    def tunnel(self, host: str, port: int) -> Any:
+        """A channel to ``host:port`` as the machine sees it (``direct-tcpip`` over the control
+        connection: what ``ssh -L`` does), for one forwarded connection."""
         import paramiko
 
         try:
-            chan = self.client.get_transport().open_session(timeout=self.target.connect_timeout)
-            chan.exec_command(command)
+            return self._transport().open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                                  timeout=self.target.connect_timeout)
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise ConnectionLost(f"the connection to {self.host} failed: {exc or type(exc).__name__}") from exc
-        return _ChannelBackground(chan)
+            raise ConnectionLost(f"cannot reach {host}:{port} on {self.host} through the connection: "
+                                 f"{exc or type(exc).__name__}") from exc
 
-    def openssh_argv(self) -> list[str]:
+    def openssh_argv(self, *options: str) -> list[str]:
         """OpenSSH with the very settings of this connection (same hops, users, keys and
-        known_hosts, strict host-key checking: the keys were verified when we connected). For
-        bulk data: OpenSSH moves it about twice as fast as paramiko."""
+        known_hosts, strict host-key checking: the keys were verified when we connected), and
+        ``options`` before the host. For bulk data (OpenSSH moves it about twice as fast as
+        paramiko) and for `orch ssh`'s terminal."""
         if self._openssh_dir is None:
             self._openssh_dir = tempfile.TemporaryDirectory(prefix="orch-ssh-")
             Path(self._openssh_dir.name, "config").write_text(openssh_config(self.target))
-        return ["ssh", "-F", str(Path(self._openssh_dir.name, "config")), "orch-target"]
+        return ["ssh", "-F", str(Path(self._openssh_dir.name, "config")), *options, "orch-target"]
 
     @contextlib.contextmanager
     def _openssh(self, command: str, write: Writer | None, what: str) -> Iterator[Any]:
@@ -172,6 +361,7 @@ class SshRemote(Remote):
         proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE if write else
                               subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         errors = children.Tail(proc.stderr, MAX_STDERR)
+        widen_pipe(proc.stdout.fileno())  # type: ignore[union-attr]
         failed: BaseException | None = None
         done = False
         try:
@@ -199,6 +389,26 @@ class SshRemote(Remote):
             why = errors.last_line(str(failed) if failed else f"exit code {proc.returncode}")
             raise RemoteError(f"{what} failed on {self.host}: {why}") from failed
 
+    @property
+    def bulk_sessions(self) -> bool:
+        return shutil.which("ssh") is not None
+
+    @contextlib.contextmanager
+    def bulk_session(self, command: str, first: bytes = b"", what: str = "a command") -> Iterator[BulkSession]:
+        """``command`` through OpenSSH, its pipes held open (:class:`BulkSession`); killed at the end
+        of the block unless the block finished it (an interruption, or it was never needed)."""
+        proc = children.spawn([*self.openssh_argv(), command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        session = BulkSession(proc, self.host, what, first)
+        try:
+            yield session
+        finally:
+            if not session.finished:
+                session.kill()
+            for pipe in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    pipe.close()  # type: ignore[union-attr]
+
     def stream(self, command: str, frame: str, sink: Sink, *, write: Writer | None = None,
                what: str = "reading from the machine") -> None:
         if not shutil.which("ssh"):
@@ -209,16 +419,6 @@ class SshRemote(Remote):
                 unframed.feed(chunk)
         if not unframed.found:
             raise RemoteError(f"{what} failed on {self.host}: its output never began (no frame line)")
-
-    def fetch(self, path: str, local: Path, progress: Progress | None = None, size: int | None = None) -> str:
-        if not shutil.which("ssh"):
-            return super().fetch(path, local, progress, size)
-        # The kernel moves the bytes from OpenSSH's pipe into the file (splice), and they are
-        # hashed from the page cache as they land: no copy through Python.
-        frame = new_frame()
-        with open(local, "w+b") as out, self._openssh(framed(frame, f"cat -- {q(path)}"), None,
-                                                       f"reading {path}") as pipe:
-            return receive_file(pipe.fileno(), frame, out, progress, size)
 
     def close(self) -> None:
         for client in reversed(self._clients):

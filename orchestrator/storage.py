@@ -160,6 +160,23 @@ class Storage:
                     progress(done)
         return h.hexdigest()
 
+    def remove(self, run_id: str) -> int:
+        """Delete the run's mirror (`orch rm --storage`); returns how many objects it had. Its
+        committed state goes first: whatever a failure leaves is never taken for a run to restore."""
+        keys = sorted(self._key(run_id, rel) for rel in self.objects(run_id))
+        state = self._key(run_id, layout.STATE)
+        batches = [[state]] if state in keys else []
+        rest = [k for k in keys if k != state]
+        batches += [rest[i:i + 1000] for i in range(0, len(rest), 1000)]  # DeleteObjects takes 1000 at most
+        for batch in batches:
+            got = self._call(f"removing run {run_id}", self.s3.delete_objects, Bucket=self.bucket,
+                             Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            if got.get("Errors"):
+                first = got["Errors"][0]
+                raise AwsError(f"storage {self.uri}: removing run {run_id}: {first.get('Code', '')} "
+                               f"{first.get('Message', '')} ({len(got['Errors'])} objects left)".strip())
+        return len(keys)
+
     def stream(self, run_id: str, rel: str, sink: Callable[[bytes], None]) -> None:
         """An object, chunk by chunk (train.log: `orch logs` of a mirrored run)."""
         if rel not in self.objects(run_id):

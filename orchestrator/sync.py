@@ -5,6 +5,7 @@ trainer/machine/receive.py."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -14,17 +15,18 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from orchestrator import children
-from orchestrator.errors import ConfigError, RemoteError
+from orchestrator.errors import ConfigError, DiskFull, RemoteError
 from orchestrator.machine import Machine
-from orchestrator.remote import q
-from orchestrator.ssh import SshRemote
+from orchestrator.ssh import BulkSession
 from trainer.contract import layout, verbs
 from trainer.contract.codeversion import code_files, code_version
+from trainer.contract.wire import Moved
 
 Log = Callable[[str], None]
 
@@ -86,10 +88,13 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
     """Upload data.local_dir to data.remote_dir: new or changed files only (size and mtime).
 
     One listing, then ONE tar stream of what changed into a hidden staging folder beside the
-    data, then one rename per file on the machine: an interruption leaves no partial file
-    under a final name, and running it again finishes the job. File names are bytes end to
-    end (listings are NUL-separated): any valid POSIX name travels. Only regular files are
-    sent, a link as the file it leads to; what cannot be sent is counted and logged.
+    data, moved into place by the same command on the machine (trainer/machine/receive.py):
+    an interruption leaves no partial file under a final name, and running it again finishes
+    the job. Over OpenSSH that command's connection is opened first, and the machine lists its
+    files while this computer lists its own, so the tar stream starts as soon as both are known.
+    File names are bytes end to end (listings are NUL-separated): any valid POSIX name travels.
+    Only regular files are sent, a link as the file it leads to; what cannot be sent is counted
+    and logged.
     """
     cfg, remote = m.cfg, m.remote
     if not cfg.data.local_dir:
@@ -101,27 +106,27 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
     start = time.perf_counter()
     if not dest.strip("/"):
         raise ConfigError("data.remote_dir: the data needs a folder of its own, not / (e.g. data or ~/features)")
-    # Also clears what an interrupted upload left in its staging folder.
-    have = _parse_listing(m.answer(verbs.DATA_LIST, dest).listing)
-    found = _local_files(local)
-    changed_stats = [(rel, st) for rel, st in found.files if have.get(rel) != (st.st_size, int(st.st_mtime))]
-    changed_stats = [(rel, st) for rel, st in changed_stats if found.readable(local, rel)]
-    changed = [rel for rel, _ in changed_stats]
-    over_openssh = isinstance(remote, SshRemote) and shutil.which("ssh") and shutil.which("tar")
-    method = "ssh" if use_ssh_client and over_openssh else "channel"
-    if changed:
-        parent, name = dest.rstrip("/").rsplit("/", 1)
-        staging = f"{parent}/{layout.data_staging_prefix(name)}{time.time_ns()}"
-        # An upload cut off mid-way removes its own staging folder when its tar fails (a later
-        # sync's listing clears it too, if this one never noticed the cut).
-        script = f"mkdir -p {q(staging)} && tar -xf - -C {q(staging)} || {{ rm -rf -- {q(staging)}; exit 1; }}"
-        unpack = f"/bin/sh -c {q(script)}"  # POSIX sh whatever the login shell is (fish has no `{ ...; }`)
-        if method == "ssh":
-            _tar_over_ssh_client(remote, local, changed, unpack)  # type: ignore[arg-type]
-        else:
-            remote.run(unpack, write=lambda fh: _write_tar(fh, local, changed), what="unpacking the data")
-        m.answer(verbs.DATA_MOVE, staging, dest)
-    sent = sum(st.st_size for _, st in changed_stats)
+    parent, name = dest.rstrip("/").rsplit("/", 1)
+    staging = f"{parent}/{layout.data_staging_prefix(name)}{time.time_ns()}"
+    method = "ssh" if use_ssh_client and remote.bulk_sessions and shutil.which("tar") else "channel"
+    if method == "ssh":
+        # ONE command lists the machine's files, then receives: connecting while the local walk goes on
+        with children.scope(), m.bulk_session(verbs.DATA_RECEIVE, staging, dest, verbs.LISTING_FIRST,
+                                              what="uploading the data") as (session, frame):
+            answers = m.bulk_answers(session, frame)
+            found, changed = _changes(lambda: answers.next(verbs.DATA_LIST).listing, local)
+            if changed:
+                tar_failed = _tar_into(session, local, [rel for rel, _ in changed])
+                moved = answers.last(verbs.DATA_RECEIVE)  # read even so: a full disk there?
+                if tar_failed and not moved.disk_full:  # a local cause: the stream was short
+                    raise RemoteError(f"uploading the data to {remote.host} failed: {tar_failed}")
+                _unpacked(m, moved, dest)
+    else:
+        found, changed = _changes(lambda: m.answer(verbs.DATA_LIST, dest).listing, local)
+        if changed:
+            _unpacked(m, m.answer(verbs.DATA_RECEIVE, staging, dest,
+                                  stdin=lambda fh: _write_tar(fh, local, [r for r, _ in changed])), dest)
+    sent = sum(st.st_size for _, st in changed)
     seconds = time.perf_counter() - start
     m.log(f"data: {len(changed)} new or changed files ({sent / 1e6:.1f} MB) sent to {dest} in {seconds:.1f} s")
     if found.skipped:
@@ -129,6 +134,28 @@ def sync_data(m: Machine, *, use_ssh_client: bool = True) -> DataSync:
         m.log(f"data: {found.skipped.total()} entries not sent ({why}); `python -m trainer check-data {local}` "
               "lists them")
     return DataSync(len(changed), sent, seconds, method, found.skipped.total())
+
+
+def _unpacked(m: Machine, moved: Moved, dest: str) -> None:
+    """Raise what kept the machine from unpacking the upload (it moved nothing into place)."""
+    if moved.disk_full:
+        raise DiskFull(f"no space left on device on {m.remote.host} for the data in {dest}: free some space "
+                       "(df -h) and sync again")
+    if moved.error is not None:
+        raise RemoteError(f"unpacking the data on {m.remote.host} failed: {moved.error[:300]}")
+
+
+def _changes(machine_listing: Callable[[], str], local: Path
+             ) -> tuple[_LocalFiles, list[tuple[bytes, os.stat_result]]]:
+    """This computer's files, and those of them the machine lacks or has otherwise (size, mtime):
+    the machine's listing (``data-list``'s, which also clears what an interrupted upload left in
+    its staging folder) is awaited in a thread while the local folder is walked here."""
+    with ThreadPoolExecutor(1) as pool:
+        listing = pool.submit(machine_listing)
+        found = _local_files(local)
+        have = _parse_listing(listing.result())
+    changed = [(rel, st) for rel, st in found.files if have.get(rel) != (st.st_size, int(st.st_mtime))]
+    return found, [(rel, st) for rel, st in changed if found.readable(local, rel)]
 
 
 @dataclass
@@ -163,21 +190,25 @@ def _local_files(local: Path) -> _LocalFiles:
         for d in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             dirnames.remove(d)
             found.skipped["links to folders"] += 1
+        # os.walk's folders all start with ``top`` as given: the relative name by slicing
+        # (os.path.relpath and join per file: a third of orch's CPU in a first upload, bench/bench_sync.py)
+        below, here = dirpath[len(top):].lstrip(b"/"), dirpath.rstrip(b"/") + b"/"
+        below += b"/" if below else b""
         for name in filenames:
             if not name.startswith(b"."):
-                _add_file(found, os.path.join(dirpath, name), top)
+                _add_file(found, here + name, below + name)
     found.files.sort()
     return found
 
 
-def _add_file(found: _LocalFiles, path: bytes, top: bytes) -> None:
+def _add_file(found: _LocalFiles, path: bytes, rel: bytes) -> None:
     try:
         st = os.stat(path)  # follows a link: its file's content is what is sent
     except OSError:
         found.skipped["links to nothing or looping" if os.path.islink(path) else "unreadable files"] += 1
         return
     if stat.S_ISREG(st.st_mode):
-        found.files.append((os.path.relpath(path, top), st))
+        found.files.append((rel, st))
     else:
         found.skipped["pipes, devices or sockets"] += 1
 
@@ -189,28 +220,26 @@ def _parse_listing(text: str) -> dict[bytes, tuple[int, int]]:
 
 
 def _write_tar(fh: BinaryIO, local: Path, rels: list[bytes]) -> None:
+    """The go byte, then the tar stream of ``rels`` (Python's tarfile: over paramiko's channel)."""
+    fh.write(verbs.DATA_GO)
     # GNU format stores names as their bytes; dereference: a link travels as its file's content.
     with tarfile.open(fileobj=fh, mode="w|", format=tarfile.GNU_FORMAT, dereference=True) as tar:
         for rel in rels:
             tar.add(os.fsdecode(os.path.join(os.fsencode(local), rel)), arcname=os.fsdecode(rel), recursive=False)
 
 
-def _tar_over_ssh_client(remote: SshRemote, local: Path, rels: list[bytes], unpack: str) -> None:
-    """`tar c | ssh host unpack`: OpenSSH moves bulk data about twice as fast as paramiko."""
-    with children.scope():  # an interrupted upload stops both at once
-        # -h: a link travels as its file's content. Names go NUL-separated, each after "./" so
-        # that none is ever read as an option.
-        tar = children.spawn(["tar", "-C", str(local), "-h", "--null", "-T", "-", "-cf", "-"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        ssh = children.spawn([*remote.openssh_argv(), unpack], stdin=tar.stdout, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-        assert tar.stdin is not None and tar.stdout is not None
-        tar_err, ssh_err = children.Tail(tar.stderr), children.Tail(ssh.stderr)  # bounded, never blocking
-        tar.stdout.close()  # ssh holds it now; tar sees SIGPIPE if ssh dies
+def _tar_into(session: BulkSession, local: Path, rels: list[bytes]) -> str | None:
+    """The go byte, then `tar c` of ``rels`` straight into the session's stdin (OpenSSH moves
+    bulk data about twice as fast as paramiko); then EOF there. Why tar failed, or None."""
+    session.write(verbs.DATA_GO)
+    # -h: a link travels as its file's content. Names go NUL-separated, each after "./" so
+    # that none is ever read as an option. Records of 1 MiB (-b 2048), as the machine reads them.
+    tar = children.spawn(["tar", "-C", str(local), "-h", "-b", "2048", "--null", "-T", "-", "-cf", "-"],
+                         stdin=subprocess.PIPE, stdout=session.stdin_fd(), stderr=subprocess.PIPE)
+    session.close_stdin()  # tar holds it now: when tar ends, the machine sees the end of the stream
+    assert tar.stdin is not None
+    tar_err = children.Tail(tar.stderr)  # bounded, never blocking
+    with contextlib.suppress(BrokenPipeError):  # tar died: its exit status and stderr say why
         tar.stdin.write(b"".join(b"./" + r + b"\0" for r in rels))
         tar.stdin.close()
-        ssh.wait()
-        tar.wait()
-    if tar.returncode != 0 or ssh.returncode != 0:
-        why = ssh_err.last_line("") or tar_err.last_line("no message")
-        raise RemoteError(f"uploading the data to {remote.host} failed: {why}")
+    return tar_err.last_line("tar failed") if tar.wait() != 0 else None

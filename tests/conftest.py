@@ -1,4 +1,4 @@
-"""Shared fixtures: every test gets its own loader cache, never the user's ~/.cache."""
+"""Shared fixtures: every test gets its own loader cache and ~/.cache, never the user's."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path_factory.mktemp("trainer-cache")
     monkeypatch.setenv("ORCH_TRAINER_CACHE", str(cache))
+    # ... and its own ~/.cache (orch's run-id cache, the machine side's preflight cache), never the user's
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     return cache
 
 

@@ -1,6 +1,6 @@
 """Throw-away servers on 127.0.0.1 for the tests and the benchmarks: an OpenSSH sshd with
 its own host key, client key, config and port; a stand-in for EC2's instance metadata service
-(IMDSv2, spot notices)."""
+(IMDSv2, spot notices); a webhook that records what runs notify."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,34 @@ def peak_rss(argv: list[str], stdout: str = os.devnull, env: dict[str, str] | No
     done = subprocess.run([sys.executable, "-c", _PEAK, stdout, *argv], capture_output=True, text=True, env=env)
     code, rss = done.stdout.split()
     return int(code), int(rss), done.stderr
+
+
+@contextmanager
+def small_disk(path: Path, kib: int) -> Iterator[bool]:
+    """A tmpfs of ``kib`` KiB at ``path`` (True), or False where mounting is not allowed."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+
+
+def processes_with(*words: str) -> list[int]:
+    """The living processes (zombies are not) whose argv holds each of ``words``, each as one word."""
+    from trainer.machine.proc import process_start_time
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and all(w in argv for w in words) and process_start_time(int(proc.name)) is not None:
+            found.append(int(proc.name))
+    return found
 
 
 class TcpRelay:
@@ -322,6 +351,67 @@ def imds_stand_in() -> Iterator[ImdsStandIn]:
     imds.url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         yield imds
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# A webhook URL's secret part, as Slack's carry one in the path: the tests check it is never shown.
+WEBHOOK_SECRET = "B0123/XOXsecretPATHtoken"
+
+
+@dataclass
+class WebhookStandIn:
+    """A webhook on 127.0.0.1: records each POSTed JSON message and answers it with the next code
+    of ``answers`` (then 200)."""
+
+    answers: list[int]
+    url: str = ""
+    got: list[tuple[str, dict[str, Any], int]] = field(default_factory=list)  # (path, message, its answer)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def _take(self, path: str, body: bytes) -> int:
+        with self.changed:
+            code = self.answers.pop(0) if self.answers else 200
+            self.got.append((path, json.loads(body), code))
+            self.changed.notify_all()
+            return code
+
+    def taken(self, state: str) -> list[dict[str, Any]]:
+        """The messages of ``state`` (what the run was: finished, failed...) answered 200."""
+        return [msg for _path, msg, code in self.got if msg.get("state") == state and code == 200]
+
+    def wait(self, state: str, count: int = 1, timeout: float = 300) -> list[dict[str, Any]]:
+        """The first ``count`` messages of ``state`` taken, once they came (``timeout`` is a safety
+        net for a hang: the wait ends on the messages)."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.taken(state)) >= count, timeout), self.got
+            return self.taken(state)[:count]
+
+
+@contextmanager
+def webhook_stand_in(answers: list[int] | None = None) -> Iterator[WebhookStandIn]:
+    """A webhook on a free 127.0.0.1 port for the block; ``hook.url`` carries WEBHOOK_SECRET."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hook = WebhookStandIn(list(answers or []))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            code = hook._take(self.path, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True, name="webhook-stand-in").start()
+    hook.url = f"http://127.0.0.1:{server.server_address[1]}/services/T0/{WEBHOOK_SECRET}"
+    try:
+        yield hook
     finally:
         server.shutdown()
         server.server_close()

@@ -40,6 +40,7 @@ from trainer.contract import layout
 from trainer.machine import faults
 from trainer.ml import runstate
 from trainer.ml.runstate import RunState
+from trainer.ml.tbevents import read_steps
 
 # Failpoints reached once per start, or only when there is something to do: always the 1st time.
 _ONCE = {"repair:begin", "repair:temp-removed", "best:temp", "publish:best", "finish:evaluated"}
@@ -308,8 +309,13 @@ class Judge:
         if recorded is None or measured is None or abs(measured - recorded) > 1e-6:
             problems.append(f"best.weights.h5 evaluates to {measured}, the max recorded val accuracy is {recorded}")
         listed = set(layout.parse_manifest((run / layout.MANIFEST).read_text())) if (run / layout.MANIFEST).exists() else set()
-        if not {layout.BEST_WEIGHTS, layout.STATUS, layout.METRICS} <= listed:
+        if not {layout.BEST_WEIGHTS, layout.STATUS, layout.METRICS, *layout.TENSORBOARD_FILES} <= listed:
             problems.append(f"the finished run's manifest lists only {sorted(listed)}")
+        for rel in layout.TENSORBOARD_FILES:  # one event per epoch, none twice, none missing
+            data = (run / rel).read_bytes() if (run / rel).is_file() else b""
+            steps = [step for _end, step in read_steps(data) if step is not None]
+            if steps != list(range(1, self.scenario.epochs + 1)):
+                problems.append(f"{rel} holds the steps {steps}, not 1..{self.scenario.epochs}")
         state = runstate.read(run)
         return problems + (_leftovers(run, state) if state else ["no committed state"])
 

@@ -18,6 +18,7 @@ QUICK = {
     "bench_sync.py": (["--quick"], "orch sync"),
     "bench_download.py": (["--quick"], "monitor snapshot"),
     "bench_logs.py": (["--quick"], "orch logs (framed, cleaned)"),
+    "bench_monitor.py": (["--quick"], "monitor refresh (ask -> parsed snapshot"),
     "bench_faults.py": (["--kills", "1", "--epochs", "2"], "kills, 0 violations"),
 }
 

@@ -67,12 +67,16 @@ def test_read_only_commands_never_start_a_stopped_instance(tmp_path: Path, sshd:
     iid = instance(moto_endpoint, f"stopped-{tmp_path.name}")
     ec2_client(moto_endpoint).stop_instances(InstanceIds=[iid])
     cfg = config(tmp_path, sshd, features, ec2={"instance_id": iid, "endpoint_url": moto_endpoint})
-    for command in (["runs"], ["logs"], ["monitor", "--once"], ["download"], ["stop"], ["status"]):
-        proc = run_orch(*command, "-c", cfg)
+    for command in (["runs"], ["logs"], ["monitor", "--once"], ["download"], ["stop"], ["status"], ["rm", "a-run", "-y"],
+                    ["ssh"], ["tensorboard"], ["exec", "--", "touch", str(tmp_path / "ran")]):
+        proc = run_orch(*command[:1], "-c", cfg, *command[1:])
         assert proc.returncode == 11, (command, proc.stderr)
         assert f"instance {iid} is stopped; `orch up` starts it" in proc.stderr
         assert state_of(moto_endpoint, iid) == "stopped", command
-    assert not (tmp_path / "remote").exists()  # nothing was asked of the machine
+    from orchestrator.completion import run_ids
+
+    assert run_ids(str(cfg)) == [] and state_of(moto_endpoint, iid) == "stopped"  # completing a run id starts nothing
+    assert not (tmp_path / "remote").exists() and not (tmp_path / "ran").exists()  # nothing was asked of the machine
     st = run_orch("status", "-c", cfg, "--json")
     assert json.loads(st.stdout)["instance"]["type"] == "g5.xlarge"
     assert run_orch("up", "-c", cfg).returncode == 0 and state_of(moto_endpoint, iid) == "running"
@@ -150,22 +154,24 @@ def test_autostop_runs_once_after_the_idle_period_and_never_during_a_run(tmp_pat
 def test_a_deploy_inside_the_idle_period_rearms_autostop_and_off_disarms(tmp_path: Path, sshd: Sshd,
                                                                           features: Path) -> None:
     marker = tmp_path / "STOPPED"
-    # (tests never arm the default command: it would shut this machine down)
-    cfg = config(tmp_path, sshd, features, target="ssh", autostop={"idle_minutes": 0.1, "command": f"touch {marker}"})
+    # (tests never arm the default command: it would shut this machine down). The command
+    # writes the machine's clock when it fires, so the test checks when, not how fast it looked.
+    cfg = config(tmp_path, sshd, features, target="ssh",
+                 autostop={"idle_minutes": 0.1, "command": f"date +%s.%N > {marker}"})
 
-    def deploy_and_finish() -> float:
-        proc = run_orch("deploy", "-c", cfg, "--json", "--", "--epochs", "1")
+    def deploy_and_finish(*options: str) -> float:
+        """The run's end on the machine's clock: when it wrote its final status."""
+        proc = run_orch("deploy", "-c", cfg, "--json", *options, "--", "--epochs", "1")
         assert proc.returncode == 0, proc.stderr
         run_dir = Path(json.loads(proc.stdout)["run_dir"])
         wait_for(lambda: status(run_dir).get("state") == "finished", 120, "the run")
-        return time.monotonic()
+        return (run_dir / "status.json").stat().st_mtime
 
-    deploy_and_finish()
-    time.sleep(3)  # half of the 6 s idle period: one more deploy re-arms it
+    deploy_and_finish("--autostop", "1")  # 60 s: the next deploy comes well inside it
     assert not marker.exists()
-    second = deploy_and_finish()
-    wait_for(marker.exists, 60, "the autostop command")
-    assert time.monotonic() - second >= 5.0  # counted from the last run, not the first
+    second_end = deploy_and_finish()  # re-arms with deploy.yaml's 6 s
+    wait_for(lambda: marker.exists() and marker.read_text().strip(), 60, "the autostop command")
+    assert float(marker.read_text()) >= second_end + 6.0  # counted from the last run's end, not the first's
     assert "autostop: off" in run_orch("status", "-c", cfg).stdout  # it ran: the next deploy arms it again
     marker.unlink()
     off = run_orch("deploy", "-c", cfg, "--json", "--autostop", "off", "--", "--epochs", "1")

@@ -126,6 +126,7 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     got = ok_json(orch(day, "download", "--best", "--dest", work / "artifacts", "--json"))
     assert got["run_id"] == "first" and got["best_val_accuracy"] == parent["best_val_accuracy"]
     assert "stats/classes.json" in got["fetched"] and len(got["fetched"]) + len(got["already_there"]) >= 10
+    assert set(layout.TENSORBOARD_FILES) <= set(got["fetched"]) | set(got["already_there"])  # TensorBoard's too
     check = subprocess.run(["sha256sum", "-c", str(run_dir / layout.MANIFEST)], cwd=work / "artifacts" / "first",
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -150,10 +151,10 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     stopped = orch(day, "stop")
     assert stopped.returncode == 0 and "run long stopped at epoch" in stopped.stdout
 
-    # runs lists all three
+    # runs lists all three, newest first
     runs = ok_json(orch(day, "runs", "--json"))
     assert [(r["run_id"], r["state"], r["parent"]) for r in runs] == [
-        ("first", "finished", None), (child["run_id"], "finished", "first"), ("long", "stopped", None)]
+        ("long", "stopped", None), (child["run_id"], "finished", "first"), ("first", "finished", None)]
     table = orch(day, "runs")
     assert table.returncode == 0 and "first" in table.stdout and "stopped" in table.stdout
     st = ok_json(orch(day, "status", "--json"))

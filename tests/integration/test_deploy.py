@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import pytest
 
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import metrics, status
+from tests.servers import WEBHOOK_SECRET, WebhookStandIn, free_port, webhook_stand_in
 from trainer.contract import layout
+from trainer.machine import logfilter
 from trainer.ml.synth import synth
 
 pytestmark = pytest.mark.slow
@@ -155,22 +159,73 @@ def test_shell_metacharacters_cannot_run_commands(tmp_path: Path, sshd: Sshd, da
     assert not marker.exists()
 
 
-def test_deploy_on_target_local_needs_no_ssh(tmp_path: Path, data: Path) -> None:
+def test_deploy_on_target_local_needs_no_ssh(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """... and the machine tells deploy.yaml's notify: webhook how the run ended (a real HTTP
+    server on 127.0.0.1 answers its first try 500), never showing the URL's secret."""
     # A stray trainer/ package where the machine's commands start (the login's home on a real
     # box, the config's folder here) must not stand in for the shipped code.
     (tmp_path / "trainer").mkdir()
     (tmp_path / "trainer" / "__init__.py").write_text("")
     (tmp_path / "trainer" / "launch.py").write_text("raise SystemExit('a decoy ran')\n")
     (tmp_path / "trainer" / "watcher.py").write_text("raise SystemExit('a decoy ran')\n")
-    cfg = write_config(tmp_path / "deploy.yaml", target="local", remote={"root": "remote"},
-                       data={"remote_dir": str(data)}, train={**TRAIN, "cache_dir": str(tmp_path / "cache")},
-                       ssh={"host": "no-such-host.invalid", "port": 1})
-    out = deployed(run_orch("deploy", "-c", cfg, "--json", cwd=tmp_path / ".."))
-    assert out["host"] == "localhost"
-    run_dir = Path(out["run_dir"])
-    assert run_dir.parent.parent == (tmp_path / "remote").resolve()  # relative to the config file
-    assert wait_final(run_dir)["state"] == "finished"
-    assert deployed(run_orch("deploy", "-c", cfg, "--json"))["code_transferred"] is False
+    monkeypatch.setenv("ORCH_NOTIFY_BACKOFF", "0.05")  # a retry waits 50 ms, not a second
+    with webhook_stand_in(answers=[500]) as hook:
+        cfg = write_config(tmp_path / "deploy.yaml", target="local", remote={"root": "remote"},
+                           data={"remote_dir": str(data)}, train={**TRAIN, "cache_dir": str(tmp_path / "cache")},
+                           ssh={"host": "no-such-host.invalid", "port": 1}, notify={"webhook": hook.url})
+        out = deployed(run_orch("deploy", "-c", cfg, "--json", cwd=tmp_path / ".."))
+        assert out["host"] == "localhost"
+        run_dir = Path(out["run_dir"])
+        assert run_dir.parent.parent == (tmp_path / "remote").resolve()  # relative to the config file
+        assert wait_final(run_dir)["state"] == "finished"
+        told_and_kept_secret(hook, run_dir, cfg)
+        assert deployed(run_orch("deploy", "-c", cfg, "--json"))["code_transferred"] is False
+        # train.log: the raw log's lines (read after it), stamped, TensorFlow's start-up noise left out
+        log = (run_dir / layout.TRAIN_LOG).read_text().splitlines()
+        raw = (run_dir / layout.RAW_LOG).read_bytes().splitlines(keepends=True)
+        noise = logfilter.noise_pattern(logfilter.has_gpu())
+        kept = [line.decode().rstrip("\n") for line in raw if not noise.match(line)]
+        assert [line[21:] for line in log] == kept[:len(log)] and any("[trainer]" in line for line in log)
+        assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in log)
+
+
+def told_and_kept_secret(hook: WebhookStandIn, run_dir: Path, cfg: Path) -> None:
+    """The finished run's message (sent again after the 500), and the URL's secret in a 0600
+    file of its own, in no run file, log or output; `orch notify test` goes the same way."""
+    run_id, final = run_dir.name, status(run_dir)
+    [told] = hook.wait("finished")
+    path = f"/services/T0/{WEBHOOK_SECRET}"
+    assert hook.got == [(path, told, 500), (path, told, 200)]  # the same message, tried again
+    assert {k: told[k] for k in ("run_id", "state", "epoch", "epochs", "best_val_accuracy", "best_epoch",
+                                 "hourly_usd", "cost_usd")} == {
+        "run_id": run_id, "state": "finished", "epoch": 3, "epochs": 3, "best_val_accuracy": final["best_val_accuracy"],
+        "best_epoch": final["best_epoch"], "hourly_usd": None, "cost_usd": None}  # no price for this computer
+    assert told["elapsed_seconds"] > 0 and "\n" not in told["text"]
+    assert told["text"].startswith(f"orch: run {run_id} finished on localhost after 3 of 3 epochs: best val_accuracy "
+                                   f"{final['best_val_accuracy']:.4f} at epoch {final['best_epoch']} (")
+    pid = int((run_dir / layout.PID_FILE).read_text().split()[0])
+    while Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
+            not in "ZX":  # the trainer has logged what it did and exited
+        time.sleep(0.1)
+    where = hook.url.rsplit("/services/", 1)[0] + "/..."  # http://127.0.0.1:PORT/...: scheme and host only
+    assert f"notify: finished sent to {where} (HTTP 200)" in (run_dir / layout.TRAIN_LOG).read_text()
+    settings = run_dir.parent.parent / layout.NOTIFY_DIR / f"{run_id}.json"
+    assert stat.S_IMODE(settings.stat().st_mode) == 0o600 and stat.S_IMODE(settings.parent.stat().st_mode) == 0o700
+    shown = [run_orch(*command, "-c", cfg) for command in (["status"], ["status", "--json"], ["runs", "--json"],
+                                                            ["config", "check"], ["logs", run_id])]
+    assert json.loads(shown[3].stdout)["notify"]["webhook"] == where
+    for name, text in [*((p.name, p.read_text(errors="replace")) for p in run_dir.rglob("*") if p.is_file()),
+                       *((" ".join(p.args[3:5]), p.stdout + p.stderr) for p in shown)]:
+        assert WEBHOOK_SECRET.split("/")[1] not in text, name
+    tested = run_orch("notify", "test", "-c", cfg)
+    assert tested.returncode == 0 and tested.stdout.strip() == f"test message delivered to {where}: HTTP 200"
+    [probe] = hook.wait("test")
+    assert probe["text"].startswith("orch: test message from localhost: this webhook gets the runs' finished, ")
+    dead = write_config(cfg.with_name("dead.yaml"), target="local", remote={"root": str(run_dir.parent.parent)},
+                        notify={"webhook": f"http://127.0.0.1:{free_port()}/hooks/{WEBHOOK_SECRET}"})
+    refused = run_orch("notify", "test", "-c", dead)
+    assert refused.returncode == 7 and "did not reach http://127.0.0.1:" in error_line(refused)
+    assert "after 3 tries" in refused.stderr and WEBHOOK_SECRET not in refused.stderr
 
 
 # ---------------------------------------------------------------------------- EC2 (moto)

@@ -5,6 +5,7 @@ survives the next download."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from orchestrator.config import load_config
 from orchestrator.context import Context
 from tests.integration.conftest import Sshd, run_orch, write_config
 from tests.integration.trainer_proc import trainer_env
+from tests.servers import small_disk
 from trainer.contract import layout
 from trainer.machine.proc import pid_line
 
@@ -172,9 +174,8 @@ def test_dest_that_is_a_file_is_a_usage_error(site: dict[str, Path]) -> None:
 
 def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: dict[str, Path],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import ssh
     from orchestrator.context import Context, Output
-    from orchestrator.download import download
+    from orchestrator.download import MachineSource, download
 
     files = normal_files()
     old_best = os.urandom(4096)
@@ -185,44 +186,41 @@ def test_a_live_run_that_replaces_its_best_mid_transfer_is_fetched_again(site: d
     run_dir = make_run(site["remote"], "live", files, state="running", best=0.99, manifest=stale,
                        pid=pid_line(os.getpid()))
     fetches: list[str] = []
-    original = ssh.SshRemote.fetch
+    original = MachineSource.fetch
 
-    def fetch(self, path, local, progress=None, size=None):  # the trainer commits its manifest meanwhile
-        fetches.append(path)
-        digest = original(self, path, local, progress, size)
-        if path.endswith(BEST):
+    def fetch(self, run_id, rel, local, progress=None, size=None):  # the trainer commits its manifest meanwhile
+        fetches.append(rel)
+        digest = original(self, run_id, rel, local, progress, size)
+        if rel == BEST:
             (run_dir / layout.MANIFEST).write_text(
                 "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
         return digest
 
-    monkeypatch.setattr(ssh.SshRemote, "fetch", fetch)
+    monkeypatch.setattr(MachineSource, "fetch", fetch)
     output = Output.captured()
     got = download(Context(load_config(site["cfg"]), output), "live", dest=site["dest"])
     assert sorted(got.fetched) == sorted(files) and (site["dest"] / "live" / BEST).read_bytes() == files[BEST]
-    assert len([p for p in fetches if p.endswith(BEST)]) == 2 and "again" in output.err.file.getvalue()
+    assert fetches.count(BEST) == 2 and "again" in output.err.file.getvalue()
 
 
 def test_a_live_run_between_two_bests_is_read_again(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.context import Context
-    from orchestrator.download import download
-    from orchestrator.machine import Machine
-    from trainer.contract import verbs
+    from orchestrator.download import MachineSource, download
 
     files = normal_files()
     without_best = "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items() if rel != BEST)
     run_dir = make_run(site["remote"], "live", files, state="running", best=0.99, manifest=without_best,
                        pid=pid_line(os.getpid()))
-    original, asked = Machine.answer, []
+    original, asked = MachineSource.files, []
 
-    def answer(self, verb, *args, **kwargs):  # the trainer puts best.weights.h5 back into its manifest meanwhile
-        got = original(self, verb, *args, **kwargs)
-        if verb == verbs.FILES:
-            asked.append(args)
-            (run_dir / layout.MANIFEST).write_text(
-                "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
+    def listed(self, run_id):  # the trainer puts best.weights.h5 back into its manifest meanwhile
+        got = original(self, run_id)
+        asked.append(run_id)
+        (run_dir / layout.MANIFEST).write_text(
+            "".join(layout.manifest_line(sha(data), rel) + "\n" for rel, data in files.items()))
         return got
 
-    monkeypatch.setattr(Machine, "answer", answer)
+    monkeypatch.setattr(MachineSource, "files", listed)
     got = download(Context(load_config(site["cfg"])), "live", dest=site["dest"])
     assert len(asked) == 2 and BEST in got.fetched
     assert (site["dest"] / "live" / BEST).read_bytes() == files[BEST]
@@ -268,13 +266,14 @@ def _procs() -> Iterator[tuple[int, list[str]]]:
             yield int(d.name), (d / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
 
 
-def remote_cats(path: Path) -> list[int]:
-    """The machine-side `cat` of ``path`` (the sshd session's command)."""
-    return [pid for pid, argv in _procs() if argv[:1] == ["cat"] and str(path) in argv]
+def remote_senders(root: Path) -> list[int]:
+    """The machine side of a download from ``root`` (the `send` verb, the sshd session's command)."""
+    return [pid for pid, argv in _procs() if argv[-3:-1] == ["send", str(root)]]
 
 
-def ssh_clients(path: Path) -> list[int]:
-    return [pid for pid, argv in _procs() if argv[:1] == ["ssh"] and argv and str(path) in argv[-1]]
+def ssh_clients(root: Path) -> list[int]:
+    """The OpenSSH clients of a download from ``root``."""
+    return [pid for pid, argv in _procs() if argv[:1] == ["ssh"] and f" send {root} " in argv[-1]]
 
 
 def size_of(path: Path) -> int:
@@ -301,16 +300,22 @@ def sparse_best(run_dir: Path) -> None:
     """Make the run's best checkpoint a sparse GiB of zeros (and its manifest say so)."""
     with open(run_dir / BEST, "wb") as fh:
         fh.truncate(BIG)
+    lines = [line for line in (run_dir / layout.MANIFEST).read_text().splitlines() if not line.endswith(BEST)]
+    (run_dir / layout.MANIFEST).write_text("\n".join([*lines, layout.manifest_line(zeros_digest(), BEST)]) + "\n")
+
+
+@functools.cache
+def zeros_digest() -> str:
+    """The sha256 of BIG zero bytes (seconds of CPU: worked out once)."""
     h, zeros = hashlib.sha256(), bytes(1 << 20)
     for _ in range(BIG >> 20):
         h.update(zeros)
-    lines = [line for line in (run_dir / layout.MANIFEST).read_text().splitlines() if not line.endswith(BEST)]
-    (run_dir / layout.MANIFEST).write_text("\n".join([*lines, layout.manifest_line(h.hexdigest(), BEST)]) + "\n")
+    return h.hexdigest()
 
 
 @contextlib.contextmanager
 def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[str], Path, list[int]]]:
-    """`orch download` of a large best checkpoint, stalled mid-transfer (its remote `cat` is
+    """`orch download` of a large best checkpoint, stalled mid-transfer (its machine side is
     SIGSTOPped once bytes have arrived), so that a kill lands in the middle for sure."""
     run_dir = make_run(site["remote"], "big", normal_files(), best=0.9)
     sparse_best(run_dir)
@@ -321,7 +326,7 @@ def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[s
     try:
         part = wait_for(lambda: [p for p in (site["dest"] / "big" / "checkpoints").glob(".best.weights.h5.part-*")
                                  if size_of(p) > 0])[0]
-        cats += wait_for(lambda: remote_cats(run_dir / BEST))
+        cats += wait_for(lambda: remote_senders(site["remote"]))
         for pid in cats:
             os.kill(pid, signal.SIGSTOP)
         yield orch, part, cats
@@ -338,10 +343,10 @@ def stalled_download(site: dict[str, Path]) -> Iterator[tuple[subprocess.Popen[s
 def test_sigkill_mid_transfer_leaves_no_ssh_and_the_next_download_cleans_up(site: dict[str, Path]) -> None:
     with stalled_download(site) as (orch, part, _cats):
         big = site["remote"] / layout.RUNS_DIR / "big" / BEST
-        assert ssh_clients(big)
+        assert ssh_clients(site["remote"])
         orch.kill()
         orch.wait()
-        wait_for(lambda: not ssh_clients(big), timeout=5)  # the kernel killed it with orch
+        wait_for(lambda: not ssh_clients(site["remote"]), timeout=5)  # the kernel killed it with orch
         assert part.exists()  # what a SIGKILL leaves: only a temp file ...
     make_run(site["remote"], "big", normal_files(), best=0.9)  # a small best: quick to fetch in full
     proc = run_orch("download", "big", "-c", site["cfg"], "--dest", site["dest"])
@@ -353,28 +358,14 @@ def test_sigkill_mid_transfer_leaves_no_ssh_and_the_next_download_cleans_up(site
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_download_stops_at_once_and_leaves_nothing(site: dict[str, Path], sig: int) -> None:
     with stalled_download(site) as (orch, _part, _cats):
-        big = site["remote"] / layout.RUNS_DIR / "big" / BEST
         orch.send_signal(sig)
         _out, err = orch.communicate(timeout=20)
         assert orch.returncode == 130, err
-        assert not ssh_clients(big)
+        assert not ssh_clients(site["remote"])
         assert not list(site["dest"].rglob("*.part-*")) and not (site["dest"] / "big" / BEST).exists()
 
 
 # --------------------------------------------------------------------------- full disk
-
-@contextlib.contextmanager
-def small_disk(path: Path, kib: int) -> Iterator[bool]:
-    """A tmpfs of ``kib`` KiB at ``path`` (True), or False where mounting is not allowed."""
-    path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(path)], check=True)
-
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(site: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator import destination
@@ -397,3 +388,14 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(site: dict[str, Path], monke
         with pytest.raises(DiskFull, match="no space left on device on"):
             download(Context(load_config(site["cfg"])), "big", dest=dest)
         assert not list(dest.rglob("*.part-*")) and not (dest / "big" / BEST).exists()
+
+
+def test_a_machine_side_that_dies_mid_transfer_is_one_line_and_leaves_nothing(site: dict[str, Path]) -> None:
+    with stalled_download(site) as (orch, _part, senders):
+        for pid in senders:  # the connection's far end is gone in the middle of the checkpoint
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+        _out, err = orch.communicate(timeout=60)
+    assert orch.returncode == 7, err
+    assert err.count("\n") == 1 and "ended inside big/checkpoints/best.weights.h5" in err, err
+    assert not list(site["dest"].rglob("*.part-*")) and not (site["dest"] / "big" / BEST).exists()

@@ -198,7 +198,7 @@ def test_missing_data_names_sync_data_and_a_full_disk_is_refused(tmp_path: Path,
     refused(run_orch("deploy", "-c", big), 12, "GB free", "remote.min_free_gb")
 
 
-def test_doctor_reports_each_check(tmp_path: Path, sshd: Sshd, features: Path) -> None:
+def test_doctor_reports_each_check(tmp_path: Path, sshd: Sshd, features: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config(tmp_path, sshd, data={"remote_dir": str(features)}, remote={"python": sys.executable})
     proc = run_orch("doctor", "-c", cfg, "--json")
     doc = json.loads(proc.stdout)
@@ -206,11 +206,26 @@ def test_doctor_reports_each_check(tmp_path: Path, sshd: Sshd, features: Path) -
     assert [c["check"] for c in doc["checks"]] == ["config", "ssh", "shell", "python", "packages", "gpus", "data",
                                                    "disk", "root"]
     assert all(c["ok"] for c in doc["checks"])
-    # an unknown host key fails the ssh check (doctor never trusts it), and nothing after it runs
+    # the data counted by names, and said so (check-data, which opens them, may find fewer usable)
+    assert doc["checks"][6]["detail"].startswith(f"{features}: 60 feature files labelled by their names (not opened")
+    # an unknown host key fails the ssh check (doctor never trusts it) with the host key's exit
+    # code, and nothing after it runs
     (tmp_path / "known_hosts").write_text("")
     proc = run_orch("doctor", "-c", cfg, "--json")
     doc = json.loads(proc.stdout)
-    assert proc.returncode == 12 and doc["checks"][-1]["check"] == "ssh" and not doc["checks"][-1]["ok"]
+    assert proc.returncode == 5 and doc["checks"][-1]["check"] == "ssh" and not doc["checks"][-1]["ok"]
     assert "orch trust" in doc["checks"][-1]["fix"]
     table = run_orch("doctor", "-c", cfg)
-    assert table.returncode == 12 and "FAILED" in table.stdout
+    assert table.returncode == 5 and "FAILED" in table.stdout
+    # on target local no SSH is involved, and none is claimed
+    local = write_config(tmp_path / "local.yaml", target="local", remote={"root": str(tmp_path / "local-root"),
+                         "python": sys.executable}, data={"remote_dir": str(features)})
+    doc = json.loads(run_orch("doctor", "-c", local, "--json").stdout)
+    assert [c["check"] for c in doc["checks"]][:2] == ["config", "machine"] and "this computer" in doc["checks"][1][
+        "detail"] and "ssh" not in [c["check"] for c in doc["checks"]]
+    # missing AWS credentials: AWS's exit code, as everywhere else
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # boto3 never asks a real metadata service
+    ec2 = write_config(tmp_path / "ec2.yaml", target="ec2", ec2={
+        "region": "us-east-1", "instance_id": "i-0123456789abcdef0", "endpoint_url": "http://127.0.0.1:9"})
+    proc = run_orch("doctor", "-c", ec2, "--json")
+    assert proc.returncode == 3 and "no AWS credentials" in json.loads(proc.stdout)["checks"][-1]["detail"]

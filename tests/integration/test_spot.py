@@ -8,6 +8,7 @@ running, a trainer crash restarted only as often as allowed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from tests.integration.test_storage import PREFIX, S3
 from tests.integration.trainer_proc import metrics, start_trainer, status, trainer_env
 from tests.servers import TcpRelay, imds_stand_in
 from trainer.contract import layout, options
+from trainer.machine.locks import holders, is_locked
 from trainer.machine.proc import pid_alive
 from trainer.machine.readers import read_json
 
@@ -198,6 +200,16 @@ def stored_epoch(s3: S3, run_id: str) -> int | None:
         return None
 
 
+def the_instance_is_gone(remote: Path) -> None:
+    """What a terminated instance takes with it: its processes (here, the machine's watcher, which
+    would write into a disk being removed), then its disk."""
+    for pid in holders(remote / layout.WATCHER_LOCK) or []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not is_locked(remote / layout.WATCHER_LOCK), "the old instance's watcher to die")
+    shutil.rmtree(remote)
+
+
 def trainer_gone(run: Path) -> bool:
     return not pid_alive(run / layout.PID_FILE)[1]
 
@@ -237,7 +249,7 @@ def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_fini
         wait_for(lambda: trainer_gone(run), "the interrupted trainer to exit")
         spot_market.refuse["spot"] = "InsufficientInstanceCapacity"  # no spot capacity at first
         taken_by_ec2(moto_endpoint, first["InstanceId"], "terminate")
-        shutil.rmtree(tmp_path / "remote")  # the disk went with the instance
+        the_instance_is_gone(tmp_path / "remote")
         (tmp_path / "known_hosts").write_text("")  # a new instance is a new host
         orch.wait_said("no capacity")  # refused: orch backs off and asks again
         spot_market.refuse.clear()

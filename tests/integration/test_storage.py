@@ -99,8 +99,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mirrored_files(run: Path) -> dict[str, bytes]:
     """What the mirror must hold of a run folder: every regular file but the machine's own."""
     return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and not p.is_symlink() and p.relative_to(run).parts[0] not in layout.NOT_MIRRORED
-            and not layout.is_temp(p.name)}
+            if p.is_file() and not p.is_symlink() and layout.is_mirrored(p.relative_to(run).as_posix())}
 
 
 def test_kills_during_uploads_leave_a_committed_state_in_s3_and_the_end_matches_the_machine(

@@ -96,6 +96,48 @@ def test_an_interrupted_upload_leaves_no_partial_file(tmp_path: Path, sshd: Sshd
     assert same_tree(local, dest)
 
 
+def test_a_receiver_killed_mid_upload_over_openssh_leaves_no_partial_file(tmp_path: Path, sshd: Sshd) -> None:
+    import signal
+    import threading
+
+    from orchestrator.errors import RemoteError
+    from tests.servers import processes_with
+
+    local = tmp_path / "local"
+    make_files(local, 20, size=1_000_000)  # far more than the pipes and the channel hold
+    cfg = ssh_deploy_config(sshd, tmp_path, local_dir=str(local), remote_dir="data")
+    dest = tmp_path / "remote" / "data"
+    failed: list[BaseException] = []
+    with acquire(Context(cfg)) as m:
+        def upload() -> None:
+            try:
+                sync_data(m)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                failed.append(exc)
+
+        thread = threading.Thread(target=upload)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not (staging := [p for p in (tmp_path / "remote").glob(".data.orch-incoming-*") if any(p.iterdir())]):
+            assert time.monotonic() < deadline, "the upload never began"
+            time.sleep(0.01)
+        tars = processes_with("tar", "-x", str(staging[0]))  # this test's, never another's
+        assert tars
+        for pid in tars:  # the stream stalls here: the kill lands in its middle for sure
+            os.kill(pid, signal.SIGSTOP)
+        for pid in [*processes_with("data-receive", str(staging[0])), *tars]:  # the machine's side is gone
+            os.kill(pid, signal.SIGKILL)
+        for pid in tars:
+            os.kill(pid, signal.SIGCONT)
+        thread.join()
+        assert len(failed) == 1 and isinstance(failed[0], RemoteError) and "ended abruptly" in str(failed[0]), failed
+        visible = [p for p in dest.rglob("*") if p.is_file()] if dest.exists() else []
+        assert visible == []  # nothing half-written under a final name
+        assert sync_data(m).files == 20  # running it again finishes the job
+    assert not list((tmp_path / "remote").glob(".data.orch-incoming-*"))  # and leaves no staging behind
+    assert same_tree(local, dest)
+
+
 def test_deploy_sync_data_reports_what_it_sent(tmp_path: Path, sshd: Sshd) -> None:
     from tests.integration.conftest import write_config
     from trainer.ml.synth import synth
@@ -116,3 +158,40 @@ def test_deploy_sync_data_reports_what_it_sent(tmp_path: Path, sshd: Sshd) -> No
     out = json.loads(proc.stdout)
     assert out["data"]["files"] == 81 and out["data"]["method"] == "ssh"  # 80 + SYNTHETIC_DATA.txt
     assert same_tree(local, tmp_path / "remote" / "data")
+
+
+FULL_TAR = ("#!/bin/sh\ncat >/dev/null\necho 'tar: ./a.npy: Cannot write: No space left on device' >&2\n"
+            "echo 'tar: Exiting with failure status due to previous errors' >&2\nexit 2\n")
+
+
+def test_a_full_disk_on_the_machine_is_one_line_and_moves_nothing(tmp_path: Path, sshd: Sshd) -> None:
+    import subprocess
+    import sys
+
+    from orchestrator.errors import DiskFull
+    from tests.servers import small_disk
+    from trainer.contract import verbs
+    from trainer.contract.wire import Moved
+
+    # The machine's side, its GNU tar out of room: it says so in its answer, and keeps no staging.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tar").write_text(FULL_TAR)
+    (tmp_path / "bin" / "tar").chmod(0o755)
+    staging, dest = tmp_path / ".staging", tmp_path / "dest"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "trainer.machine", "f00d", "data-receive", str(staging), str(dest)],
+                          input=verbs.DATA_GO + bytes(10240), capture_output=True, env=env, check=True)
+    answer = json.loads(proc.stdout.decode().split("f00d answer ", 1)[1])
+    moved = Moved.from_json(answer)
+    assert moved.disk_full and moved.files == 0 and "No space left on device" in (moved.error or "")
+    assert not staging.exists() and not dest.exists()
+    # End to end where a small file system can be mounted: one line, exit code 14, nothing moved.
+    local = tmp_path / "local"
+    make_files(local, 20, size=100_000)
+    with small_disk(tmp_path / "remote", 600) as mounted:
+        if mounted:
+            cfg = ssh_deploy_config(sshd, tmp_path, local_dir=str(local), remote_dir="data")
+            with acquire(Context(cfg)) as m, pytest.raises(DiskFull, match="no space left on device on .* for the"):
+                sync_data(m)
+            assert [p.name for p in (tmp_path / "remote").iterdir() if p.name.startswith(".data")] == []
+            assert not [p for p in (tmp_path / "remote" / "data").rglob("*") if p.is_file()]

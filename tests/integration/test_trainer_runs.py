@@ -15,8 +15,15 @@ import pytest
 from tests.integration.trainer_proc import metrics, run_trainer, start_trainer, status, wait_for_epochs
 from trainer.contract import layout
 from trainer.ml.synth import synth
+from trainer.ml.tbevents import read_steps
 
 pytestmark = pytest.mark.slow
+
+
+def event_steps(path: Path) -> list[int]:
+    """The steps of a TensorBoard event file's scalar events, in order."""
+    return [step for _end, step in read_steps(path.read_bytes()) if step is not None]
+
 # No early stopping: these tests count epochs.
 TINY = ["--batch-size", "16", "--hidden", "32", "--attention", "16", "--seed", "1", "--patience", "0"]
 GLOBAL = ["--normalization", "global"]  # the global statistics alone: what --stats-dir gives
@@ -79,13 +86,16 @@ def test_training_writes_every_file_of_the_contract(parent: Path) -> None:
     assert report["accuracy"] == pytest.approx(st["best_val_accuracy"], abs=1e-6)
     for png in (layout.CURVES_PNG, layout.CONFUSION_PNG):
         assert (stats / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any((parent / layout.TENSORBOARD_DIR).rglob("events.out.tfevents.*"))
+    # TensorBoard's scalars: one event per epoch, its step the epoch (from 1, like metrics.jsonl), nothing else there
+    assert {p.relative_to(parent).as_posix() for p in (parent / layout.TENSORBOARD_DIR).rglob("*") if p.is_file()} \
+        == set(layout.TENSORBOARD_FILES)
+    assert all(event_steps(parent / rel) == list(range(1, 13)) for rel in layout.TENSORBOARD_FILES)
     assert not list(parent.rglob(".tmp*")) and not list(parent.rglob("*.tmp"))  # no temp leftovers
 
 
 def test_manifest_verifies_with_sha256sum(parent: Path) -> None:
     listed = layout.parse_manifest((parent / layout.MANIFEST).read_text())
-    assert set(listed) >= {layout.BEST_WEIGHTS, layout.RUN_JSON, layout.STATUS, layout.METRICS}
+    assert set(listed) >= {layout.BEST_WEIGHTS, layout.RUN_JSON, layout.STATUS, layout.METRICS, *layout.TENSORBOARD_FILES}
     assert {p.relative_to(parent).as_posix() for p in (parent / "stats").iterdir()} <= set(listed)
     check = subprocess.run(["sha256sum", "-c", layout.MANIFEST], cwd=parent, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -107,6 +117,7 @@ def test_sigkill_then_restart_continues_without_losing_or_repeating_epochs(tmp_p
     assert f"continuing from epoch {killed_at}" in result.stdout or "continuing from epoch" in result.stdout
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, 11))  # same count as uninterrupted, no duplicates
+    assert event_steps(run / layout.TENSORBOARD_VALIDATION) == list(range(1, 11))  # ... in TensorBoard too
     st = status(run)
     assert st["state"] == "finished" and st["best_val_accuracy"] >= best_before
     assert st["best_val_accuracy"] == max(r["val_accuracy"] for r in rows)
@@ -158,6 +169,10 @@ def test_init_from_starts_at_the_parents_level(tmp_path: Path, data: Path, paren
     scratch = metrics(parent)[0]["val_accuracy"]
     assert first >= parent_status["best_val_accuracy"] - 0.1  # the parent's level ...
     assert first > scratch + 0.1  # ... not a fresh start
+    # in TensorBoard its curves go on from the parent's best epoch, where its weights come from
+    assert cfg["parent_step"] == parent_status["best_epoch"]
+    assert event_steps(child / layout.TENSORBOARD_VALIDATION) == [parent_status["best_epoch"] + 1,
+                                                                   parent_status["best_epoch"] + 2]
     st = status(child)
     # "best" starts at the parent's best and only moves when the child beats it.
     assert st["best_val_accuracy"] >= parent_status["best_val_accuracy"]

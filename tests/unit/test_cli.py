@@ -25,7 +25,7 @@ def one_error_line(err: str) -> str:
     (["monitor", "--interval", "0.1"], "--interval"),
     (["runs", "--bogus"], "No such option: --bogus"),
     (["deploy", "--bogus"], "No such option: --bogus"),  # only what follows `--` is the trainer's
-    (["resume", "--epochs", "ten"], "--epochs"),
+    (["runs", "--epochs", "3"], "No such option: --epochs"),  # a trainer option where no trainer runs
 ])
 def test_usage_mistakes_are_one_line_and_exit_2(argv: list[str], expected: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -34,12 +34,27 @@ def test_usage_mistakes_are_one_line_and_exit_2(argv: list[str], expected: str,
     assert expected in line and "--help" in line
 
 
-def test_bare_orch_and_bare_groups_show_their_help(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv", [["deploy", "--epochs", "3"], ["resume", "r1", "--no-cache"]])
+def test_a_trainer_option_given_to_orch_says_where_it_goes(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{argv[-2] if argv[-1] == '3' else argv[-1]} is a trainer option: give it after `--`" in line
+
+
+def test_bare_orch_and_bare_groups_show_their_help_once(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     out = capsys.readouterr()
     assert "deploy" in out.out and "monitor" in out.out and "unexpected" not in out.err
+    assert out.out.count("Usage:") == 1
     assert main(["config"]) == 2
-    assert "schema" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "schema" in out.out and out.out.count("Usage:") == 1
+
+
+def test_flags_show_no_value_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["deploy", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--sync-data" in text and "<bool>" not in text and "MINUTES|off" in text
 
 
 def test_version_and_completion(capsys: pytest.CaptureFixture[str]) -> None:
@@ -357,7 +372,8 @@ def test_the_readme_storage_policy_lists_exactly_the_s3_actions_orch_and_the_tra
 
     # boto3's S3 client methods -> the IAM action each needs (multipart uploads are PutObject)
     action = {"list_objects_v2": "s3:ListBucket", "get_object": "s3:GetObject", "head_object": "s3:GetObject",
-              "upload_fileobj": "s3:PutObject", "put_object": "s3:PutObject", "delete_object": "s3:DeleteObject"}
+              "upload_fileobj": "s3:PutObject", "put_object": "s3:PutObject", "delete_object": "s3:DeleteObject",
+              "delete_objects": "s3:DeleteObject"}
     source = Path(storage.__file__).read_text() + Path(mirror.__file__).read_text()
     methods = set(re.findall(r"self\.s3\.([a-z_0-9]+)[(,]", source)) - {"get_paginator"}
     methods |= set(re.findall(r"get_paginator\(\"([a-z_0-9]+)\"\)", source))

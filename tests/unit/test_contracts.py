@@ -25,7 +25,7 @@ def test_train_config_is_the_options_table() -> None:
     assert {o.name for o in options.OPTIONS if o.group == "recovery"} == {"record_recovery"}
     table = {o.name for o in training}
     config = {f.name for f in fields(TrainConfig)} - {"data_dir", "run_dir", "architecture", "parent_run",
-                                                      "parent_best_val_accuracy"}
+                                                      "parent_best_val_accuracy", "parent_step"}
     assert config | {f.name for f in fields(Architecture)} == table
     cfg = TrainConfig(data_dir="d", run_dir="r")
     for option in training:  # every default comes from the table

@@ -84,6 +84,8 @@ def test_every_skip_reason(tmp_path: Path) -> None:
     write_npz(tmp_path / "cremad_1018_TSI_SAD_XX.npz", emb=inf)
     write_npy(tmp_path / "cremad_1019_TSI_SAD_XX.npy", frames(4, 8, value=1e6))  # > float16 max
     write_npy(tmp_path / "cremad_1020_TSI_SAD_XX.npy", frames(4, 16))
+    write_npz(tmp_path / "cremad_1021_TSI_SAD_XX.npz", emb=frames(4, 8))
+    (tmp_path / "cremad_1021_TSI_SAD_XX.npz").rename(tmp_path / "cremad_1021_TSI_SAD_XX.npy")
     write_npy(tmp_path / "notes_about_things.npy", frames(4, 8))
     write_npy(tmp_path / "ravdess_03-01-08-01-01-01-01.npy", frames(4, 8))  # surprise
 
@@ -100,6 +102,7 @@ def test_every_skip_reason(tmp_path: Path) -> None:
         "cremad_1018_TSI_SAD_XX.npz": SkipReason.NON_FINITE,
         "cremad_1019_TSI_SAD_XX.npy": SkipReason.NON_FINITE,
         "cremad_1020_TSI_SAD_XX.npy": SkipReason.WRONG_DIM,
+        "cremad_1021_TSI_SAD_XX.npy": SkipReason.UNREADABLE,  # a .npz archive named .npy
         "notes_about_things.npy": SkipReason.UNRECOGNIZED_NAME,
         "ravdess_03-01-08-01-01-01-01.npy": SkipReason.LABEL_NOT_IN_CLASSES,
     }
@@ -140,13 +143,16 @@ def test_flat_and_label_folders_mixed(tmp_path: Path) -> None:
 
 
 def test_majority_decides_the_feature_dimension(tmp_path: Path) -> None:
-    for i in range(3):
-        write_npy(tmp_path / f"cremad_100{i}_TSI_HAP_XX.npy", frames(2, 16))
+    # The first file's dimension is the minority: the majority's frames are still all there.
     for i in range(2):
-        write_npy(tmp_path / f"cremad_101{i}_TSI_HAP_XX.npy", frames(2, 8))
+        write_npy(tmp_path / f"cremad_100{i}_TSI_HAP_XX.npy", frames(2, 16))
+    for i in range(3):
+        write_npy(tmp_path / f"cremad_101{i}_TSI_HAP_XX.npy", frames(2 + i, 8, value=i))
     ds = load_dataset(tmp_path, use_cache=False)
-    assert ds.feature_shape == (16,)
+    assert ds.feature_shape == (8,)
     assert sorted(r.value for r in reasons(ds).values()) == ["wrong_dim", "wrong_dim"]
+    assert [float(ds.sequence(i).max()) for i in range(len(ds))] == [0.0, 1.0, 2.0]
+    assert ds.frames.shape == (9, 8)
 
 
 def test_cache_hit_does_not_decode_again_and_gives_identical_arrays(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_each_kind_imports_only_what_its_rule_allows(package: str) -> None:
 
 def test_the_trainer_never_imports_orch_and_orch_never_the_machine_side_or_the_trainer() -> None:
     ml = {f"{m.name}: {n}" for m in (ROOT / "trainer" / "ml").glob("*.py") for n in imports_of(m)
-          if n.startswith("orchestrator")}
+          if n.startswith("orchestrator") or n.split(".")[0] == "optuna"}  # sweeps are the laptop's: no optuna there
     orch = {f"{m.name}: {n}" for m in (ROOT / "orchestrator").glob("*.py") for n in imports_of(m)
             if n.startswith(("trainer.machine", "trainer.ml")) or n.split(".")[0] in HEAVY}
     assert not ml and not orch, (ml, orch)
@@ -153,9 +153,11 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
     (run_dir / "status.json").write_text('{"state": "finished"}')
     code = tmp / "code"
     code.mkdir()
-    staging = tmp / "staging"
-    staging.mkdir()
-    (staging / "a.npz").write_bytes(b"x")
+    upload = io.BytesIO()
+    with tarfile.open(fileobj=upload, mode="w") as t:
+        info = tarfile.TarInfo("a.npz")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
     tar = io.BytesIO()
     with tarfile.open(fileobj=tar, mode="w:gz") as t:
         info = tarfile.TarInfo("trainer/x.py")
@@ -164,14 +166,19 @@ def smoke_cases(tmp: Path) -> dict[str, tuple[list[str], bytes]]:
     r, d = str(root), str(run_dir)
     return {
         "home": ([], b""), "runs": ([r], b""), "host": ([], b""), "snapshot": ([d, "0", "5"], b""),
+        "snapshots": ([d, "60"], b"0 5\n"),
         "machine": ([r], b""), "log": ([d, "0"], b""), "files": ([d], b""), "started": ([d, "1", "0"], b""),
         "launch": ([r, "nope", "--continue", "--python", sys.executable, "--code", str(code), "--data-dir", str(data)],
                    b""),
         "signal": ([d], b""), "env": ([str(tmp / "envs"), "--requirements", "numpy\n", "--check"], b""),
         "preflight": ([r, str(data)], b""), "setup": ([str(code), sys.executable, "true"], b""),
         "autostop": ([r, "status"], b""), "watch": ([r], b""), "hold": ([r, "0.2"], b""),
+        "log-filter": (["2"], b"a line of the trainer's\n"),
         "code-state": ([r, "v1"], b""), "code-unpack": ([r, "v1"], tar.getvalue()), "data-list": ([str(data)], b""),
-        "data-move": ([str(staging), str(tmp / "moved")], b""),
+        "data-receive": ([str(tmp / "staging"), str(tmp / "moved")], verbs.DATA_GO + upload.getvalue()),
+        "send": ([r, "5"], b"files r1\nget 100 r1/status.json\n"),
+        "notify": (["test"], b"{}"), "remove": ([r, "not-there"], b""),
+        "tensorboard": ([r, "/bin/false", "0", "1", "0", "5", "r1"], b""),  # no TensorBoard there: says so
     }
 
 
@@ -242,12 +249,21 @@ def modules_after(code: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_orch_cli_starts_without_boto3_paramiko_or_tensorflow() -> None:
-    loaded = modules_after("import orchestrator.cli")
-    assert not loaded & {"boto3", "botocore", "paramiko", "tensorflow", "keras", "numpy"}
+def test_orch_cli_starts_without_boto3_paramiko_optuna_or_tensorflow() -> None:
+    loaded = modules_after("import orchestrator.cli, orchestrator.sweepspec")
+    assert not loaded & {"boto3", "botocore", "paramiko", "optuna", "sqlalchemy", "tensorflow", "keras", "numpy"}
 
 
 def test_trainer_data_layer_needs_no_tensorflow() -> None:
     loaded = modules_after("import trainer.ml.cli, trainer.ml.data, trainer.ml.checkdata, trainer.ml.synth, "
                            "trainer.ml.split")
     assert not loaded & {"tensorflow", "keras", "orchestrator"}
+
+
+def test_the_trainers_entry_keeps_scikit_learn_out_of_its_keras() -> None:
+    """scikit-learn is installed here (the benches use it): the trainer's process must not pay its
+    import, which Keras makes for wrappers the trainer never uses."""
+    loaded = modules_after("import runpy, sys\nsys.argv = ['trainer', '--help']\ntry:\n"
+                           "    runpy.run_module('trainer', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                           "import keras")
+    assert "keras.src" in loaded and not {m for m in loaded if m.startswith("sklearn.")}

@@ -1,5 +1,6 @@
 """Monitor's pure parts: nvidia-smi CSV, run state, trends, JSON snapshot."""
 
+import sys
 from pathlib import Path
 
 from orchestrator.errors import ExitCode
@@ -121,3 +122,124 @@ def test_monitor_ends_at_once_on_a_run_that_never_started(tmp_path: Path) -> Non
     view = monitor(Context(cfg), "nev", interval=3600, show=frames.append)  # a prefix of the id will do
     assert len(frames) == 1 and view.state == "died" and view.exit_code == ExitCode.RUN_DIED
     assert "No module named 'keras'" in view.summary()
+
+
+def finished_run(root: Path, epochs: int) -> Path:
+    import json
+
+    run = root / "runs" / "r1"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "epoch": epochs, "epochs": epochs}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row(e, 0.5)) + "\n" for e in range(1, epochs + 1)))
+    return run
+
+
+def test_snapshots_come_from_one_command_started_again_when_killed_and_gone_when_closed(tmp_path: Path) -> None:
+    """The monitor's refreshes on the local target: ONE machine-side process answers them all;
+    killed, it is started again at the next refresh; closed, it is gone."""
+    import os
+    import signal
+
+    from tests.conftest import local_machine
+    from tests.servers import processes_with
+
+    run = finished_run(tmp_path, 2)
+    m = local_machine(tmp_path)
+    with m.snapshots("r1") as feed:  # type: ignore[attr-defined]
+        first = feed.get(0, 5)
+        [pid] = processes_with("snapshots", str(run))
+        finished_run(tmp_path, 3)
+        second = feed.get(2, 5)  # what monitor asks: the metrics lines after the two it has
+        assert processes_with("snapshots", str(run)) == [pid]  # the same process answered
+        assert [e.epoch for e in first.metrics] == [1, 2] and [e.epoch for e in second.metrics] == [3]
+        assert second.metrics_count == 3 and second.run.state == "finished"
+        os.kill(pid, signal.SIGKILL)
+        assert feed.get(3, 5).metrics_count == 3  # answered by a new one
+        [again] = processes_with("snapshots", str(run))
+        assert again != pid
+    assert processes_with("snapshots", str(run)) == []
+
+
+def crafted_machine(root: Path, answers: str) -> object:
+    """A local machine whose ``snapshots`` verb answers each question with the framed line
+    ``answers`` makes of it (a Python expression of ``out`` and ``n``, the question's number),
+    then the true snapshot's answer for the rest."""
+    from orchestrator.config import DeployConfig
+    from orchestrator.context import Context
+    from orchestrator.local import LocalRemote
+    from orchestrator.machine import Machine, bundle_payload
+    from trainer.contract.codeversion import bundle_files
+
+    files = bundle_files()
+    files["trainer/machine/probe.py"] += f"""
+
+def snapshots(run_dir, idle, out):
+    for n, question in enumerate(out.questions(idle)):
+        crafted = {answers}
+        if crafted is None:
+            offset, lines = (int(w) for w in question.split())
+            out.answer(snapshot(run_dir, offset, lines))
+        else:
+            sys.stdout.write(crafted)
+            sys.stdout.flush()
+    return 0
+""".encode()
+    cfg = DeployConfig.model_validate({"target": "local", "remote": {"root": str(root), "python": sys.executable}})
+    return Machine(Context(cfg), LocalRemote(root), bundle_payload(files))
+
+
+def test_an_answer_that_is_too_long_or_not_a_snapshot_is_refused_and_the_next_is_read(tmp_path: Path) -> None:
+    """Answers are bounded and checked as one-shot ones are: a record beyond MAX_LINE (valid
+    JSON had it not been cut) and one that is not a Snapshot are refused; each still answers its
+    own question, so the next question gets its own answer."""
+    import pytest
+
+    from orchestrator.errors import RemoteError
+    from orchestrator.remote import MAX_LINE
+
+    finished_run(tmp_path, 2)
+    huge = "'\\n' + out.frame + ' answer {\"run\": {\"run_id\": \"r1\"}, \"log_tail\": [\"' + 'x' * " \
+           f"{MAX_LINE} + '\"]}}\\n'"
+    m = crafted_machine(tmp_path, f"{huge} if n == 0 else '\\n' + out.frame + ' answer {{\"run\": 5}}\\n' "
+                                  "if n == 1 else None")
+    with m.snapshots("r1") as feed:  # type: ignore[attr-defined]
+        with pytest.raises(RemoteError, match=r"answer \(snapshots\) was not understood: not JSON, or longer than 32"):
+            feed.get(0, 5)
+        with pytest.raises(RemoteError, match=r"not understood: Snapshot.run: missing or not"):
+            feed.get(0, 5)
+        assert feed.get(0, 5).metrics_count == 2
+
+
+def test_a_snapshots_command_nobody_asks_ends_by_itself_and_the_next_refresh_starts_another(tmp_path: Path) -> None:
+    """IDLE seconds without a question (a connection gone without a word, a laptop asleep): the
+    machine's side ends by itself; the next refresh starts another."""
+    import time
+
+    from tests.conftest import local_machine
+    from tests.servers import processes_with
+
+    run = finished_run(tmp_path, 1)
+    with local_machine(tmp_path).snapshots("r1", idle=0.2) as feed:  # type: ignore[attr-defined]
+        feed.get(0, 5)
+        [pid] = processes_with("snapshots", str(run))
+        deadline = time.monotonic() + 120  # a safety net for a hang: the loop ends when it is gone
+        while pid in processes_with("snapshots", str(run)):
+            assert time.monotonic() < deadline, "the idle snapshots command never ended"
+            time.sleep(0.05)
+        assert feed.get(0, 5).metrics_count == 1
+
+
+def test_header_json_and_train_log_name_the_same_epoch() -> None:
+    """While epoch 4 trains (3 committed), train.log says `Epoch 4/10`: so do the header and the
+    JSON's training_epoch; `epoch` stays the count of finished epochs."""
+    from rich.console import Console
+
+    view = RunView("r")
+    view.update(snap("running", True, [row(1, 0.3), row(2, 0.4), row(3, 0.5)], 3, phase="training"))
+    console = Console(record=True, width=120)
+    console.print(view.render())
+    assert "epoch 4/10 (3 done)" in console.export_text()
+    doc = view.to_json()
+    assert doc["epoch"] == 3 and doc["training_epoch"] == 4
+    view.update(snap("finished", False, [], 10, phase=None))
+    assert view.to_json()["training_epoch"] is None

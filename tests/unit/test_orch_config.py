@@ -61,6 +61,15 @@ CASES = {
                          "max_recoveries?)"),
     "launch key misspelt": ("target: ec2\nec2:\n  name: gpu\n  launch: {instance_type: g5.xlarge, ami: ami-03cf127a, "
                             "volume: 100}\n", "ec2.launch.volume: unknown key (did you mean volume_gb?)"),
+    "webhook not http": ("target: local\nnotify: {webhook: 'ftp://hooks.example/T0/s3cret'}\n",
+                         "notify.webhook: must be an http:// or https:// URL with a host"),
+    "webhook with credentials": ("target: local\nnotify: {webhook: 'https://bot:s3cret@hooks.example/x'}\n",
+                                 "notify.webhook: credentials (user:password@) do not belong in the URL"),
+    "webhook missing": ("target: local\nnotify: {on: [failed]}\n", "notify.webhook: field required"),
+    "notify event unknown": ("target: local\nnotify: {webhook: 'https://h.example/x', on: [done]}\n",
+                             "notify.on.0: Input should be 'finished', 'failed', 'interrupted' or 'recovered'"),
+    "notify misspelt": ("target: local\nnotify: {webhook: 'https://h.example/x', onn: [failed]}\n",
+                        "notify.onn: unknown key (did you mean on?)"),
 }
 
 
@@ -90,7 +99,7 @@ def test_every_config_error_is_one_line_and_exit_2(case: str, command: list[str]
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith(f"orch: error: {path}: "), err
-    assert expected in err and "unexpected" not in err
+    assert expected in err and "unexpected" not in err and "s3cret" not in err  # a secret is never repeated
 
 
 def test_config_check_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,9 +122,9 @@ def test_schema_describes_every_field(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == {"target", "ec2", "ssh", "remote", "data", "autostop", "monitor", "recover",
-                                         "storage", "train"}
+                                         "storage", "notify", "train"}
     for section in ("Ec2Config", "Ec2LaunchConfig", "StorageConfig", "SshConfig", "RemoteConfig", "EnvConfig", "DataConfig", "AutostopConfig",
-                    "TrainOptions"):
+                    "NotifyConfig", "TrainOptions"):
         for name, field in schema["$defs"][section]["properties"].items():
             assert field.get("description"), f"{section}.{name} has no description"
 

@@ -23,6 +23,7 @@ from trainer.ml.config import TrainConfig
 from trainer.ml.errors import RunBusy, TrainerError, UsageError
 from trainer.ml.rundir import RunDir
 from trainer.ml.runstate import Checkpoint, Position, RunState
+from trainer.ml.tbevents import read_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCURACIES = [0.30, 0.25, 0.40, 0.40, 0.35, 0.50]  # best moves at epochs 1, 3, 6 (ties do not move it)
@@ -81,8 +82,8 @@ def _manifest_problems(path: Path) -> list[str]:
     problems = [rel for rel, digest in listed.items()
                 if not (path / rel).is_file() or hashlib.sha256((path / rel).read_bytes()).hexdigest() != digest]
     state = json.loads((path / layout.STATUS).read_text()).get("state") if (path / layout.STATUS).exists() else None
-    if state not in layout.FINAL_STATES and {layout.STATUS, layout.METRICS} & set(listed):
-        problems.append(f"status/metrics listed while {state}")
+    if state not in layout.FINAL_STATES and {layout.STATUS, layout.METRICS, *layout.TENSORBOARD_FILES} & set(listed):
+        problems.append(f"status/metrics/event files listed while {state}")
     return problems
 
 
@@ -106,8 +107,11 @@ def _assert_finished(path: Path, accuracies: list[float] = ACCURACIES) -> None:
     assert (path / layout.BEST_WEIGHTS).read_bytes() == f"weights of epoch {state.best_epoch}".encode()
     assert _manifest_problems(path) == []
     assert set(layout.parse_manifest((path / layout.MANIFEST).read_text())) == {
-        layout.BEST_WEIGHTS, layout.RUN_JSON, layout.STATUS, layout.METRICS,
+        layout.BEST_WEIGHTS, layout.RUN_JSON, layout.STATUS, layout.METRICS, *layout.TENSORBOARD_FILES,
         *(layout.stats_path(n) for n in layout.STATS_INPUTS + layout.STATS_OUTPUTS)}
+    for rel in layout.TENSORBOARD_FILES:  # one event per epoch, from 1, whatever was killed on the way
+        steps = [step for _end, step in read_steps((path / rel).read_bytes()) if step is not None]
+        assert steps == list(range(1, len(accuracies) + 1)), rel
     leftovers = [p.name for d in (path, path / layout.CHECKPOINTS_DIR, path / layout.STATS_DIR) for p in d.iterdir()
                  if layout.is_temp(p.name)]
     assert leftovers == []

@@ -189,8 +189,10 @@ def test_the_watcher_polls_spot_notices_until_neither_setting_is_left(tmp_path: 
     wait_for(lambda: (root / layout.RUNS_DIR / "r1" / layout.INTERRUPTION).exists(), "the interruption")
     asked = imds.gets(ACTION)
     wait_for(lambda: imds.gets(ACTION) >= asked + 3, "more questions")  # it goes on asking
-    # armed autostop fires and the watcher goes on while spot watching is set
+    # armed autostop fires once the interrupted trainer has exited, and the watcher goes on
+    # while spot watching is set
     (root / layout.RUNS_DIR / "r1" / layout.STATUS).write_text(json.dumps({"state": "interrupted"}))
+    terms = trainer.terms()  # (a trainer alive after its final state keeps the machine busy: its upload)
     root.joinpath(layout.AUTOSTOP_SETTING).write_text(json.dumps({"idle_minutes": 0.001, "command": f"touch {marker}",
                                                                   "armed_at": time.time()}))
     wait_for(marker.exists, "autostop's command")
@@ -201,7 +203,7 @@ def test_the_watcher_polls_spot_notices_until_neither_setting_is_left(tmp_path: 
     (root / layout.SPOT_SETTING).unlink()
     thread.join(30)
     assert outcome == [0]
-    assert trainer.terms() == 1  # once, although the notice stayed posted for several questions
+    assert terms == 1  # once, although the notice stayed posted for several questions
     log = (root / layout.WATCHER_LOG).read_text()
     assert f"terminate at {when}" in log and "EC2 recommends rebalancing since 2026-11-21T10:00:00Z" in log
     assert log.count("EC2 recommends rebalancing") == 1

@@ -137,7 +137,8 @@ def test_run_dir_files(tmp_path: Path) -> None:
     assert entries[layout.BEST_WEIGHTS] == hashlib.sha256(b"w" * 100).hexdigest()
     run.finish(layout.FINISHED)
     entries = layout.parse_manifest(run.file(layout.MANIFEST).read_text())
-    assert list(entries) == [layout.BEST_WEIGHTS, "stats/classes.json", layout.STATUS, layout.METRICS]
+    assert list(entries) == [layout.BEST_WEIGHTS, "stats/classes.json", layout.STATUS, layout.METRICS,
+                             layout.TENSORBOARD_TRAIN, layout.TENSORBOARD_VALIDATION]  # event files: once it ended
 
 
 def test_parse_manifest_rejects_garbage() -> None:

@@ -5,19 +5,27 @@ nvidia-smi printing garbage; every command stays one clean line or table, never 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
 from orchestrator.context import Output
+from orchestrator.errors import RemoteError
+from orchestrator.ssh import BulkSession
+from orchestrator.transfer import FileStream, Unsendable
 from tests.servers import peak_rss
 from trainer.contract import layout
+from trainer.contract.wire import RunFiles, RunInfo
+from trainer.machine.locks import is_locked
 from trainer.machine.proc import pid_line
 
 UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]")
@@ -224,3 +232,108 @@ def test_nvidia_smi_gets_a_bounded_time_and_size(tmp_path: Path, monkeypatch: py
     host = json.loads(text)["machine"]["host"]
     assert code == 0 and len(host["gpus"]) == gpus
     assert (error is None and host["gpu_error"] is None) or error in host["gpu_error"]
+
+
+FRAME = "f00d"
+
+
+@contextlib.contextmanager
+def file_stream(argv: list[str]) -> Iterator[FileStream]:
+    """A download's file stream (orchestrator/transfer.py) from a machine side run here."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    session = BulkSession(proc, "crafted", "reading the run's files", b"")
+    try:
+        yield FileStream(session, FRAME)
+    finally:
+        session.kill()
+
+
+def test_the_machine_sends_only_plain_files_of_the_runs_folder(tmp_path: Path) -> None:
+    runs = tmp_path / layout.RUNS_DIR
+    (runs / "r").mkdir(parents=True)
+    (runs / "other").mkdir()
+    data = os.urandom(3000)
+    (runs / "r" / "ok.bin").write_bytes(data)
+    (runs / "other" / "secret").write_bytes(b"secret")
+    (runs / "r" / "link").symlink_to(runs / "other" / "secret")
+    (runs / "linked").symlink_to(runs / "other")
+    os.mkfifo(runs / "r" / "fifo")
+    got = tmp_path / "got"
+    with file_stream([sys.executable, "-m", "trainer.machine", FRAME, "send", str(tmp_path), "30"]) as stream:
+        listed = stream.record("files r")  # what `files` answers: regular files only, links not followed
+        assert listed["files"] == {"ok.bin": len(data)} and listed["run"]["run_id"] == "r"
+        assert is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)  # the machine is busy meanwhile
+        for rel in ("r/link", "linked/secret", "r/../other/secret", "/etc/passwd", "r/fifo", "r/missing"):
+            with pytest.raises(Unsendable, match="cannot read"):  # the stream goes on after each
+                stream.fetch(rel, got, None, 100)
+        assert stream.fetch("r/ok.bin", got, None, len(data)) == hashlib.sha256(data).hexdigest()
+        assert stream.fetch("r/ok.bin", got, None, 10) == hashlib.sha256(data[:10]).hexdigest()  # the size listed
+        assert got.read_bytes() == data[:10]
+    assert not is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)  # its end lets go
+
+
+# A machine side that answers every request with the next of argv's blocks (hex), then ends.
+CRAFTED = ("import sys\nsys.stdout.buffer.write(b'a noisy shell\\n\\n" + FRAME + " stream\\n')\n"
+           "for block in sys.argv[1:]:\n    sys.stdin.buffer.readline()\n"
+           "    sys.stdout.buffer.write(bytes.fromhex(block)); sys.stdout.buffer.flush()\n")
+
+
+@pytest.mark.parametrize("block, problem", [
+    (b"%020d" % (1 << 40) + b"x" * 100, "bigger than the 100 bytes"),
+    (b"not a header at all, but a long line", "something else than a block"),
+    (b"%020d" % 50 + b"x" * 10, "ended inside r/best"),
+    (b"E%019d" % (1 << 30), "something else than a block"),
+], ids=["more than listed", "no header", "cut short", "huge message"])
+def test_a_crafted_file_stream_is_refused(tmp_path: Path, block: bytes, problem: str) -> None:
+    ok = b"%020d" % 3 + b"abc"
+    with file_stream([sys.executable, "-c", CRAFTED, ok.hex(), block.hex()]) as stream:
+        assert stream.fetch("r/first", tmp_path / "first", None, 100) == hashlib.sha256(b"abc").hexdigest()
+        with pytest.raises(RemoteError, match=problem):
+            stream.fetch("r/best", tmp_path / "best", None, 100)
+        assert (tmp_path / "best").stat().st_size <= 100
+        with pytest.raises(RemoteError, match="broke off"):  # out of step: never read on
+            stream.fetch("r/next", tmp_path / "next", None, 100)
+
+
+def test_a_sender_nobody_reads_lets_the_machine_go(tmp_path: Path) -> None:
+    """A laptop that vanished mid-download (its connection stalled, not closed): the machine's
+    sender gives up once it has had no room to write for SILENCE seconds, and lets go of the
+    activity lock, so autostop is never kept waiting by it."""
+    run = tmp_path / layout.RUNS_DIR / "r"
+    run.mkdir(parents=True)
+    with open(run / "big", "wb") as fh:
+        fh.truncate(64 << 20)  # sparse: far more than any pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.machine", FRAME, "send", str(tmp_path), "0.5"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b"get 67108864 r/big\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(4096)  # it sends; then nobody reads on
+        assert is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)
+        assert proc.wait(timeout=120) == 0  # stdin still open: only the stall ends it
+        assert not is_locked(tmp_path / layout.ACTIVITY_LOCK, shared_too=True)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class AnsweringFor:
+    """A source whose answer about a run names another run (a crafted machine or bucket)."""
+
+    where = "the machine"
+
+    def __init__(self, named: str) -> None:
+        self.named = named
+
+    def files(self, run_id: str) -> RunFiles:
+        return RunFiles(manifest="", files={".bashrc": 1}, run=RunInfo(run_id=self.named))
+
+
+@pytest.mark.parametrize("named", ["../..", "..", "/etc", "other-run"])
+def test_a_download_never_takes_its_folder_name_from_an_answer_about_another_run(named: str) -> None:
+    from orchestrator.download import _files_of
+
+    with pytest.raises(RemoteError, match="answered for run"):
+        _files_of(AnsweringFor(named), "20261201-101500-ab12")
+    assert _files_of(AnsweringFor("20261201-101500-ab12"), "20261201-101500-ab12").run is not None

@@ -177,3 +177,22 @@ def test_a_lock_held_only_by_another_user_is_ignored_and_logged(tmp_path: Path) 
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_that_wrote_its_final_state_keeps_the_machine_busy_until_its_trainer_exits(tmp_path: Path) -> None:
+    """After `finished` the trainer still uploads its final state (up to mirror.FINAL_WAIT): an
+    autostop then would lose it, so the machine is idle only once the process is gone."""
+    import subprocess
+
+    from trainer.machine.proc import pid_line
+
+    run_dir = tmp_path / "root" / layout.RUNS_DIR / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / layout.STATUS).write_text(json.dumps({"state": layout.FINISHED}))
+    trainer = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        (run_dir / layout.PID_FILE).write_text(pid_line(trainer.pid))
+        assert watcher.busy(tmp_path / "root") == "run r1 is ending (its trainer has not exited yet)"
+    finally:
+        trainer.communicate(b"")
+    assert watcher.busy(tmp_path / "root") is None

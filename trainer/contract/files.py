@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,3 +51,15 @@ def disk_full_error(exc: BaseException | None) -> OSError | None:
 def is_disk_full(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what caused it) is 'no space left' or 'quota exceeded'."""
     return disk_full_error(exc) is not None
+
+
+@contextlib.contextmanager
+def writing_alone(fd: int) -> Iterator[None]:
+    """Hold an flock on an open file while writing it: train.log has two writers (the log filter
+    appending lines, a restore from storage rewriting it whole) and no line may fall between
+    a rewrite's read and its truncate."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)

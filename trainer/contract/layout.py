@@ -8,18 +8,22 @@ down here exactly once.
       code/<version>/     the uploaded trainer package (.complete once whole; code/.lock)
       envs/<key>/         managed virtualenvs (.orch-ready once pip succeeded; install.log)
       runs/<run_id>/      one folder per run, below
+      notify/<run_id>.json  a run's webhook settings (0600)
       launch.lock  activity.lock  autostop.json  spot.json  watcher.json  watcher.log  watcher.lock
+      tensorboard.json  tensorboard.lock  tensorboard.users.lock  tensorboard.log
 
     <remote_root>/runs/<run_id>/
       run.json  deploy.json  pid  lock  train.log  metrics.jsonl  status.json  MANIFEST.sha256
       interruption.json                        a spot notice the watcher saw (never in the manifest)
+      train.raw.log                            the trainer's output unfiltered (train.log: stamped, no noise)
       checkpoints/state.json                   the commit point (see below)
       checkpoints/epoch-NNNN.weights.h5        weights + optimizer state of a committed epoch
       checkpoints/epoch-NNNN-batch-BBBB.weights.h5   ... of a committed position inside epoch NNNN
       checkpoints/best.weights.h5              the best epoch's file (hard link, or a copy)
       stats/wav2vec_mean.npy  wav2vec_std.npy  classes.json  split.json
             evaluation.json  training_curves.png  confusion_matrix.png
-      tensorboard/
+      tensorboard/train/events.out.tfevents.orch       TensorBoard's scalars, one event per committed
+      tensorboard/validation/events.out.tfevents.orch  epoch (step: the epoch, after the parent's)
 
 One trainer per run directory: it holds an flock on ``lock`` for its whole life (taken before
 it writes anything; a second trainer exits busy, exit 6, naming the holder's pid).
@@ -46,20 +50,22 @@ trains batches B+1.. of the same plan and records the epoch exactly as an uninte
 would. The next epoch commit drops ``partial`` (its file is then deleted like any unnamed one).
 
 Everything else is derived from the committed state, and a restart re-derives it before it
-trains: metrics.jsonl (rewritten from the history), status.json, best.weights.h5 (a hard link,
-or a copy where links fail, of the state's best file), MANIFEST.sha256; epoch files the state
-no longer names are deleted, and so are temp files (names starting with ``.tmp-``). An
-extended run (``--init-from PARENT``) commits the parent's best weights as its epoch 0
-(``best_epoch`` 0: the parent's weights are still the best).
+trains: metrics.jsonl (rewritten from the history), the TensorBoard event files (the epochs
+they lack appended, whatever disagrees with the history cut first), status.json,
+best.weights.h5 (a hard link, or a copy where links fail, of the state's best file),
+MANIFEST.sha256; epoch files the state no longer names are deleted, and so are temp files
+(names starting with ``.tmp-``). An extended run (``--init-from PARENT``) commits the parent's
+best weights as its epoch 0 (``best_epoch`` 0: the parent's weights are still the best).
 
 **The manifest rule.** ``sha256sum -c MANIFEST.sha256`` passes at every instant, whatever was
 killed: the manifest lists only files that do not change while it lists them. Always: run.json,
 the statistics inputs (mean, std, classes.json, split.json) and best.weights.h5 (its sha256
 comes from the state, never from re-reading it). Only while the run is in a final state
-(finished, failed, stopped, interrupted): status.json, metrics.jsonl and the evaluation outputs; a continued
-run rewrites the manifest without them before it changes them. best.weights.h5 is replaced as:
-manifest without it -> replace -> manifest with it. Until there is something to list (run.json
-or a best checkpoint) there is no manifest: ``sha256sum -c`` needs at least one line.
+(finished, failed, stopped, interrupted): status.json, metrics.jsonl, the evaluation outputs and
+the TensorBoard event files; a continued run rewrites the manifest without them before it
+changes them. best.weights.h5 is replaced as: manifest without it -> replace -> manifest with
+it. Until there is something to list (run.json or a best checkpoint) there is no manifest:
+``sha256sum -c`` needs at least one line.
 """
 
 from __future__ import annotations
@@ -94,12 +100,25 @@ WATCHER_LOCK = "watcher.lock"
 # Held (shared flock) by every orch command doing work on the machine (deploy, resume,
 # download): the machine is not idle while one runs, whatever the runs say.
 ACTIVITY_LOCK = "activity.lock"
+# Run notifications (trainer/contract/notify.py): <NOTIFY_DIR>/<run_id>.json under remote.root, the
+# webhook settings of one run (0600, the folder 0700: a webhook URL is a credential). Never in a
+# run folder: run folders are downloaded and mirrored.
+NOTIFY_DIR = "notify"
+# `orch tensorboard` (trainer/machine/tboard.py), under remote.root: the one TensorBoard's pid,
+# port and runs; the lock held while it is started, reused or stopped; the lock every command
+# using it holds (shared) while it lives; its output.
+TENSORBOARD_STATE = "tensorboard.json"
+TENSORBOARD_LOCK = "tensorboard.lock"
+TENSORBOARD_USERS = "tensorboard.users.lock"
+TENSORBOARD_LOG = "tensorboard.log"
 
 RUN_JSON = "run.json"
 DEPLOY_JSON = "deploy.json"  # the resolved deploy.yaml that launched the run (written by orch)
 PID_FILE = "pid"
 RUN_LOCK = "lock"  # held (flock) by the one trainer of this run directory, for its whole life
-TRAIN_LOG = "train.log"
+TRAIN_LOG = "train.log"  # the trainer's output, each line timestamped, TensorFlow's known start-up noise left out
+# All of it as it came (trainer/machine/logfilter.py): the machine's own, never listed nor mirrored.
+RAW_LOG = "train.raw.log"
 METRICS = "metrics.jsonl"
 STATUS = "status.json"
 MANIFEST = "MANIFEST.sha256"
@@ -108,6 +127,11 @@ HEARTBEAT = "heartbeat.json"
 # The storage mirror's report (trainer/ml/mirror.py): what it last uploaded, or why it retries.
 MIRROR_STATUS = "mirror.json"
 TENSORBOARD_DIR = "tensorboard"
+# TensorBoard's event files (trainer/ml/tbevents.py): one per writer, one event per committed
+# epoch, appended after each commit; listed only in a final state.
+TENSORBOARD_TRAIN = f"{TENSORBOARD_DIR}/train/events.out.tfevents.orch"
+TENSORBOARD_VALIDATION = f"{TENSORBOARD_DIR}/validation/events.out.tfevents.orch"
+TENSORBOARD_FILES = (TENSORBOARD_TRAIN, TENSORBOARD_VALIDATION)
 # A spot interruption notice, written by the watcher before it SIGTERMs the run's trainer
 # ({"action", "notice_time", "noticed_at"}: wire.Interruption): the machine's own, never listed
 # in the manifest nor mirrored.
@@ -207,7 +231,7 @@ def manifest_candidates(final: bool) -> list[str]:
     """The files MANIFEST.sha256 lists when they exist (the manifest rule above), in order."""
     rels = [BEST_WEIGHTS, RUN_JSON] + [stats_path(n) for n in STATS_INPUTS]
     if final:
-        rels += [STATUS, METRICS] + [stats_path(n) for n in STATS_OUTPUTS]
+        rels += [STATUS, METRICS] + [stats_path(n) for n in STATS_OUTPUTS] + list(TENSORBOARD_FILES)
     return rels
 
 
@@ -221,6 +245,11 @@ def run_dir(remote_root: str, run_id: str) -> str:
     return str(PurePosixPath(remote_root) / RUNS_DIR / run_id)
 
 
+def notify_settings(remote_root: str, run_id: str) -> str:
+    """``<remote_root>/notify/<run_id>.json``: the run's webhook settings."""
+    return str(PurePosixPath(remote_root) / NOTIFY_DIR / f"{run_id}.json")
+
+
 # ---- the storage mirror (deploy.yaml `storage:`) ---------------------------------------------
 #
 #     <s3_uri>/runs/<run_id>/<the same relative paths as on the machine>
@@ -231,8 +260,16 @@ def run_dir(remote_root: str, run_id: str) -> str:
 # whose sha256 it states (it is rewritten without an entry before that object changes).
 STORAGE_SHA_KEY = "sha256"
 # Mirrored besides the state, its files and the manifest: never the machine's own files (pid, lock,
-# heartbeat, the mirror's report) nor temp files.
-NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, INTERRUPTION, "tensorboard"})
+# heartbeat, the mirror's report) nor temp files; under tensorboard/ only the trainer's event files.
+NOT_MIRRORED = frozenset({PID_FILE, RUN_LOCK, HEARTBEAT, MIRROR_STATUS, INTERRUPTION})
+
+
+def is_mirrored(rel: str) -> bool:
+    """Whether a run folder's file (a relative POSIX path) belongs in its storage mirror."""
+    parts = rel.split("/")
+    if parts[0] == TENSORBOARD_DIR:
+        return rel in TENSORBOARD_FILES
+    return parts[0] not in NOT_MIRRORED and not is_temp(parts[-1])
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

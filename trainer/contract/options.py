@@ -289,7 +289,7 @@ def validate(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     for name, value in values.items():
         option = BY_NAME.get(name)
         if option is None:
-            close = _closest(name)
+            close = closest(name)
             raise OptionError(f"{where}{name}: unknown option" + (f" (did you mean {close}?)" if close else ""))
         try:
             out[name] = option.validate(value)
@@ -298,7 +298,8 @@ def validate(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     return out
 
 
-def _closest(name: str) -> str | None:
+def closest(name: str) -> str | None:
+    """The known option nearest to a misspelt name (None: none is near)."""
     import difflib
 
     found = difflib.get_close_matches(name, list(BY_NAME), n=1)

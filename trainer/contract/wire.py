@@ -450,6 +450,11 @@ class RunInfo(Record):
 
 
 # How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
+def accuracy_text(value: float | None, none: str = "-") -> str:
+    """An accuracy as both halves show it: 4 decimals (0.5092), ``none`` before there is one."""
+    return none if value is None else f"{value:.4f}"
+
+
 def run_fields(run_id: str, status: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     """RunInfo's fields from a run's status.json and run.json (unchecked: from_json checks),
     wherever they were read: the machine's folder, or the storage mirror."""
@@ -556,6 +561,27 @@ class Signalled(Record):
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class Delivery(Record):
+    """``notify test``: whether the webhook took the message (an HTTP 2xx), after how many tries.
+    ``target`` is the URL redacted (trainer/contract/notify.py): never the secret."""
+
+    delivered: bool = False
+    status: int | None = None  # the last HTTP status (None: no answer at all)
+    attempts: int = 0
+    error: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Removed(Record):
+    """``remove``: the run folders deleted, those refused (id -> why) and those not there."""
+
+    removed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- setting up
 
 
@@ -597,7 +623,11 @@ class DataListing(Record):
 
 @dataclass(frozen=True)
 class Moved(Record):
+    """An upload's files moved into place; or why it could not be unpacked (nothing moved)."""
+
     files: int = 0
+    error: str | None = None
+    disk_full: bool = False  # it failed for want of disk space on the machine
 
 
 @dataclass(frozen=True)
@@ -677,3 +707,19 @@ class MachineReport(Record):
     host: Host = field(default_factory=Host)
     runs: list[RunInfo] = field(default_factory=list)
     autostop: Autostop = field(default_factory=Autostop)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+@dataclass(frozen=True)
+class TensorBoardAnswer(Record):
+    """``tensorboard``: the one TensorBoard of remote.root serving the runs asked for, on
+    127.0.0.1:``port`` there (``reused``: it was already running), or why not (``error`` is a
+    kind: missing, busy, port, failed; ``message`` says it in words)."""
+
+    port: int | None = None
+    pid: int | None = None
+    reused: bool = False
+    error: str | None = None
+    message: str | None = None

@@ -11,5 +11,5 @@ the packages: ``trainer.contract.codeversion.bundle_files``), and it is run one 
 
 from the bundle (sent on stdin, nothing uploaded: ``trainer/machine/bootstrap.py``) or from the
 uploaded code. Each verb answers with one framed record of ``trainer.contract.wire``
-(``trainer/machine/entry.py``).
+(``trainer/machine/entry.py``); one that converses (``snapshots``), with one per question.
 """

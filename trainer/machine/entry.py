@@ -9,7 +9,9 @@ may report progress before; each is ONE line on stdout:
     <FRAME> progress "<text>"
     <FRAME> answer {<a record of trainer/contract/wire.py>}
 
-or, for a verb that streams (a log), the frame line ``<FRAME> stream`` and then raw bytes.
+or, for a verb that streams (a log), the frame line ``<FRAME> stream`` and then raw bytes; a
+verb that converses (``Verb.converses``: monitor's snapshots) answers once per question line
+orch writes on its stdin, until that ends.
 
 Anything else that reaches stdout (a login shell's greeting, an interpreter's warning) is
 outside every frame, and orch ignores it. Standard library only.
@@ -20,10 +22,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
+import select
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from trainer.contract.verbs import ANSWER, NO_FRAME, PROGRESS, STREAM, VERBS
+
+MAX_QUESTION = 4096  # bytes of one question line (orch's are a few words)
 
 
 class Channel:
@@ -42,6 +49,23 @@ class Channel:
 
     def progress(self, text: str) -> None:
         self._say(PROGRESS, text)
+
+    def questions(self, idle: float, max_line: int = MAX_QUESTION) -> Iterator[str]:
+        """The lines orch writes on stdin, each as it comes, until stdin ends (orch closed it, or
+        is gone: its connection, or its process) or none came for ``idle`` seconds (nobody asks any
+        more: a connection that vanished without a word must not keep this process). A line
+        longer than ``max_line`` ends it too: orch writes short ones."""
+        pending = b""
+        while True:
+            while b"\n" not in pending:
+                if len(pending) > max_line or not select.select([0], [], [], idle)[0]:
+                    return
+                chunk = os.read(0, 4096)
+                if not chunk:
+                    return
+                pending += chunk
+            line, pending = pending.split(b"\n", 1)
+            yield line.decode(errors="replace")
 
     def stream(self) -> int:
         """Start a framed stream: the frame line, then raw bytes to the end on the returned fd."""

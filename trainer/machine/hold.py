@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
-from trainer.machine.locks import lock
+from trainer.machine.locks import held
 
 
 def hold(root: Path, silence: float) -> int:
     root.mkdir(parents=True, exist_ok=True)
-    fd = lock(root / layout.ACTIVITY_LOCK, shared=True)
-    try:
+    with held(root / layout.ACTIVITY_LOCK, shared=True):
         while select.select([0], [], [], silence)[0] and os.read(0, 64):
             pass
-    finally:
-        if fd is not None:
-            os.close(fd)
     return 0
 
 

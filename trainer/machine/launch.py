@@ -2,7 +2,8 @@
 
     launch ROOT RUN_ID (--fresh | --continue) [--force] --python PY --code DIR --data-dir DATA
            [--autostop-minutes M --autostop-command CMD | --autostop-off] [--spot-metadata-url URL]
-           [-- TRAINER_OPTIONS...]          (deploy.json on stdin with --fresh)   -> LaunchAnswer
+           [--notify-bytes N] [-- TRAINER_OPTIONS...]
+           (stdin: N bytes of notify settings, then deploy.json with --fresh)      -> LaunchAnswer
     signal RUN_DIR                          SIGTERM the run's trainer             -> Signalled
 
 A launch is ONE atomic step under an flock on ROOT/launch.lock (one launch at a time per
@@ -12,7 +13,9 @@ ignored (it outlives the SSH session), and write its pid file before letting go 
 the next launch's busy check already sees it. Autostop is armed (or disarmed) in the same step,
 before the trainer starts: whatever fails after the launch, a machine left to itself stops. On a
 spot instance (orch passes ``--spot-metadata-url``) spot watching is set in the same step too, so
-the watcher is asking IMDS for notices before the trainer starts. Standard library only.
+the watcher is asking IMDS for notices before the trainer starts. The run's webhook settings
+(trainer/contract/notify.py) are kept in a 0600 file the trainer is pointed at, or removed when a
+launch brings none. Standard library only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 
 from trainer.contract import layout
 from trainer.contract.exitcodes import ExitCode
+from trainer.contract.notify import SETTINGS_ENV
+from trainer.contract.verbs import LOG_FILTER, NO_FRAME
 from trainer.contract.wire import Autostop, LaunchAnswer, Signalled
 from trainer.machine import watcher
 from trainer.machine.fsutil import atomic_write_bytes
@@ -76,27 +81,67 @@ def _check(root: Path, run_dir: Path, fresh: bool, force: bool) -> None:
         raise Refused("busy", f"run {', '.join(others)} is still running", ExitCode.BUSY)
 
 
-def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None) -> int:
+def _notify_settings(root: Path, run_id: str, settings: bytes) -> Path | None:
+    """The run's webhook settings in their 0600 file (folder 0700: the URL is a credential), or
+    none at all (a launch without them: an earlier launch's must not fire)."""
+    path = Path(layout.notify_settings(str(root), run_id))
+    if not settings:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    atomic_write_bytes(path, settings, mode=0o600)
+    return path
+
+
+def _start(args: argparse.Namespace, run_dir: Path, deploy_json: bytes | None, notify: Path | None = None) -> int:
     if deploy_json is not None:
         run_dir.mkdir(parents=True)
         atomic_write_bytes(run_dir / layout.DEPLOY_JSON, deploy_json)
     argv = [args.python, "-m", "trainer", "train", "--data-dir", args.data_dir, "--run-dir", str(run_dir),
             *args.trainer_options]
     env = dict(os.environ, PYTHONPATH=args.code, PYTHONUNBUFFERED="1")
-    # A fresh run's log starts empty; a continued run appends to its log.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_APPEND if deploy_json is None else
-                                                                      os.O_TRUNC)
-    fd = os.open(run_dir / layout.TRAIN_LOG, flags, 0o666)  # a named pipe there cannot block the launch
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise Refused("broken", f"run {run_dir.name}: {layout.TRAIN_LOG} is not a regular file", ExitCode.REMOTE)
-    os.set_blocking(fd, True)
-    with open(fd, "ab") as log:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: the trainer ignores hang-ups (nohup)
-        child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+    env.pop(SETTINGS_ENV, None)
+    if notify is not None:  # where, not what: the URL itself is never on a command line or in the environment
+        env[SETTINGS_ENV] = str(notify)
+    fresh = deploy_json is not None
+    logs = [_open_log(run_dir, name, fresh) for name in (layout.TRAIN_LOG, layout.RAW_LOG)]
+    # The trainer writes into a pipe; the log filter beside it stamps its lines into train.log
+    # and keeps every byte in train.raw.log (trainer/machine/logfilter.py).
+    read_end, write_end = os.pipe()
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: both ignore hang-ups (nohup)
+        start_log_filter(args.code, read_end, *logs)
+        child = subprocess.Popen(argv, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=write_end,
                                  stderr=subprocess.STDOUT, start_new_session=True)  # setsid
+    finally:
+        for fd in (read_end, write_end, *logs):
+            os.close(fd)
     atomic_write_bytes(run_dir / layout.PID_FILE, pid_line(child.pid).encode())
     return child.pid
+
+
+def start_log_filter(code: str, stdin: int, log: int, raw: int) -> subprocess.Popen[bytes]:
+    """The log filter (trainer/machine/logfilter.py) reading ``stdin`` into train.log (``log``)
+    and train.raw.log (``raw``), in a session of its own."""
+    return subprocess.Popen([sys.executable, "-S", "-m", "trainer.machine", NO_FRAME, LOG_FILTER.name, str(raw)],
+                            cwd=code, stdin=stdin, stdout=log, stderr=log, pass_fds=(raw,), start_new_session=True)
+
+
+def _open_log(run_dir: Path, name: str, fresh: bool) -> int:
+    """A log of the run, for appending (a fresh run's starts empty); only a regular file: a named
+    pipe or a link there cannot block or redirect the launch."""
+    # Always O_APPEND: a restore from storage may rewrite train.log longer, and the filter's next line goes at its end.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_APPEND | (os.O_TRUNC if fresh else 0)
+    try:
+        fd = os.open(run_dir / name, flags, 0o666)
+    except OSError as exc:
+        raise Refused("broken", f"run {run_dir.name}: cannot open {name}: {exc.strerror}", ExitCode.REMOTE) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused("broken", f"run {run_dir.name}: {name} is not a regular file", ExitCode.REMOTE)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _autostop(args: argparse.Namespace, root: Path) -> Autostop | None:
@@ -130,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--autostop-command")
     parser.add_argument("--autostop-off", action="store_true")
     parser.add_argument("--spot-metadata-url", help="a spot instance: the watcher asks this IMDS for notices")
+    parser.add_argument("--notify-bytes", type=int, default=0, help="stdin starts with this many bytes of the "
+                        "run's webhook settings")
     return parser
 
 
@@ -140,7 +187,8 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
     args.trainer_options = argv[cut + 1:]
     root = Path(args.root)
     run_dir = Path(layout.run_dir(args.root, args.run_id))
-    deploy_json = sys.stdin.buffer.read() if args.fresh else None
+    given = sys.stdin.buffer.read() if args.fresh or args.notify_bytes > 0 else b""
+    notify, deploy_json = given[:max(0, args.notify_bytes)], given[max(0, args.notify_bytes):] if args.fresh else None
     try:
         fd = _lock(root)
         try:
@@ -148,7 +196,8 @@ def launch(argv: list[str]) -> tuple[LaunchAnswer, int]:
             _spot(args, root)  # first: a disarmed autostop never lets the watcher exit before spot watching is set
             armed = _autostop(args, root)
             launched_at = time.time()
-            return LaunchAnswer(pid=_start(args, run_dir, deploy_json), autostop=armed, launched_at=launched_at), 0
+            pid = _start(args, run_dir, deploy_json, _notify_settings(root, args.run_id, notify))
+            return LaunchAnswer(pid=pid, autostop=armed, launched_at=launched_at), 0
         finally:
             os.close(fd)
     except Refused as exc:

@@ -9,7 +9,7 @@ import fcntl
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MODE = 0o600
@@ -52,6 +52,17 @@ def try_lock(fd: int, *, shared: bool = False) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def held(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """``path``'s flock held for the block (waited for as long as it takes)."""
+    fd = lock(path, shared=shared)
+    assert fd is not None  # no wait limit: it always comes
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def lock(path: Path, *, shared: bool = False, wait: float | None = None,

@@ -7,6 +7,9 @@ trainer/contract/wire.py (verbs: trainer/contract/verbs.py):
     snapshot RUN_DIR METRICS_OFFSET LOG_LINES -> Snapshot: the run, metrics lines from the
                                               offset on, the log's last lines, the host, and
                                               the watcher's rebalance recommendation
+    snapshots RUN_DIR IDLE                 -> a Snapshot per question line ``METRICS_OFFSET
+                                              LOG_LINES`` on stdin, until stdin ends (or IDLE
+                                              seconds pass without a question): monitor's refreshes
     machine ROOT                           -> MachineReport: the host, every run, the autostop
     files RUN_DIR                          -> RunFiles: the manifest and the run's regular files
     started RUN_DIR PID LAUNCHED_AT        -> StartCheck: what a just-launched trainer wrote
@@ -20,6 +23,7 @@ import contextlib
 import json
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -183,6 +187,20 @@ def snapshot(run_dir: Path, metrics_offset: int, log_lines: int) -> Snapshot:
                     rebalance_at=rebalance_at(root))
 
 
+def snapshots(run_dir: Path, idle: float, out: Any) -> int:
+    """Answer snapshot questions (``METRICS_OFFSET LOG_LINES``) for as long as orch asks."""
+    try:
+        for question in out.questions(idle):
+            try:
+                offset, lines = (int(word) for word in question.split())
+            except ValueError:
+                raise SystemExit(f"snapshots: not a question: {question[:80]!r}") from None
+            out.answer(snapshot(run_dir, offset, lines))
+    except BrokenPipeError:  # orch is gone: so is whoever would read a last word
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def rebalance_at(root: Path) -> str | None:
     """When the watcher saw EC2's rebalance recommendation (watcher.json), or None."""
     at = read_json(root / layout.WATCHER_STATE).get("rebalance_at")
@@ -269,6 +287,8 @@ def run(verb: str, args: list[str], out: Any) -> int:
         ("files", 1): lambda: run_files(Path(args[0])),
         ("started", 3): lambda: started(Path(args[0]), int(args[1]), float(args[2])),
     }
+    if (verb, len(args)) == ("snapshots", 2):
+        return snapshots(Path(args[0]), float(args[1]), out)
     answer = answers.get((verb, len(args)))
     if answer is None:
         raise SystemExit(f"usage: python3 -m trainer.machine FRAME {verb} ... (see trainer/machine/probe.py)")

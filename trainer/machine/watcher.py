@@ -113,8 +113,15 @@ def busy(root: Path, uid: int | None = None) -> str | None:
         if not held_by:
             return "orch is at work on the machine"
         _note_once(root, f"ignoring {name}: held by {held_by}, another user's, not orch's")
-    active = [r.run_id for r in list_runs(root) if r.active]
-    return f"run {', '.join(active)} is active" if active else None
+    # A trainer's process is work on the machine until it exits, final state or not: after
+    # writing `finished` it still uploads that state to storage (up to mirror.FINAL_WAIT), and a
+    # shutdown then would lose it.
+    alive = [r for r in list_runs(root) if r.alive]
+    running = [r.run_id for r in alive if r.active]
+    ending = [r.run_id for r in alive if not r.active]
+    why = [f"run {', '.join(running)} is active"] if running else []
+    why += [f"run {', '.join(ending)} is ending (its trainer has not exited yet)"] if ending else []
+    return "; ".join(why) or None
 
 
 def _holders_text(holders: list[tuple[int, int]]) -> str:

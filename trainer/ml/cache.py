@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,23 +47,20 @@ def new_tmp_entry(entry: Path) -> Path:
     return tmp
 
 
-def allocate(tmp_entry: Path | None, shape: tuple[int, ...]) -> np.ndarray:
-    if tmp_entry is None:
-        return np.empty(shape, dtype=STORE_DTYPE)
-    return np.lib.format.open_memmap(tmp_entry / _FRAMES, mode="w+", dtype=STORE_DTYPE, shape=shape)
+def write_frames(tmp_entry: Path, frames: np.ndarray) -> None:
+    """The frame array as a .npy file, in one sequential write."""
+    with open(tmp_entry / _FRAMES, "wb") as fh:
+        np.lib.format.write_array(fh, np.ascontiguousarray(frames, dtype=STORE_DTYPE), allow_pickle=False)
 
 
 def commit_cache(ds: Dataset, tmp_entry: Path, entry: Path) -> Dataset:
     """Write the index, rename the temp folder into place, drop older caches of this root."""
-    frames = ds.frames
-    if isinstance(frames, np.memmap):
-        frames.flush()
     index = {
         "loader_version": LOADER_VERSION,
         "root": str(ds.root),
         "classes": list(ds.classes),
         "feature_shape": list(ds.feature_shape),
-        "samples": [asdict(s) for s in ds.samples],
+        "samples": [vars(s) for s in ds.samples],  # asdict is 10x slower
         "skipped": [[s.rel, s.reason.value, s.detail] for s in ds.skipped],
         "patterns": ds.scan.patterns,
         "array_keys": ds.scan.array_keys,

@@ -197,6 +197,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.contract.wire import Recovery
+    from trainer.machine.notify import notifying
     from trainer.ml.config import resolve
     from trainer.ml.mirror import Settings, mirroring
     from trainer.ml.train import _log as train_log
@@ -206,9 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     storage = Settings.pop_from(given)  # where the run is mirrored: not a training setting
     recorded = given.pop("record_recovery")  # what happened to the run (checked by argparse): neither
     recovery = Recovery.parse(recorded) if recorded is not None else None
-    with mirroring(Path(args.run_dir), storage, train_log):
+    # The run's end is told after the mirror's final upload (a webhook never delays S3's copy).
+    with notifying(Path(args.run_dir), train_log) as notifier, mirroring(Path(args.run_dir), storage, train_log):
         cfg = resolve(given | {"data_dir": str(args.data_dir), "run_dir": str(args.run_dir)})
-        return int(train(cfg, recovery=recovery))
+        return int(train(cfg, recovery=recovery, on_recovered=lambda r: notifier.recovered(r.to_json())))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -69,6 +69,9 @@ class TrainConfig:
     # Filled in when extending a parent run.
     parent_run: str | None = None
     parent_best_val_accuracy: float | None = None
+    # TensorBoard's step of this run's epoch 0: the parent's at its best epoch (its weights are
+    # where this run starts), so an extended run's curves go on from there; 0 for a new run.
+    parent_step: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,8 +122,10 @@ def resolve(options: dict[str, Any]) -> TrainConfig:
             elif option.on_extend == RECIPE:
                 given[option.name] = (parent_cfg.option(option.name) * option.extend_scale
                                       if option.extend_scale is not None else option.extend)
+        best_epoch = parent_status.get("best_epoch")
         extra = {"parent_run": Path(init_from).name,
-                 "parent_best_val_accuracy": parent_status.get("best_val_accuracy")}
+                 "parent_best_val_accuracy": parent_status.get("best_val_accuracy"),
+                 "parent_step": parent_cfg.parent_step + (best_epoch if isinstance(best_epoch, int) else 0)}
     arch = {k: given.pop(k) for k in ARCHITECTURE if k in given}
     if "classes" in given:
         given["classes"] = parse_classes(given["classes"])

@@ -1,25 +1,26 @@
 """Feature files -> one compact, validated in-memory (or memory-mapped) dataset.
 
-Walk the folder (trainer/ml/discover.py), label each file by its name, decode each file once
-(trainer/ml/arrays.py), and move the usable ones into a single float16 array, which with a cache
-directory is a ``.npy`` memmap inside the cache (trainer/ml/cache.py): memory holds one copy of
-the data, and the next run over the same files decodes nothing.
+Walk the folder (trainer/ml/discover.py), label each file by its name, and decode each file
+once (trainer/ml/arrays.py) straight into a single float16 array (trainer/ml/framestore.py):
+memory holds one copy of the data. With a cache directory that array is written into the cache
+and memory-mapped from there (trainer/ml/cache.py), and the next run over the same files
+decodes nothing.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trainer.contract.labels import DEFAULT_CLASSES, label_from_path
 from trainer.ml.arrays import Loaded, decode_all, default_workers
-from trainer.ml.cache import allocate, cache_entry, commit_cache, default_cache_dir, new_tmp_entry, read_cache
+from trainer.ml.cache import cache_entry, commit_cache, default_cache_dir, new_tmp_entry, read_cache, write_frames
 from trainer.ml.dataset import Dataset, ProgressFn, Sample, ScanInfo, Skipped, SkipReason
 from trainer.ml.discover import Candidate, walk
 from trainer.ml.errors import DataError
+from trainer.ml.framestore import FrameStores
 
 Labelled = list[tuple[str, Any]]  # (relative path, NameInfo) of the files whose name gives a label of the class list
 
@@ -54,16 +55,21 @@ def _build(root: Path, classes: tuple[str, ...], candidates: list[Candidate], sc
            progress: ProgressFn | None, workers: int | None) -> Dataset:
     skipped: list[Skipped] = []
     labelled = _label(candidates, classes, scan, skipped)
-    # One decode per file; the float16 pieces are the only copy until they move below.
-    paths = [str(root / rel) for rel, _ in labelled]
-    loaded = list(decode_all(paths, workers if workers is not None else default_workers(len(paths)), progress))
+    size = {c.rel: c.size for c in candidates}
+    paths = [os.path.join(root, rel) for rel, _ in labelled]
+    sizes = [size[rel] for rel, _ in labelled]
+    stores = FrameStores(sum(sizes))
+    n_workers = workers if workers is not None else default_workers(len(paths))
+    loaded = list(decode_all(paths, sizes, n_workers, progress, stores))
     feature_shape = _majority_shape(loaded, scan)
-    keep = _usable(labelled, loaded, feature_shape, skipped)
-    tmp_entry = new_tmp_entry(entry) if entry is not None and keep else None
-    samples, frames = _pack(labelled, loaded, keep, allocate(tmp_entry, (_frames_in(loaded, keep), *feature_shape)))
+    samples = _samples(labelled, loaded, feature_shape, skipped)
+    frames = stores.array(feature_shape)
+    stores.by_shape.clear()  # the other shapes' frames are not kept
     skipped.sort(key=lambda s: s.rel)
     ds = Dataset(root, classes, feature_shape, samples, skipped, frames, scan)
-    if tmp_entry is not None and entry is not None:
+    if entry is not None and samples:
+        tmp_entry = new_tmp_entry(entry)
+        write_frames(tmp_entry, frames)
         ds = commit_cache(ds, tmp_entry, entry)
     return ds
 
@@ -90,44 +96,21 @@ def _majority_shape(loaded: list[Loaded], scan: ScanInfo) -> tuple[int, ...]:
     """The per-frame shape most decoded files have (and what check-data shows of keys and shapes)."""
     scan.array_keys = dict(Counter(item.key for item in loaded if item.key is not None))
     scan.shapes = dict(Counter(item.shape for item in loaded if item.shape is not None))
-    shapes = Counter(item.frames.shape[1:] for item in loaded if item.frames is not None)
+    shapes = Counter(item.frame_shape for item in loaded if item.frame_shape is not None)
     return tuple(shapes.most_common(1)[0][0]) if shapes else ()
 
 
-def _usable(labelled: Labelled, loaded: list[Loaded], feature_shape: tuple[int, ...],
-            skipped: list[Skipped]) -> list[int]:
-    """The indices of the decoded files of the majority shape; the others are skipped."""
-    keep: list[int] = []
-    for i, ((rel, _info), item) in enumerate(zip(labelled, loaded, strict=True)):
-        if item.frames is None:
+def _samples(labelled: Labelled, loaded: list[Loaded], feature_shape: tuple[int, ...],
+             skipped: list[Skipped]) -> list[Sample]:
+    """The decoded files of the majority shape, in order (so their frames are contiguous in
+    its store); the others are skipped."""
+    samples: list[Sample] = []
+    for (rel, info), item in zip(labelled, loaded, strict=True):
+        if item.frame_shape is None:
             skipped.append(Skipped(rel, item.skip or SkipReason.UNREADABLE, item.detail))
-        elif item.frames.shape[1:] != feature_shape:
-            detail = f"per-frame shape {item.frames.shape[1:]} vs majority {feature_shape}"
+        elif item.frame_shape != feature_shape:
+            detail = f"per-frame shape {item.frame_shape} vs majority {feature_shape}"
             skipped.append(Skipped(rel, SkipReason.WRONG_DIM, detail))
         else:
-            keep.append(i)
-    return keep
-
-
-def _frames_in(loaded: list[Loaded], keep: list[int]) -> int:
-    return sum(len(loaded[i].frames) for i in keep)  # type: ignore[arg-type]
-
-
-_DROPPED = Loaded(None, None, None)
-
-
-def _pack(labelled: Labelled, loaded: list[Loaded], keep: list[int],
-          frames: np.ndarray) -> tuple[list[Sample], np.ndarray]:
-    """Move each kept piece into its slice of the single frame array, dropping it as we go, so
-    memory holds one copy of the data (the target's pages only exist once written)."""
-    samples: list[Sample] = []
-    offset = 0
-    for i in keep:
-        piece = loaded[i].frames
-        assert piece is not None
-        rel, info = labelled[i]
-        frames[offset : offset + len(piece)] = piece
-        loaded[i] = _DROPPED
-        samples.append(Sample(rel, info.label, info.corpus, info.speaker, offset, len(piece)))
-        offset += len(piece)
-    return samples, frames
+            samples.append(Sample(rel, info.label, info.corpus, info.speaker, item.offset, item.length))
+    return samples

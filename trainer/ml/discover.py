@@ -68,25 +68,29 @@ def walk(root: Path) -> Walked:
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         # Hidden folders hold caches and tool state, never samples.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        prefix = _prefix(root, dirpath)
         for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             dirnames.remove(name)
-            walked.skipped.append(Skipped(_rel(root, dirpath, name), SkipReason.LINKED_FOLDER))
+            walked.skipped.append(Skipped(prefix + name, SkipReason.LINKED_FOLDER))
         for name in sorted(filenames):
-            _classify(root, dirpath, name, walked, kinds)
+            _classify(os.path.join(dirpath, name), prefix + name, name, walked, kinds)
     walked.scan.files_by_kind = dict(kinds)
     return walked
 
 
-def _rel(root: Path, dirpath: str, name: str) -> str:
-    return Path(dirpath, name).relative_to(root).as_posix()
+def _prefix(root: Path, dirpath: str) -> str:
+    """What goes before a name in this folder to make it relative to root ("" or "a/b/")."""
+    rel = Path(dirpath).relative_to(root).as_posix()
+    return "" if rel == "." else rel + "/"
 
 
-def _classify(root: Path, dirpath: str, name: str, walked: Walked, kinds: Counter[str]) -> None:
+def _classify(path: str, rel: str, name: str, walked: Walked, kinds: Counter[str]) -> None:
     """One directory entry: a candidate, a counted non-sample, or a skip with its reason."""
-    path = os.path.join(dirpath, name)
-    rel = _rel(root, dirpath, name)
     try:
-        st = os.stat(path)  # follows a link: a link to a regular file is that file
+        st = os.lstat(path)
+        link = stat.S_ISLNK(st.st_mode)
+        if link:
+            st = os.stat(path)  # a link to a regular file is that file
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             walked.skipped.append(Skipped(rel, SkipReason.SYMLINK_LOOP))
@@ -105,5 +109,5 @@ def _classify(root: Path, dirpath: str, name: str, walked: Walked, kinds: Counte
         kinds["stats"] += 1
     else:
         kinds[ext[1:]] += 1
-        walked.scan.links += os.path.islink(path)
+        walked.scan.links += link
         walked.candidates.append(Candidate(rel, st.st_size, st.st_mtime_ns))

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.contract import layout
-from trainer.contract.files import hash_stream
+from trainer.contract.files import hash_stream, writing_alone
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_bytes, atomic_write_json
 from trainer.ml.errors import TrainerError
@@ -42,6 +43,7 @@ from trainer.ml.errors import TrainerError
 Log = Callable[[str], None]
 POLL = 1.0  # seconds between looks at the run directory
 MAX_BACKOFF = 60.0
+SNAPSHOT_IN_MEMORY = 8 << 20  # a snapshot of a file being appended to spills to a temp file past this
 # How long the trainer waits, at its end, for the final state to reach S3 (a test hook lowers it).
 FINAL_WAIT_ENV = "ORCH_MIRROR_FINAL_WAIT"
 FINAL_WAIT = 300.0
@@ -193,7 +195,7 @@ class Pass:
                 self.open[layout.BEST_WEIGHTS] = self.open[rel]
                 manifest[layout.BEST_WEIGHTS] = sha
             for rel in self._other_files():
-                self._open(stack, rel)
+                self._snapshot(stack, rel)
             if self._read(layout.STATE) != state_bytes:  # committed again meanwhile: its files may be newer
                 raise StateMoved(layout.STATE)
             self._upload(manifest)
@@ -218,8 +220,7 @@ class Pass:
         rels = []
         for path in sorted(self.run_dir.rglob("*")):
             rel = path.relative_to(self.run_dir).as_posix()
-            top = rel.split("/")[0]
-            if (top in layout.NOT_MIRRORED or layout.is_temp(path.name) or rel == layout.MANIFEST
+            if (not layout.is_mirrored(rel) or rel == layout.MANIFEST
                     or _checkpoint_file(rel) or rel == layout.STATE or rel in self.open or path.is_symlink()
                     or not path.is_file()):
                 continue
@@ -235,19 +236,30 @@ class Pass:
         except FileNotFoundError:
             return None
 
-    def _open(self, stack: contextlib.ExitStack, rel: str, expect: str | None = None) -> None:
-        """Open a file for this pass (it stays readable if the trainer replaces or deletes it)."""
+    def _snapshot(self, stack: contextlib.ExitStack, rel: str) -> None:
+        """A file the trainer may be appending to in place (train.log, the event files): a copy of
+        its bytes as of now, so that the sha256 recorded with the object is that of what goes up."""
+        try:
+            with open(self.run_dir / rel, "rb") as src:
+                copy = stack.enter_context(tempfile.SpooledTemporaryFile(max_size=SNAPSHOT_IN_MEMORY))  # noqa: SIM115 (closed by the stack)
+                sha = hash_stream(src, on_block=copy.write).hexdigest()
+        except FileNotFoundError:
+            return
+        copy.seek(0)
+        self.open[rel] = (copy, sha)
+
+    def _open(self, stack: contextlib.ExitStack, rel: str, expect: str) -> None:
+        """Open a file the committed state names, whose sha256 it records (it stays readable if the
+        trainer deletes it; such files are never changed in place)."""
         try:
             fh = stack.enter_context(open(self.run_dir / rel, "rb"))  # noqa: SIM115 (closed by the stack)
         except FileNotFoundError as exc:
-            if expect is not None:
-                raise StateMoved(rel) from exc  # the state that named it is superseded
-            return
+            raise StateMoved(rel) from exc  # the state that named it is superseded
         st = os.fstat(fh.fileno())
         key = (rel, st.st_ino, st.st_mtime_ns)
         sha = self.hashes.get(key) or hash_stream(fh).hexdigest()
         fh.seek(0)
-        if expect is not None and sha != expect:
+        if sha != expect:
             raise TrainerError(f"{rel} does not match the sha256 its committed state records: not uploaded")
         self.hashes[key] = sha
         self.open[rel] = (fh, sha)
@@ -387,8 +399,8 @@ def restore(run_dir: Path, settings: Settings, log: Log) -> bool:
 def _check_key(run_dir: Path, rel: str) -> None:
     """An object of the run may only name a plain relative path inside it, never the machine's own files."""
     parts = rel.split("/")
-    if (not rel or any(p in ("", ".", "..") for p in parts) or parts[0] in layout.NOT_MIRRORED
-            or layout.is_temp(parts[-1]) or "\x00" in rel or len(parts) > 3):
+    if (not rel or any(p in ("", ".", "..") for p in parts) or not layout.is_mirrored(rel)
+            or "\x00" in rel or len(parts) > 3):
         raise TrainerError(f"storage: run {run_dir.name} holds an object that is not a file of a run: {rel!r}")
 
 
@@ -409,11 +421,14 @@ def _restore_log(target: Path, bucket: Bucket, sha: str) -> None:
     if got != sha:
         raise TrainerError(f"storage: {layout.TRAIN_LOG} does not match its checksum")
     sys.stdout.flush()
-    with open(target, "r+b") if target.exists() else open(target, "w+b") as fh:
+    # Under train.log's lock: the log filter appends (O_APPEND) before or after the rewrite, never inside it.
+    with open(target, "r+b") if target.exists() else open(target, "w+b") as fh, writing_alone(fh.fileno()):
         now = fh.read()
-        fh.seek(0)
-        fh.write(stored + now)
-        fh.truncate()
+        if not now.startswith(stored):  # a restore killed before its commit left it in front already
+            fh.seek(0)
+            fh.write(stored + now)
+            fh.flush()
+            fh.truncate()
         here = os.fstat(fh.fileno())
     import fcntl
 

@@ -30,6 +30,7 @@ from trainer.machine.proc import pid_line
 from trainer.ml import runstate
 from trainer.ml.heartbeat import Heartbeat
 from trainer.ml.runstate import Checkpoint, RunState
+from trainer.ml.tbevents import EventFiles
 
 
 def now_iso() -> str:
@@ -45,6 +46,8 @@ class RunDir:
         self._best_source: str | None = None  # the state file best.weights.h5 was derived from here
         self._listed_cache: set[str] | None = None  # what MANIFEST.sha256 lists now
         self.heartbeat = Heartbeat(path)  # the sign of life while it works
+        self.events = EventFiles(path)  # TensorBoard's event files
+        self.step_offset = 0  # TensorBoard's step of epoch 0: an extended run's parent's (TrainConfig.parent_step)
 
     def file(self, rel: str) -> Path:
         return self.path / rel
@@ -87,9 +90,10 @@ class RunDir:
     # ---- what derives from the state ------------------------------------------------------
 
     def publish(self, state_name: str | None, final: bool = False, **fields: Any) -> None:
-        """Bring every derived file in line with the committed state: metrics.jsonl, status.json
-        (``state_name``, unless None), best.weights.h5, the manifest (``final``: the run has
-        ended, so status, metrics and the evaluation are listed too); then delete the epoch files
+        """Bring every derived file in line with the committed state: metrics.jsonl, the TensorBoard
+        event files, status.json (``state_name``, unless None), best.weights.h5, the manifest
+        (``final``: the run has ended, so status, metrics, the evaluation and the event files are
+        listed too); then delete the epoch files
         the state no longer names. Safe to repeat, and to kill at any point."""
         best = self.state.best
         in_place = self._best_in_place(best)
@@ -98,6 +102,7 @@ class RunDir:
         faults.point("publish:unlisted")
         self._write_metrics()
         faults.point("publish:metrics")
+        self.events.publish(self.state.history, self.step_offset)
         if state_name is not None:
             self.write_status(state_name, **self.state.status_fields(), **fields)
             faults.point("publish:status")

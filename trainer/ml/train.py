@@ -25,7 +25,7 @@ from typing import Any
 from trainer.contract import layout
 from trainer.contract.codeversion import code_version
 from trainer.contract.files import disk_full_error
-from trainer.contract.wire import Recovery
+from trainer.contract.wire import Recovery, accuracy_text
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json, link_or_copy
 from trainer.machine.proc import started_at
@@ -49,10 +49,11 @@ def _log(msg: str) -> None:
         print(f"[trainer] {msg}", flush=True)
 
 
-def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -> ExitCode:
+def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None,
+          on_recovered: Callable[[Recovery], None] | None = None) -> ExitCode:
     """Train (or continue) the run in ``cfg.run_dir``; returns the exit code for the CLI.
     ``recovery``: orch continues the run after a preemption or a restart; it is recorded in
-    the committed state before anything else happens."""
+    the committed state before anything else happens (then ``on_recovered`` is told, once)."""
     path = Path(cfg.run_dir)
     # A spot notice counts for this trainer only if the watcher wrote it after the process started.
     since = started_at(os.getpid()) or time.time()
@@ -63,6 +64,7 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
     if previous is not None:
         cfg = TrainConfig.from_json(previous["config"])
     run.state = runstate.read(path) or runstate.initial(cfg.parent_run, cfg.parent_best_val_accuracy)
+    run.step_offset = cfg.parent_step
     if (run.read_json(layout.STATUS) or {}).get("state") == layout.FINISHED:
         try:
             run.repair(None, final=True)  # a kill may have cut the final publish short
@@ -77,7 +79,9 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
         with Stopper() as stopper:
             run.create()
             if recovery is not None:  # before the repair: the status it writes carries the record
-                _record_recovery(run, recovery, log)
+                recorded = _record_recovery(run, recovery, log)
+                if recorded is not None and on_recovered is not None:
+                    on_recovered(recorded)
             run.write_pid()
             run.heartbeat.beat(force=True, phase="starting")
             # The repair comes before any status write: a final state's manifest lists status.json.
@@ -97,24 +101,27 @@ def train(cfg: TrainConfig, log: Log = _log, recovery: Recovery | None = None) -
         raise
 
 
-def _record_recovery(run: RunDir, recovery: Recovery, log: Log) -> None:
+def _record_recovery(run: RunDir, recovery: Recovery, log: Log) -> Recovery | None:
     """Commit the state with ``recovery`` recorded (once: a relaunch gives the same record
-    again). The trainer knows best which committed epoch it continues from; the time lost is
-    orch's figure, else the time from the recovery's ``at`` to now (the machine's clock)."""
+    again); the record as committed, None when it already was. The trainer knows best which
+    committed epoch it continues from; the time lost is orch's figure, else the time from the
+    recovery's ``at`` to now (the machine's clock)."""
     state = run.state
     lost = recovery.lost_seconds
     if lost is None:
         now = datetime.now(timezone.utc)
         when = recovery.when if recovery.when.tzinfo is not None else recovery.when.replace(tzinfo=timezone.utc)
         lost = max(0.0, round((now - when).total_seconds(), 3))
-    recorded = state.with_recovery(replace(recovery, epoch_restored=state.epoch, lost_seconds=lost))
+    record = replace(recovery, epoch_restored=state.epoch, lost_seconds=lost)
+    recorded = state.with_recovery(record)
     if recorded is state:
         log(f"recovery at {recovery.at} is already recorded")
-        return
+        return None
     run.commit(recorded)
     where = f"epoch {state.epoch}" + (f", batch {state.partial.batch} of epoch {state.partial.epoch}"
                                       if state.partial is not None else "")
     log(f"recovery {len(recorded.recoveries)} recorded ({recovery.kind}: {recovery.why}); continuing from {where}")
+    return record
 
 
 def _disk_full(run: RunDir, exc: OSError) -> DiskFull:
@@ -173,7 +180,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stoppe
     _final_evaluation(run, model, inputs, list(run.state.history), log)
     faults.point("finish:evaluated")
     run.finish(layout.FINISHED)
-    log(f"finished: best val_accuracy {run.state.best_val_accuracy} at epoch {run.state.best_epoch}")
+    log(f"finished: best val_accuracy {accuracy_text(run.state.best_val_accuracy)} at epoch {run.state.best_epoch}")
     return ExitCode.OK
 
 
@@ -238,7 +245,7 @@ def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None
         if rng is not None:  # None: a state of an older trainer (the run continues, though not exactly)
             trainstate.assign(trainstate.rng_variables(model), rng, "random generators' states")
         where = f"batch {partial.batch} of epoch {partial.epoch}" if partial is not None else f"epoch {state.epoch}"
-        log(f"continuing from {where} (best val_accuracy {state.best_val_accuracy})")
+        log(f"continuing from {where} (best val_accuracy {accuracy_text(state.best_val_accuracy)})")
     elif state.best is not None:
         _load_initial_weights(model, run.file(state.best.file), "--init-from")
         log(f"starting from the parent's weights ({state.best.file})")
@@ -270,8 +277,6 @@ def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any
     """Fit, committing every finished epoch; a stop is handled by the recorder (trainer/ml/stopping.py).
     A committed position is continued first: one ``fit`` over the rest of its epoch, then one
     over the epochs after it."""
-    import keras
-
     from trainer.ml.fitting import training_callbacks
     from trainer.ml.recorder import RunRecorder
 
@@ -279,9 +284,6 @@ def _fit(cfg: TrainConfig, run: RunDir, model: Any, train_seq: Any, val_seq: Any
     partial = run.state.partial
     callbacks: list[Any] = training_callbacks(cfg, recorder, log=log,
                                               averaged_in_model=run.state.last is not None and partial is None)
-    if keras.backend.backend() == "tensorflow":
-        callbacks.append(keras.callbacks.TensorBoard(str(run.file(layout.TENSORBOARD_DIR)),
-                                                     write_graph=False, profile_batch=0))
     run.publish(layout.RUNNING, phase="training")  # run.json is listed from now on
     run.heartbeat.beat(force=True, phase="compiling the first batches")
     # shuffle=False: the plan is the batch order (from (seed, epoch)); Keras would shuffle it
@@ -346,7 +348,7 @@ def _init_from(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None:
         saved = run.write_checkpoint(0, lambda tmp: link_or_copy(weights, tmp))
         run.commit(run.state.with_parent_weights(saved))
         run.publish(layout.RUNNING)
-    log(f"initialized from {weights}" + (f" (parent best val_accuracy {cfg.parent_best_val_accuracy})"
+    log(f"initialized from {weights}" + (f" (parent best val_accuracy {accuracy_text(cfg.parent_best_val_accuracy)})"
                                          if cfg.parent_run else ""))
 
 
