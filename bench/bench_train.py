@@ -1,24 +1,35 @@
 """Training benchmarks on SYNTHETIC data, each against a baseline measured in the same run.
 
-The data: ``trainer synth`` at its default difficulty; a share of the speakers of each corpus
-is moved to a HELD-OUT folder that neither training nor validation sees. Our model is measured
-on the product path: ``python -m trainer train`` (speaker split of the rest), then
-``python -m trainer predict --run-dir RUN HELDOUT --json``, scored from the files' labels.
+Two data sets, each with a share of the speakers of each corpus moved to a HELD-OUT folder that
+neither training nor validation sees:
 
-1. held-out speakers: our model (default options) vs a logistic regression and a small MLP
-   (scikit-learn) on mean+std pooled, z-scored features (the run's statistics and split;
-   each baseline's regularization chosen on the validation split); accuracy, unweighted
-   accuracy (UA, mean per-class recall) and macro-F1, mean ± sd over seeds;
-2. ablation: what each generalization measure adds on held-out speakers (each measure taken
-   out of the defaults, or added when it is off by default; paired by seed);
-3. layer weighting on (L, T, D) features: learned vs plain average;
+- ``synth``: ``trainer synth`` at its default difficulty, the set the defaults were chosen on;
+- ``independent``: bench/independent_data.py, a second generator written apart from trainer
+  synth (another structure, other seeds and corpus sizes) on which no default was chosen: the
+  check that the defaults are not tuned to the data they are measured on.
+
+Our model is measured on the product path: ``python -m trainer train`` (speaker split of the
+rest), then ``python -m trainer predict --run-dir RUN HELDOUT --json``, scored from the files'
+labels.
+
+1. held-out speakers, on both sets: our model (default options) vs a logistic regression and a
+   small MLP (scikit-learn) on mean+std pooled features, z-scored with the training split's
+   statistics (the linear model of issue 19), and the same two on per-speaker normalized
+   features (our model's inputs with ``--normalization speaker``); each baseline's
+   regularization chosen on the validation split; accuracy, unweighted accuracy (UA, mean
+   per-class recall) and macro-F1, mean ± sd over seeds, and ours - logistic regression paired
+   by seed;
+2. ablation on the synth set: what each generalization measure adds on held-out speakers (each
+   measure taken out of the defaults, or added when it is off by default; paired by seed);
+3. layer selection on (L, T, D) features: the 3 layers a probe chooses (``--layers auto``, the
+   default) vs all layers with a learned weighting, or their plain average;
 4. extension recipes: how often and by how much a run extended from a finished run
    (``--init-from``) beats its parent on held-out speakers, the seed recipe vs alternatives;
 5. time per epoch of ``trainer train`` (every default) vs a bare ``model.fit`` of the same
    architecture on one padded in-memory tensor; the host pipeline's samples/s vs the model
    step's; peak RSS vs the same run on a tiny dataset.
 
-    python bench/bench_train.py [--n 3000] [--seeds 3] [--json results.json]
+    python bench/bench_train.py [--n 2000] [--dim 256] [--seeds 3] [--epochs 30] [--json results.json]
     python bench/bench_train.py --quick      # tiny sizes, seconds of training, nothing asserted
 """
 
@@ -43,6 +54,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import independent_data  # noqa: E402
 from trainer.contract import layout, options  # noqa: E402
 from trainer.contract.labels import label_from_path  # noqa: E402
 from trainer.contract.layout import SYNTHETIC_MARKER as MARKER  # noqa: E402
@@ -50,8 +62,9 @@ from trainer.ml.config import Architecture  # noqa: E402
 from trainer.ml.data import load_dataset  # noqa: E402
 from trainer.ml.dataset import Dataset  # noqa: E402
 from trainer.ml.evaluate import classification_report  # noqa: E402
+from trainer.ml.speakers import Normalization  # noqa: E402
 from trainer.ml.split import Split, load_split  # noqa: E402
-from trainer.ml.stats import Stats, load_stats  # noqa: E402
+from trainer.ml.stats import Stats, compute_stats, load_stats  # noqa: E402
 from trainer.ml.synth import synth  # noqa: E402
 
 METRICS = ("accuracy", "unweighted_accuracy", "macro_f1")
@@ -74,11 +87,13 @@ class Measure:
     def row(self) -> tuple[str, dict[str, Any]]:
         """(label, options) of the ablation row: the defaults without it, or with it added."""
         if self.default != self.off:
-            return f"without {self.option} ({self.off})", {self.option: self.off}
+            left_out = f"{self.option} {self.off}" if isinstance(self.off, str) else f"without {self.option} ({self.off})"
+            return left_out, {self.option: self.off}
         return f"with {self.option} {self.tried}", {self.option: self.tried}
 
 
 MEASURES = (
+    Measure("normalization", "global", "speaker"),
     Measure("frame_dropout", 0.0, 0.2),
     Measure("feature_noise", 0.0, 0.5),
     Measure("mixup", 0.0, 0.4),
@@ -153,15 +168,30 @@ class DataSet:
     description: str
 
 
-def make_data(work: Path, name: str, s: Sizes, share: float, *, dim: int, layers: int = 0) -> DataSet:
+# The data sets of section 1: what each is, in the tables' words.
+SETS = {
+    "synth": "trainer synth, default difficulty: the set the defaults were chosen on",
+    "independent": "bench/independent_data.py: an independent generator no default was chosen on",
+}
+INDEPENDENT_SEED = 1919  # not the synth set's 0: nothing of the two draws is shared
+
+
+def make_data(work: Path, name: str, s: Sizes, share: float, *, dim: int, layers: int = 0,
+              generator: str = "synth") -> DataSet:
     source = work / f"{name}-all"
-    summary = synth(source, n=s.n, seed=0, dim=dim, min_frames=s.min_frames, max_frames=s.max_frames,
-                    dtype="float16", layers=layers)
+    if generator == "independent":
+        speakers = independent_data.generate(source, n=s.n, seed=INDEPENDENT_SEED, dim=dim, min_frames=s.min_frames,
+                                             max_frames=s.max_frames)
+        shape: tuple[int, ...] = (dim,)
+    else:
+        summary = synth(source, n=s.n, seed=0, dim=dim, min_frames=s.min_frames, max_frames=s.max_frames,
+                        dtype="float16", layers=layers)
+        speakers, shape = summary.speakers, summary.feature_shape
     held = hold_out_speakers(source, work / f"{name}-train", work / f"{name}-heldout", share)
     shutil.rmtree(source)
-    total = sum(summary.speakers.values())
+    total = sum(speakers.values())
     heldout_files = sum(1 for p in (work / f"{name}-heldout").iterdir() if p.suffix in (".npz", ".npy"))
-    description = (f"{s.n} files, per-frame shape {summary.feature_shape}, {total} speakers; "
+    description = (f"{SETS[generator]}; {s.n} files, per-frame shape {shape}, {total} speakers; "
                    f"{held} speakers ({heldout_files} files) held out")
     return DataSet(name, work / f"{name}-train", work / f"{name}-heldout", description)
 
@@ -187,7 +217,8 @@ def score(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]
 
 
 def predict_heldout(run: Path, heldout: Path) -> dict[str, float]:
-    """The product path: `trainer predict --json` on the held-out folder, scored by file names."""
+    """The product path: `trainer predict --json` on the held-out folder, scored by the files'
+    labels (their names, or their label folders in a :func:`speakerless_copy`)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "trainer", "predict", "--run-dir", str(run), str(heldout), "--json"],
                          capture_output=True, text=True, env=env)
@@ -195,9 +226,19 @@ def predict_heldout(run: Path, heldout: Path) -> dict[str, float]:
     if not rows:
         sys.exit(f"predict on {heldout} gave nothing: {out.stderr[-2000:]}")
     classes = list(rows[0]["probabilities"])
-    pairs = [(label_from_path(Path(r["path"]).name).label, r["label"]) for r in rows]
+    pairs = [(label_from_path(Path(r["path"]).relative_to(heldout)).label, r["label"]) for r in rows]
     pairs = [(t, p) for t, p in pairs if t in classes]  # RAVDESS surprise is not a class
     return score([t for t, _ in pairs], [p for _, p in pairs], classes)
+
+
+def speakerless_copy(heldout: Path, target: Path) -> Path:
+    """``heldout``'s files (hard links) in label folders under names that name no speaker: what
+    prediction sees of new speakers' files that come one at a time (global statistics)."""
+    for i, p in enumerate(sorted(q for q in heldout.iterdir() if q.suffix in (".npz", ".npy"))):
+        folder = target / str(label_from_path(p.name).label)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(p, folder / f"file{i}{p.suffix}")
+    return target
 
 
 @dataclass
@@ -257,29 +298,47 @@ def balanced_weights(y: np.ndarray) -> np.ndarray:
 
 
 def baselines(data: DataSet, run: Path, cache: Path, quick: bool) -> dict[str, dict[str, float]]:
-    """Logistic regression and MLP on pooled features of the run's split and statistics; each
-    one's regularization is the one of a small grid that scores best on the validation split."""
+    """Logistic regression and MLP on pooled features of the run's split, z-scored with the
+    training split's statistics of the raw features, then the same on per-speaker normalized
+    features (the rule of ``--normalization speaker``, the option's default minimum of files);
+    each one's regularization is the one of a small grid that scores best on the validation split."""
+    ds = load_dataset(data.train, cache_dir=cache)
+    held = load_dataset(data.heldout, cache_dir=cache)
+    split, _ = load_split(run / layout.stats_path(layout.SPLIT_JSON), ds)
+    raw = compute_stats(ds, split.train)
+    out = _pooled_models(ds, held, split, raw, quick, "")
+    per_speaker = Normalization(options.default("speaker_min_files"), raw)
+    per_speaker.apply_dataset(ds)
+    per_speaker.apply_dataset(held)
+    return out | _pooled_models(ds, held, split, compute_stats(ds, split.train), quick, PER_SPEAKER)
+
+
+PER_SPEAKER = ", per-speaker normalized"
+LINEAR = "logistic regression"
+MLP = "MLP (256 hidden)"
+
+
+def _pooled_models(ds: Dataset, held: Dataset, split: Split, stats: Stats, quick: bool,
+                   suffix: str) -> dict[str, dict[str, float]]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
-    ds = load_dataset(data.train, cache_dir=cache)
-    held = load_dataset(data.heldout, cache_dir=cache)
-    split, _ = load_split(run / layout.stats_path(layout.SPLIT_JSON), ds)
-    stats = load_stats(run / layout.STATS_DIR, ds.feature_shape)
-    scaler = StandardScaler().fit(pooled(ds, stats)[split.train])
-    x, x_held = scaler.transform(pooled(ds, stats)), scaler.transform(pooled(held, stats))
+    features = pooled(ds, stats)
+    scaler = StandardScaler().fit(features[split.train])
+    x, x_held = scaler.transform(features), scaler.transform(pooled(held, stats))
     y, y_held = ds.label_ids(), held.label_ids()
     models: dict[str, Callable[[float], Any]] = {
-        "logistic regression": lambda c: LogisticRegression(C=c, max_iter=3000),
-        "MLP (256 hidden)": lambda a: MLPClassifier((256,), alpha=a, max_iter=60 if quick else 300, random_state=0),
+        LINEAR: lambda c: LogisticRegression(C=c, max_iter=3000),
+        MLP: lambda a: MLPClassifier((256,), alpha=a, max_iter=60 if quick else 300, random_state=0),
     }
-    grids = {"logistic regression": (1e-3, 1e-2, 1e-1, 1.0), "MLP (256 hidden)": (1e-2, 1.0, 10.0, 30.0)}
+    grids = {LINEAR: (1e-3, 1e-2, 1e-1, 1.0), MLP: (1e-2, 1.0, 10.0, 30.0)}
     out = {}
     for name, make in models.items():
         fitted = [_fit(make(v), x, y, split) for v in grids[name]]
         best = max(fitted, key=lambda m: m.score(x[split.val], y[split.val]))
-        out[name] = score([ds.classes[k] for k in y_held], [ds.classes[k] for k in best.predict(x_held)], ds.classes)
+        out[name + suffix] = score([ds.classes[k] for k in y_held], [ds.classes[k] for k in best.predict(x_held)],
+                                   ds.classes)
     return out
 
 
@@ -377,18 +436,24 @@ def metric_cells(scores: Sequence[dict[str, float]]) -> list[str]:
 # --------------------------------------------------------------------------- sections
 
 
-def section_heldout(ablation: dict[str, list[Run]], base: dict[int, dict[str, dict[str, float]]],
+OURS = "ours: trainer train + predict (defaults)"
+ALONE = "ours, each file predicted alone (global statistics: no speaker to normalize)"
+
+
+def section_heldout(name: str, data: DataSet, runs: list[Run], base: dict[int, dict[str, dict[str, float]]],
                     seeds: Sequence[int]) -> dict[str, list[dict[str, float]]]:
-    """Section 1: ours (defaults) vs the baselines, each measured once per seed."""
-    results = {"ours: trainer train + predict (defaults)": [r.heldout for r in ablation["defaults"]]}
-    for name in next(iter(base.values())):
-        results[name] = [base[s][name] for s in seeds]
-    rows = [[name, *metric_cells(scores)] for name, scores in results.items()]
-    print_table("1. held-out speakers (SYNTHETIC data): mean ± sd over seeds " + ", ".join(map(str, seeds)),
-                ["model", *(METRIC_NAMES[m] for m in METRICS)], rows)
-    ours = np.array([s["accuracy"] for s in results["ours: trainer train + predict (defaults)"]])
-    lr = np.array([s["accuracy"] for s in results["logistic regression"]])
-    print(f"  ours - logistic regression: {signed_mean_sd(ours - lr)} accuracy (target >= +0.10)")
+    """Section 1 on one data set: ours (defaults) vs the baselines, each measured once per seed."""
+    results = {OURS: [r.heldout for r in runs]}
+    for model in next(iter(base.values())):
+        results[model] = [base[s][model] for s in seeds]
+    rows = [[model, *metric_cells(scores)] for model, scores in results.items()]
+    print_table(f"1. held-out speakers, {name} set ({data.description}): mean ± sd over seeds "
+                + ", ".join(map(str, seeds)), ["model", *(METRIC_NAMES[m] for m in METRICS)], rows)
+    ours = np.array([s["accuracy"] for s in results[OURS]])
+    for model in (LINEAR, LINEAR + PER_SPEAKER):
+        other = np.array([s["accuracy"] for s in results[model]])
+        target = " (target >= +0.10)" if model == LINEAR else ""
+        print(f"  ours - {model}: {signed_mean_sd(ours - other)} accuracy{target}")
     return results
 
 
@@ -410,13 +475,14 @@ def section_ablation(ablation: dict[str, list[Run]]) -> None:
                 ["options", *(METRIC_NAMES[m] for m in METRICS), "Δ accuracy vs defaults", "epochs run"], rows)
 
 
-def section_layers(runs: dict[str, list[Run]], description: str) -> None:
+def section_layers(runs: dict[str, list[Run]], description: str, chosen: Sequence[str]) -> None:
     rows = [[name, *metric_cells([r.heldout for r in rs])] for name, rs in runs.items()]
-    learned, plain = runs.values()
-    delta = [a.heldout["accuracy"] - b.heldout["accuracy"] for a, b in zip(learned, plain, strict=True)]
-    print_table(f"3. layer weighting, (L, T, D) SYNTHETIC data ({description})",
-                ["layers", *(METRIC_NAMES[m] for m in METRICS)], rows)
-    print(f"  learned - plain average: {signed_mean_sd(delta)} accuracy")
+    default, *others = runs.values()
+    print_table(f"3. layer selection and weighting, (L, T, D) SYNTHETIC data ({description}); layers --layers auto "
+                f"chose per seed: {'; '.join(chosen)}", ["layers", *(METRIC_NAMES[m] for m in METRICS)], rows)
+    for name, other in zip(list(runs)[1:], others, strict=True):
+        delta = [a.heldout["accuracy"] - b.heldout["accuracy"] for a, b in zip(default, other, strict=True)]
+        print(f"  --layers auto - ({name}): {signed_mean_sd(delta)} accuracy")
 
 
 def section_extension(parents: list[Run], children: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
@@ -451,7 +517,7 @@ def parse_args() -> argparse.Namespace:
                     help="cap the extended runs' epochs (default: the recipe's, early stopping ends them)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--sections", default="heldout,ablation,layers,extension,timing",
-                    help="comma-separated subset (the defaults rows of the ablation always run)")
+                    help="comma-separated subset (the defaults rows of the ablation run with any but layers)")
     ap.add_argument("--json", type=Path, default=None, help="also write every measurement here (after each section)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (runs, logs, data)")
     return ap.parse_args()
@@ -469,12 +535,17 @@ def main() -> None:
     (work / "runs").mkdir()
     cache = work / "cache"
     data = make_data(work, "main", s, args.heldout_share, dim=s.dim)
+    sets = {"synth": data}
+    if "heldout" in sections:
+        sets["independent"] = make_data(work, "independent", s, args.heldout_share, dim=s.dim,
+                                        generator="independent")
     epochs = f"--epochs {s.epochs}" if s.epochs else f"{options.default('epochs')} epochs (the default)"
-    print(f"SYNTHETIC data (trainer synth, default difficulty): {data.description}")
+    print("SYNTHETIC data: " + "; ".join(f"{name} set: {d.description}" for name, d in sets.items()))
     print(f"trainer: --split speaker --val-fraction 0.2, {epochs}, seeds {list(s.seeds)}")
     trainer = Trainer(work, ["--split", "speaker", "--val-fraction", "0.2", "--batch-size", str(args.batch_size),
                              "--cache-dir", str(cache)], progress)
-    results: dict[str, Any] = {"data": data.description, "seeds": list(s.seeds), "epochs": s.epochs}
+    results: dict[str, Any] = {"data": {name: d.description for name, d in sets.items()}, "seeds": list(s.seeds),
+                               "epochs": s.epochs}
 
     def save(key: str, value: Any) -> None:
         results[key] = value
@@ -482,16 +553,27 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=2, default=str))
 
     rows = ablation_rows() if "ablation" in sections else ablation_rows()[:1]
-    if args.quick:  # every section and table once, with as few (slow to start) trainer processes as may be
+    if not sections & {"heldout", "ablation", "extension", "timing"}:
+        rows = []  # the layers section alone needs no run on the main set
+    if args.quick and rows:  # every section and table once, with as few (slow to start) trainer processes as may be
         rows = [rows[0], rows[-1]]
     ablation = {name: [trainer.train(f"{_slug(name)}-s{seed}", data, values, ["--seed", str(seed)], epochs=s.epochs)
                        for seed in s.seeds] for name, values in rows}
     save("ablation", {name: [r.heldout | {"epochs": r.status["epoch"]} for r in runs]
                       for name, runs in ablation.items()})
     if "heldout" in sections:
-        base = {seed: baselines(data, run.path, cache, args.quick)
-                for seed, run in zip(s.seeds, ablation["defaults"], strict=True)}
-        save("heldout", section_heldout(ablation, base, s.seeds))
+        heldout = {}
+        for name, d in sets.items():
+            runs = ablation["defaults"] if d is data else [
+                trainer.train(f"{name}-defaults-s{seed}", d, {}, ["--seed", str(seed)], epochs=s.epochs)
+                for seed in s.seeds]
+            base = {seed: baselines(d, run.path, cache, args.quick) for seed, run in zip(s.seeds, runs, strict=True)}
+            if options.default("normalization") == "speaker":  # what files that come one at a time get
+                alone = speakerless_copy(d.heldout, work / f"{name}-alone")
+                for seed, run in zip(s.seeds, runs, strict=True):
+                    base[seed] = {ALONE: predict_heldout(run.path, alone)} | base[seed]
+            heldout[name] = section_heldout(name, d, runs, base, s.seeds)
+        save("heldout", heldout)
     if "ablation" in sections:
         section_ablation(ablation)
     if "layers" in sections:
@@ -528,13 +610,19 @@ def _recipe(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+LAYER_ROWS = (("--layers auto (default): the probe's 3 layers, learned weighting", {}),
+              ("--layers all, learned softmax weighting", {"layers": "all"}),
+              ("--layers all, plain average", {"layers": "all", "layer_weighting": False}))
+
+
 def run_layers(work: Path, s: Sizes, args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
+    """Section 3: the layers a probe chooses (the default), all layers weighted, all averaged."""
     data = make_data(work, "layers", s, args.heldout_share, dim=s.layers_dim, layers=s.layers)
-    runs = {name: [trainer.train(f"layers-{_slug(name)}-s{seed}", data, {"layer_weighting": learned},
-                                 ["--seed", str(seed)], epochs=s.epochs) for seed in s.seeds]
-            for name, learned in (("learned softmax weighting (default)", True), ("plain average", False))}
-    section_layers(runs, data.description)
-    return {name: [r.heldout for r in rs] for name, rs in runs.items()}
+    runs = {name: [trainer.train(f"layers-{_slug(name)}-s{seed}", data, values, ["--seed", str(seed)],
+                                 epochs=s.epochs) for seed in s.seeds] for name, values in LAYER_ROWS}
+    chosen = [json.loads((r.path / layout.RUN_JSON).read_text())["config"]["layers"] for r in runs[LAYER_ROWS[0][0]]]
+    section_layers(runs, data.description, chosen)
+    return {name: [r.heldout for r in rs] for name, rs in runs.items()} | {"chosen": chosen}
 
 
 TIMING_PAIRS = 3  # bare fits and trainer runs measured in turns

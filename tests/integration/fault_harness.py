@@ -26,6 +26,7 @@ best.weights.h5 evaluates to the max val accuracy, the manifest verifies, no tem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -361,14 +362,18 @@ class Judge:
         if run not in self._evaluators:
             from trainer.ml.config import TrainConfig
             from trainer.ml.data import load_dataset
+            from trainer.ml.layerselect import take
             from trainer.ml.model import build_model
+            from trainer.ml.speakers import run_normalization
             from trainer.ml.stats import load_stats
 
             doc = json.loads((run / layout.RUN_JSON).read_text())
             cfg, shape = TrainConfig.from_json(doc["config"]), tuple(doc["feature_shape"])
             if self._dataset is None:
                 self._dataset = load_dataset(self.scenario.data, cfg.classes)
-            ds = self._dataset
+            ds = dataclasses.replace(self._dataset)  # the run's normalization replaces its frames only
+            take(ds, cfg.layers)
+            run_normalization(cfg, run, shape).apply_dataset(ds)
             index = ds.index_of()
             val = [index[rel] for rel in json.loads((run / layout.stats_path(layout.SPLIT_JSON)).read_text())["validation"]]
             model = build_model(cfg.architecture, load_stats(run / layout.STATS_DIR, shape), len(cfg.classes))

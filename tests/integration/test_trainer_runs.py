@@ -26,6 +26,7 @@ def event_steps(path: Path) -> list[int]:
 
 # No early stopping: these tests count epochs.
 TINY = ["--batch-size", "16", "--hidden", "32", "--attention", "16", "--seed", "1", "--patience", "0"]
+GLOBAL = ["--normalization", "global"]  # the global statistics alone: what --stats-dir gives
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +215,17 @@ def test_evaluate_scores_the_validation_split_not_the_training_files(data: Path,
 def test_predict_matches_evaluate(tmp_path: Path, data: Path, parent: Path) -> None:
     evaluated = json.loads(run_trainer("evaluate", "--run-dir", parent, "--data-dir", data, "--all",
                                        "--json").stdout)
-    lines = run_trainer("predict", "--run-dir", parent, data, "--json").stdout.splitlines()
-    predictions = [json.loads(line) for line in lines]
     classes = evaluated["classes"]
     from trainer.contract.labels import label_from_path
+
+    # The files evaluate scores (RAVDESS surprise is not a class): per-speaker normalization
+    # computes each speaker's statistics over the files it is given, so both get the same ones.
+    files = sorted(p for p in data.iterdir() if label_from_path(p.name).label in classes)
+    lines = run_trainer("predict", "--run-dir", parent, *files, "--json").stdout.splitlines()
+    predictions = [json.loads(line) for line in lines]
+    # Every speaker of the set has enough files: each file says it was normalized as the run was.
+    per_speaker = evaluated["normalization"]["speaker_min_files"] is not None
+    assert {p["normalization"] for p in predictions} == {"speaker" if per_speaker else "global"}
 
     scored = [(label_from_path(Path(p["path"]).name).label, p) for p in predictions]
     scored = [(truth, p) for truth, p in scored if truth in classes]  # surprise files are not in the classes
@@ -240,7 +248,8 @@ def test_given_statistics_are_used_not_recomputed(tmp_path: Path, data: Path) ->
     np.save(given / layout.STATS_MEAN, np.full(24, 0.5, np.float32))
     np.save(given / layout.STATS_STD, np.full(24, 2.0, np.float32))
     run = tmp_path / "with-stats"
-    out = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "1", "--stats-dir", given, *TINY)
+    out = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "1", "--stats-dir", given, *GLOBAL,
+                      *TINY)
     assert f"normalization statistics from {given}" in out.stdout
     assert (np.load(run / "stats" / layout.STATS_MEAN) == 0.5).all()
     assert (np.load(run / "stats" / layout.STATS_STD) == 2.0).all()
@@ -252,19 +261,26 @@ def test_given_statistics_are_used_not_recomputed(tmp_path: Path, data: Path) ->
     shutil.copy(given / layout.STATS_MEAN, local)
     shutil.copy(given / layout.STATS_STD, local)
     run2 = tmp_path / "found-stats"
-    out = run_trainer("train", "--data-dir", local, "--run-dir", run2, "--epochs", "1", *TINY)
+    out = run_trainer("train", "--data-dir", local, "--run-dir", run2, "--epochs", "1", *GLOBAL, *TINY)
     assert f"normalization statistics from {local}\n" in out.stdout
     assert (np.load(run2 / "stats" / layout.STATS_STD) == 2.0).all()
+    # Per-speaker normalization (the default): raw statistics describe no normalized frame, so the
+    # data folder's are not used, and a --stats-dir must be a run's that was trained that way.
+    out = run_trainer("train", "--data-dir", local, "--run-dir", tmp_path / "per-speaker", "--epochs", "1", *TINY)
+    assert "normalization statistics computed on the training split" in out.stdout
+    refused = run_trainer("train", "--data-dir", data, "--run-dir", tmp_path / "refused", "--stats-dir", given,
+                          "--epochs", "1", *TINY, check=False)
+    assert refused.returncode == 13 and "per-speaker normalization needs the statistics of a run" in refused.stderr
     # A --stats-dir without statistics is an error, even when the data folder has some.
     empty = tmp_path / "empty"
     empty.mkdir()
     missing = run_trainer("train", "--data-dir", local, "--run-dir", tmp_path / "no-stats", "--stats-dir", empty,
-                          "--epochs", "1", *TINY, check=False)
+                          "--epochs", "1", *GLOBAL, *TINY, check=False)
     assert missing.returncode == 13 and f"--stats-dir {empty}: no wav2vec_mean.npy" in missing.stderr
     # Wrong shape: one clear error, state failed.
     np.save(given / layout.STATS_MEAN, np.zeros(5, np.float32))
     bad = run_trainer("train", "--data-dir", data, "--run-dir", tmp_path / "bad-stats", "--stats-dir", given,
-                      "--epochs", "1", *TINY, check=False)
+                      "--epochs", "1", *GLOBAL, *TINY, check=False)
     assert bad.returncode == 13 and "does not match the features' per-frame shape" in bad.stderr.strip().splitlines()[-1]
 
 
@@ -277,7 +293,7 @@ def test_nan_loss_ends_in_failed_with_a_message(tmp_path: Path, data: Path) -> N
     np.save(stats / layout.STATS_STD, np.full(24, 1e-5, np.float32))
     run = tmp_path / "nan"
     proc = run_trainer("train", "--data-dir", data, "--run-dir", run, "--epochs", "3", "--stats-dir", stats,
-                       *TINY, check=False)
+                       *GLOBAL, *TINY, check=False)
     assert proc.returncode == 8
     st = status(run)
     assert st["state"] == "failed" and "loss became nan at epoch 1" in st["error"]

@@ -128,7 +128,7 @@ def _pooled_accuracy(ds, target: np.ndarray, layer: int | None = None) -> float:
 
 def test_synth_shows_the_properties_of_real_features(tmp_path: Path) -> None:
     """More speaker than emotion information, feature scales over 30x, calm ~7x rarer, and a
-    difficulty knob that takes emotion away."""
+    difficulty knob that sets how much emotion there is."""
     from trainer.ml.synth import synth
 
     synth(tmp_path / "d1", n=700, dim=32, seed=0)
@@ -140,9 +140,10 @@ def test_synth_shows_the_properties_of_real_features(tmp_path: Path) -> None:
     assert std.max() / std.min() > 30
     labels = [s.label for s in ds.samples]
     assert 4 < labels.count("sad") / labels.count("calm") < 14
-    synth(tmp_path / "d4", n=700, dim=32, seed=0, difficulty=4.0)
-    harder = load_dataset(tmp_path / "d4", use_cache=False)
-    assert _pooled_accuracy(harder, harder.label_ids()) < emotion - 0.1
+    # The default is hard for pooled features; below 1 the difficulty gives the emotion back.
+    synth(tmp_path / "easier", n=700, dim=32, seed=0, difficulty=0.4)
+    easier = load_dataset(tmp_path / "easier", use_cache=False)
+    assert _pooled_accuracy(easier, easier.label_ids()) > emotion + 0.1
 
 
 def test_synth_layers_carry_emotion_in_the_upper_middle(tmp_path: Path) -> None:

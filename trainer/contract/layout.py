@@ -150,13 +150,17 @@ TEMP_PREFIX = ".tmp-"
 STATS_DIR = "stats"
 STATS_MEAN = "wav2vec_mean.npy"
 STATS_STD = "wav2vec_std.npy"
+# With --normalization speaker: the training split's statistics of the raw features, for the
+# files of speakers too few files have to be normalized on their own (trainer/ml/speakers.py).
+FALLBACK_MEAN = "fallback_mean.npy"
+FALLBACK_STD = "fallback_std.npy"
 CLASSES_JSON = "classes.json"
 SPLIT_JSON = "split.json"
 EVALUATION_JSON = "evaluation.json"
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 # Written before training and never changed afterwards: listed in the manifest at once.
-STATS_INPUTS = (STATS_MEAN, STATS_STD, CLASSES_JSON, SPLIT_JSON)
+STATS_INPUTS = (STATS_MEAN, STATS_STD, FALLBACK_MEAN, FALLBACK_STD, CLASSES_JSON, SPLIT_JSON)
 # Written when the run ends: listed only in a final state.
 STATS_OUTPUTS = (EVALUATION_JSON, CURVES_PNG, CONFUSION_PNG)
 

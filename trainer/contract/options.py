@@ -163,6 +163,26 @@ def _classes(text: str) -> str:
     return ",".join(parse_classes(text))
 
 
+LAYERS_HELP = "give all, auto, or distinct 0-based layer numbers such as 6,7,8 or 6-8"
+
+
+def _layers(text: str) -> str:
+    """``all``, ``auto``, or 0-based layer numbers (``6,7,8``, ``6-8``), written canonically."""
+    spec = text.strip().lower()
+    if spec in ("all", "auto"):
+        return spec
+    chosen: list[int] = []
+    try:
+        for part in spec.split(","):
+            first, dash, last = part.partition("-")
+            chosen += range(int(first), int(last if dash else first) + 1)
+    except ValueError:
+        raise ValueError(LAYERS_HELP) from None
+    if not chosen or min(chosen) < 0 or len(set(chosen)) != len(chosen):
+        raise ValueError(LAYERS_HELP)
+    return ",".join(str(layer) for layer in sorted(chosen))
+
+
 # Integer options where 0 turns the measure off.
 _ZERO_MEANS_OFF = {"patience", "frame_dropout", "feature_noise", "mixup", "ema_epochs"}
 
@@ -207,6 +227,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("patience", int, 15, "early stopping: stop after this many epochs without a better validation "
            "accuracy (0: off); the best checkpoint is what the run keeps, evaluates and predicts with",
            group="generalization", ge=0, le=1_000_000),
+    Option("normalization", str, "speaker", "how frames are standardized before the model: per speaker (each "
+           "speaker's files with that speaker's own mean and std, in training and in prediction; the speaker is in "
+           "the file name: RAVDESS actor, CREMA-D id; files of speakers with fewer than --speaker-min-files files "
+           "get the training split's global statistics), or global (the training split's mean and std for every "
+           "file)", group="generalization", choices=("speaker", "global"), on_extend=INHERIT),
+    Option("speaker_min_files", int, 10, "per-speaker normalization: the fewest files of one speaker that are "
+           "normalized with that speaker's own statistics (training, evaluate and predict alike)",
+           group="generalization", ge=1, le=1_000_000, on_extend=INHERIT),
+    Option("layers", str, "auto", "(L, T, D) inputs: the layers the model sees, taken once on loading: all, "
+           "auto (the 3 consecutive layers around the one a nearest-class-mean probe of pooled features, fitted "
+           "on the training split, scores best on the validation split; the run records which), or 0-based "
+           "layer numbers such as 6,7,8 or 6-8", group="generalization", check=_layers, on_extend=INHERIT,
+           shape=True, metavar="LAYERS"),
     Option("layer_weighting", bool, True, "(L, T, D) inputs: learn a softmax weighting of the layers "
            "(--no-layer-weighting: their plain average)", group="generalization", on_extend=INHERIT),
     # ---- architecture

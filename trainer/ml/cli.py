@@ -66,9 +66,10 @@ def _add_synth(sub: Any) -> None:
         "synth", help="write a SYNTHETIC feature set for demos and tests",
         description="Write a synthetic wav2vec-like feature set with realistic RAVDESS and "
         "CREMA-D file names, several speakers and variable-length (T, D) or (L, T, D) arrays. Like "
-        "real frozen features, they carry more speaker than emotion information, the emotion shows "
-        "in a fraction of the frames, speakers express it differently, each corpus has its own "
-        f"channel, and feature scales span ~50x. {SYNTHETIC_NOTE}",
+        "real frozen features, they carry more speaker than emotion information, the speaker effect "
+        "is partly multiplicative, the emotion shows in a fraction of the frames, speakers express it "
+        "differently, every utterance and every corpus has its own channel colouring, and feature "
+        f"scales span ~50x. {SYNTHETIC_NOTE}",
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     p.add_argument("--n", type=_positive, default=1000, help="number of files (default 1000)")
@@ -78,8 +79,8 @@ def _add_synth(sub: Any) -> None:
     p.add_argument("--max-frames", type=int, default=60, help="longest sequence (default 60)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--difficulty", type=_positive_float, default=1.0,
-                   help="divides every emotion amplitude: 2 halves the emotion (default 1: a linear "
-                   "model on pooled features scores well below a frame-level model)")
+                   help="divides every emotion amplitude: 2 halves the emotion, below 1 makes it "
+                   "stronger (default 1: as hard as docs/TRAINER.md describes)")
     p.add_argument("--layers", type=int, default=0,
                    help="write (L, T, D) arrays of this many layers, the emotion peaking in the "
                    "upper-middle ones (default 0: (T, D) arrays)")
@@ -118,11 +119,17 @@ def _add_evaluate(sub: Any) -> None:
 def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="label feature files with a run's best checkpoint",
                        description="Predict the emotion of feature files (files or folders) with "
-                       "RUN's best checkpoint and normalization statistics.")
+                       "RUN's best checkpoint and normalization statistics. A run trained with "
+                       "--normalization speaker normalizes the files of each speaker that has at least the "
+                       "run's --speaker-min-files files among those given with that speaker's own statistics, "
+                       "the others with global statistics; the first line (or each --json object's "
+                       "\"normalization\") says which.")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: path, label, probabilities")
+                   help="one JSON object per line: path, label, probabilities, normalization (speaker: the "
+                   "file's speaker had enough files among those given to be normalized on its own; global: "
+                   "the run's global statistics)")
     p.set_defaults(func=cmd_predict)
 
 def _console(stderr: bool = False):  # rich is imported only by commands that print tables
@@ -217,15 +224,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         scoring_scope,
     )
 
-    model, stats, classes, _shape = load_run_model(args.run_dir)
-    ds = load_dataset(args.data_dir, classes, cache_dir=args.cache_dir, use_cache=args.cache is not False)
+    run = load_run_model(args.run_dir)
+    ds = load_dataset(args.data_dir, run.classes, cache_dir=args.cache_dir, use_cache=args.cache is not False)
     require_samples(ds)
     chosen, scope = scoring_scope(args.run_dir, ds, all_files=args.all_files)
     if len(chosen) == 0:
         raise _usage(f"every usable file of {ds.root} is in the run's training split: scoring them would only "
                      "measure memory (--all scores them anyway)")
-    probs = predict_probabilities(model, [ds.sequence(int(i)) for i in chosen])
-    report = classification_report(ds.label_ids()[chosen], probs.argmax(axis=1), classes) | {"scope": scope}
+    normalization = run.prepare_dataset(ds)  # the run's layers; the data folder's speakers, as in training
+    probs = predict_probabilities(run.model, [ds.sequence(int(i)) for i in chosen])
+    report = classification_report(ds.label_ids()[chosen], probs.argmax(axis=1), run.classes) | {
+        "scope": scope, "normalization": normalization.summary()}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -239,8 +248,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from trainer.ml.arrays import as_frames, load_array
     from trainer.ml.discover import feature_files
     from trainer.ml.evaluate import load_run_model, predict_probabilities
+    from trainer.ml.layerselect import frames_of
+    from trainer.ml.speakers import key_of_path
 
-    model, stats, classes, shape = load_run_model(args.run_dir)
+    run = load_run_model(args.run_dir)
     files: list[Path] = []
     for path in args.paths:
         if path.is_dir():
@@ -252,9 +263,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     usable, sequences, problems = [], [], 0
     for f in files:
         try:
-            seq = as_frames(load_array(f)[1]).astype(np.float32)
-            if seq.shape[1:] != shape or not np.isfinite(seq).all() or len(seq) == 0:
-                raise ValueError(f"per-frame shape {seq.shape[1:]} (expected {shape}) or NaN/Inf values")
+            seq = frames_of(as_frames(load_array(f)[1]), run.layers).astype(np.float32)
+            if seq.shape[1:] != run.feature_shape or not np.isfinite(seq).all() or len(seq) == 0:
+                raise ValueError(f"per-frame shape {seq.shape[1:]} (expected {run.feature_shape}) or NaN/Inf values")
         except Exception as exc:
             problems += 1
             print(f"trainer: skipping {f}: {exc}", file=sys.stderr)
@@ -263,14 +274,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sequences.append(seq)
     if not usable:
         raise _usage("no usable feature files among the given paths")
-    probs = predict_probabilities(model, sequences)
-    for f, p in zip(usable, probs, strict=True):
-        label = classes[int(p.argmax())]
+    # The given files' speakers, each with enough files normalized on its own (the run's rule).
+    sequences, normalization = run.prepare(sequences, [key_of_path(f) for f in usable])
+    probs = predict_probabilities(run.model, sequences)
+    if not args.json:
+        print(normalization.describe())
+    for f, p, how in zip(usable, probs, normalization.modes, strict=True):
+        label = run.classes[int(p.argmax())]
         if args.json:
-            probabilities = {c: round(float(x), 6) for c, x in zip(classes, p, strict=True)}
-            print(json.dumps({"path": str(f), "label": label, "probabilities": probabilities}))
+            probabilities = {c: round(float(x), 6) for c, x in zip(run.classes, p, strict=True)}
+            print(json.dumps({"path": str(f), "label": label, "probabilities": probabilities, "normalization": how}))
         else:
-            print(f"{label:<8} {float(p.max()):.3f}  {f}")
+            print(f"{label:<8} {float(p.max()):.3f}  {how:<7}  {f}")
     return ExitCode.OK if problems == 0 else ExitCode.NO_DATA
 
 

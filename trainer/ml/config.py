@@ -28,6 +28,12 @@ class Architecture:
     dropout: float = default("dropout")
 
 
+# Options younger than some run.json files, with what the trainer that wrote those did: a run
+# trained before per-speaker normalization existed is predicted with global statistics, one
+# trained before layer selection with every layer.
+_ABSENT_MEANS: dict[str, Any] = {"normalization": "global", "layers": "all"}
+
+
 @dataclass
 class TrainConfig:
     data_dir: str
@@ -50,6 +56,9 @@ class TrainConfig:
     head_dropout: float = default("head_dropout")
     ema_epochs: float = default("ema_epochs")
     patience: int = default("patience")
+    normalization: str = default("normalization")
+    speaker_min_files: int = default("speaker_min_files")
+    layers: str = default("layers")
     layer_weighting: bool = default("layer_weighting")
     classes: tuple[str, ...] = parse_classes(default("classes"))
     stats_dir: str | None = default("stats_dir")
@@ -71,9 +80,10 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        """From run.json's ``config``; keys of other versions are ignored, missing ones default."""
+        """From run.json's ``config``; keys of other versions are ignored, missing ones default
+        (or take the value the trainer that wrote them had: _ABSENT_MEANS)."""
         known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = _ABSENT_MEANS | {k: v for k, v in d.items() if k in known}
         arch = d.get("architecture", {})
         d["architecture"] = Architecture(**{k: v for k, v in arch.items() if k in ARCHITECTURE})
         d["classes"] = tuple(d.get("classes", cls.classes))

@@ -4,11 +4,14 @@ accuracy), plots, and running a model over sequences. numpy only at import time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from trainer.ml.layerselect import frames_of, take
+from trainer.ml.speakers import Normalization, Plan, describe
 from trainer.ml.stats import Stats
 
 
@@ -108,6 +111,8 @@ def render_report(report: dict[str, Any], console: Any) -> None:
 
     if "scope" in report:
         console.print(describe_scope(report["scope"]), markup=False, soft_wrap=True)
+    if "normalization" in report:
+        console.print(describe(report["normalization"]), markup=False, soft_wrap=True)
     console.print(
         f"{report['samples']} samples: accuracy {report['accuracy']:.4f}, unweighted accuracy "
         f"{report['unweighted_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
@@ -195,14 +200,36 @@ def _save_png(fig: Any, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def load_run_model(run_dir: Path) -> tuple[Any, Stats, tuple[str, ...], tuple[int, ...]]:
-    """(model with the best weights, stats, classes, per-frame shape) of a finished run."""
+@dataclass(frozen=True)
+class RunModel:
+    """What prediction needs of a finished run."""
+
+    model: Any  # with the best weights
+    stats: Stats  # the model's global input statistics
+    classes: tuple[str, ...]
+    feature_shape: tuple[int, ...]
+    normalization: Normalization  # what is done to frames before ``stats`` (per speaker, or nothing)
+    layers: str  # the run's --layers, resolved: the layers of (L, T, D) inputs the model sees
+
+    def prepare_dataset(self, ds: Any) -> Plan:
+        """``ds`` (loaded from files) made what the model saw in training: its layers, normalized."""
+        take(ds, self.layers)
+        return self.normalization.apply_dataset(ds)
+
+    def prepare(self, sequences: Sequence[np.ndarray], keys: Sequence[str | None]) -> tuple[list[np.ndarray], Plan]:
+        """Sequences of files (their speakers ``keys``) made what the model saw in training."""
+        return self.normalization.apply([frames_of(s, self.layers) for s in sequences], keys)
+
+
+def load_run_model(run_dir: Path) -> RunModel:
+    """The model with the best weights, its statistics and normalization, of a finished run."""
     import json
 
     from trainer.contract import layout
     from trainer.ml.config import TrainConfig
     from trainer.ml.errors import UsageError
     from trainer.ml.model import build_model
+    from trainer.ml.speakers import run_normalization
     from trainer.ml.stats import load_stats
 
     try:
@@ -217,4 +244,5 @@ def load_run_model(run_dir: Path) -> tuple[Any, Stats, tuple[str, ...], tuple[in
     stats = load_stats(run_dir / layout.STATS_DIR, feature_shape)
     model = build_model(cfg.architecture, stats, len(cfg.classes))
     model.load_weights(best)
-    return model, stats, cfg.classes, feature_shape
+    return RunModel(model, stats, cfg.classes, feature_shape, run_normalization(cfg, run_dir, feature_shape),
+                    cfg.layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +31,16 @@ def compute_stats(ds: Dataset, indices: np.ndarray) -> Stats:
     """Per-feature mean/std over every frame of the given (training) samples only."""
     if len(indices) == 0:
         raise DataError("cannot compute normalization statistics: the training split is empty")
-    total = np.zeros(ds.feature_shape, dtype=np.float64)
-    total_sq = np.zeros(ds.feature_shape, dtype=np.float64)
+    return frame_stats((ds.sequence(int(i)) for i in indices), ds.feature_shape)
+
+
+def frame_stats(sequences: Iterable[np.ndarray], feature_shape: tuple[int, ...]) -> Stats:
+    """Per-feature mean/std over every frame of ``sequences`` (at least one frame)."""
+    total = np.zeros(feature_shape, dtype=np.float64)
+    total_sq = np.zeros(feature_shape, dtype=np.float64)
     count = 0
-    for i in indices:
-        x = ds.sequence(int(i)).astype(np.float64)
+    for seq in sequences:
+        x = seq.astype(np.float64)
         total += x.sum(axis=0)
         total_sq += np.square(x).sum(axis=0)
         count += x.shape[0]
@@ -48,15 +54,20 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda fh: np.save(fh, np.asarray(array), allow_pickle=False))
 
 
-def save_stats(stats: Stats, directory: Path) -> None:
+# The file names of one pair of statistics: the model's input normalization by default.
+Names = tuple[str, str]
+MODEL_INPUT: Names = (STATS_MEAN, STATS_STD)
+
+
+def save_stats(stats: Stats, directory: Path, names: Names = MODEL_INPUT) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(directory / STATS_MEAN, stats.mean)
-    atomic_save_npy(directory / STATS_STD, stats.std)
+    atomic_save_npy(directory / names[0], stats.mean)
+    atomic_save_npy(directory / names[1], stats.std)
 
 
-def find_stats(directory: Path) -> Path | None:
+def find_stats(directory: Path, names: Names = MODEL_INPUT) -> Path | None:
     """The folder holding both statistics files: ``directory`` itself, or None."""
-    if (directory / STATS_MEAN).is_file() and (directory / STATS_STD).is_file():
+    if all((directory / name).is_file() for name in names):
         return directory
     return None
 
@@ -70,10 +81,11 @@ def stats_problem(directory: Path, feature_shape: tuple[int, ...]) -> str | None
     return None
 
 
-def load_stats(directory: Path, feature_shape: tuple[int, ...]) -> Stats:
-    """Load wav2vec_mean.npy / wav2vec_std.npy and check shape, finiteness and std > 0."""
+def load_stats(directory: Path, feature_shape: tuple[int, ...], names: Names = MODEL_INPUT) -> Stats:
+    """Load wav2vec_mean.npy / wav2vec_std.npy (or the pair ``names``) and check shape,
+    finiteness and std > 0."""
     arrays = []
-    for name in (STATS_MEAN, STATS_STD):
+    for name in names:
         path = directory / name
         try:
             with open_regular(path) as fh:  # a named pipe must not hang check-data
@@ -93,5 +105,5 @@ def load_stats(directory: Path, feature_shape: tuple[int, ...]) -> Stats:
         arrays.append(np.broadcast_to(arr.astype(np.float32), feature_shape).copy())
     mean, std = arrays
     if (std <= 0).any():
-        raise DataError(f"{directory / STATS_STD}: has zero or negative values; delete it to recompute")
+        raise DataError(f"{directory / names[1]}: has zero or negative values; delete it to recompute")
     return Stats(mean, np.maximum(std, EPSILON))

@@ -4,21 +4,26 @@ File names follow the real corpora (RAVDESS and CREMA-D), class proportions mimi
 (calm, a RAVDESS-only class, is ~7x rarer than the others in the mix; RAVDESS surprise is
 present and skipped by default). The numbers show what makes real frozen features hard:
 
-- **more speaker than emotion information**: every speaker has a constant offset and its
-  own directions of frame-to-frame variation (its voice), both larger than the emotion;
-- **emotion in a fraction of the frames**: short emotional segments cover 15-45% of an
-  utterance (the share differs per speaker); the other frames carry no emotion at all;
+- **more speaker than emotion information**: every speaker has a constant offset and its own
+  directions of frame-to-frame variation (its voice), both larger than the emotion;
+- **a speaker effect that is partly multiplicative**: a per-feature gain on everything the
+  speaker says, and a low-rank linear mixing of its frames that no per-feature statistic
+  undoes (per-speaker normalization removes the offset and the gain, not the mixing);
+- **emotion in a fraction of the frames**: emotional segments of a few frames cover 30-70% of
+  an utterance (the share differs per speaker); the other frames carry no emotion at all;
 - **speakers express an emotion differently**: each speaker bends every class direction away
   from the shared prototype and has its own expressiveness (amplitude);
+- **every utterance coloured on its own**: an offset along a few channel directions and a
+  small per-feature gain, drawn per file (what a recording session or a microphone adds);
 - **per-corpus channel offsets and gains**, and **feature dimensions scaled over a range of
   ~50x** (plus a few large outlier dimensions, as wav2vec 2.0 has);
 - optionally **(L, T, D) multi-layer features**: the emotion peaks in the upper-middle
   layers, the speaker in the lower ones, as probing studies of wav2vec/HuBERT/WavLM report.
 
-Inside an emotional segment the frames move along the speaker's class direction by a weak
-shift plus a burst of random sign. The bursts raise the variance along that direction
-without moving the mean, so a model on mean+std pooled features sees mostly the weak shift,
-while a model that projects frames and pools over time sees the bursts too.
+Inside an emotional segment the frames move along the speaker's class direction by a shift
+(what mean pooling sees) plus a smaller burst of random sign (variance that only a frame-level
+model sees); issue 19 made the shift carry most of the emotion, so the set no longer favours
+a frame-level model over a linear one on pooled features as much as its first version did.
 ``difficulty`` divides every emotion amplitude: 1 is the default, 2 halves the emotion.
 """
 
@@ -48,15 +53,21 @@ _MAX_SPEAKERS = {"ravdess": 24, "cremad": 91}
 
 # The signal's knobs, in units of the per-frame noise's standard deviation (before the
 # per-dimension scaling). Emotion amplitudes are divided by the difficulty.
-SPEAKER_OFFSET = 0.5  # per feature: speaker identity dominates any pooled vector
+SPEAKER_OFFSET = 0.8  # per feature: speaker identity dominates any pooled vector
+SPEAKER_GAIN = 0.3  # log-normal spread of the per-speaker, per-feature gain: the multiplicative part
+# ... and a low-rank linear mixing of its frames (x + x V U): what no per-feature statistic undoes.
+MIX_RANK, MIX_AMP = 4, 0.7
 VOICE_DIRECTIONS, VOICE_AMP = 4, 2.0  # speaker-specific frame-to-frame variation
+COLOUR_DIRECTIONS, COLOUR_AMP = 8, 2.5  # per-utterance offset along a few shared channel directions
+UTTERANCE_GAIN = 0.1  # log-normal spread of the per-utterance, per-feature gain
 CORPUS_OFFSET, CORPUS_GAIN = 1.0, 0.2  # channel: offset per feature, log-normal gain spread
 BEND = 0.8  # how far a speaker bends a class direction, relative to the shared prototype
 MEAN_SHIFT = 2.5  # the emotion's shift along its direction in emotional frames: what mean pooling sees
-BURST_AMP = 2.6  # the burst of random sign per segment: what only frame-level models see
-EMOTIONAL_SHARE = (0.15, 0.45)  # share of frames in emotional segments, per speaker
+BURST_AMP = 1.0  # the burst of random sign per segment: what only frame-level models see
+EMOTIONAL_SHARE = (0.3, 0.7)  # share of frames in emotional segments, per speaker
 SEGMENT_FRAMES = (3, 8)  # length of one emotional segment (a stressed syllable or so)
 EXPRESSIVENESS_SPREAD = 0.35  # log-normal spread of the per-speaker emotion amplitude
+INTENSITY_SPREAD = 0.5  # log-normal spread of the per-utterance emotion amplitude (some barely show it)
 CALM_NEAR_NEUTRAL, CALM_AMP = 0.8, 0.7  # calm: a quieter neutral, the pair real models confuse
 SCALE_RANGE = (0.1, 5.0)  # per-dimension scale, log-uniform: a 50x range
 OUTLIER_SHARE, OUTLIER_BIAS = 0.01, 20.0  # a few dimensions with a large constant bias
@@ -80,6 +91,7 @@ class _World:
     amplitude: np.ndarray  # (K,) class amplitude (calm is quieter)
     corpus_offset: dict[str, np.ndarray]  # (D,)
     corpus_gain: dict[str, np.ndarray]  # (D,)
+    colours: np.ndarray  # (COLOUR_DIRECTIONS, D) unit directions of the per-utterance colouring
     scale: np.ndarray  # (L, D) per-dimension scale of each layer
     bias: np.ndarray  # (L, D)
     emotion_in_layer: np.ndarray  # (L,) how much of the emotion each layer carries
@@ -89,6 +101,8 @@ class _World:
 @dataclass(frozen=True)
 class _Speaker:
     offset: np.ndarray  # (D,)
+    gain: np.ndarray  # (D,) multiplies the speaker's whole signal
+    mix: tuple[np.ndarray, np.ndarray]  # (D, MIX_RANK), (MIX_RANK, D): its low-rank mixing of frames
     voice: np.ndarray  # (VOICE_DIRECTIONS, D) unit directions of its own variation
     directions: np.ndarray  # (K, D) its bent class directions
     expressiveness: float
@@ -175,6 +189,7 @@ def _make_world(rng: np.random.Generator, dim: int, n_layers: int, difficulty: f
         prototypes, amplitude,
         {c: CORPUS_OFFSET * rng.standard_normal(dim) for c in CORPORA},
         {c: np.exp(CORPUS_GAIN * rng.standard_normal(dim)) for c in CORPORA},
+        _unit(rng.standard_normal((COLOUR_DIRECTIONS, dim))),
         scale, bias, emotion / emotion.max(), speaker,
     )
 
@@ -183,6 +198,8 @@ def _make_speaker(rng: np.random.Generator, world: _World) -> _Speaker:
     k, dim = world.prototypes.shape
     return _Speaker(
         offset=SPEAKER_OFFSET * rng.standard_normal(dim),
+        gain=np.exp(SPEAKER_GAIN * rng.standard_normal(dim)),
+        mix=(MIX_AMP * _unit(rng.standard_normal((MIX_RANK, dim))).T, _unit(rng.standard_normal((MIX_RANK, dim)))),
         voice=_unit(rng.standard_normal((VOICE_DIRECTIONS, dim))),
         directions=_unit(world.prototypes + BEND * _unit(rng.standard_normal((k, dim)))),
         expressiveness=float(np.exp(EXPRESSIVENESS_SPREAD * rng.standard_normal())),
@@ -215,11 +232,14 @@ def _utterance(rng: np.random.Generator, world: _World, speaker: _Speaker, corpu
     own = rng.standard_normal((n_layers, t, dim))
     noise = np.sqrt(LAYER_NOISE_SHARED) * shared + np.sqrt(1 - LAYER_NOISE_SHARED) * own
     voice = (VOICE_AMP * rng.standard_normal((t, VOICE_DIRECTIONS))) @ speaker.voice
-    emotion = world.amplitude[k] * _emotion_track(rng, speaker, t)[:, None] * speaker.directions[k]
-    x = (noise
-         + world.speaker_in_layer[:, None, None] * (speaker.offset + voice)
-         + world.emotion_in_layer[:, None, None] * emotion
-         + world.corpus_offset[corpus])
+    intensity = world.amplitude[k] * np.exp(INTENSITY_SPREAD * rng.standard_normal())
+    emotion = intensity * _emotion_track(rng, speaker, t)[:, None] * speaker.directions[k]
+    colour = (COLOUR_AMP * rng.standard_normal(COLOUR_DIRECTIONS)) @ world.colours
+    gain = speaker.gain ** world.speaker_in_layer[:, None, None] * np.exp(UTTERANCE_GAIN * rng.standard_normal(dim))
+    signal = noise + world.speaker_in_layer[:, None, None] * voice + world.emotion_in_layer[:, None, None] * emotion
+    signal = signal + world.speaker_in_layer[:, None, None] * ((signal @ speaker.mix[0]) @ speaker.mix[1])
+    x = (gain * (signal + world.speaker_in_layer[:, None, None] * speaker.offset)
+         + colour + world.corpus_offset[corpus])
     return (x * world.corpus_gain[corpus] * world.scale[:, None, :] + world.bias[:, None, :]).astype(np.float32)
 
 

@@ -29,7 +29,7 @@ from trainer.contract.wire import Recovery, accuracy_text
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json, link_or_copy
 from trainer.machine.proc import started_at
-from trainer.ml import runlock, runstate, stopping
+from trainer.ml import layerselect, runlock, runstate, speakers, stopping
 from trainer.ml.config import TrainConfig
 from trainer.ml.data import load_dataset
 from trainer.ml.dataset import require_samples
@@ -137,6 +137,7 @@ class _Inputs:
     ds: Any
     split: Split
     stats: Stats
+    layers: str  # --layers, resolved (auto -> the probe's layer numbers)
 
 
 def _stopped(run: RunDir, signum: int, since: float, log: Log) -> ExitCode:
@@ -164,6 +165,7 @@ def _kept(run: RunDir) -> str:
 def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stopper, log: Log,
            since: float) -> ExitCode:
     inputs = _inputs(cfg, run, log)
+    cfg = replace(cfg, layers=inputs.layers)  # what run.json records, evaluate and predict apply
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras (and TensorFlow) load
     precision = _precision(cfg, previous)
     model, train_seq, val_seq = _model(cfg, run, inputs, precision.policy, log)
@@ -192,9 +194,14 @@ def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
     log(f"{len(ds)} samples, per-frame shape {ds.feature_shape}, {len(ds.skipped)} files skipped "
         f"(cache: {ds.cache})")
     split = _split(cfg, run, ds, log)
+    layers = layerselect.resolve(cfg.layers, ds, split, log)
+    layerselect.take(ds, layers)  # once, on the host, as the normalization below
+    if cfg.normalization == speakers.SPEAKER:  # once, on the host, before the global statistics
+        speakers.normalize_training_data(ds, split, cfg.speaker_min_files, run.file(layout.STATS_DIR),
+                                         Path(cfg.stats_dir) if cfg.stats_dir else None, log)
     stats = _stats(cfg, run, ds, split, log)
     _write_classes(run, cfg.classes)
-    return _Inputs(ds, split, stats)
+    return _Inputs(ds, split, stats, layers)
 
 
 def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, policy: str, log: Log) -> tuple[Any, Any, Any]:
@@ -333,7 +340,9 @@ def _stats(cfg: TrainConfig, run: RunDir, ds: Any, split: Split, log: Log) -> St
     given = Path(cfg.stats_dir) if cfg.stats_dir else None
     if given is not None and find_stats(own) is None and find_stats(given) is None:
         raise DataError(f"--stats-dir {cfg.stats_dir}: no {layout.STATS_MEAN} / {layout.STATS_STD} there")
-    source = next((d for d in (own, given, Path(cfg.data_dir)) if d is not None and find_stats(d)), None)
+    # A data folder's own statistics describe raw features: not per-speaker normalized ones.
+    data_dir = Path(cfg.data_dir) if cfg.normalization == speakers.GLOBAL else None
+    source = next((d for d in (own, given, data_dir) if d is not None and find_stats(d)), None)
     if source is None:
         stats = compute_stats(ds, split.train)
         log("normalization statistics computed on the training split")
