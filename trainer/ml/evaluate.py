@@ -49,9 +49,14 @@ def predict_probabilities(model: Any, sequences: Sequence[np.ndarray], batch_siz
     from trainer.ml.pipeline import length_sorted_batches, pad_batch
 
     lengths = np.array([len(s) for s in sequences])
+    # Under MirroredStrategy (TensorFlow) each replica gets an equal share of a batch: one topped
+    # up with copies of its first sequence, whose rows are dropped again.
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
     probs: np.ndarray | None = None
     for idx in length_sorted_batches(np.arange(len(sequences)), lengths, batch_size, None):
-        logits = np.asarray(model.predict_on_batch(pad_batch([sequences[i] for i in idx])))
+        padded = np.concatenate([idx, np.repeat(idx[:1], -len(idx) % replicas)])
+        logits = np.asarray(model.predict_on_batch(pad_batch([sequences[i] for i in padded])))[:len(idx)]
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         if probs is None:

@@ -28,9 +28,13 @@ def ema_momentum(ema_epochs: float, steps_per_epoch: int) -> float:
     return max(0.0, 1.0 - 1.0 / max(ema_epochs * steps_per_epoch, 1.0))
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int,
+                  replicas: int = 1) -> keras.optimizers.Optimizer:
     """Compile ``model`` with AdamW (warm-up then cosine decay, gradient clipping, the weight
-    average when ``ema_epochs`` is set) and the label-smoothed cross-entropy; returns the optimizer."""
+    average when ``ema_epochs`` is set) and the label-smoothed cross-entropy; returns the optimizer.
+    With several ``replicas`` the accuracy is a weighted metric: the rows that top a batch up to a
+    multiple of them weigh 0 and must not count (training accuracy is then class-weighted too)."""
+    accuracy = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     schedule = WarmupCosine(cfg.learning_rate, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
     ema: dict[str, Any] = {}
     if cfg.ema_epochs:
@@ -38,7 +42,7 @@ def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) ->
     optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, global_clipnorm=cfg.clip_norm, **ema)
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+                  **({"weighted_metrics": accuracy} if replicas > 1 else {"metrics": accuracy}))
     return optimizer
 
 

@@ -73,13 +73,18 @@ class BatchSequence(keras.utils.PyDataset):
     """
 
     def __init__(self, ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                 epoch: int = 0, class_weights: np.ndarray | None = None, workers: int | None = None) -> None:
+                 epoch: int = 0, class_weights: np.ndarray | None = None, workers: int | None = None,
+                 replicas: int = 1) -> None:
         super().__init__(workers=workers or default_workers(), use_multiprocessing=False, max_queue_size=16)
         self.ds, self.indices = ds, np.asarray(indices)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.labels, self.lengths = ds.label_ids(), ds.lengths()
         self.onehot = np.eye(len(ds.classes), dtype=np.float32)
         self.class_weights = class_weights
+        # MirroredStrategy splits each batch across its replicas, which must get equal shares
+        # (an uneven split fails in TensorFlow's gradient sum): a batch is topped up to a multiple
+        # with copies of its first sequence that weigh nothing (no loss, no metric).
+        self.replicas = replicas
         self.epoch = epoch
         self.plan = self._plan()  # replaced whole: a worker never sees half of two plans
 
@@ -104,11 +109,17 @@ class BatchSequence(keras.utils.PyDataset):
     def batch(self, plan: list[np.ndarray], i: int) -> KerasBatch:
         """Batch ``i`` of ``plan``: its sequences gathered and padded, labels, sample weights."""
         idx = plan[i]
+        short = -len(idx) % self.replicas
+        if short:
+            idx = np.concatenate([idx, np.repeat(idx[:1], short)])
         inputs = pad_batch([self.ds.sequence(int(k)) for k in idx], padded_length(int(self.lengths[idx].max())))
         labels = self.labels[idx]
-        if self.class_weights is None:
+        if self.class_weights is None and self.replicas == 1:
             return inputs, self.onehot[labels]
-        return inputs, self.onehot[labels], self.class_weights[labels].astype(np.float32)
+        weights = (self.class_weights[labels] if self.class_weights is not None else np.ones(len(idx))).astype(
+            np.float32)
+        weights[len(idx) - short:] = 0.0
+        return inputs, self.onehot[labels], weights
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

@@ -168,10 +168,11 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stoppe
     cfg = replace(cfg, layers=inputs.layers)  # what run.json records, evaluate and predict apply
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras (and TensorFlow) load
     precision = _precision(cfg, previous)
-    model, train_seq, val_seq = _model(cfg, run, inputs, precision.policy, log)
-    _starting_point(cfg, run, model, log)
+    model, train_seq, val_seq, devices, scope = _model(cfg, run, inputs, precision.policy, log)
+    with scope():  # the optimizer's slots, built to load a checkpoint into, are the strategy's too
+        _starting_point(cfg, run, model, log)
     if previous is None:
-        _write_run_json(cfg, run, inputs, precision.to_json())
+        _write_run_json(cfg, run, inputs, precision.to_json(), devices)
     recorder = _fit(cfg, run, model, train_seq, val_seq, stopper, log)
     if recorder.failure:
         raise TrainingFailed(recorder.failure)
@@ -204,9 +205,10 @@ def _inputs(cfg: TrainConfig, run: RunDir, log: Log) -> _Inputs:
     return _Inputs(ds, split, stats, layers)
 
 
-def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, policy: str, log: Log) -> tuple[Any, Any, Any]:
-    """The compiled model, in the dtype ``policy``, and its training and validation batches
-    (TensorFlow/Keras imported only now)."""
+def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, policy: str, log: Log
+           ) -> tuple[Any, Any, Any, str, Any]:
+    """The compiled model, in the dtype ``policy``, its training and validation batches, the
+    devices it trains on (in words) and their scope (TensorFlow/Keras imported only now)."""
     run.heartbeat.beat(force=True, phase="building the model")
     import keras
 
@@ -219,18 +221,18 @@ def _model(cfg: TrainConfig, run: RunDir, inputs: _Inputs, policy: str, log: Log
     ds, split = inputs.ds, inputs.split
     labels = ds.label_ids()
     weights = balanced_class_weights(labels[split.train], len(cfg.classes)) if cfg.class_weights else None
+    scope, devices, replicas = _distribution()
     train_seq = BatchSequence(ds, split.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                              epoch=run.state.epoch, class_weights=weights)
-    val_seq = BatchSequence(ds, split.val, cfg.batch_size, shuffle=False)
+                              epoch=run.state.epoch, class_weights=weights, replicas=replicas)
+    val_seq = BatchSequence(ds, split.val, cfg.batch_size, shuffle=False, replicas=replicas)
     steps = len(train_seq)
-    scope, devices = _distribution()
-    with scope:
+    with scope():
         model = build_model(cfg.architecture, inputs.stats, len(cfg.classes), augmentation=augmentation(cfg),
                             head_dropout=cfg.head_dropout, layer_weighting=cfg.layer_weighting)
-        compile_model(model, cfg, steps)
+        compile_model(model, cfg, steps, replicas)
     log(f"model: {model.count_params():,} parameters on {devices}, {keras.mixed_precision.global_policy().name}; "
         f"{steps} batches per epoch")
-    return model, train_seq, val_seq
+    return model, train_seq, val_seq, devices, scope
 
 
 def _precision(cfg: TrainConfig, previous: dict | None) -> Any:
@@ -267,7 +269,7 @@ def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None
         _init_from(cfg, run, model, log)
 
 
-def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs, precision: dict[str, Any]) -> None:
+def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs, precision: dict[str, Any], devices: str) -> None:
     """run.json: everything needed to rebuild the model and to know where the run came from,
     and the dtype policy it trains in (with the device and why)."""
     import keras
@@ -282,6 +284,7 @@ def _write_run_json(cfg: TrainConfig, run: RunDir, inputs: _Inputs, precision: d
         "started_at": now_iso(),
         "backend": keras.backend.backend(),
         "precision": precision,
+        "devices": devices,  # what trained it: "CPU", "1 GPU", "4 GPUs (MirroredStrategy)"
         "keras_version": keras.__version__,
         "samples": {"train": int(len(inputs.split.train)), "validation": int(len(inputs.split.val)),
                     "skipped_files": len(inputs.ds.skipped)},
@@ -389,19 +392,25 @@ def _write_classes(run: RunDir, classes: tuple[str, ...]) -> None:
     atomic_write_json(path, list(classes))
 
 
-def _distribution() -> tuple[Any, str]:
-    """MirroredStrategy across GPUs when more than one is visible (TensorFlow backend)."""
+def _distribution() -> tuple[Any, str, int]:
+    """The scope the model is built in (a context manager factory), the devices in words, and
+    the replicas each batch is split across: MirroredStrategy across the GPUs when more than one is visible (TensorFlow
+    backend), or across the CPU's logical devices when it was split into several (how the tests
+    run this path: tests/integration/two_cpus.py). The batch size is the global one (each of N
+    replicas computes 1/N of it) and the learning rate stays: the loss is the batch's mean, as on
+    one device."""
     import keras
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         gpus = tf.config.list_logical_devices("GPU")
-        if len(gpus) > 1:
-            strategy = tf.distribute.MirroredStrategy()
-            return strategy.scope(), f"{len(gpus)} GPUs (MirroredStrategy)"
-        return contextlib.nullcontext(), "1 GPU" if gpus else "CPU"
-    return contextlib.nullcontext(), keras.backend.backend()
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        if len(devices) > 1:
+            strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+            return strategy.scope, f"{len(devices)} {'GPU' if gpus else 'CPU'}s (MirroredStrategy)", len(devices)
+        return contextlib.nullcontext, "1 GPU" if gpus else "CPU", 1
+    return contextlib.nullcontext, keras.backend.backend(), 1
 
 
 def _final_evaluation(run: RunDir, model: Any, inputs: _Inputs, history: list[dict[str, Any]], log: Log) -> None:
