@@ -204,7 +204,7 @@ def deploy(ctx: Context, *, run_id: str | None = None, with_data: bool = False,
     stop_plan = autostop_plan(ctx.cfg, launching.autostop)
     _refuse_stored(ctx, run_id)
     with working(ctx) as m:
-        _refuse_if_busy(m, launching.force or launching.gpu is not None)  # a GPU's own: the launch checks it
+        _refuse_if_busy(m, launching.beside_others)
         if m.spot and ctx.cfg.storage is None:
             m.log(f"{m.remote.host} is a spot instance and runs have no storage mirror: when EC2 takes it back (or a "
                   "one-time spot instance shuts down), the run lives only on its disk; set storage.s3_uri")
@@ -231,7 +231,7 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
                           "are for an extended run (`orch resume RUN` without --continue)")
     argv = trainer_argv(ctx.cfg, overrides=extension.given(), extending=True)
     stop_plan = autostop_plan(ctx.cfg, launching.autostop)
-    force = launching.force or launching.gpu is not None  # a GPU's own: the launch checks it
+    force = launching.beside_others
     with working(ctx) as m:
         if in_place:
             target, fresh = _continued(m, run_id, force)

@@ -16,6 +16,12 @@ class LaunchOptions:
     autostop: str | None = None  # `--autostop MINUTES|off` (None: deploy.yaml's)
     gpu: int | None = None  # the run gets this GPU of the machine alone, beside runs on the others (None: all)
 
+    @property
+    def beside_others(self) -> bool:
+        """Whether another active run may be there: with --force, or on a GPU of its own (the
+        machine's launch then checks that GPU, atomically)."""
+        return self.force or self.gpu is not None
+
 
 @dataclass(frozen=True)
 class Extension:
