@@ -245,8 +245,8 @@ def resume(ctx: Context, run_id: str | None = None, *, extension: Extension = Ex
         record = recovery(m) if callable(recovery) else recovery
         if record is not None:
             extra["recovery"] = record
-        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan, record,
-                                 launching.gpu))
+        answer = launch(m, Start(target, argv, python.python, fresh, launching.force, stop_plan, recovery=record,
+                                 gpu=launching.gpu))
         return Launched(target, m.run_dir(target), m.remote.host, answer.pid or 0, m.code.version,
                         m.code.transferred, data,
                         extra=extra | {"env": _env_json(python)} | _autostop_json(answer.autostop), **_on(m))

@@ -20,6 +20,7 @@ QUICK = {
     "bench_logs.py": (["--quick"], "orch logs (framed, cleaned)"),
     "bench_monitor.py": (["--quick"], "monitor refresh (ask -> parsed snapshot"),
     "bench_faults.py": (["--kills", "1", "--epochs", "2"], "kills, 0 violations"),
+    "bench_gpu.py": (["--quick"], "the trainer's choice here"),  # on this CPU: no GPU figure
 }
 
 

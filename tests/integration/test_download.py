@@ -394,7 +394,8 @@ def test_a_machine_side_that_dies_mid_transfer_is_one_line_and_leaves_nothing(si
     with stalled_download(site) as (orch, _part, senders):
         for pid in senders:  # the connection's far end is gone in the middle of the checkpoint
             os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # a stopped sender killed may be gone already
+                os.kill(pid, signal.SIGCONT)
         _out, err = orch.communicate(timeout=60)
     assert orch.returncode == 7, err
     assert err.count("\n") == 1 and "ended inside big/checkpoints/best.weights.h5" in err, err

@@ -174,8 +174,10 @@ def test_the_watcher_polls_spot_notices_until_neither_setting_is_left(tmp_path: 
     assert (root / layout.SPOT_SETTING).exists()
     # this test's own (in-process) watcher needs the lock: the detached one leaves once spot watching ends
     (root / layout.SPOT_SETTING).unlink()
+    # (the event is its last word, then its lock: the lock alone may be free before it took it)
+    wait_for(lambda: "no autostop or spot setting: the watcher exits" in (root / layout.WATCHER_LOG).read_text(),
+             "the detached watcher to say it exits")
     wait_for(lambda: not watcher.is_locked(root / layout.WATCHER_LOCK), "the detached watcher to exit")
-    assert "no autostop or spot setting: the watcher exits" in (root / layout.WATCHER_LOG).read_text()
 
     root.joinpath(layout.SPOT_SETTING).write_text(json.dumps({"metadata_url": imds.url, "armed_at": time.time()}))
     monkeypatch.setattr(watcher, "SPOT_POLL", 0.2)  # the in-process watcher asks every 0.2 s, not 5
