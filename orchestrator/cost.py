@@ -23,6 +23,11 @@ def price_table() -> dict[str, Any]:
     return json.loads(PRICES.read_text())
 
 
+def table_price(instance_type: str | None) -> float | None:
+    """The on-demand USD per hour prices.json gives the type (None: not in it)."""
+    return price_table()["usd_per_hour"].get(instance_type or "")
+
+
 @dataclass(frozen=True)
 class Cost:
     hourly_usd: float | None
@@ -62,7 +67,7 @@ def _hourly(cfg: Ec2Config, inst: Instance, spot_price: Callable[[], float | Non
         if price is not None:
             return price, f"current spot price in {inst.zone or cfg.region}"
     table = price_table()
-    price = table["usd_per_hour"].get(inst.instance_type or "")
+    price = table_price(inst.instance_type)
     if price is None:
         return None, f"{inst.instance_type} is not in orch's price table: set ec2.hourly_price"
     what = "no spot price from EC2: its on-demand price" if inst.spot else "on-demand"

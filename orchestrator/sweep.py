@@ -195,7 +195,7 @@ def hourly_price(ctx: Context) -> float | None:
         inst = provider(ctx).status()
     except (AwsError, ConfigError):  # none yet (a sweep's own, created by its first trial): its type's price
         launch = ctx.cfg.ec2.launch
-        return cost.price_table()["usd_per_hour"].get(launch.instance_type) if launch is not None else None
+        return cost.table_price(launch.instance_type) if launch is not None else None
     return inst.cost.hourly_usd if inst is not None else None
 
 
@@ -515,8 +515,9 @@ def check(ctx: Context, spec: SweepSpec) -> float | None:
         ctx.log("data.local_dir is unset: the sweep's own instances must find their data in data.remote_dir "
                 "already (an AMI or volume that has it); preflight says so if they do not")
     # What recovering a trial's run needs (storage for one-time spot instances), on the machines it runs on.
-    check_recoverable(_a_machine(ctx, spec))
-    price = hourly_price(_a_machine(ctx, spec))
+    machine = _a_machine(ctx, spec)
+    check_recoverable(machine)
+    price = hourly_price(machine)
     if spec.budget is not None and spec.budget.usd is not None and price is None:
         raise ConfigError(f"budget.usd: no hourly price for target {cfg.target}: set ec2.hourly_price in "
                           "deploy.yaml, or give budget.instance_hours")
@@ -585,7 +586,7 @@ def run(ctx: Context, spec: SweepSpec, *, launching: LaunchOptions = LaunchOptio
             ctx.log("Ctrl-C a third time: exiting; the trials' runs go on (`orch sweep run` again follows them), "
                     "and the sweep's instances are left as they are (`orch sweep run` again ends them)")
             raise
-        if spec.own_machines and ctx.cfg.target == "ec2":
+        if spec.own_machines:  # (check(): on target ec2)
             _after(ctx, spec, study)
         for later in shared.failures[1:]:
             ctx.log(f"also: {later}")
@@ -607,8 +608,8 @@ def _each(works: list[Callable[[], None]], stopping: Stopping) -> bool:
     threads = [threading.Thread(target=w, name=f"sweep-{i}", daemon=True) for i, w in enumerate(works)]
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):
-        for t in threads:
+    for t in threads:
+        while t.is_alive():  # a join with a timeout: signal handlers run in between
             t.join(0.2)
     return stopping.asked > 1
 

@@ -155,15 +155,19 @@ def _sync_pass(m: Machine, use_ssh_client: bool) -> tuple[DataSync, str]:
 
 def _listing(m: Machine, answer: DataListing, dest: str) -> str:
     """The machine's listing of the data folder; another upload into it under way is BusyError."""
-    if answer.busy is not None:
-        raise BusyError(f"{answer.busy[:300]} on {m.remote.host}: wait for it to end, then sync again")
+    _refuse_busy(m, answer.busy)
     return answer.listing
+
+
+def _refuse_busy(m: Machine, busy: str | None) -> None:
+    """Another upload into the data folder is under way (the machine's answer said so)."""
+    if busy is not None:
+        raise BusyError(f"{busy[:300]} on {m.remote.host}: wait for it to end, then sync again")
 
 
 def _unpacked(m: Machine, moved: Moved, dest: str) -> None:
     """Raise what kept the machine from unpacking the upload (it moved nothing into place)."""
-    if moved.busy is not None:
-        raise BusyError(f"{moved.busy[:300]} on {m.remote.host}: wait for it to end, then sync again")
+    _refuse_busy(m, moved.busy)
     if moved.disk_full:
         raise DiskFull(f"no space left on device on {m.remote.host} for the data in {dest}: free some space "
                        "(df -h) and sync again")

@@ -10,7 +10,7 @@ or not at all. Verbs:
                                                         .orch-upload/), then renamed into DEST
 
 One upload into a data folder at a time: both verbs hold its lock (DEST/.orch-upload/lock)
-while they run; the other one is told so (DataListing.busy, Moved.error).
+while they run; the other one is told so (DataListing.busy, Moved.busy).
 
 Standard library only.
 """
@@ -33,7 +33,7 @@ from trainer.contract.blocks import widen_pipe
 from trainer.contract.files import is_disk_full
 from trainer.contract.verbs import DATA_GO, LISTING_FIRST
 from trainer.contract.wire import CodeState, DataListing, Moved
-from trainer.machine.locks import lock, open_lock, try_lock
+from trainer.machine.locks import lock
 
 _HELD: dict[Path, int] = {}  # the upload locks this process holds (until it ends)
 
@@ -76,9 +76,8 @@ def _one_upload(dest: Path) -> str | None:
     if dest in _HELD:
         return None
     (dest / layout.DATA_UPLOAD_DIR).mkdir(parents=True, exist_ok=True)
-    fd = open_lock(dest / layout.DATA_UPLOAD_DIR / layout.DATA_UPLOAD_LOCK)
-    if not try_lock(fd):
-        os.close(fd)
+    fd = lock(dest / layout.DATA_UPLOAD_DIR / layout.DATA_UPLOAD_LOCK, wait=0)
+    if fd is None:
         return f"another upload into {dest} is under way"
     _HELD[dest] = fd
     return None

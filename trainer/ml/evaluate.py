@@ -46,17 +46,16 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
 def predict_probabilities(model: Any, sequences: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, K) for sequences of frames, batched by similar length (the model
     normalizes them: trainer/ml/model.py)."""
-    from trainer.ml.pipeline import length_sorted_batches, pad_batch
+    from trainer.ml.pipeline import length_sorted_batches, pad_batch, topped_up
 
     lengths = np.array([len(s) for s in sequences])
-    # Under MirroredStrategy (TensorFlow) each replica gets an equal share of a batch: one topped
-    # up with copies of its first sequence, whose rows are dropped again.
+    # Under MirroredStrategy (TensorFlow) a batch is topped up for its replicas; those rows are dropped.
     strategy = getattr(model, "distribute_strategy", None)
     replicas = getattr(strategy, "num_replicas_in_sync", 1)
     probs: np.ndarray | None = None
     for idx in length_sorted_batches(np.arange(len(sequences)), lengths, batch_size, None):
-        padded = np.concatenate([idx, np.repeat(idx[:1], -len(idx) % replicas)])
-        logits = np.asarray(model.predict_on_batch(pad_batch([sequences[i] for i in padded])))[:len(idx)]
+        batch = [sequences[i] for i in topped_up(idx, replicas)]
+        logits = np.asarray(model.predict_on_batch(pad_batch(batch)))[:len(idx)]
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         if probs is None:

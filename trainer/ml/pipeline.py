@@ -63,6 +63,13 @@ def length_sorted_batches(indices: np.ndarray, lengths: np.ndarray, batch_size: 
 KerasBatch = tuple[dict[str, np.ndarray], ...]  # (inputs, one-hot labels[, sample weights])
 
 
+def topped_up(idx: np.ndarray, replicas: int) -> np.ndarray:
+    """``idx`` with copies of its first index added up to a multiple of ``replicas``: each of
+    MirroredStrategy's replicas then gets an equal share of the batch (an uneven split fails in
+    TensorFlow); the caller weighs (or drops) the added rows."""
+    return np.concatenate([idx, np.repeat(idx[:1], -len(idx) % replicas)])
+
+
 class BatchSequence(keras.utils.PyDataset):
     """Keras input for ``fit``/``evaluate``: (inputs, one-hot labels[, sample weights]).
 
@@ -110,8 +117,7 @@ class BatchSequence(keras.utils.PyDataset):
         """Batch ``i`` of ``plan``: its sequences gathered and padded, labels, sample weights."""
         idx = plan[i]
         short = -len(idx) % self.replicas
-        if short:
-            idx = np.concatenate([idx, np.repeat(idx[:1], short)])
+        idx = topped_up(idx, self.replicas)
         inputs = pad_batch([self.ds.sequence(int(k)) for k in idx], padded_length(int(self.lengths[idx].max())))
         labels = self.labels[idx]
         if self.class_weights is None and self.replicas == 1:
