@@ -255,7 +255,6 @@ def _starting_point(cfg: TrainConfig, run: RunDir, model: Any, log: Log) -> None
     state = run.state
     partial = state.partial
     if partial is not None or state.last is not None:
-        model.optimizer.build(model.trainable_variables)
         model.load_weights(run.file(partial.weights.file if partial is not None else state.last.file))
         rng = partial.rng if partial is not None else state.rng
         if rng is not None:  # None: a state of an older trainer (the run continues, though not exactly)
