@@ -1,3 +1,5 @@
+import contextlib
+import ctypes
 import os
 import sys
 
@@ -10,6 +12,9 @@ from trainer.ml.cli import main  # noqa: E402 (after the line above, which must 
 code = main()  # every file it wrote is closed (atomic writes), its output flushed (main's finally)
 if "tensorflow" in sys.modules:
     # TensorFlow's native teardown (thread pools, static destructors) takes seconds and does
-    # nothing a trainer needs (measured 2.7-4.3 s per start on 2 cores): leave without it.
+    # nothing a trainer needs (measured 2.7-4.3 s per start on 2 cores): leave without it, once
+    # C's own output buffers (native libraries' lines bound for train.log) are flushed too.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)
     os._exit(code)
 raise SystemExit(code)

@@ -2,6 +2,7 @@
 two), and the weight average is swapped exactly and twice an epoch."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,22 @@ def test_a_fit_swaps_twice_an_epoch_and_validates_and_ends_each_epoch_with_the_a
         assert all(np.array_equal(a, b) for a, b in zip(w_val, w_end, strict=True))
         assert all(np.array_equal(a, b) for a, b in zip(s_val, s_end, strict=True))
         assert not all(np.array_equal(a, b) for a, b in zip(w_end, s_end, strict=True))
+
+
+def test_in_mixed_float16_the_loss_scale_is_built_and_a_checkpoint_brings_it_back(tmp_path: Path) -> None:
+    # compile() wraps the optimizer in a LossScaleOptimizer: building the inner one alone left
+    # the wrapper's loss scale out of a checkpoint's load (a continued run restarted it at 2^15).
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, _ = model_and_config()
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) and model.optimizer.built
+        model.optimizer.dynamic_scale.assign(512.0)
+        model.optimizer.step_counter.assign(7)
+        path = tmp_path / "epoch.weights.h5"
+        model.save_weights(path)
+        again, _ = model_and_config()
+        again.load_weights(path)
+        assert float(keras.ops.convert_to_numpy(again.optimizer.dynamic_scale)) == 512.0
+        assert int(keras.ops.convert_to_numpy(again.optimizer.step_counter)) == 7
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -44,8 +44,10 @@ def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int,
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
                   **({"weighted_metrics": accuracy} if replicas > 1 else {"metrics": accuracy}))
     # Built now, not by the first training step: slots created while TensorFlow traces the step
-    # make it trace the whole step a second time (seconds of every trainer start).
-    optimizer.build(model.trainable_variables)
+    # make it trace the whole step a second time (seconds of every trainer start). The model's
+    # optimizer: in mixed float16 it is the LossScaleOptimizer wrapping ours, whose loss scale a
+    # checkpoint must load into too.
+    model.optimizer.build(model.trainable_variables)
     return optimizer
 
 
