@@ -21,7 +21,7 @@ import pytest
 from orchestrator.config import load_config
 from orchestrator.context import Context
 from tests.integration.conftest import Sshd, run_orch, write_config
-from tests.integration.trainer_proc import trainer_env
+from tests.integration.trainer_proc import signal_ended, trainer_env
 from tests.servers import small_disk
 from trainer.contract import layout
 from trainer.machine.proc import pid_line
@@ -359,7 +359,7 @@ def test_sigkill_mid_transfer_leaves_no_ssh_and_the_next_download_cleans_up(site
 def test_an_interrupted_download_stops_at_once_and_leaves_nothing(site: dict[str, Path], sig: int) -> None:
     with stalled_download(site) as (orch, _part, _cats):
         orch.send_signal(sig)
-        _out, err = orch.communicate(timeout=20)
+        _out, err = signal_ended(orch, 60)
         assert orch.returncode == 130, err
         assert not ssh_clients(site["remote"])
         assert not list(site["dest"].rglob("*.part-*")) and not (site["dest"] / "big" / BEST).exists()

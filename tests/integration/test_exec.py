@@ -25,7 +25,7 @@ from orchestrator.context import Context, Output
 from orchestrator.tboard import Board as BoardShown
 from orchestrator.tboard import Ended, serve
 from tests.integration.conftest import Sshd, keygen, write_config
-from tests.integration.trainer_proc import trainer_env
+from tests.integration.trainer_proc import signal_ended, trainer_env
 from tests.servers import free_port
 from trainer.contract import layout
 from trainer.ml.tbevents import EventFiles
@@ -119,7 +119,7 @@ def start_board(*args: str | Path) -> tuple[subprocess.Popen[str], str]:
 def end_board(proc: subprocess.Popen[str]) -> str:
     """Ctrl-C, as a user ends it: exit 0 and its last line."""
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = signal_ended(proc, 120)
     assert proc.returncode == 0, err
     return out.strip().splitlines()[-1]
 

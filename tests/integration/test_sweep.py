@@ -54,7 +54,9 @@ def study(tmp_path: Path, name: str):  # noqa: ANN201
 def wait_for(check, what: str, proc: subprocess.Popen) -> str:  # noqa: ANN001
     deadline = time.monotonic() + 240  # a safety net for a hang, not a margin: the loop ends on the event
     while not (found := check()):
-        assert proc.poll() is None, f"orch sweep run exited ({proc.returncode}) before {what}"
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"orch sweep run exited ({proc.returncode}) before {what}\n{out[-2000:]}\n{err[-3000:]}")
         assert time.monotonic() < deadline, f"no {what}"
         time.sleep(0.1)
     return found

@@ -57,3 +57,30 @@ def wait_for_epochs(run: Path, n: int, proc: subprocess.Popen[bytes], timeout: f
         if time.monotonic() > deadline:
             raise AssertionError(f"no epoch {n} within {timeout} s")
         time.sleep(0.05)
+
+
+def signal_ended(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """``proc.communicate(timeout)`` after a signal was sent to it; on a hang, the failure says
+    what the process does with signals (ignored, blocked, pending) and where each thread waits."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        where = _where_it_waits(proc.pid)
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"pid {proc.pid} did not end within {timeout:.0f} s of the signal:\n{where}") from None
+
+
+def _where_it_waits(pid: int) -> str:
+    lines = []
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        lines += [line for line in status if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            lines.append(f"thread {task.name} {(task / 'comm').read_text().strip()}: state {state}, "
+                         f"waits in {(task / 'wchan').read_text().strip() or '-'}, "
+                         f"syscall {(task / 'syscall').read_text().split()[0] if (task / 'syscall').is_file() else '?'}")
+    except OSError as exc:
+        lines.append(f"(/proc unreadable: {exc})")
+    return "\n".join(lines)
