@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# A suite started as a background job of a non-interactive shell (`make test &`, a CI step's
+# `cmd &`) inherits SIGINT and SIGQUIT ignored, and so would every orch the tests start: the
+# tests that press Ctrl-C (SIGINT) then wait for an orch that cannot hear it. Python catches
+# SIGINT only where it was not ignored, so the tests' processes get the default back here.
+for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGQUIT, signal.SIG_DFL)):
+    if signal.getsignal(_sig) == signal.SIG_IGN:
+        signal.signal(_sig, _default)
 
 
 @pytest.fixture(autouse=True)

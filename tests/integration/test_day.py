@@ -91,8 +91,10 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
     assert all(s["alive"] and s["run_id"] == "first" for s in snaps)
     assert snaps[-1]["gpus"] == [] and "loadavg" in snaps[-1]["load"] and snaps[-1]["log_tail"]
 
-    # monitor until the end, while its SSH connection is killed under it (60 epochs: the run
-    # outlasts monitor's start-up and the kill by far, even on a slow machine)
+    # monitor until the end, while its SSH connection is killed under it. The trainer is paused
+    # (SIGSTOP) until the kill: the run outlasts it for sure (its 60 epochs once ended first).
+    trainer_pid = int((run_dir / layout.PID_FILE).read_text().split()[0])
+    os.kill(trainer_pid, signal.SIGSTOP)
     mon = subprocess.Popen([sys.executable, "-m", "orchestrator", "monitor", "first", "-c", str(day["cfg"]),
                             "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=trainer_env() | day["env"])
@@ -106,6 +108,7 @@ def test_the_whole_day(day: dict, sshd: Sshd) -> None:
             killed = [pid for pid in sshd_session_pids(sshd) if pid in seen]
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
+    os.kill(trainer_pid, signal.SIGCONT)
     out, err = mon.communicate(timeout=240)
     assert killed, "monitor had no SSH connection to kill"
     assert mon.returncode == 0, err

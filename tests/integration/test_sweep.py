@@ -207,8 +207,10 @@ def test_per_gpu_trials_run_at_once_on_the_one_machine_each_seeing_its_gpu_alone
     (fake / "nvidia-smi").write_text(TWO_GPUS)  # the machine (target local: this one) has two GPUs
     (fake / "nvidia-smi").chmod(0o755)
     cfg = config(tmp_path, features)
-    # Epochs enough that both train at once whatever the load: Ctrl-C twice then stops both.
-    spec = spec_file(tmp_path, name="gpus", trials=2, parallel=2, per_gpu=True, train={"epochs": 500},
+    # Epochs enough, and no early stopping, so that both train at once whatever the load (one
+    # trial once finished by early stopping before the other had launched): Ctrl-C twice then stops both.
+    spec = spec_file(tmp_path, name="gpus", trials=2, parallel=2, per_gpu=True,
+                     train={"epochs": 500, "patience": 0},
                      space={"dropout": {"choices": [0.1, 0.2]}})
     env = {**trainer_env(), "PATH": f"{fake}:{os.environ['PATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", "run", str(spec), "-c", str(cfg),
