@@ -70,14 +70,13 @@ def imds() -> Iterator[Any]:
         yield server
 
 
-def wait_for(predicate: Callable[[], Any], what: str, proc: subprocess.Popen[bytes] | None = None,
-             said: Path | None = None) -> Any:
-    """Until ``predicate`` holds; ``proc`` exiting first fails, with the end of ``said`` (its stderr)."""
+def wait_for(predicate: Callable[[], Any], what: str, orch: Orch | None = None) -> Any:
+    """Until ``predicate`` holds; ``orch`` exiting first fails, with the end of what it said."""
     deadline = time.monotonic() + WAIT
     while not (got := predicate()):
-        if proc is not None and proc.poll() is not None:
-            last = said.read_text(errors="replace")[-3000:] if said is not None and said.is_file() else ""
-            raise AssertionError(f"orch exited ({proc.returncode}) while waiting for {what}\n{last}")
+        if orch is not None and orch.proc.poll() is not None:
+            said = orch.err.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"orch exited ({orch.proc.returncode}) while waiting for {what}\n{said}")
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {WAIT:.0f} s")
         time.sleep(0.1)
@@ -120,7 +119,7 @@ class Orch:
         return self.err.read_text(errors="replace").count(text)
 
     def wait_said(self, text: str, times: int = 1) -> None:
-        wait_for(lambda: self.said(text) >= times, f"orch saying {text!r}", self.proc, self.err)
+        wait_for(lambda: self.said(text) >= times, f"orch saying {text!r}", self)
 
     def finish(self) -> tuple[int, str, str]:
         try:
@@ -231,14 +230,14 @@ def test_the_spot_day_a_notice_a_terminated_instance_a_new_one_and_an_exact_fini
                      storage={"s3_uri": s3.uri, "endpoint_url": s3.endpoint, "region": "us-east-1"})
         orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "spotday", "-c", cfg)
         run = tmp_path / "remote" / layout.RUNS_DIR / "spotday"
-        wait_for(lambda: len(metrics(run)) >= 3, "epoch 3", orch.proc, orch.err)
+        wait_for(lambda: len(metrics(run)) >= 3, "epoch 3", orch)
         [first] = alive(moto_endpoint, name)
         assert first["InstanceLifecycle"] == "spot"
 
         noticed = time.monotonic()
         imds.notice("terminate")
         wait_for(lambda: (run / layout.STATUS).is_file() and status(run)["state"] == layout.INTERRUPTED,
-                 "the run interrupted", orch.proc, orch.err)
+                 "the run interrupted", orch)
         interrupted = time.monotonic() - noticed
         at = committed(run)
         wait_for(lambda: stored_epoch(s3, "spotday") == at["epoch"], "the committed state in S3")
@@ -293,7 +292,7 @@ def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until
     orch = Orch(tmp_path, "deploy", "--sync-data", "--recover", "--allow-cpu", "--run-id", "spotstop", "-c", cfg)
     run = tmp_path / "remote" / layout.RUNS_DIR / "spotstop"
     root = tmp_path / "remote"
-    wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch.proc, orch.err)
+    wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch)
     [inst] = alive(moto_endpoint, name)
     assert json.loads((root / layout.SPOT_SETTING).read_text())["metadata_url"] == imds.url
     # A rebalance recommendation is recorded and shown, nothing more.
@@ -303,7 +302,7 @@ def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until
 
     def taken(seen: Callable[[], None] = lambda: None) -> int:
         notice_time = imds.notice("stop")
-        wait_for(lambda: status(run)["state"] == layout.INTERRUPTED, "the run interrupted", orch.proc, orch.err)
+        wait_for(lambda: status(run)["state"] == layout.INTERRUPTED, "the run interrupted", orch)
         st = status(run)
         assert st["reason"] == layout.SPOT_INTERRUPTION and st["interruption"]["notice_time"] == notice_time
         seen()
@@ -328,7 +327,7 @@ def test_a_stopped_spot_instance_is_started_again_after_a_capacity_refusal_until
     epoch = taken(shown)
     orch.wait_said("EC2 has not started instance")  # refused once: orch waits for EC2 and asks again
     wait_for(lambda: status(run)["state"] == layout.RUNNING and len(metrics(run)) >= epoch + 2,
-             "the run training again on its instance", orch.proc, orch.err)
+             "the run training again on its instance", orch)
     assert "interruption" not in status(run)  # the old notice is past (its file stays: never acted on twice)
     assert state_of(moto_endpoint, inst["InstanceId"]) == "running" and len(named(moto_endpoint, name)) == 1
     taken()  # a second preemption: max_recoveries 1 is spent
@@ -357,18 +356,18 @@ def test_a_lost_network_or_a_sleeping_laptop_is_no_preemption_and_a_crash_restar
         assert deployed.returncode == 0, deployed.stderr
         orch = Orch(tmp_path, "watch", "crashy", "-c", cfg)  # a run already going
         run = tmp_path / "remote" / layout.RUNS_DIR / "crashy"
-        wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch.proc, orch.err)
+        wait_for(lambda: len(metrics(run)) >= 2, "epoch 2", orch)
 
         def goes_on() -> None:
             before = len(metrics(run))
-            wait_for(lambda: len(metrics(run)) > before, "the run going on", orch.proc, orch.err)
+            wait_for(lambda: len(metrics(run)) > before, "the run going on", orch)
 
         ssh_relay.cut()  # the machine stops answering SSH; EC2 still says running
         orch.wait_said("does not answer")
-        wait_for(lambda: ssh_relay.refused >= 3, "three refused looks", orch.proc, orch.err)
+        wait_for(lambda: ssh_relay.refused >= 3, "three refused looks", orch)
         ec2_relay.cut()  # and then the laptop loses its network altogether
         orch.wait_said("EC2 cannot be asked")
-        wait_for(lambda: ec2_relay.refused >= 3, "three refused questions", orch.proc, orch.err)
+        wait_for(lambda: ec2_relay.refused >= 3, "three refused questions", orch)
         ssh_relay.mend()
         ec2_relay.mend()
         goes_on()
@@ -388,7 +387,7 @@ def test_a_lost_network_or_a_sleeping_laptop_is_no_preemption_and_a_crash_restar
         died_at = len(metrics(run))
         orch.wait_said("restart 1 of 1")
         wait_for(lambda: not trainer_gone(run) and len(metrics(run)) > died_at, "the restarted trainer's next epoch",
-                 orch.proc)
+                 orch)
         crash()  # a second failure: no restart left
         died_at = len(metrics(run))
         code, out, err = orch.finish()

@@ -169,7 +169,7 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stoppe
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras (and TensorFlow) load
     precision = _precision(cfg, previous)
     model, train_seq, val_seq, devices, scope = _model(cfg, run, inputs, precision.policy, log)
-    with scope():  # the optimizer's slots, built to load a checkpoint into, are the strategy's too
+    with scope():  # a checkpoint loads into the strategy's variables in its scope, as they were made
         _starting_point(cfg, run, model, log)
     if previous is None:
         _write_run_json(cfg, run, inputs, precision.to_json(), devices)
