@@ -1,6 +1,6 @@
 """The Keras model: padding never counts, weights load into a fresh model, all layer shapes; the
 in-graph augmentation: off at inference, padding-neutral, reproducible from its generators'
-states, frame dropout removing a share of the valid frames and never all of them, mixup mixing inputs,
+states, the noise's spread, frame dropout removing a share of the valid frames and never all of them, mixup mixing inputs,
 labels and weights alike."""
 
 import os
@@ -16,6 +16,7 @@ from trainer.ml.config import Architecture  # noqa: E402
 from trainer.ml.model import (  # noqa: E402
     AttentiveStatsPooling,
     Augmentation,
+    FeatureNoise,
     FrameDropout,
     WarmupCosine,
     build_model,
@@ -94,6 +95,21 @@ def test_training_outputs_are_padding_neutral_and_follow_the_generators_states()
     assert trainstate.values(generators) == after_one  # the same draws moved them the same way
     c = keras.ops.convert_to_numpy(model(x, training=True))  # the next draws: other frames, other noise
     assert not np.allclose(a, c)
+
+
+def test_feature_noise_has_the_standard_deviation_asked_and_sums_to_gaussian() -> None:
+    """Training adds zero-mean noise of the asked standard deviation, within +-sqrt(3) of it
+    (uniform); a linear layer's sum of 768 of its draws is Gaussian (no excess kurtosis);
+    inference adds nothing."""
+    x = np.full((64, 48, 768), 2.0, np.float32)
+    layer = FeatureNoise(0.3, seed=3)
+    noise = keras.ops.convert_to_numpy(layer(x, training=True)) - x
+    assert abs(noise.mean()) < 0.002 and abs(noise.std() - 0.3) < 0.002
+    assert np.abs(noise).max() <= 0.3 * np.sqrt(3.0) + 1e-6
+    sums = noise.reshape(-1, 768) @ np.random.default_rng(0).standard_normal((768, 16)).astype(np.float32)
+    z = (sums - sums.mean(0)) / sums.std(0)
+    assert abs((z**4).mean() - 3.0) < 0.15  # a uniform's own is 1.8: the sums are Gaussian
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
 
 
 def test_frame_dropout_removes_a_share_of_the_valid_frames_and_always_keeps_one() -> None:

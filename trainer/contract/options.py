@@ -214,8 +214,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("frame_dropout", float, 0.5, "augmentation: share of each training sequence's frames left out "
            "(a new random choice every epoch; 0: off)", group="generalization", ge=0, le=0.9,
            on_extend=INHERIT),
-    Option("feature_noise", float, 0.3, "augmentation: standard deviation of Gaussian noise added to the "
-           "normalized training frames (0: off)", group="generalization", ge=0, le=10, on_extend=INHERIT),
+    Option("feature_noise", float, 0.3, "augmentation: standard deviation of the noise added to the "
+           "normalized training frames (uniform: the first layer's sums of it are Gaussian; 0: off)",
+           group="generalization", ge=0, le=10, on_extend=INHERIT),
     Option("mixup", float, 0.0, "augmentation: mixup of pairs of training sequences and their labels, "
            "weights drawn from Beta(x, x) (0: off)", group="generalization", ge=0, le=100,
            on_extend=INHERIT),

@@ -40,7 +40,7 @@ class Augmentation:
     """What is done to training batches, in the model's graph; all zero means nothing."""
 
     frame_dropout: float = 0.0  # share of each sequence's frames the pooling leaves out
-    noise: float = 0.0  # standard deviation of the Gaussian noise on normalized frames
+    noise: float = 0.0  # standard deviation of the noise on normalized frames
     mixup: float = 0.0  # Beta(mixup, mixup) mixing weights of pairs of sequences
 
     def __bool__(self) -> bool:
@@ -70,8 +70,17 @@ class Standardize(layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class FeatureNoise(layers.Layer):
-    """Gaussian noise of standard deviation ``stddev`` on every frame, in training only (Keras's
-    GaussianNoise allows at most 1). Noise on padded frames is harmless: the pooling drops them."""
+    """Zero-mean noise of standard deviation ``stddev`` on every frame, in training only.
+    Noise on padded frames is harmless: the pooling drops them.
+
+    Drawn uniform on +-sqrt(3) * stddev, not Gaussian: on a CPU a Gaussian draw took 5.1 ms a
+    batch of 32 x 24 x 768, 2.5x the first Dense's forward matmul and a quarter of the whole
+    training step, against 2.1 ms for a uniform one (2 cores). What the model sees of it is
+    Gaussian all the same: the next layer is linear over the features (the per-frame Dense, or
+    the layer weighting then the Dense), and each of its outputs sums hundreds of independent
+    draws, so their distribution is the Gaussian one of the same variance (central limit)."""
+
+    HALF_WIDTH = math.sqrt(3.0)  # uniform on [-a, a] has standard deviation a / sqrt(3)
 
     def __init__(self, stddev: float, seed: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -81,7 +90,9 @@ class FeatureNoise(layers.Layer):
     def call(self, x: Any, training: bool = False) -> Any:
         if not training or self.seed_generator is None:
             return x
-        return x + keras.random.normal(ops.shape(x), stddev=self.stddev, dtype=x.dtype, seed=self.seed_generator)
+        half_width = self.HALF_WIDTH * self.stddev
+        return x + keras.random.uniform(ops.shape(x), minval=-half_width, maxval=half_width, dtype=x.dtype,
+                                        seed=self.seed_generator)
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
