@@ -16,7 +16,7 @@ from orchestrator.provision import acquire
 from orchestrator.runs import compared_with_parent, recovered
 from orchestrator.terminal import clean
 from trainer.contract import layout
-from trainer.contract.wire import DIED, STALLED, Epoch, Host, RunInfo, Snapshot
+from trainer.contract.wire import DIED, STALLED, Epoch, Host, RunInfo, Snapshot, best_epoch_text
 
 LOG_LINES = 10
 EXIT_WAIT_REFRESHES = 25  # x 0.2 s: how long the last frame waits for a finished trainer to exit
@@ -105,7 +105,7 @@ class RunView:
 
     def summary(self) -> str:
         run = self.info
-        best_text = f"best val_accuracy {run.best_val_accuracy:.4f} (epoch {run.best_epoch})" \
+        best_text = f"best val_accuracy {run.best_val_accuracy:.4f} ({best_epoch_text(run.best_epoch)})" \
             if run.best_val_accuracy is not None else "no best checkpoint"
         after = f" after {recovered(run)}" if run.recoveries else ""
         text = f"run {self.run_id} {self.state}{after} at epoch {run.epoch}/{run.epochs}: {best_text}"
@@ -165,7 +165,7 @@ class RunView:
         acc = Table.grid(padding=(0, 2))
         best = run.best_val_accuracy
         acc.add_row("val_accuracy", _fmt(last.val_accuracy),
-                    "best", f"{_fmt(best)} (epoch {run.best_epoch})" if best is not None else "-")
+                    "best", f"{_fmt(best)} ({best_epoch_text(run.best_epoch)})" if best is not None else "-")
         acc.add_row("val_acc trend", sparkline(_series(self.history, "val_accuracy")), "", "")
         acc.add_row("loss trend", sparkline(_series(self.history, "loss")), "last", _fmt(last.loss))
         parts: list[Any] = [head, bar, acc, self._machine_table()]

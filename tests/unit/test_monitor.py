@@ -100,8 +100,10 @@ def test_summary_says_whether_an_extended_run_beat_its_parent() -> None:
     parent = {"parent": "first", "parent_best_val_accuracy": 0.61}
     view.update(snap("finished", False, [row(1, 0.7)], 1, vs_parent=0.0123, beat_parent=True, **parent))
     assert "parent first best 0.6100: +0.0123, beat it" in view.summary()
-    view.update(snap("finished", False, [], 1, vs_parent=0.0, beat_parent=False, **parent))
+    assert "best val_accuracy 0.5000 (epoch 1)" in view.summary()
+    view.update(snap("finished", False, [], 1, vs_parent=0.0, beat_parent=False, best_epoch=0, **parent))
     assert "+0.0000, did not beat it" in view.summary()
+    assert "best val_accuracy 0.5000 (epoch 0, the parent's weights)" in view.summary()  # not a bare "epoch 0"
 
 
 def test_monitor_ends_at_once_on_a_run_that_never_started(tmp_path: Path) -> None:

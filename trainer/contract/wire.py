@@ -449,10 +449,15 @@ class RunInfo(Record):
         return ENDED.get(self.shown_state or "", ExitCode.OK)
 
 
-# How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
 def accuracy_text(value: float | None, none: str = "-") -> str:
     """An accuracy as both halves show it: 4 decimals (0.5092), ``none`` before there is one."""
     return none if value is None else f"{value:.4f}"
+
+
+def best_epoch_text(epoch: int | None) -> str:
+    """The best checkpoint's epoch as both halves show it: an extended run's epoch 0 is its
+    parent's weights (it has not beaten them), which "epoch 0" alone does not say."""
+    return "epoch 0, the parent's weights" if epoch == 0 else f"epoch {epoch}"
 
 
 def run_fields(run_id: str, status: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
@@ -476,6 +481,7 @@ def _last(value: Any, n: int) -> list[Any]:
     return value[-n:] if isinstance(value, list) else []
 
 
+# How a run ended -> the exit code of `orch monitor`, `deploy --follow`, `stop`.
 ENDED = {layout.FINISHED: ExitCode.OK, layout.FAILED: ExitCode.RUN_FAILED, layout.STOPPED: ExitCode.RUN_STOPPED,
          layout.INTERRUPTED: ExitCode.RUN_STOPPED,
          DIED: ExitCode.RUN_DIED, BROKEN: ExitCode.REMOTE}

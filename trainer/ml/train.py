@@ -25,7 +25,7 @@ from typing import Any
 from trainer.contract import layout
 from trainer.contract.codeversion import code_version
 from trainer.contract.files import disk_full_error
-from trainer.contract.wire import Recovery, accuracy_text
+from trainer.contract.wire import Recovery, accuracy_text, best_epoch_text
 from trainer.machine import faults
 from trainer.machine.fsutil import atomic_write_json, link_or_copy
 from trainer.machine.proc import started_at
@@ -183,7 +183,8 @@ def _train(cfg: TrainConfig, run: RunDir, previous: dict | None, stopper: Stoppe
     _final_evaluation(run, model, inputs, list(run.state.history), log)
     faults.point("finish:evaluated")
     run.finish(layout.FINISHED)
-    log(f"finished: best val_accuracy {accuracy_text(run.state.best_val_accuracy)} at epoch {run.state.best_epoch}")
+    state = run.state
+    log(f"finished: best val_accuracy {accuracy_text(state.best_val_accuracy)} at {best_epoch_text(state.best_epoch)}")
     return ExitCode.OK
 
 
