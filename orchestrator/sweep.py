@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.config import DeployConfig, Ec2SpotConfig
 from orchestrator.context import Context
 from orchestrator.deploy import deploy, new_run_id
-from orchestrator.errors import AwsError, BusyError, ConfigError, NoSuchRun, OrchError, RemoteError
+from orchestrator.errors import AwsError, BusyError, ConfigError, ConnectionLost, NoSuchRun, OrchError, RemoteError
 from orchestrator.monitor import RunView
 from orchestrator.recover import check_recoverable, watch
 from orchestrator.requests import LaunchOptions
@@ -363,6 +363,12 @@ class Sweep:
         except RemoteError as exc:  # the trainer failed as it started (these options?): the trial's failure
             self._fail(trial, f"failed at launch: {exc}")
             raise _Settled() from exc
+        except ConnectionLost:  # cut during the launch: the run may train. The trial keeps its run id
+            # and stays RUNNING: the next `orch sweep run` adopts it (follows the run, or launches it
+            # when it never started), as it does a killed sweep's. The sweep stops.
+            self.ctx.log(f"trial {trial.number}: the connection was lost while launching run {run_id}; "
+                         "`orch sweep run` again follows it (or launches it if it never started)")
+            raise
         except OrchError as exc:  # the machine's (cannot connect, busy, not ready): the sweep stops
             self._fail(trial, f"not launched: {exc}")
             raise

@@ -1,7 +1,8 @@
 """`orch sweep run` on the local target with Optuna's real SQLite storage and the real trainer
 on tiny synthetic data: a 4-trial sweep interrupted (Ctrl-C once) in its first trial, twice in
 its second, killed in its third and run again continues its study without launching a trial
-twice; a pruned trial's run is stopped and kept; the budget stops launching."""
+twice; a pruned trial's run is stopped and kept; the budget stops launching; a trial whose launch
+lost its connection is followed by the next sweep run, not failed."""
 
 from __future__ import annotations
 
@@ -253,3 +254,42 @@ def test_per_gpu_trials_run_at_once_on_the_one_machine_each_seeing_its_gpu_alone
         assert f"GPU {t.user_attrs['gpu']}: trial {t.number}: stopping run {run_id} (Ctrl-C again)" in err
         assert t.user_attrs["ended"] == "stopped (Ctrl-C)" and status(runs / run_id)["state"] == "stopped"
     assert "machine" not in trials[0].user_attrs  # the config's own machine, no instance of the sweep's
+
+
+def test_a_connection_lost_during_a_launch_leaves_the_trial_to_the_next_sweep_run(
+        tmp_path: Path, features: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch went out, its answer never came back: the run may train, so the trial is not
+    failed as "not launched" (the sweep would launch another in its place, and the run would
+    train unaccounted). It stays RUNNING with its run id, and the next `orch sweep run` follows it."""
+    from orchestrator import sweep
+    from orchestrator.config import load_config
+    from orchestrator.context import Context
+    from orchestrator.errors import ConnectionLost
+    from orchestrator.machine import Machine
+    from orchestrator.sweepspec import load_spec
+    from trainer.contract import verbs
+
+    cfg = config(tmp_path, features)
+    spec = spec_file(tmp_path, name="cut", trials=1, train={"epochs": 1}, space={"dropout": {"choices": [0.1, 0.2]}})
+    original = Machine.answer
+
+    def answer(self: Machine, verb: verbs.Verb, *args: object, **kwargs: object) -> object:
+        if verb == verbs.STARTED:  # asked after the launch: the trainer is started by then
+            raise ConnectionLost("the connection to localhost was lost during a command")
+        return original(self, verb, *args, **kwargs)
+
+    monkeypatch.setattr(Machine, "answer", answer)
+    with pytest.raises(ConnectionLost):
+        sweep.run(Context(load_config(cfg)), load_spec(spec))
+    [trial] = study(tmp_path, "cut").get_trials()
+    run_id = trial.user_attrs["run_id"]
+    assert trial.state.name == "RUNNING" and "ended" not in trial.user_attrs
+    monkeypatch.setattr(Machine, "answer", original)
+
+    done = run_orch("sweep", "run", spec, "-c", cfg, "--json")
+    assert done.returncode == 0, done.stderr
+    assert f"trial 0: adopting run {run_id}" in done.stderr
+    [trial] = study(tmp_path, "cut").get_trials()
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["run_id"] == run_id
+    assert [p.name for p in (tmp_path / "remote" / "runs").iterdir()] == [run_id]  # trained once
+    assert json.loads(done.stdout)["launched"] == []  # followed, not launched again
