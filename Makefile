@@ -24,8 +24,8 @@ demo: $(VENV)/.installed
 	$(ORCH) runs
 
 ## test: the whole test suite (unit + integration). Two workers, a test file each at a time (its
-## shared servers and trained runs stay in one process): 32 min on 2 cores for 703 tests beside
-## `stress-ng --cpu 2` (measured twice in a row; up to 41 min beside heavier jobs; a third worker
+## shared servers and trained runs stay in one process): 19 min on 2 idle cores for 705 tests,
+## 31 min beside `stress-ng --cpu 2` (up to 41 min beside heavier jobs; a third worker
 ## did not make it shorter: the suite's long tail is a few trainer-heavy files).
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile --durations=15

@@ -165,8 +165,12 @@ def test_mixup_mixes_inputs_labels_and_weights_alike() -> None:
             value = np.where(lengths > t, np.arange(4), -7.0)
             mixed = np.flatnonzero(t < mixed_lengths)
             np.testing.assert_allclose(frames[mixed, t, 0], (labels @ value)[mixed], rtol=1e-5, atol=1e-5)
-        for row in range(4):  # as long as the longer of the two
-            assert mixed_lengths[row] == lengths[labels[row] > 1e-6].max()
+        for row in range(4):  # as long as the longer of the two (row's own label is class row)
+            partners = [p for p in range(4) if p != row and labels[row, p] > 1e-6]
+            # Beta(0.4, 0.4) puts mass near 1: the partner's share may round below any threshold
+            # (about 1 row in 400), and then only its length says which it was.
+            candidates = {max(lengths[row], lengths[p]) for p in (partners or range(4))}
+            assert mixed_lengths[row] in candidates and len(partners) <= 1
     assert mixed_any  # something was mixed
 
 
